@@ -1,0 +1,25 @@
+"""Settings for every EcomGateway process (see :mod:`config.settings`)."""
+
+from config.settings import (
+    DEFAULT_PORTS,
+    SERVICES,
+    ActorSettings,
+    BusSettings,
+    ConfigError,
+    GeneralSettings,
+    ServiceSettings,
+    Settings,
+    load_settings,
+)
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "SERVICES",
+    "ActorSettings",
+    "BusSettings",
+    "ConfigError",
+    "GeneralSettings",
+    "ServiceSettings",
+    "Settings",
+    "load_settings",
+]

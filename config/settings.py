@@ -1,0 +1,245 @@
+"""Typed settings for every process, from an optional TOML file and ``ECOM_*`` environment variables.
+
+Precedence: built-in defaults < TOML file named by ``ECOM_CONFIG`` < environment variables.
+
+Every setting has exactly one environment variable, named ``ECOM_<SECTION>_<FIELD>``
+(``ECOM_CATALOG_PORT``, ``ECOM_CART_DATABASE_URL``, ``ECOM_ACTORS_MAILBOX_SIZE``); the settings of the
+``general`` section drop the section name (``ECOM_LOG_LEVEL``), and the bus backend is ``ECOM_BUS``.
+In the TOML file the same names are ``[section] field = value``.
+
+A bad value raises :class:`ConfigError` whose message is one line naming the setting, so start-up stops
+with something a person can act on instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SERVICES: tuple[str, ...] = ("gateway", "identity", "catalog", "cart", "order")
+DEFAULT_PORTS = {"gateway": 8000, "identity": 8001, "catalog": 8002, "cart": 8003, "order": 8004}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+BUS_BACKENDS = ("memory", "rabbitmq", "azure")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the program cannot use; the message names the setting."""
+
+
+class _Invalid(ValueError):
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+
+
+def _check(ok: bool, field: str, reason: str) -> None:
+    if not ok:
+        raise _Invalid(field, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class GeneralSettings:
+    log_level: str = "INFO"
+    data_dir: str = "var"
+    host: str = "127.0.0.1"
+    # Admin actor endpoints: closed unless the caller proves the admin role (identity tokens).
+    # ``admin_open = true`` opens them to anyone and is meant only for a local, single-user setup.
+    admin_open: bool = False
+    # Public base URL of the identity service; the token issuer and where JWKS are fetched from.
+    issuer: str = ""
+
+    def validate(self) -> None:
+        _check(self.log_level.upper() in LOG_LEVELS, "log_level", f"expected one of {', '.join(LOG_LEVELS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    port: int
+    database_url: str = ""  # empty: SQLite file <data_dir>/<service>.db
+    upstreams: str = ""  # gateway only: comma-separated base URLs; empty: the service's own port
+
+    def validate(self) -> None:
+        _check(0 < self.port < 65536, "port", "expected a TCP port between 1 and 65535")
+
+
+@dataclass(frozen=True, slots=True)
+class BusSettings:
+    backend: str = "memory"
+    url: str = ""  # RabbitMQ AMQP URL or Azure Service Bus connection string
+    namespace: str = ""  # Azure: fully qualified namespace when using an Azure identity instead
+    max_attempts: int = 5  # deliveries of one message before it is dead-lettered
+    max_concurrent_sessions: int = 64
+    partitions: int = 8  # RabbitMQ: partition queues per service queue
+    outbox_poll_interval: float = 1.0
+
+    def validate(self) -> None:
+        _check(self.backend in BUS_BACKENDS, "backend", f"expected one of {', '.join(BUS_BACKENDS)}")
+        _check(self.max_attempts >= 1, "max_attempts", "expected at least 1")
+        _check(self.max_concurrent_sessions >= 1, "max_concurrent_sessions", "expected at least 1")
+        _check(self.partitions >= 1, "partitions", "expected at least 1")
+        _check(self.outbox_poll_interval > 0, "outbox_poll_interval", "expected a positive number of seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class ActorSettings:
+    mailbox_size: int = 1000
+    ask_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    max_activations: int = 100_000
+    conflict_retries: int = 5
+    reminder_poll_interval: float = 1.0
+    group_commit: bool = True
+    max_batch: int = 256  # turns committed together at most, with group commit
+
+    def validate(self) -> None:
+        for name in ("mailbox_size", "max_activations", "max_batch"):
+            _check(getattr(self, name) >= 1, name, "expected at least 1")
+        _check(self.conflict_retries >= 0, "conflict_retries", "expected 0 or more")
+        for name in ("ask_timeout", "idle_timeout", "reminder_poll_interval"):
+            _check(getattr(self, name) > 0, name, "expected a positive number of seconds")
+
+
+def _default_services() -> dict[str, ServiceSettings]:
+    return {name: ServiceSettings(port=port) for name, port in DEFAULT_PORTS.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    general: GeneralSettings = field(default_factory=GeneralSettings)
+    bus: BusSettings = field(default_factory=BusSettings)
+    actors: ActorSettings = field(default_factory=ActorSettings)
+    services: Mapping[str, ServiceSettings] = field(default_factory=_default_services)
+
+    def service(self, name: str) -> ServiceSettings:
+        return self.services[name]
+
+    def database_url(self, service: str) -> str:
+        url = self.services[service].database_url
+        return url or f"sqlite+aiosqlite:///{Path(self.general.data_dir) / (service + '.db')}"
+
+    def base_url(self, service: str) -> str:
+        return f"http://{self.general.host}:{self.services[service].port}"
+
+    @property
+    def issuer(self) -> str:
+        return self.general.issuer or self.base_url("identity")
+
+    def replace(self, **sections: Any) -> Settings:
+        return dataclasses.replace(self, **sections)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def env_name(section: str, name: str) -> str:
+    if section == "general":
+        return f"ECOM_{name.upper()}"
+    if section == "bus" and name == "backend":
+        return "ECOM_BUS"
+    return f"ECOM_{section.upper()}_{name.upper()}"
+
+
+def _convert(raw: Any, kind: Any) -> Any:
+    """Turn a TOML value or an environment string into ``kind``; raise ValueError with a reason."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise ValueError("expected an integer")
+        try:
+            return int(str(raw).strip()) if not isinstance(raw, int) else raw
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if kind is float:
+        if isinstance(raw, bool):
+            raise ValueError("expected a number")
+        try:
+            return float(str(raw).strip()) if not isinstance(raw, (int, float)) else float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if kind is str:
+        if not isinstance(raw, str):
+            raise ValueError("expected a string")
+        return raw
+    raise TypeError(f"unsupported setting type {kind!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, section: str, base: Any, toml: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    values: dict[str, Any] = {}
+    types_ = _field_types(cls)
+    unknown = set(toml) - set(types_)
+    if unknown:
+        raise ConfigError(f"[{section}] {sorted(unknown)[0]}: unknown setting")
+    for name, kind in types_.items():
+        var = env_name(section, name)
+        source, raw = None, None
+        if var in env:
+            source, raw = var, env[var]
+        elif name in toml:
+            source, raw = f"[{section}] {name}", toml[name]
+        if source is None:
+            continue
+        try:
+            values[name] = _convert(raw, kind)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}, got {raw!r}") from None
+    result = dataclasses.replace(base, **values)
+    try:
+        result.validate()
+    except _Invalid as exc:
+        var = env_name(section, exc.field)
+        where = var if var in env else f"[{section}] {exc.field}"
+        raise ConfigError(f"{where}: {exc}, got {getattr(result, exc.field)!r}") from None
+    return result
+
+
+def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.PathLike[str] | None = None) -> Settings:
+    """Load settings; raise :class:`ConfigError` (one line, names the setting) on any bad value."""
+    env = os.environ if env is None else env
+    path = config_file if config_file is not None else env.get("ECOM_CONFIG")
+    toml: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                toml = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"ECOM_CONFIG: file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"ECOM_CONFIG: {path} is not valid TOML: {exc}") from None
+    known = {"general", "bus", "actors", *SERVICES}
+    for key in toml:
+        if key not in known or not isinstance(toml[key], dict):
+            raise ConfigError(f"ECOM_CONFIG: unknown section [{key}] in {path}")
+    defaults = Settings()
+    general = _build(GeneralSettings, "general", defaults.general, toml.get("general", {}), env)
+    bus = _build(BusSettings, "bus", defaults.bus, toml.get("bus", {}), env)
+    actors = _build(ActorSettings, "actors", defaults.actors, toml.get("actors", {}), env)
+    services = {
+        name: _build(ServiceSettings, name, defaults.services[name], toml.get(name, {}), env) for name in SERVICES
+    }
+    ports: dict[int, str] = {}
+    for name, svc in services.items():
+        if svc.port in ports:
+            raise ConfigError(f"{env_name(name, 'port')}: port {svc.port} is already used by {ports[svc.port]}")
+        ports[svc.port] = name
+    return Settings(general=general, bus=bus, actors=actors, services=types.MappingProxyType(services))

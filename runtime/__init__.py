@@ -1,0 +1,1 @@
+"""The shared runtime every EcomGateway service stands on: actors, persistence, host, auth, CLI."""

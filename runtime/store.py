@@ -1,0 +1,481 @@
+"""Persistence shared by every service: engine factory, runtime tables and the per-turn commit.
+
+Each service owns one database. Besides its own query tables, every service database holds the
+runtime tables defined here:
+
+- ``actor_state``: one row per actor (``version`` is bumped by every state-changing turn),
+- ``outbox``: messages produced by committed turns, published by :class:`bus.outbox.OutboxRelay`,
+- ``inbox``: ids of bus messages already applied, so a redelivered message has no second effect,
+- ``reminders``: durable timers that wake an actor later,
+- ``schema_version``: what :mod:`runtime.migrate` has applied.
+
+All types are portable SQLAlchemy types so the same statements run on SQLite, PostgreSQL and SQL Server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY, so the 64-bit key becomes INTEGER there.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+actor_state = Table(
+    "actor_state",
+    metadata,
+    Column("actor_type", String(64), primary_key=True),
+    Column("actor_id", String(128), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("state", Text, nullable=False),  # JSON text, encoded by the runtime with orjson
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False, unique=True),
+    Column("kind", String(8), nullable=False),  # "send" or "publish"
+    Column("destination", String(128), nullable=False),  # queue for "send", "" for "publish"
+    Column("envelope", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Index("ix_outbox_unsent", "sent_at", "id"),
+)
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("consumer", String(200), primary_key=True),  # "<actor type>/<actor id>"
+    Column("message_id", String(200), primary_key=True),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+    Index("ix_inbox_processed_at", "processed_at"),
+)
+
+reminders = Table(
+    "reminders",
+    metadata,
+    Column("actor_type", String(64), primary_key=True),
+    Column("actor_id", String(128), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("period", Float, nullable=True),  # seconds; None: fires once
+    Column("payload", Text, nullable=False),
+    Index("ix_reminders_due", "actor_type", "due_at"),
+)
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("component", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every datetime the runtime stores is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engines
+
+
+def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> AsyncEngine:
+    """An async engine for ``sqlite+aiosqlite``, ``postgresql+asyncpg`` or ``mssql+aioodbc`` URLs."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.get_driver_name() != "aiosqlite":
+            raise ValueError(f"SQLite needs the async driver: use sqlite+aiosqlite:// (got {url!r})")
+        database = parsed.database or ""
+        in_memory = database in ("", ":memory:") or "mode=memory" in str(parsed)
+        if in_memory:
+            # One shared connection, or every checkout would see its own empty database.
+            engine = create_async_engine(url, echo=echo, poolclass=StaticPool)
+        else:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size)
+        _tune_sqlite(engine, in_memory=in_memory)
+        return engine
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "asyncpg":
+            raise ValueError(f"PostgreSQL needs the async driver: use postgresql+asyncpg:// (got {url!r})")
+        return create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True)
+    if backend == "mssql":
+        if parsed.get_driver_name() != "aioodbc":
+            raise ValueError(f"SQL Server needs the async driver: use mssql+aioodbc:// (got {url!r})")
+        # fast_executemany batches outbox/inbox inserts in one round trip on pyodbc.
+        return create_async_engine(
+            url, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True, fast_executemany=True
+        )
+    raise ValueError(f"unsupported database URL {url!r}: expected sqlite+aiosqlite, postgresql+asyncpg or mssql+aioodbc")
+
+
+def _tune_sqlite(engine: AsyncEngine, *, in_memory: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        if not in_memory:
+            # WAL lets readers run beside the one writer; NORMAL sync is durable across process crashes
+            # (the WAL is fsynced at checkpoints), which is the failure model of this service.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The per-turn write set and its commit
+
+
+SqlHook = Callable[[AsyncConnection], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class OutboxMessage:
+    kind: str  # "send" | "publish"
+    destination: str
+    message_id: str
+    envelope: str  # encoded envelope (JSON text)
+
+
+@dataclass(slots=True)
+class ReminderChange:
+    name: str
+    due_at: datetime | None  # None: cancel
+    period: float | None = None
+    payload: str = "null"
+
+
+@dataclass(slots=True)
+class TurnWrite:
+    """Everything one actor turn wants to make durable, committed atomically or not at all."""
+
+    actor_type: str
+    actor_id: str
+    expected_version: int  # version the turn started from; 0 for an actor never stored
+    state: str | None  # new encoded state, or None when the turn did not change it
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    inbox_id: str | None = None
+    reminders: list[ReminderChange] = field(default_factory=list)
+    fired_reminder: tuple[str, datetime, float | None] | None = None  # (name, due_at, period)
+    hooks: list[SqlHook] = field(default_factory=list)
+
+    @property
+    def consumer(self) -> str:
+        return f"{self.actor_type}/{self.actor_id}"
+
+    @property
+    def new_version(self) -> int:
+        return self.expected_version + 1 if self.state is not None else self.expected_version
+
+
+class CommitOutcome:
+    OK = "ok"
+    CONFLICT = "conflict"  # another writer changed the entity since the turn's version
+    DUPLICATE = "duplicate"  # the inbox already holds this message id, or the reminder already fired
+
+
+class _Conflict(Exception):
+    pass
+
+
+class _Duplicate(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class StateRecord:
+    version: int
+    state: str
+    updated_at: datetime
+
+
+class StateStore:
+    """Reads actor state and commits turns, one transaction per turn or per group of turns.
+
+    With ``group_commit`` the turns of many actors that finish together share one transaction: a single
+    flusher drains everything queued while the previous transaction was in flight. Atomicity per turn is
+    kept: a turn whose version check fails is skipped inside the batch (it wrote nothing yet), and if the
+    batch transaction fails as a whole, every turn in it is retried alone in its own transaction.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, group_commit: bool = True, max_batch: int = 256, flushers: int | None = None):
+        self.engine = engine
+        self.group_commit = group_commit
+        self.max_batch = max_batch
+        # SQLite has one writer at a time: more flushers would only wait on its lock.
+        is_sqlite = engine.dialect.name == "sqlite"
+        self._flushers_max = flushers or (1 if is_sqlite else 3)
+        self._flushers = 0
+        self._pending: list[tuple[TurnWrite, asyncio.Future[str]]] = []
+        self.commits = 0  # transactions committed
+        self.turns_committed = 0
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def load(self, actor_type: str, actor_id: str) -> StateRecord | None:
+        stmt = select(actor_state.c.version, actor_state.c.state, actor_state.c.updated_at).where(
+            actor_state.c.actor_type == actor_type, actor_state.c.actor_id == actor_id
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            return None
+        return StateRecord(version=row.version, state=row.state, updated_at=as_utc(row.updated_at))
+
+    async def seen(self, consumer: str, message_id: str) -> bool:
+        stmt = select(inbox.c.message_id).where(inbox.c.consumer == consumer, inbox.c.message_id == message_id)
+        async with self.engine.connect() as conn:
+            return (await conn.execute(stmt)).first() is not None
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def commit(self, write: TurnWrite) -> str:
+        """Make ``write`` durable; returns a :class:`CommitOutcome` value or raises the database error."""
+        if not self.group_commit:
+            return await self._commit_alone(write)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((write, fut))
+        if self._flushers < self._flushers_max:
+            self._flushers += 1
+            asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                if len(batch) == 1:
+                    await self._settle_alone(*batch[0])
+                    continue
+                try:
+                    outcomes = await self._commit_batch([w for w, _ in batch])
+                except Exception:
+                    log.debug("group commit of %d turns failed; committing them one by one", len(batch), exc_info=True)
+                    for write, fut in batch:
+                        await self._settle_alone(write, fut)
+                    continue
+                for (_, fut), outcome in zip(batch, outcomes, strict=True):
+                    if not fut.done():
+                        fut.set_result(outcome)
+        finally:
+            self._flushers -= 1
+
+    async def _settle_alone(self, write: TurnWrite, fut: asyncio.Future[str]) -> None:
+        try:
+            outcome = await self._commit_alone(write)
+        except Exception as exc:  # the turn learns of it and rolls back; the flusher goes on
+            if not fut.done():
+                fut.set_exception(exc)
+        else:
+            if not fut.done():
+                fut.set_result(outcome)
+
+    async def _commit_alone(self, write: TurnWrite) -> str:
+        try:
+            async with self.engine.begin() as conn:
+                await self._apply(conn, write, await self._seen_ids(conn, [write]))
+            self.commits += 1
+            self.turns_committed += 1
+            return CommitOutcome.OK
+        except _Conflict:
+            return CommitOutcome.CONFLICT
+        except _Duplicate:
+            return CommitOutcome.DUPLICATE
+        except IntegrityError:
+            # Lost a race the pre-checks could not see: a concurrent first insert of the same actor, or the
+            # same inbox id committed by another process. Tell which, so the turn reloads or stops.
+            if write.inbox_id is not None and await self.seen(write.consumer, write.inbox_id):
+                return CommitOutcome.DUPLICATE
+            return CommitOutcome.CONFLICT
+
+    async def _commit_batch(self, writes: Sequence[TurnWrite]) -> list[str]:
+        outcomes: list[str] = []
+        async with self.engine.begin() as conn:
+            seen = await self._seen_ids(conn, writes)
+            for write in writes:
+                try:
+                    await self._apply(conn, write, seen)
+                except _Conflict:
+                    outcomes.append(CommitOutcome.CONFLICT)
+                except _Duplicate:
+                    outcomes.append(CommitOutcome.DUPLICATE)
+                else:
+                    outcomes.append(CommitOutcome.OK)
+                    if write.inbox_id is not None:
+                        seen.add((write.consumer, write.inbox_id))
+        self.commits += 1
+        self.turns_committed += outcomes.count(CommitOutcome.OK)
+        return outcomes
+
+    async def _seen_ids(self, conn: AsyncConnection, writes: Sequence[TurnWrite]) -> set[tuple[str, str]]:
+        wanted = [(w.consumer, w.inbox_id) for w in writes if w.inbox_id is not None]
+        if not wanted:
+            return set()
+        ids = {mid for _, mid in wanted}
+        rows = await conn.execute(select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_(ids)))
+        return {(r.consumer, r.message_id) for r in rows} & set(wanted)
+
+    async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]]) -> None:
+        """Write one turn. Checks come first so a refused turn has written nothing in the transaction."""
+        now = utcnow()
+        if w.inbox_id is not None and (w.consumer, w.inbox_id) in seen:
+            raise _Duplicate
+        if w.fired_reminder is not None:
+            name, due_at, period = w.fired_reminder
+            where = and_(
+                reminders.c.actor_type == w.actor_type,
+                reminders.c.actor_id == w.actor_id,
+                reminders.c.name == name,
+                reminders.c.due_at == due_at,
+            )
+            if period:
+                result = await conn.execute(update(reminders).where(where).values(due_at=_next_due(due_at, period, now)))
+            else:
+                result = await conn.execute(delete(reminders).where(where))
+            if result.rowcount == 0:
+                raise _Duplicate  # already fired (another process) or cancelled since
+        if w.state is not None:
+            if w.expected_version == 0:
+                exists = await conn.execute(
+                    select(actor_state.c.version).where(
+                        actor_state.c.actor_type == w.actor_type, actor_state.c.actor_id == w.actor_id
+                    )
+                )
+                if exists.first() is not None:
+                    raise _Conflict
+                await conn.execute(
+                    insert(actor_state).values(
+                        actor_type=w.actor_type, actor_id=w.actor_id, version=1, state=w.state, updated_at=now
+                    )
+                )
+            else:
+                result = await conn.execute(
+                    update(actor_state)
+                    .where(
+                        actor_state.c.actor_type == w.actor_type,
+                        actor_state.c.actor_id == w.actor_id,
+                        actor_state.c.version == w.expected_version,
+                    )
+                    .values(version=w.expected_version + 1, state=w.state, updated_at=now)
+                )
+                if result.rowcount != 1:
+                    raise _Conflict
+        if w.inbox_id is not None:
+            await conn.execute(insert(inbox).values(consumer=w.consumer, message_id=w.inbox_id, processed_at=now))
+        if w.outbox:
+            await conn.execute(
+                insert(outbox),
+                [
+                    {
+                        "message_id": m.message_id,
+                        "kind": m.kind,
+                        "destination": m.destination,
+                        "envelope": m.envelope,
+                        "created_at": now,
+                    }
+                    for m in w.outbox
+                ],
+            )
+        for change in w.reminders:
+            key = and_(
+                reminders.c.actor_type == w.actor_type,
+                reminders.c.actor_id == w.actor_id,
+                reminders.c.name == change.name,
+            )
+            await conn.execute(delete(reminders).where(key))
+            if change.due_at is not None:
+                await conn.execute(
+                    insert(reminders).values(
+                        actor_type=w.actor_type,
+                        actor_id=w.actor_id,
+                        name=change.name,
+                        due_at=change.due_at,
+                        period=change.period,
+                        payload=change.payload,
+                    )
+                )
+        for hook in w.hooks:
+            await hook(conn)
+
+    # -- reminders ------------------------------------------------------------------------------
+
+    async def due_reminders(self, actor_types: Sequence[str], now: datetime, limit: int = 500) -> list[Any]:
+        if not actor_types:
+            return []
+        stmt = (
+            select(reminders)
+            .where(reminders.c.actor_type.in_(actor_types), reminders.c.due_at <= now)
+            .order_by(reminders.c.due_at)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return list(await conn.execute(stmt))
+
+    async def reminders_of(self, actor_type: str, actor_id: str) -> list[Any]:
+        stmt = select(reminders).where(reminders.c.actor_type == actor_type, reminders.c.actor_id == actor_id)
+        async with self.engine.connect() as conn:
+            return list(await conn.execute(stmt))
+
+
+def _next_due(due_at: datetime, period: float, now: datetime) -> datetime:
+    """The next firing after ``now`` on the reminder's own grid, so a long outage fires it once, not N times."""
+    from datetime import timedelta
+
+    step = timedelta(seconds=period)
+    nxt = as_utc(due_at) + step
+    if nxt <= now:
+        missed = int((now - nxt) / step) + 1
+        nxt += step * missed
+    return nxt
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Database errors worth retrying (lost connection, lock timeout), as opposed to bugs."""
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated or "locked" in str(exc).lower())
