@@ -121,7 +121,8 @@ class Settings:
         return self.services[name]
 
     def database_url(self, service: str) -> str:
-        url = self.services[service].database_url
+        svc = self.services.get(service)
+        url = svc.database_url if svc is not None else ""
         return url or f"sqlite+aiosqlite:///{Path(self.general.data_dir) / (service + '.db')}"
 
     def base_url(self, service: str) -> str:

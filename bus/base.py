@@ -1,0 +1,96 @@
+"""The Bus protocol every backend (memory, rabbitmq, azure) implements, and its error types.
+
+Handler contract, shared by all backends (tests/bus_contract.py checks it):
+
+- the handler returns normally -> the message is completed and never delivered again;
+- the handler raises -> the message is abandoned and redelivered (same ``message_id``; the
+  ``delivery-count`` header, when a backend sets it, says which delivery this is);
+- after ``max_attempts`` failed deliveries it is dead-lettered with the last error as the reason,
+  never dropped silently;
+- per ``session_id``: strict FIFO and one handler call at a time across all consumers of a queue;
+  a failed message blocks the session's later messages until it is redelivered or dead-lettered;
+- different sessions run concurrently, up to ``max_concurrent_sessions`` per consumer.
+
+Delivery is at-least-once: consumers dedupe on ``message_id`` (the inbox table), not the bus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    # Only for annotations: bus.envelope imports MalformedMessage from here, so a runtime import
+    # would be circular. ``bus`` re-exports both, so callers never notice.
+    from bus.envelope import Envelope
+
+__all__ = ["Bus", "BusError", "Consumer", "DeadLetter", "Handler", "MalformedMessage"]
+
+Handler = Callable[["Envelope"], Awaitable[None]]
+
+
+class BusError(Exception):
+    """The bus cannot do what was asked (not started, closed, broker unreachable...)."""
+
+
+class MalformedMessage(BusError, ValueError):
+    """Bytes that are not a valid encoded Envelope; the message says what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    queue: str  # queue or subscription name the message was dead-lettered from
+    envelope: Envelope  # the message as it was sent (without per-delivery headers)
+    reason: str  # "<ErrorType>: <error text>" of the last failed delivery
+    attempts: int  # failed deliveries before it was given up
+    dead_lettered_at: str  # RFC 3339 UTC
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    async def stop(self) -> None:
+        """Stop taking messages, like the process dying: unsettled ones go to other consumers."""
+        ...
+
+
+@runtime_checkable
+class Bus(Protocol):
+    name: str  # "memory", "rabbitmq", "azure"
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        """Stop all consumers; in-flight handlers finish or are cancelled; unsettled messages stay."""
+        ...
+
+    async def send(self, queue: str, message: Envelope) -> None:
+        """Point-to-point to a service queue ("order", "catalog", ...)."""
+        ...
+
+    async def publish(self, event: Envelope) -> None:
+        """Fan out to every subscription whose event types include ``event.type``."""
+        ...
+
+    async def consume(
+        self, queue: str, handler: Handler, *, max_concurrent_sessions: int | None = None
+    ) -> Consumer: ...
+
+    async def subscribe(
+        self,
+        subscription: str,
+        event_types: Collection[str],
+        handler: Handler,
+        *,
+        max_concurrent_sessions: int | None = None,
+    ) -> Consumer:
+        """``subscription`` is the subscribing service's name; it is durable once made."""
+        ...
+
+    async def dead_letters(self, queue: str) -> list[DeadLetter]:
+        """Dead letters of the queue and/or subscription with that name, oldest first."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise BusError when the bus is not usable (used by /health/ready)."""
+        ...

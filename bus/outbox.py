@@ -1,0 +1,119 @@
+"""The outbox relay: publishes messages that committed turns wrote to the ``outbox`` table.
+
+Turns never talk to the bus directly: a message is a row written in the same transaction as the state
+change that caused it, so a crash can never keep one without the other. The relay reads unsent rows in
+commit order, hands them to the bus and marks them sent. A crash between the two re-sends the row on the
+next start: delivery is at-least-once and consumers deduplicate by ``message_id`` (the inbox).
+
+The relay wakes at once when a turn commits messages (``notify``) and otherwise polls, so rows left by a
+previous process are picked up too. Sent rows are kept for ``retention`` seconds for inspection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bus.base import Bus
+from bus.envelope import Envelope
+from runtime.store import outbox, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        bus: Bus,
+        *,
+        poll_interval: float = 1.0,
+        batch_size: int = 500,
+        retention: float = 3600.0,
+    ) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self.retention = retention
+        self.relayed = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+
+    def notify(self) -> None:
+        """Called after a turn committed outbox rows: relay them now instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = self.poll_interval
+        while True:
+            try:
+                while await self.relay_once() == self.batch_size:
+                    pass  # a full batch: more may be waiting
+                backoff = self.poll_interval
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Bus or database down: keep the rows, try again later with growing patience.
+                log.warning("outbox relay failed (%r); retrying in %.1fs", exc, backoff)
+                backoff = min(backoff * 2, 30.0)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+            except TimeoutError:
+                pass
+
+    async def relay_once(self) -> int:
+        """Send one batch of unsent rows in commit order; returns how many were sent."""
+        stmt = (
+            select(outbox.c.id, outbox.c.kind, outbox.c.destination, outbox.c.envelope)
+            .where(outbox.c.sent_at.is_(None))
+            .order_by(outbox.c.id)
+            .limit(self.batch_size)
+        )
+        async with self.engine.connect() as conn:
+            rows = list(await conn.execute(stmt))
+        sent: list[int] = []
+        try:
+            for row in rows:
+                envelope = Envelope.decode(row.envelope)
+                if row.kind == "send":
+                    await self.bus.send(row.destination, envelope)
+                else:
+                    await self.bus.publish(envelope)
+                sent.append(row.id)
+        finally:
+            # Mark what did go out even if a later row failed, so it is not sent again needlessly.
+            if sent:
+                async with self.engine.begin() as conn:
+                    await conn.execute(update(outbox).where(outbox.c.id.in_(sent)).values(sent_at=utcnow()))
+                self.relayed += len(sent)
+        await self._purge()
+        return len(rows)
+
+    async def pending(self) -> int:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(func.count()).where(outbox.c.sent_at.is_(None)))).scalar_one()
+
+    async def _purge(self) -> None:
+        loop_time = asyncio.get_running_loop().time()
+        if loop_time - self._last_purge < 60:
+            return
+        self._last_purge = loop_time
+        cutoff = utcnow() - timedelta(seconds=self.retention)
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(outbox).where(outbox.c.sent_at.is_not(None), outbox.c.sent_at < cutoff))

@@ -1,0 +1,456 @@
+"""The aiohttp application factory every service uses, so every service answers alike.
+
+``create_app(runtime, routes=...)`` returns an application with:
+
+- ``/health/live`` (the process runs) and ``/health/ready`` (database and bus answer),
+- ``/metrics`` in Prometheus text format (requests, latency, live actors, mailbox depth),
+- ``X-Request-Id`` taken from the request (when sane) or made, echoed on the response and logged,
+- problem+json for every error: :class:`runtime.errors.Problem`, aiohttp's HTTP errors, request-schema
+  validation failures (field named), malformed JSON; anything else is logged and answered as a plain
+  500 problem, never with a stack trace,
+- OpenAPI docs from aiohttp-apispec at ``/api/docs`` (spec at ``/api/docs/swagger.json``),
+- the admin actor endpoints ``/api/<service>/admin/actors[/{type}/{id}]``, open only to the admin role
+  (or to anyone when ``ECOM_ADMIN_OPEN=true``, for a local single-user setup).
+
+:class:`ServiceRuntime` owns what a service runs on (engine, state store, actor system, bus, outbox relay)
+and starts and stops it with the application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp_apispec import setup_aiohttp_apispec, validation_middleware
+from marshmallow import ValidationError
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from config import Settings
+from runtime import store as store_module
+from runtime.actors import ActorSystem
+from runtime.errors import BadRequest, Forbidden, NotFound, Problem, ValidationProblem
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("ecom.access")
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+PROBLEM_JSON = "application/problem+json"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)  # money travels as a decimal string, never a float
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def dumps(value: Any) -> bytes:
+    # orjson writes datetimes as RFC 3339; naive ones are taken as UTC.
+    return orjson.dumps(value, default=_json_default, option=orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z)
+
+
+def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=dumps(data), status=status, headers=headers, content_type="application/json")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or a 400 problem saying why it is not."""
+    body = await request.read()
+    if not body:
+        raise BadRequest("the request needs a JSON body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def problem_response(problem: Problem, request: web.Request | None = None) -> web.Response:
+    headers = dict(problem.headers)
+    return web.Response(
+        body=dumps(problem.to_dict(instance=request.path if request is not None else None)),
+        status=problem.status,
+        headers=headers,
+        content_type=PROBLEM_JSON,
+    )
+
+
+def isoformat(value: datetime | date) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a service runs on
+
+
+AppKeyRuntime: web.AppKey[ServiceRuntime] = web.AppKey("ecom_runtime")
+
+
+@dataclass
+class ServiceRuntime:
+    """The parts one service runs on. Built by each service's ``service.py`` and started with the app."""
+
+    name: str
+    settings: Settings
+    engine: AsyncEngine | None = None
+    store: store_module.StateStore | None = None
+    system: ActorSystem | None = None
+    bus: Any = None  # bus.base.Bus
+    relay: Any = None  # bus.outbox.OutboxRelay
+    verifier: Any = None  # runtime.auth.TokenVerifier
+    ready_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    owns_bus: bool = False  # embedded mode shares one bus between services: only its owner closes it
+
+    @classmethod
+    def with_database(
+        cls, name: str, settings: Settings, *, bus: Any = None, database_url: str | None = None, owns_bus: bool = False
+    ) -> ServiceRuntime:
+        """A runtime with the service's database, an actor system on it and (if given) the bus + relay."""
+        engine = store_module.create_engine(database_url or settings.database_url(name))
+        st = store_module.StateStore(engine, group_commit=settings.actors.group_commit, max_batch=settings.actors.max_batch)
+        relay = None
+        if bus is not None:
+            from bus.outbox import OutboxRelay
+
+            relay = OutboxRelay(engine, bus, poll_interval=settings.bus.outbox_poll_interval)
+        system = ActorSystem.from_settings(st, settings, name=name, on_outbox=relay.notify if relay else None)
+        return cls(name=name, settings=settings, engine=engine, store=st, system=system, bus=bus, relay=relay, owns_bus=owns_bus)
+
+    async def start(self) -> None:
+        if self.engine is not None:
+            self.ready_checks.setdefault("database", lambda: store_module.ping(self.engine))  # type: ignore[arg-type]
+        if self.bus is not None:
+            self.ready_checks.setdefault("bus", self.bus.ping)
+            if self.owns_bus:
+                await self.bus.start()
+        if self.system is not None:
+            await self.system.start()
+        if self.relay is not None:
+            self.relay.start()
+        for hook in self.on_start:
+            await hook()
+
+    async def stop(self) -> None:
+        for hook in reversed(self.on_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("%s: stop hook failed", self.name)
+        if self.relay is not None:
+            await self.relay.stop()
+        if self.system is not None:
+            await self.system.stop()
+        if self.bus is not None and self.owns_bus:
+            await self.bus.close()
+        if self.verifier is not None:
+            await self.verifier.close()
+        if self.engine is not None:
+            await self.engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Middlewares
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-Id", "")
+    rid = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+    request["request_id"] = rid
+    token = request_id_var.set(rid)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers["X-Request-Id"] = rid
+        raise
+    finally:
+        request_id_var.reset(token)
+    response.headers["X-Request-Id"] = rid
+    return response
+
+
+def _flatten(messages: Any, prefix: str = "") -> dict[str, str]:
+    """marshmallow's nested error dict -> {"lines.0.quantity": "Must be greater than 0."}."""
+    out: dict[str, str] = {}
+    if isinstance(messages, Mapping):
+        for key, value in messages.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(messages, (list, tuple)) and messages and all(isinstance(m, str) for m in messages):
+        out[prefix or "body"] = " ".join(messages)
+    elif isinstance(messages, (list, tuple)):
+        for i, value in enumerate(messages):
+            out.update(_flatten(value, f"{prefix}.{i}" if prefix else str(i)))
+    else:
+        out[prefix or "body"] = str(messages)
+    return out
+
+
+_LOCATIONS = ("json", "query", "match_info", "path", "headers", "form", "querystring")
+
+
+def validation_error_callback(error: ValidationError, *_args: Any, **_kwargs: Any) -> None:
+    """webargs' hook for schema failures: raise a 422 problem that names each field."""
+    messages = error.messages
+    # webargs nests messages under the location ("json", "query"): the field name is what matters.
+    if isinstance(messages, Mapping) and set(messages) <= set(_LOCATIONS):
+        merged: dict[str, Any] = {}
+        for value in messages.values():
+            if isinstance(value, Mapping):
+                merged.update(value)
+        messages = merged or messages
+    raise ValidationProblem(_flatten(messages) or {"body": "invalid"})
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem_response(problem, request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(exc.status, "http-error")
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 404:
+            detail = f"no resource at {request.path}"
+        elif exc.status == 405:
+            detail = f"{request.method} is not allowed on {request.path}"
+        problem = Problem(detail, status=exc.status, slug=slug, title=exc.reason)
+        response = problem_response(problem, request)
+        for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request.get("request_id"))
+        problem = Problem(
+            f"an unexpected error occurred; quote request id {request.get('request_id', '-')} when reporting it",
+            status=500,
+            slug="internal",
+            title="Internal error",
+        )
+        return problem_response(problem, request)
+
+
+class _Metrics:
+    def __init__(self, service: str, runtime: ServiceRuntime) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "http_requests", "HTTP requests handled", ["service", "method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            ["service", "route"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.service = service
+        self.registry.register(_RuntimeCollector(service, runtime))
+
+    def middleware(self) -> Any:
+        @web.middleware
+        async def metrics_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+            start = time.perf_counter()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            finally:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                self.requests.labels(self.service, request.method, route, str(status)).inc()
+                self.latency.labels(self.service, route).observe(time.perf_counter() - start)
+
+        return metrics_middleware
+
+
+class _RuntimeCollector:
+    """Actor and outbox gauges, read when /metrics is scraped."""
+
+    def __init__(self, service: str, runtime: ServiceRuntime) -> None:
+        self.service = service
+        self.runtime = runtime
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        system = self.runtime.system
+        if system is None:
+            return
+        live = GaugeMetricFamily("actor_activations", "Live actor activations", labels=["service", "type"])
+        depth = GaugeMetricFamily("actor_mailbox_depth", "Messages waiting in mailboxes", labels=["service", "type"])
+        for type_name, info in system.introspect(limit=0).items():
+            live.add_metric([self.service, type_name], info["live"])
+            depth.add_metric([self.service, type_name], info["mailbox_depth"])
+        yield live
+        yield depth
+        counters = GaugeMetricFamily("actor_events", "Actor runtime counters since start", labels=["service", "event"])
+        for event, value in system.stats.items():
+            counters.add_metric([self.service, event], value)
+        yield counters
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built-in routes
+
+
+async def _live(_request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    runtime = request.app[AppKeyRuntime]
+    results: dict[str, str] = {}
+
+    async def check(name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await fn()
+            results[name] = "ok"
+        except Exception as exc:
+            results[name] = f"failing: {type(exc).__name__}"
+
+    await asyncio.gather(*(check(n, f) for n, f in runtime.ready_checks.items()))
+    ok = all(v == "ok" for v in results.values())
+    return json_response({"status": "ok" if ok else "unavailable", "checks": results}, status=200 if ok else 503)
+
+
+async def require_admin(request: web.Request) -> None:
+    """Admin endpoints: the admin role from a verified token, or the explicit local-only open setting."""
+    runtime = request.app[AppKeyRuntime]
+    if runtime.settings.general.admin_open:
+        return
+    if runtime.verifier is None:
+        raise Forbidden(
+            "admin endpoints are closed: no token verifier is configured for this service "
+            "(set ECOM_ADMIN_OPEN=true only for a local, single-user setup)"
+        )
+    from runtime.auth import bearer_token
+
+    token = bearer_token(request)
+    if token is None:
+        from runtime.auth import InvalidToken
+
+        raise InvalidToken("an admin bearer token is required")
+    principal = await runtime.verifier.verify(token)
+    if not principal.is_admin:
+        raise Forbidden("the admin role is required")
+    request["principal"] = principal
+
+
+async def _admin_actors(request: web.Request) -> web.Response:
+    await require_admin(request)
+    system = request.app[AppKeyRuntime].system
+    limit = _int_query(request, "limit", 100, 0, 10_000)
+    return json_response({"service": request.app[AppKeyRuntime].name, "types": system.introspect(limit=limit) if system else {}})
+
+
+async def _admin_actor(request: web.Request) -> web.Response:
+    await require_admin(request)
+    system = request.app[AppKeyRuntime].system
+    type_name, actor_id = request.match_info["type"], request.match_info["id"]
+    if system is None or type_name not in set(system.actor_types()):
+        raise NotFound(f"this service has no actor type {type_name!r}")
+    info = await system.inspect(type_name, actor_id)
+    if info is None:
+        raise NotFound(f"no {type_name} actor {actor_id!r} exists")
+    return json_response(info)
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationProblem.field(name, f"must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ValidationProblem.field(name, f"must be between {low} and {high}")
+    return value
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    registry = request.app[_METRICS].registry
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_METRICS: web.AppKey[_Metrics] = web.AppKey("ecom_metrics")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The factory
+
+
+def create_app(
+    runtime: ServiceRuntime,
+    *,
+    routes: Sequence[web.AbstractRouteDef] | Callable[[web.Application], None] = (),
+    title: str | None = None,
+    admin_prefix: str | None = None,
+    client_max_size: int = 1024 * 1024,
+    extra_middlewares: Sequence[Any] = (),
+) -> web.Application:
+    """The aiohttp application of one service, with the shared endpoints and middlewares."""
+    metrics = _Metrics(runtime.name, runtime)
+    app = web.Application(
+        middlewares=[request_id_middleware, metrics.middleware(), error_middleware, *extra_middlewares, validation_middleware],
+        client_max_size=client_max_size,
+    )
+    app[AppKeyRuntime] = runtime
+    app[_METRICS] = metrics
+    app.router.add_get("/health/live", _live)
+    app.router.add_get("/health/ready", _ready)
+    app.router.add_get("/metrics", _metrics)
+    prefix = admin_prefix if admin_prefix is not None else f"/api/{runtime.name}/admin"
+    app.router.add_get(f"{prefix}/actors", _admin_actors)
+    app.router.add_get(f"{prefix}/actors/{{type}}/{{id}}", _admin_actor)
+    if callable(routes):
+        routes(app)
+    else:
+        app.router.add_routes(routes)
+    setup_aiohttp_apispec(
+        app,
+        title=title or f"EcomGateway {runtime.name} API",
+        version="v1",
+        url="/api/docs/swagger.json",
+        swagger_path="/api/docs",
+        static_path=f"/api/docs/static",
+        error_callback=validation_error_callback,
+    )
+
+    async def lifecycle(_app: web.Application) -> Any:
+        await runtime.start()
+        yield
+        await runtime.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

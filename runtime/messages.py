@@ -1,0 +1,157 @@
+"""Bus messages as frozen dataclasses, and the binding that delivers bus envelopes to actors.
+
+Each service declares its commands and events in ``messages.py`` as frozen dataclasses. On the bus they
+travel as :class:`bus.envelope.Envelope` with ``type`` = the class name and ``body`` = the fields as JSON
+(Decimal as a string, datetime as RFC 3339, nested dataclasses as objects, tuples as arrays).
+
+:class:`BusBinding` is the one consumer a service registers per queue/subscription: it decodes the body
+into the message class and asks the actor named by ``session_id``, passing the envelope's ``message_id``
+so the actor's inbox drops a redelivered copy. A handler error makes the bus redeliver (and in the end
+dead-letter) the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from functools import cache
+from typing import Any, TypeVar
+
+from bus.base import MalformedMessage
+from bus.envelope import Envelope
+from runtime.actors import Actor, ActorSystem, DuplicateMessage
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def to_body(message: Any) -> dict[str, Any]:
+    """A dataclass message as a JSON-compatible dict."""
+    return {f.name: _encode(getattr(message, f.name)) for f in dataclasses.fields(message)}
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_body(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_encode(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode(v) for k, v in value.items()}
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_body(cls: type[T], body: Mapping[str, Any]) -> T:
+    """Build ``cls`` from a body; a missing or mistyped field raises MalformedMessage naming it."""
+    if not isinstance(body, Mapping):
+        raise MalformedMessage(f"{cls.__name__}: body must be an object")
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise MalformedMessage(f"{cls.__name__}: field {f.name!r} is missing")
+            continue
+        try:
+            kwargs[f.name] = _decode(hints[f.name], body[f.name])
+        except (TypeError, ValueError, InvalidOperation) as exc:
+            raise MalformedMessage(f"{cls.__name__}: field {f.name!r}: {exc}") from None
+    return cls(**kwargs)
+
+
+def _decode(kind: Any, value: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(kind)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                return _decode(arg, value)
+    if kind is Any:
+        return value
+    if kind is Decimal:
+        if isinstance(value, float):
+            raise TypeError("money must be a decimal string, not a float")
+        return Decimal(str(value))
+    if kind is datetime:
+        return datetime.fromisoformat(value)
+    if origin in (tuple, list, frozenset, set):
+        args = typing.get_args(kind)
+        item = args[0] if args else Any
+        if not isinstance(value, list):
+            raise TypeError("expected an array")
+        items = [_decode(item, v) for v in value]
+        return origin(items)
+    if origin in (dict, Mapping) or kind in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise TypeError("expected an object")
+        return dict(value)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        return from_body(kind, value)
+    if kind in (str, int, bool):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+    if kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError("expected a number")
+        return float(value)
+    return value
+
+
+def envelope(message: Any, *, session_id: str, correlation_id: str | None = None, message_id: str | None = None) -> Envelope:
+    """Wrap a dataclass message for the bus; ``type`` is the class name."""
+    extra = {"message_id": message_id} if message_id else {}
+    return Envelope(type=type(message).__name__, session_id=session_id, body=to_body(message), correlation_id=correlation_id, **extra)
+
+
+Route = Callable[[Envelope], Awaitable[None]]
+
+
+class BusBinding:
+    """Delivers the envelopes of one queue or subscription to actors, by message type."""
+
+    def __init__(self, system: ActorSystem) -> None:
+        self.system = system
+        self.routes: dict[str, Route] = {}
+
+    def to_actor(self, message_class: type, actor_class: type[Actor], *, timeout: float | None = None) -> None:
+        """Envelopes of ``message_class`` go to ``actor_class`` with id = the envelope's session id."""
+
+        async def deliver(env: Envelope) -> None:
+            message = from_body(message_class, env.body)
+            try:
+                await self.system.ref(actor_class, env.session_id).ask(message, timeout=timeout, message_id=env.message_id)
+            except DuplicateMessage:
+                log.debug("duplicate %s %s skipped", env.type, env.message_id)
+
+        self.routes[message_class.__name__] = deliver
+
+    def to_handler(self, type_name: str, handler: Route) -> None:
+        """Envelopes of ``type_name`` go to a custom coroutine (e.g. one event fanned out to many actors)."""
+        self.routes[type_name] = handler
+
+    @property
+    def types(self) -> list[str]:
+        return list(self.routes)
+
+    async def __call__(self, env: Envelope) -> None:
+        route = self.routes.get(env.type)
+        if route is None:
+            raise MalformedMessage(f"no route for message type {env.type!r}")
+        await route(env)

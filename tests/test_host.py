@@ -1,0 +1,223 @@
+"""The shared service host over real HTTP: health, metrics, request ids, problem+json, docs, admin."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+from aiohttp_apispec import docs, request_schema
+from marshmallow import Schema, fields, validate
+
+from config import load_settings
+from runtime import migrate
+from runtime.actors import Actor, Turn, handles
+from runtime.errors import Conflict
+from runtime.host import AppKeyRuntime, ServiceRuntime, create_app, json_response, read_json
+from runtime.store import create_engine, ping
+
+
+@dataclass(frozen=True)
+class Add:
+    amount: int
+
+
+@dataclass(frozen=True)
+class Hold:
+    gate: asyncio.Event
+
+
+class CounterActor(Actor):
+    def initial_state(self) -> dict:
+        return {"total": 0}
+
+    @handles(Add)
+    def add(self, msg: Add, turn: Turn) -> int:
+        if msg.amount == 13:
+            raise Conflict("13 is unlucky", slug="unlucky")
+        self.state["total"] += msg.amount
+        return self.state["total"]
+
+    @handles(Hold)
+    async def hold(self, msg: Hold, turn: Turn) -> None:
+        await msg.gate.wait()
+
+
+class AddSchema(Schema):
+    amount = fields.Integer(required=True, validate=validate.Range(min=1, max=1000))
+
+
+def _routes(app: web.Application) -> None:
+    @docs(tags=["counter"], summary="Add to a counter")
+    @request_schema(AddSchema)
+    async def add(request: web.Request) -> web.Response:
+        system = request.app[AppKeyRuntime].system
+        total = await system.ref(CounterActor, request.match_info["id"]).ask(Add(request["data"]["amount"]))
+        return json_response({"total": total})
+
+    async def raw(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        return json_response({"echo": body})
+
+    async def crash(_request: web.Request) -> web.Response:
+        raise RuntimeError("secret internal detail")
+
+    async def hold(request: web.Request) -> web.Response:
+        system = request.app[AppKeyRuntime].system
+        gate = request.app["gate"]
+        await system.ref(CounterActor, "held").ask(Hold(gate))
+        return json_response({})
+
+    app["gate"] = asyncio.Event()
+    app.router.add_post("/api/test/counters/{id}", add)
+    app.router.add_post("/api/test/raw", raw)
+    app.router.add_get("/api/test/crash", crash)
+    app.router.add_post("/api/test/hold", hold)
+
+
+@pytest.fixture
+async def make_client(aiohttp_client, tmp_path):
+    async def make(**env):
+        settings = load_settings({"ECOM_DATA_DIR": str(tmp_path), "ECOM_ACTORS_MAILBOX_SIZE": "2", **env})
+        runtime = ServiceRuntime.with_database("test", settings)
+        await migrate.upgrade(runtime.engine, [migrate.RUNTIME])
+        runtime.system.register(CounterActor)
+        app = create_app(runtime, routes=_routes)
+        return await aiohttp_client(app)
+
+    return make
+
+
+async def test_health_and_readiness(make_client):
+    client = await make_client()
+    assert (await client.get("/health/live")).status == 200
+    resp = await client.get("/health/ready")
+    assert resp.status == 200
+    assert (await resp.json())["checks"] == {"database": "ok"}
+
+
+async def test_readiness_fails_when_the_database_is_gone(make_client):
+    client = await make_client()
+    runtime = client.app[AppKeyRuntime]
+    # Point the readiness check at a database that cannot be opened, as when the disk or server is gone.
+    broken = create_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none", pool_size=1)
+    runtime.ready_checks["database"] = lambda: ping(broken)
+    try:
+        resp = await client.get("/health/ready")
+    finally:
+        await broken.dispose()
+    assert resp.status == 503
+    body = await resp.json()
+    assert body["status"] == "unavailable" and body["checks"]["database"].startswith("failing")
+
+
+async def test_request_id_is_passed_on_or_created(make_client):
+    client = await make_client()
+    resp = await client.get("/health/live", headers={"X-Request-Id": "abc-123"})
+    assert resp.headers["X-Request-Id"] == "abc-123"
+    resp = await client.get("/health/live", headers={"X-Request-Id": "bad id with spaces\u00e9"})
+    assert resp.headers["X-Request-Id"] != "bad id with spaces\u00e9" and len(resp.headers["X-Request-Id"]) == 32
+    resp = await client.get("/nope")
+    assert len(resp.headers["X-Request-Id"]) == 32
+
+
+async def test_actor_round_trip_and_problem_from_a_turn(make_client):
+    client = await make_client()
+    resp = await client.post("/api/test/counters/c1", json={"amount": 5})
+    assert resp.status == 200 and (await resp.json()) == {"total": 5}
+    resp = await client.post("/api/test/counters/c1", json={"amount": 13})
+    assert resp.status == 409
+    assert resp.content_type == "application/problem+json"
+    body = await resp.json()
+    assert body["type"].endswith("/unlucky") and body["detail"] == "13 is unlucky" and body["status"] == 409
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [({"amount": 0}, "amount"), ({"amount": "x"}, "amount"), ({}, "amount")],
+)
+async def test_schema_validation_names_the_field(make_client, payload, field):
+    client = await make_client()
+    resp = await client.post("/api/test/counters/c1", json=payload)
+    assert resp.status == 422
+    body = await resp.json()
+    assert resp.content_type == "application/problem+json"
+    assert [e["field"] for e in body["errors"]] == [field]
+    assert field in body["detail"]
+
+
+async def test_malformed_json_is_400_problem(make_client):
+    client = await make_client()
+    resp = await client.post("/api/test/raw", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and resp.content_type == "application/problem+json"
+    assert "not valid JSON" in (await resp.json())["detail"]
+
+
+async def test_unhandled_error_is_500_without_internals(make_client):
+    client = await make_client()
+    resp = await client.get("/api/test/crash")
+    assert resp.status == 500 and resp.content_type == "application/problem+json"
+    text = await resp.text()
+    assert "secret internal detail" not in text and "Traceback" not in text
+    assert resp.headers["X-Request-Id"] in (await resp.json())["detail"]
+
+
+async def test_unknown_route_and_method_are_problems(make_client):
+    client = await make_client()
+    resp = await client.get("/api/test/nothing-here")
+    assert resp.status == 404 and resp.content_type == "application/problem+json"
+    resp = await client.delete("/health/live")
+    assert resp.status == 405 and resp.content_type == "application/problem+json"
+    assert "GET" in resp.headers["Allow"]
+
+
+async def test_full_mailbox_becomes_503_with_retry_after(make_client):
+    client = await make_client()
+    first = asyncio.ensure_future(client.post("/api/test/hold"))
+    await asyncio.sleep(0.1)
+    queued = [asyncio.ensure_future(client.post("/api/test/hold")) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    resp = await client.post("/api/test/hold")
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["type"].endswith("/overloaded")
+    client.app["gate"].set()
+    assert [r.status for r in await asyncio.gather(first, *queued)] == [200, 200, 200]
+
+
+async def test_metrics_count_requests_and_actors(make_client):
+    client = await make_client()
+    await client.post("/api/test/counters/m1", json={"amount": 1})
+    text = await (await client.get("/metrics")).text()
+    assert 'http_requests_total{method="POST",route="/api/test/counters/{id}",service="test",status="200"} 1.0' in text
+    assert 'actor_activations{service="test",type="counter"} 1.0' in text
+    assert "http_request_duration_seconds_bucket" in text
+
+
+async def test_openapi_document_lists_routes_with_schemas(make_client):
+    client = await make_client()
+    resp = await client.get("/api/docs/swagger.json")
+    spec = await resp.json()
+    assert "/api/test/counters/{id}" in spec["paths"]
+    assert "AddSchema" in str(spec) or "amount" in str(spec)
+    page = await client.get("/api/docs")
+    assert page.status == 200 and "swagger" in (await page.text()).lower()
+
+
+async def test_admin_endpoints_closed_by_default(make_client):
+    client = await make_client()
+    resp = await client.get("/api/test/admin/actors")
+    assert resp.status == 403 and resp.content_type == "application/problem+json"
+
+
+async def test_admin_endpoints_when_opened_show_live_actor(make_client):
+    client = await make_client(ECOM_ADMIN_OPEN="true")
+    await client.post("/api/test/counters/a1", json={"amount": 4})
+    listing = await (await client.get("/api/test/admin/actors")).json()
+    assert listing["types"]["counter"]["live"] == 1
+    assert listing["types"]["counter"]["actors"][0]["id"] == "a1"
+    one = await client.get("/api/test/admin/actors/counter/a1")
+    body = await one.json()
+    assert body["state"] == {"total": 4} and body["version"] == 1
+    assert (await client.get("/api/test/admin/actors/counter/zzz")).status == 404
+    assert (await client.get("/api/test/admin/actors/nosuchtype/a1")).status == 404
