@@ -54,6 +54,8 @@ class GeneralSettings:
     admin_open: bool = False
     # Public base URL of the identity service; the token issuer and where JWKS are fetched from.
     issuer: str = ""
+    # The audience every access token must carry (the whole API is one resource server).
+    audience: str = "ecom"
 
     def validate(self) -> None:
         _check(self.log_level.upper() in LOG_LEVELS, "log_level", f"expected one of {', '.join(LOG_LEVELS)}")

@@ -125,9 +125,17 @@ class ServiceRuntime:
 
     @classmethod
     def with_database(
-        cls, name: str, settings: Settings, *, bus: Any = None, database_url: str | None = None, owns_bus: bool = False
+        cls,
+        name: str,
+        settings: Settings,
+        *,
+        bus: Any = None,
+        database_url: str | None = None,
+        owns_bus: bool = False,
+        verifier: Any = None,
     ) -> ServiceRuntime:
-        """A runtime with the service's database, an actor system on it and (if given) the bus + relay."""
+        """A runtime with the service's database, an actor system on it, a token verifier for the identity
+        service of ``settings`` (unless one is given) and, if given, the bus with an outbox relay."""
         engine = store_module.create_engine(database_url or settings.database_url(name))
         st = store_module.StateStore(engine, group_commit=settings.actors.group_commit, max_batch=settings.actors.max_batch)
         relay = None
@@ -136,7 +144,17 @@ class ServiceRuntime:
 
             relay = OutboxRelay(engine, bus, poll_interval=settings.bus.outbox_poll_interval)
         system = ActorSystem.from_settings(st, settings, name=name, on_outbox=relay.notify if relay else None)
-        return cls(name=name, settings=settings, engine=engine, store=st, system=system, bus=bus, relay=relay, owns_bus=owns_bus)
+        return cls(
+            name=name,
+            settings=settings,
+            engine=engine,
+            store=st,
+            system=system,
+            bus=bus,
+            relay=relay,
+            owns_bus=owns_bus,
+            verifier=verifier if verifier is not None else make_verifier(settings),
+        )
 
     async def start(self) -> None:
         if self.engine is not None:
@@ -168,6 +186,13 @@ class ServiceRuntime:
             await self.verifier.close()
         if self.engine is not None:
             await self.engine.dispose()
+
+
+def make_verifier(settings: Settings) -> Any:
+    """The token verifier for tokens of the configured identity service (JWKS fetched on first use)."""
+    from runtime.auth import TokenVerifier
+
+    return TokenVerifier(issuer=settings.issuer, audience=settings.general.audience)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,17 +378,9 @@ async def require_admin(request: web.Request) -> None:
             "admin endpoints are closed: no token verifier is configured for this service "
             "(set ECOM_ADMIN_OPEN=true only for a local, single-user setup)"
         )
-    from runtime.auth import bearer_token
+    from runtime.auth import authenticate, check_access
 
-    token = bearer_token(request)
-    if token is None:
-        from runtime.auth import InvalidToken
-
-        raise InvalidToken("an admin bearer token is required")
-    principal = await runtime.verifier.verify(token)
-    if not principal.is_admin:
-        raise Forbidden("the admin role is required")
-    request["principal"] = principal
+    check_access(await authenticate(request), roles=("admin",))
 
 
 async def _admin_actors(request: web.Request) -> web.Response:
@@ -427,6 +444,10 @@ def create_app(
     )
     app[AppKeyRuntime] = runtime
     app[_METRICS] = metrics
+    if runtime.verifier is not None:
+        from runtime.auth import VERIFIER_KEY
+
+        app[VERIFIER_KEY] = runtime.verifier
     app.router.add_get("/health/live", _live)
     app.router.add_get("/health/ready", _ready)
     app.router.add_get("/metrics", _metrics)

@@ -83,3 +83,11 @@ async def store_factory(db_url: str) -> AsyncIterator[StoreFactory]:
     yield make
     for engine in engines:
         await engine.dispose()
+
+
+@pytest.fixture
+def test_identity():
+    """Signs real access tokens; ``test_identity.verifier()`` verifies them (see tests/support/auth.py)."""
+    from tests.support.auth import TestIdentity
+
+    return TestIdentity()

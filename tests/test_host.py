@@ -77,10 +77,12 @@ def _routes(app: web.Application) -> None:
 
 
 @pytest.fixture
-async def make_client(aiohttp_client, tmp_path):
-    async def make(**env):
+async def make_client(aiohttp_client, tmp_path, test_identity):
+    async def make(*, verifier=False, **env):
         settings = load_settings({"ECOM_DATA_DIR": str(tmp_path), "ECOM_ACTORS_MAILBOX_SIZE": "2", **env})
-        runtime = ServiceRuntime.with_database("test", settings)
+        runtime = ServiceRuntime.with_database("test", settings, verifier=test_identity.verifier())
+        if not verifier:
+            runtime.verifier = None
         await migrate.upgrade(runtime.engine, [migrate.RUNTIME])
         runtime.system.register(CounterActor)
         app = create_app(runtime, routes=_routes)
@@ -208,6 +210,17 @@ async def test_admin_endpoints_closed_by_default(make_client):
     client = await make_client()
     resp = await client.get("/api/test/admin/actors")
     assert resp.status == 403 and resp.content_type == "application/problem+json"
+
+
+async def test_admin_endpoints_need_the_admin_role(make_client, test_identity):
+    client = await make_client(verifier=True)
+    await client.post("/api/test/counters/a1", json={"amount": 4})
+    resp = await client.get("/api/test/admin/actors")
+    assert resp.status == 401 and "Bearer" in resp.headers["WWW-Authenticate"]
+    resp = await client.get("/api/test/admin/actors", headers=test_identity.headers(test_identity.token("u1")))
+    assert resp.status == 403 and resp.content_type == "application/problem+json"
+    resp = await client.get("/api/test/admin/actors/counter/a1", headers=test_identity.headers(test_identity.admin_token()))
+    assert resp.status == 200 and (await resp.json())["state"] == {"total": 4}
 
 
 async def test_admin_endpoints_when_opened_show_live_actor(make_client):
