@@ -56,6 +56,8 @@ class GeneralSettings:
     issuer: str = ""
     # The audience every access token must carry (the whole API is one resource server).
     audience: str = "ecom"
+    # Password of the admin user created on first run; generated and printed once when empty.
+    admin_password: str = ""
 
     def validate(self) -> None:
         _check(self.log_level.upper() in LOG_LEVELS, "log_level", f"expected one of {', '.join(LOG_LEVELS)}")
@@ -108,6 +110,31 @@ class ActorSettings:
             _check(getattr(self, name) > 0, name, "expected a positive number of seconds")
 
 
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Token issuing (identity) and checking (every service, the gateway)."""
+
+    access_token_ttl: int = 900  # seconds
+    refresh_token_ttl: int = 30 * 24 * 3600
+    signing_alg: str = "ES256"  # chosen by measurement: see bench/identity_crypto.py
+    key_max_age: int = 90 * 24 * 3600  # rotate signing keys older than this
+    password_grant: bool = True  # first-party `storefront` client only; switch off to force PKCE
+    lockout_after: int = 5  # failed logins before an account is locked for a while
+    lockout_seconds: float = 30.0  # first lock-out; doubles with every further failure
+    jwks_refetch_interval: float = 30.0  # an unknown kid refetches JWKS at most this often
+    leeway: float = 30.0  # clock skew allowed on exp/nbf
+
+    def validate(self) -> None:
+        _check(self.access_token_ttl >= 30, "access_token_ttl", "expected at least 30 seconds")
+        _check(self.refresh_token_ttl >= 60, "refresh_token_ttl", "expected at least 60 seconds")
+        _check(self.signing_alg in ("ES256", "Ed25519", "RS256"), "signing_alg", "expected ES256, Ed25519 or RS256")
+        _check(self.key_max_age >= 3600, "key_max_age", "expected at least 3600 seconds")
+        _check(self.lockout_after >= 1, "lockout_after", "expected at least 1")
+        _check(self.lockout_seconds > 0, "lockout_seconds", "expected a positive number of seconds")
+        _check(self.jwks_refetch_interval > 0, "jwks_refetch_interval", "expected a positive number of seconds")
+        _check(0 <= self.leeway <= 300, "leeway", "expected 0 to 300 seconds")
+
+
 def _default_services() -> dict[str, ServiceSettings]:
     return {name: ServiceSettings(port=port) for name, port in DEFAULT_PORTS.items()}
 
@@ -117,6 +144,7 @@ class Settings:
     general: GeneralSettings = field(default_factory=GeneralSettings)
     bus: BusSettings = field(default_factory=BusSettings)
     actors: ActorSettings = field(default_factory=ActorSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     services: Mapping[str, ServiceSettings] = field(default_factory=_default_services)
 
     def service(self, name: str) -> ServiceSettings:
@@ -229,7 +257,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
             raise ConfigError(f"ECOM_CONFIG: file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"ECOM_CONFIG: {path} is not valid TOML: {exc}") from None
-    known = {"general", "bus", "actors", *SERVICES}
+    known = {"general", "bus", "actors", "auth", *SERVICES}
     for key in toml:
         if key not in known or not isinstance(toml[key], dict):
             raise ConfigError(f"ECOM_CONFIG: unknown section [{key}] in {path}")
@@ -237,6 +265,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
     general = _build(GeneralSettings, "general", defaults.general, toml.get("general", {}), env)
     bus = _build(BusSettings, "bus", defaults.bus, toml.get("bus", {}), env)
     actors = _build(ActorSettings, "actors", defaults.actors, toml.get("actors", {}), env)
+    auth = _build(AuthSettings, "auth", defaults.auth, toml.get("auth", {}), env)
     services = {
         name: _build(ServiceSettings, name, defaults.services[name], toml.get(name, {}), env) for name in SERVICES
     }
@@ -245,4 +274,4 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
         if svc.port in ports:
             raise ConfigError(f"{env_name(name, 'port')}: port {svc.port} is already used by {ports[svc.port]}")
         ports[svc.port] = name
-    return Settings(general=general, bus=bus, actors=actors, services=types.MappingProxyType(services))
+    return Settings(general=general, bus=bus, actors=actors, auth=auth, services=types.MappingProxyType(services))

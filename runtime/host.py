@@ -192,7 +192,12 @@ def make_verifier(settings: Settings) -> Any:
     """The token verifier for tokens of the configured identity service (JWKS fetched on first use)."""
     from runtime.auth import TokenVerifier
 
-    return TokenVerifier(issuer=settings.issuer, audience=settings.general.audience)
+    return TokenVerifier(
+        issuer=settings.issuer,
+        audience=settings.general.audience,
+        leeway=settings.auth.leeway,
+        refetch_interval=settings.auth.jwks_refetch_interval,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
