@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
 from runtime import migrate
 from runtime.actors import Actor, ActorSystem, Turn, handles
@@ -139,8 +139,21 @@ async def bench_activation_memory(count: int) -> tuple[float, float, int]:
     return per, per - state_share, tasks
 
 
+_BARE_INSERT = insert(actor_state).values(
+    actor_type="bare", actor_id=bindparam("i"), version=1, state=bindparam("s"), updated_at=bindparam("now")
+)
+_BARE_UPDATE = (
+    update(actor_state)
+    .where(actor_state.c.actor_type == "bare", actor_state.c.actor_id == bindparam("i"), actor_state.c.version == bindparam("v"))
+    .values(version=bindparam("nv"), state=bindparam("s"), updated_at=bindparam("now"))
+)
+
+
 async def bare_upserts(engine, n: int, concurrency: int) -> float:
-    """The baseline: a versioned upsert of a 1 KB JSON row, one transaction each, no actor runtime."""
+    """The baseline: a versioned upsert of a 1 KB JSON row, one transaction each, no actor runtime.
+
+    Statements are built once, as the runtime does, so the ratio measures the runtime, not statement
+    construction."""
     ids = [f"bare-{uuid.uuid4().hex}" for _ in range(concurrency)]
     versions = dict.fromkeys(ids, 0)
 
@@ -149,15 +162,10 @@ async def bare_upserts(engine, n: int, concurrency: int) -> float:
         now = datetime.now(UTC)
         async with engine.begin() as conn:
             if v == 0:
-                await conn.execute(
-                    insert(actor_state).values(actor_type="bare", actor_id=entity, version=1, state=PAYLOAD, updated_at=now)
-                )
+                await conn.execute(_BARE_INSERT, {"i": entity, "s": PAYLOAD, "now": now})
             else:
-                result = await conn.execute(
-                    update(actor_state)
-                    .where(actor_state.c.actor_type == "bare", actor_state.c.actor_id == entity, actor_state.c.version == v)
-                    .values(version=v + 1, state=PAYLOAD, updated_at=now)
-                )
+                params = {"i": entity, "v": v, "nv": v + 1, "s": PAYLOAD, "now": now}
+                result = await conn.execute(_BARE_UPDATE, params)
                 assert result.rowcount == 1
         versions[entity] = v + 1
 

@@ -34,6 +34,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     delete,
     event,
     insert,
@@ -104,6 +105,27 @@ schema_version = Table(
     Column("version", Integer, nullable=False),
     Column("applied_at", DateTime(timezone=True), nullable=False),
 )
+
+
+# Statements of the per-turn hot path, built once: constructing a Core statement costs more Python time
+# than executing a cached one, and every turn runs these.
+_LOAD = select(actor_state.c.version, actor_state.c.state, actor_state.c.updated_at).where(
+    actor_state.c.actor_type == bindparam("t"), actor_state.c.actor_id == bindparam("i")
+)
+_EXISTS = select(actor_state.c.version).where(actor_state.c.actor_type == bindparam("t"), actor_state.c.actor_id == bindparam("i"))
+_INSERT_STATE = insert(actor_state).values(
+    actor_type=bindparam("t"), actor_id=bindparam("i"), version=1, state=bindparam("s"), updated_at=bindparam("now")
+)
+_UPDATE_STATE = (
+    update(actor_state)
+    .where(
+        actor_state.c.actor_type == bindparam("t"),
+        actor_state.c.actor_id == bindparam("i"),
+        actor_state.c.version == bindparam("v"),
+    )
+    .values(version=bindparam("nv"), state=bindparam("s"), updated_at=bindparam("now"))
+)
+_SEEN = select(inbox.c.message_id).where(inbox.c.consumer == bindparam("c"), inbox.c.message_id == bindparam("m"))
 
 
 def utcnow() -> datetime:
@@ -260,19 +282,15 @@ class StateStore:
     # -- reads ----------------------------------------------------------------------------------
 
     async def load(self, actor_type: str, actor_id: str) -> StateRecord | None:
-        stmt = select(actor_state.c.version, actor_state.c.state, actor_state.c.updated_at).where(
-            actor_state.c.actor_type == actor_type, actor_state.c.actor_id == actor_id
-        )
         async with self.engine.connect() as conn:
-            row = (await conn.execute(stmt)).first()
+            row = (await conn.execute(_LOAD, {"t": actor_type, "i": actor_id})).first()
         if row is None:
             return None
         return StateRecord(version=row.version, state=row.state, updated_at=as_utc(row.updated_at))
 
     async def seen(self, consumer: str, message_id: str) -> bool:
-        stmt = select(inbox.c.message_id).where(inbox.c.consumer == consumer, inbox.c.message_id == message_id)
         async with self.engine.connect() as conn:
-            return (await conn.execute(stmt)).first() is not None
+            return (await conn.execute(_SEEN, {"c": consumer, "m": message_id})).first() is not None
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -382,29 +400,14 @@ class StateStore:
             if result.rowcount == 0:
                 raise _Duplicate  # already fired (another process) or cancelled since
         if w.state is not None:
+            key = {"t": w.actor_type, "i": w.actor_id}
             if w.expected_version == 0:
-                exists = await conn.execute(
-                    select(actor_state.c.version).where(
-                        actor_state.c.actor_type == w.actor_type, actor_state.c.actor_id == w.actor_id
-                    )
-                )
-                if exists.first() is not None:
+                if (await conn.execute(_EXISTS, key)).first() is not None:
                     raise _Conflict
-                await conn.execute(
-                    insert(actor_state).values(
-                        actor_type=w.actor_type, actor_id=w.actor_id, version=1, state=w.state, updated_at=now
-                    )
-                )
+                await conn.execute(_INSERT_STATE, {**key, "s": w.state, "now": now})
             else:
-                result = await conn.execute(
-                    update(actor_state)
-                    .where(
-                        actor_state.c.actor_type == w.actor_type,
-                        actor_state.c.actor_id == w.actor_id,
-                        actor_state.c.version == w.expected_version,
-                    )
-                    .values(version=w.expected_version + 1, state=w.state, updated_at=now)
-                )
+                params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
+                result = await conn.execute(_UPDATE_STATE, params)
                 if result.rowcount != 1:
                     raise _Conflict
         if w.inbox_id is not None:
