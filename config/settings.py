@@ -101,12 +101,13 @@ class ActorSettings:
     reminder_poll_interval: float = 1.0
     group_commit: bool = True
     max_batch: int = 256  # turns committed together at most, with group commit
+    inbox_retention: float = 7 * 24 * 3600.0  # seconds a consumed message id is remembered
 
     def validate(self) -> None:
         for name in ("mailbox_size", "max_activations", "max_batch"):
             _check(getattr(self, name) >= 1, name, "expected at least 1")
         _check(self.conflict_retries >= 0, "conflict_retries", "expected 0 or more")
-        for name in ("ask_timeout", "idle_timeout", "reminder_poll_interval"):
+        for name in ("ask_timeout", "idle_timeout", "reminder_poll_interval", "inbox_retention"):
             _check(getattr(self, name) > 0, name, "expected a positive number of seconds")
 
 

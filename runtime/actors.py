@@ -315,6 +315,7 @@ class ActorSystem:
         max_activations: int = 100_000,
         conflict_retries: int = 5,
         reminder_poll_interval: float = 1.0,
+        inbox_retention: float = 7 * 24 * 3600.0,
         on_outbox: Callable[[], None] | None = None,
         name: str = "actors",
     ) -> None:
@@ -326,6 +327,7 @@ class ActorSystem:
         self.max_activations = max_activations
         self.conflict_retries = conflict_retries
         self.reminder_poll_interval = reminder_poll_interval
+        self.inbox_retention = inbox_retention
         self.on_outbox = on_outbox  # the outbox relay's wake-up, so committed messages leave at once
         self._activations: OrderedDict[tuple[str, str], _Activation] = OrderedDict()
         self._types: dict[str, type[Actor]] = {}
@@ -345,6 +347,7 @@ class ActorSystem:
             max_activations=a.max_activations,
             conflict_retries=a.conflict_retries,
             reminder_poll_interval=a.reminder_poll_interval,
+            inbox_retention=a.inbox_retention,
             **kwargs,
         )
 
@@ -360,6 +363,7 @@ class ActorSystem:
         self._background.append(loop.create_task(self._sweep_idle(), name=f"{self.name}-idle-sweeper"))
         if self.store is not None:
             self._background.append(loop.create_task(self._poll_reminders(), name=f"{self.name}-reminders"))
+            self._background.append(loop.create_task(self._purge_inbox(), name=f"{self.name}-inbox-purge"))
 
     async def stop(self, drain_timeout: float = 5.0) -> None:
         """Stop background work, let running turns finish (bounded), deactivate everything."""
@@ -605,6 +609,18 @@ class ActorSystem:
             except Exception:
                 log.warning("reminder poll failed; will retry", exc_info=True)
             await asyncio.sleep(self.reminder_poll_interval)
+
+    async def _purge_inbox(self) -> None:
+        # A redelivered bus message arrives within minutes (or is dead-lettered); ids older than the
+        # retention can go, so the inbox does not grow without bound.
+        while True:
+            try:
+                await self.store.purge_inbox(utcnow() - timedelta(seconds=self.inbox_retention))  # type: ignore[union-attr]
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("inbox purge failed; will retry", exc_info=True)
+            await asyncio.sleep(3600)
 
     async def fire_due_reminders(self) -> int:
         """Deliver every due reminder of the registered actor types once; returns how many were sent."""

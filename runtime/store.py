@@ -447,6 +447,12 @@ class StateStore:
         for hook in w.hooks:
             await hook(conn)
 
+    async def purge_inbox(self, before: datetime) -> int:
+        """Forget consumed message ids older than ``before``: the inbox only has to outlive redelivery."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(inbox).where(inbox.c.processed_at < before))
+        return result.rowcount or 0
+
     # -- reminders ------------------------------------------------------------------------------
 
     async def due_reminders(self, actor_types: Sequence[str], now: datetime, limit: int = 500) -> list[Any]:

@@ -316,3 +316,18 @@ async def test_group_commit_batches_turns_and_keeps_each_turn_atomic(system_fact
         await system2.stop()
     async with store.engine.connect() as conn:
         assert (await conn.execute(select(func.count()).select_from(actor_state))).scalar_one() == 64
+
+
+async def test_old_inbox_ids_are_purged_recent_ones_kept(system_factory):
+    from datetime import timedelta
+
+    from runtime.store import utcnow
+
+    system = await system_factory()
+    ref = system.ref(LogActor, "p1")
+    await ref.ask(Append(1), message_id="old")
+    assert await system.store.purge_inbox(utcnow() - timedelta(hours=1)) == 0
+    with pytest.raises(DuplicateMessage):
+        await ref.ask(Append(1), message_id="old")
+    assert await system.store.purge_inbox(utcnow() + timedelta(seconds=1)) == 1
+    assert not await system.store.seen("log/p1", "old")
