@@ -79,6 +79,7 @@ class BusSettings:
     url: str = ""  # RabbitMQ AMQP URL or Azure Service Bus connection string
     namespace: str = ""  # Azure: fully qualified namespace when using an Azure identity instead
     max_attempts: int = 5  # deliveries of one message before it is dead-lettered
+    redelivery_delay: float = 1.0  # seconds before a failed message is tried again (lets a blip pass)
     max_concurrent_sessions: int = 64
     partitions: int = 8  # RabbitMQ: partition queues per service queue
     outbox_poll_interval: float = 1.0
@@ -86,6 +87,7 @@ class BusSettings:
     def validate(self) -> None:
         _check(self.backend in BUS_BACKENDS, "backend", f"expected one of {', '.join(BUS_BACKENDS)}")
         _check(self.max_attempts >= 1, "max_attempts", "expected at least 1")
+        _check(self.redelivery_delay >= 0, "redelivery_delay", "expected 0 or more seconds")
         _check(self.max_concurrent_sessions >= 1, "max_concurrent_sessions", "expected at least 1")
         _check(self.partitions >= 1, "partitions", "expected at least 1")
         _check(self.outbox_poll_interval > 0, "outbox_poll_interval", "expected a positive number of seconds")

@@ -61,7 +61,11 @@ def make_bus(settings: Settings):  # -> bus.base.Bus
     if backend == "memory":
         from bus.memory import MemoryBus
 
-        return MemoryBus(max_attempts=settings.bus.max_attempts, max_concurrent_sessions=settings.bus.max_concurrent_sessions)
+        return MemoryBus(
+            max_attempts=settings.bus.max_attempts,
+            max_concurrent_sessions=settings.bus.max_concurrent_sessions,
+            redelivery_delay=settings.bus.redelivery_delay,
+        )
     try:
         module = importlib.import_module(f"bus.{backend}")
     except ModuleNotFoundError:
