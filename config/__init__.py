@@ -9,6 +9,7 @@ from config.settings import (
     ConfigError,
     GeneralSettings,
     ServiceSettings,
+    ShopSettings,
     Settings,
     load_settings,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigError",
     "GeneralSettings",
     "ServiceSettings",
+    "ShopSettings",
     "Settings",
     "load_settings",
 ]

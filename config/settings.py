@@ -67,7 +67,9 @@ class GeneralSettings:
 class ServiceSettings:
     port: int
     database_url: str = ""  # empty: SQLite file <data_dir>/<service>.db
-    upstreams: str = ""  # gateway only: comma-separated base URLs; empty: the service's own port
+    # Comma-separated base URLs of the service's instances (the gateway balances over them; a service
+    # calling another uses the first). Empty: the service's own host and port.
+    upstreams: str = ""
 
     def validate(self) -> None:
         _check(0 < self.port < 65536, "port", "expected a TCP port between 1 and 65535")
@@ -138,6 +140,18 @@ class AuthSettings:
         _check(0 <= self.leeway <= 300, "leeway", "expected 0 to 300 seconds")
 
 
+@dataclass(frozen=True, slots=True)
+class ShopSettings:
+    """Business rules of the shop that operators tune."""
+
+    cart_expiry: float = 30 * 24 * 3600.0  # seconds an unchanged cart lives
+    payment_timeout: float = 300.0  # seconds a payment may take before the order is cancelled
+
+    def validate(self) -> None:
+        _check(self.cart_expiry > 0, "cart_expiry", "expected a positive number of seconds")
+        _check(self.payment_timeout > 0, "payment_timeout", "expected a positive number of seconds")
+
+
 def _default_services() -> dict[str, ServiceSettings]:
     return {name: ServiceSettings(port=port) for name, port in DEFAULT_PORTS.items()}
 
@@ -148,6 +162,7 @@ class Settings:
     bus: BusSettings = field(default_factory=BusSettings)
     actors: ActorSettings = field(default_factory=ActorSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    shop: ShopSettings = field(default_factory=ShopSettings)
     services: Mapping[str, ServiceSettings] = field(default_factory=_default_services)
 
     def service(self, name: str) -> ServiceSettings:
@@ -260,7 +275,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
             raise ConfigError(f"ECOM_CONFIG: file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"ECOM_CONFIG: {path} is not valid TOML: {exc}") from None
-    known = {"general", "bus", "actors", "auth", *SERVICES}
+    known = {"general", "bus", "actors", "auth", "shop", *SERVICES}
     for key in toml:
         if key not in known or not isinstance(toml[key], dict):
             raise ConfigError(f"ECOM_CONFIG: unknown section [{key}] in {path}")
@@ -269,6 +284,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
     bus = _build(BusSettings, "bus", defaults.bus, toml.get("bus", {}), env)
     actors = _build(ActorSettings, "actors", defaults.actors, toml.get("actors", {}), env)
     auth = _build(AuthSettings, "auth", defaults.auth, toml.get("auth", {}), env)
+    shop = _build(ShopSettings, "shop", defaults.shop, toml.get("shop", {}), env)
     services = {
         name: _build(ServiceSettings, name, defaults.services[name], toml.get(name, {}), env) for name in SERVICES
     }
@@ -277,4 +293,4 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
         if svc.port in ports:
             raise ConfigError(f"{env_name(name, 'port')}: port {svc.port} is already used by {ports[svc.port]}")
         ports[svc.port] = name
-    return Settings(general=general, bus=bus, actors=actors, auth=auth, services=types.MappingProxyType(services))
+    return Settings(general=general, bus=bus, actors=actors, auth=auth, shop=shop, services=types.MappingProxyType(services))

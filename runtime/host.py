@@ -268,6 +268,9 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             detail = f"no resource at {request.path}"
         elif exc.status == 405:
             detail = f"{request.method} is not allowed on {request.path}"
+        if exc.status == 400 and exc.text and '"json"' in exc.text and "Invalid JSON" in exc.text:
+            # webargs' answer to an unparsable body: say it plainly, like read_json does.
+            slug, detail = "bad-request", "the body is not valid JSON"
         problem = Problem(detail, status=exc.status, slug=slug, title=exc.reason)
         response = problem_response(problem, request)
         for name in ("Allow", "Retry-After", "WWW-Authenticate"):
@@ -285,6 +288,20 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             title="Internal error",
         )
         return problem_response(problem, request)
+
+
+@web.middleware
+async def authorize_first_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Run a route's ``@require`` check before its input is validated, so an anonymous caller gets 401
+    rather than a 422 that describes what a valid request looks like."""
+    needs = getattr(request.match_info.handler, "__auth_requirements__", None)
+    if needs:
+        from runtime.auth import authenticate, check_access
+
+        check_access(await authenticate(request), **needs)
+    return await handler(request)
 
 
 class _Metrics:
@@ -444,7 +461,14 @@ def create_app(
     """The aiohttp application of one service, with the shared endpoints and middlewares."""
     metrics = _Metrics(runtime.name, runtime)
     app = web.Application(
-        middlewares=[request_id_middleware, metrics.middleware(), error_middleware, *extra_middlewares, validation_middleware],
+        middlewares=[
+            request_id_middleware,
+            metrics.middleware(),
+            error_middleware,
+            authorize_first_middleware,
+            *extra_middlewares,
+            validation_middleware,
+        ],
         client_max_size=client_max_size,
     )
     app[AppKeyRuntime] = runtime
@@ -469,7 +493,7 @@ def create_app(
         version="v1",
         url="/api/docs/swagger.json",
         swagger_path="/api/docs",
-        static_path=f"/api/docs/static",
+        static_path="/api/docs/static",
         error_callback=validation_error_callback,
     )
 

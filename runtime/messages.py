@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from bus.base import MalformedMessage
 from bus.envelope import Envelope
-from runtime.actors import Actor, ActorSystem, DuplicateMessage
+from runtime.actors import Actor, ActorRef, ActorSystem, DuplicateMessage
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,14 @@ def envelope(message: Any, *, session_id: str, correlation_id: str | None = None
 Route = Callable[[Envelope], Awaitable[None]]
 
 
+async def deliver(ref: ActorRef, message: Any, env: Envelope, *, timeout: float | None = None) -> None:
+    """Ask ``ref`` with the envelope's message id, so the actor's inbox drops a redelivered copy."""
+    try:
+        await ref.ask(message, timeout=timeout, message_id=env.message_id)
+    except DuplicateMessage:
+        log.debug("duplicate %s %s for %r skipped", env.type, env.message_id, ref)
+
+
 class BusBinding:
     """Delivers the envelopes of one queue or subscription to actors, by message type."""
 
@@ -130,17 +138,23 @@ class BusBinding:
         self.system = system
         self.routes: dict[str, Route] = {}
 
-    def to_actor(self, message_class: type, actor_class: type[Actor], *, timeout: float | None = None) -> None:
-        """Envelopes of ``message_class`` go to ``actor_class`` with id = the envelope's session id."""
+    def to_actor(
+        self,
+        message_class: type,
+        actor_class: type[Actor],
+        *,
+        actor_id: Callable[[Any, Envelope], str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Envelopes of ``message_class`` go to ``actor_class``; the actor id is the envelope's session id
+        unless ``actor_id(message, envelope)`` picks another (an event keyed by one entity, for another)."""
 
-        async def deliver(env: Envelope) -> None:
+        async def route(env: Envelope) -> None:
             message = from_body(message_class, env.body)
-            try:
-                await self.system.ref(actor_class, env.session_id).ask(message, timeout=timeout, message_id=env.message_id)
-            except DuplicateMessage:
-                log.debug("duplicate %s %s skipped", env.type, env.message_id)
+            target = actor_id(message, env) if actor_id is not None else env.session_id
+            await deliver(self.system.ref(actor_class, target), message, env, timeout=timeout)
 
-        self.routes[message_class.__name__] = deliver
+        self.routes[message_class.__name__] = route
 
     def to_handler(self, type_name: str, handler: Route) -> None:
         """Envelopes of ``type_name`` go to a custom coroutine (e.g. one event fanned out to many actors)."""

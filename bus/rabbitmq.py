@@ -1,0 +1,872 @@
+"""RabbitMQ bus (aio-pika): session-ordered partitioned quorum queues with single-active-consumer.
+
+Topology (every name below is prefixed with ``prefix``, empty in production, unique per test run):
+
+- ``send(queue, m)`` publishes through the default exchange to ``<queue>.p<k>`` where
+  ``k = crc32(m.session_id) % partitions`` (computed client-side, so it is the same in every process).
+- ``publish(e)`` publishes to the durable direct exchange ``ecom-events`` with routing key
+  ``<e.type>.p<k>``. A subscription ``svc`` owns the partitions ``svc.events.p<k>``, each bound to
+  ``<type>.p<k>`` for every event type it subscribes to. So an event lands, for every subscribing
+  service, in the partition of its session: fan-out by type, ordered per session.
+- Every partition is a durable quorum queue with ``x-single-active-consumer``: however many processes
+  consume it, the broker delivers to one at a time, in queue order; when that consumer's channel goes
+  (stop(), crash, lost connection) its unacked messages are returned in order and the next registered
+  consumer becomes active. That gives per-session FIFO and exclusivity across processes.
+- ``<queue>.dlq`` / ``<svc>.events.dlq``: durable quorum dead-letter queue of each queue/subscription.
+  Partitions also carry ``x-delivery-limit`` with a dead-letter route to it: a message whose consumers
+  keep dying before settling it (a crash loop the process cannot count) ends up there too, instead of
+  being redelivered forever or dropped by the broker.
+
+Inside one consumer (one channel; one per ``consume``/``subscribe`` call), several sessions share a
+partition, so deliveries (prefetch > 1) are split into per-session in-process FIFOs. At most one
+handler call per session runs at a time, up to ``max_concurrent_sessions`` sessions concurrently,
+and each message is acked individually (never ``multiple=True``: acks are out of order across
+sessions) once its handler returned. A failed message is retried in-process, holding its session
+(later messages of that session wait), with an exponential ``redelivery_delay``; after
+``max_attempts`` failures it is published to the DLQ with its reason and attempt count (publisher
+confirm awaited), and only then acked. Nothing is nacked/requeued by the consumer: that would put the
+message behind later ones of its session that are already prefetched.
+
+``Consumer.stop()`` behaves like the process dying: in-flight handlers are cancelled and not acked,
+then the channel is closed, so the broker returns every unacked message (in order) to the queue for
+the consumer that becomes active next. ``close()`` does that for all consumers, then closes the
+connection.
+
+``dead_letters(name)`` reads the DLQs non-destructively: ``basic.get`` of every message without ack
+on a throw-away channel, then closing that channel returns them all to the DLQ (they stay listable,
+and an operator can still shovel or purge them). Two concurrent readers may each see part of them.
+
+Limits worth knowing (documented, not hidden):
+
+- The partition count is part of the routing: every producer and consumer of a queue must use the
+  same ``partitions`` (changing it moves sessions to other partitions, so in-flight ordering across the
+  change is not guaranteed).
+- Queue arguments are fixed at declaration; a redeclaration with other arguments (e.g. another
+  ``delivery_limit``) fails with a BusError naming the queue.
+- Failures are counted per process: a message retried twice on a process that then dies starts again
+  at attempt 1 on the next one (the ``delivery-count`` header still counts broker redeliveries).
+- ``x-delivery-limit`` (default 20) counts, on RabbitMQ 3.x-4.2, every return of a message to the
+  queue, also of prefetched messages that were never handed to a handler: a process crash-looping on
+  one message eventually dead-letters it *and* the messages prefetched with it (reason
+  ``DeliveryLimitExceeded``; nothing is dropped, they can be replayed from the DLQ). From 4.0 quorum
+  queues default to a limit of 20 anyway and *drop* at the limit without a dead-letter route, which is
+  why every partition has one. From 4.3 returns by a dying consumer no longer count (only nacks do).
+- Subscriptions only ever add bindings (AMQP cannot list them); dropping an event type from a
+  subscription needs the binding removed by hand (``rabbitmqadmin delete binding``).
+- With single-active-consumer the first process to register on a partition gets all of it; other
+  processes are hot standbys for it (no load sharing on one partition, by design).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections import deque
+from collections.abc import Collection
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aiormq import spec
+from yarl import URL
+
+from bus.base import BusError, DeadLetter, Handler, MalformedMessage
+from bus.envelope import Envelope, utc_now
+
+__all__ = [
+    "DEFAULT_URL",
+    "EVENTS_EXCHANGE",
+    "RabbitBus",
+    "RabbitConsumer",
+    "create_bus",
+    "partition_of",
+    "partition_queue_arguments",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+EVENTS_EXCHANGE = "ecom-events"
+DEFAULT_DELIVERY_LIMIT = 20  # broker-side redeliveries (consumer died unsettled) before dead-lettering
+MAX_REDELIVERY_DELAY = 5.0  # cap of the exponential in-process back-off
+STOP_GRACE = 10.0  # how long stop() waits for cancelled handlers that refuse to end
+DEAD_LETTER_READ_LIMIT = 10_000  # dead_letters() returns at most this many per DLQ
+MAX_REASON = 4000  # characters of the error text kept with a dead letter
+
+# Header names of our own dead letters (plain names: ``x-`` ones belong to the broker).
+H_REASON, H_ATTEMPTS, H_AT, H_SOURCE = "ecom-reason", "ecom-attempts", "ecom-dead-lettered-at", "ecom-source"
+
+
+def partition_of(session_id: str, partitions: int) -> int:
+    """Stable across processes and Python runs (unlike ``hash()``): crc32 of the UTF-8 id."""
+    return zlib.crc32(session_id.encode("utf-8")) % partitions
+
+
+def partition_queue_arguments(dead_letter_queue: str, delivery_limit: int = DEFAULT_DELIVERY_LIMIT) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_letter_queue,
+    }
+
+
+DEAD_LETTER_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "quorum"}
+
+
+def _safe_url(url: str) -> str:
+    try:
+        parsed = URL(url)
+        return str(parsed.with_password("***")) if parsed.password else str(parsed)
+    except (ValueError, TypeError):
+        return "<unparseable url>"
+
+
+def _format_time(value: Any) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_now()
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{kind} name must be a non-empty string")
+
+
+PERSISTENT = 2  # AMQP delivery mode
+
+
+def _properties(envelope: Envelope) -> spec.Basic.Properties:
+    return spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        message_id=envelope.message_id,
+        correlation_id=envelope.correlation_id,
+        message_type=envelope.type[:255],
+    )
+
+
+def _encode(message: Envelope) -> bytes:
+    """The wire bytes; fails early (TypeError / MalformedMessage) on what a receiver could not read."""
+    if not isinstance(message, Envelope):
+        raise TypeError(f"expected an Envelope, got {type(message).__name__}")
+    data = message.encode()  # TypeError on a non-JSON body
+    Envelope.decode(data)  # MalformedMessage on e.g. an empty session_id
+    return data
+
+
+@dataclass(slots=True)
+class _Pending:
+    message: AbstractIncomingMessage
+    envelope: Envelope | None  # None: the body is not a valid envelope (dead-lettered untried)
+    error: str  # why envelope is None
+    redeliveries: int  # deliveries by the broker before this one (x-delivery-count)
+    failures: int = 0  # failed handler calls in this process
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """One logical queue or subscription and its physical queues."""
+
+    name: str  # as the caller named it: DeadLetter.queue
+    partitions: tuple[str, ...]
+    dead_letter_queue: str
+
+
+class RabbitConsumer:
+    """One consumer (its own channel) of all partitions of a queue or subscription."""
+
+    def __init__(self, bus: RabbitBus, target: _Target, handler: Handler, limit: int, prefetch: int) -> None:
+        self._bus = bus
+        self._target = target
+        self._handler = handler
+        self._limit = limit
+        self._prefetch = prefetch
+        self._channel: AbstractRobustChannel | None = None
+        self._sessions: dict[str, deque[_Pending]] = {}
+        self._ready: deque[str] = deque()
+        self._held: set[str] = set()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._starting: set[asyncio.Task[None]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._stopped = False
+        # counters, for benchmarks and debugging
+        self.delivered = 0  # handler calls
+        self.completed = 0
+        self.dead_lettered = 0
+
+    @property
+    def name(self) -> str:
+        return self._target.name
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _start(self, connection: AbstractRobustConnection) -> None:
+        bus = self._bus
+        try:
+            async with asyncio.timeout(bus.timeout):
+                channel = await connection.channel(publisher_confirms=False)
+                self._channel = channel
+                # Per consumer (global_=False): each partition may have ``prefetch`` unacked here.
+                await channel.set_qos(prefetch_count=self._prefetch)
+                channel.close_callbacks.add(self._on_channel_closed)
+                for name in self._target.partitions:
+                    # Same arguments as the bus declared them; it also registers the queue and its
+                    # consumer for aio-pika's automatic restore after a reconnection.
+                    queue = await channel.declare_queue(name, durable=True, arguments=bus._partition_arguments(self._target))
+                    await queue.consume(self._on_message)
+        except BaseException as exc:
+            self._stopped = True
+            if self._channel is not None:
+                with suppress(Exception):
+                    await asyncio.wait_for(self._channel.close(), bus.timeout)
+            if isinstance(exc, Exception):
+                raise BusError(f"cannot consume {self._target.name!r}: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    async def stop(self) -> None:
+        """Like the process dying: cancel in-flight handlers (not acked), then close the channel so the
+        broker returns every unacked message, in order, to whichever consumer becomes active next."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._bus._consumers.discard(self)
+        current = asyncio.current_task()
+        own = current is not None and current in self._workers
+        tasks = self._reset(keep=current)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
+            if pending:
+                log.warning("%d handler(s) of %s ignored cancellation; closing anyway", len(pending), self.name)
+        if own:
+            # A handler stopping its own consumer: let that handler finish and settle first (its
+            # message is done, not abandoned), then close. We cannot await our own task here.
+            assert current is not None
+            task = asyncio.get_running_loop().create_task(self._close_after(current))
+            self._bus._background.add(task)
+            task.add_done_callback(self._bus._background.discard)
+        else:
+            await self._close_channel()
+
+    async def _close_after(self, task: asyncio.Task[None]) -> None:
+        with suppress(BaseException):
+            await asyncio.wait({task}, timeout=STOP_GRACE)
+        await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is None:
+            return
+        with suppress(Exception):
+            await asyncio.wait_for(channel.close(), self._bus.timeout)
+
+    def _reset(self, keep: asyncio.Task[Any] | None = None) -> list[asyncio.Task[None]]:
+        """Forget every delivery held in memory and cancel the handlers working on them (all of them
+        are unacked: the broker has them again once the channel is gone)."""
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        self._sessions.clear()
+        self._ready.clear()
+        self._held.clear()
+        self._starting.clear()
+        tasks = [t for t in self._workers if t is not keep]
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    async def _on_channel_closed(self, _sender: Any, exc: BaseException | None) -> None:
+        if self._stopped:
+            return
+        # Connection/channel lost: the broker already requeued our unacked messages (and may have made
+        # another process active). Drop our copies and cancel their handlers, like a process restart;
+        # aio-pika reopens the channel and re-registers the consumers when the broker is back.
+        log.warning("consumer channel of %s closed (%r); dropping in-memory deliveries", self.name, exc)
+        self._reset(keep=asyncio.current_task())
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # No await before the message is queued: aio-pika starts one task per delivery, in delivery
+        # order, so the per-session FIFOs receive messages in partition order.
+        if self._stopped:
+            return  # unacked: back to the queue when the channel closes
+        headers = message.headers or {}
+        try:
+            envelope: Envelope | None = Envelope.decode(message.body)
+            error = ""
+            session = envelope.session_id  # type: ignore[union-attr]
+        except MalformedMessage as exc:
+            envelope, error = None, f"MalformedMessage: {exc}"
+            session = f"\x00malformed:{id(message)}"  # a session of its own: nothing to order it with
+        item = _Pending(message, envelope, error, _int(headers.get("x-delivery-count")))
+        pending = self._sessions.get(session)
+        if pending is None:
+            pending = self._sessions[session] = deque()
+        pending.append(item)
+        if session not in self._held:
+            self._held.add(session)
+            self._ready.append(session)
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        if self._stopped:
+            return
+        loop = asyncio.get_running_loop()
+        while len(self._ready) > len(self._starting) and len(self._workers) < self._limit:
+            task = loop.create_task(self._work(), name=f"bus:rabbitmq:{self.name}")
+            self._workers.add(task)
+            self._starting.add(task)
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._workers.discard(task)
+        self._starting.discard(task)
+        if self._ready and not self._stopped:
+            # A worker cancelled before it ran (lost channel) never reaches _work's finally; its slot
+            # is free only now, and ready sessions must not wait for the next delivery to be picked up.
+            self._dispatch()
+
+    async def _work(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._starting.discard(task)
+        try:
+            while self._ready and not self._stopped:
+                await self._turn(self._ready.popleft())
+        except asyncio.CancelledError:
+            pass  # stop() or a lost channel: the message stays unacked and is redelivered
+        except BaseException:  # a bug here would silently stall sessions: make it loud
+            log.exception("bus worker for %s crashed", self.name)
+            raise
+        finally:
+            self._workers.discard(task)
+            if self._ready:
+                self._dispatch()
+
+    async def _turn(self, session: str) -> None:
+        pending = self._sessions.get(session)
+        if not pending:
+            self._release(session, dispatch=False)
+            return
+        item = pending.popleft()
+        if item.message.channel.is_closed:
+            # Delivered on a channel that is gone (reconnection): the broker redelivers it.
+            self._release(session, dispatch=False)
+            return
+        if item.envelope is None:
+            log.error("dead-lettering a malformed message from %s: %s", self.name, item.error)
+            await self._dead_letter(item, item.error, 0)
+            self._release(session, dispatch=False)
+            return
+        attempt = item.failures + 1
+        envelope = item.envelope.with_headers(**{"delivery-count": str(item.redeliveries + attempt)})
+        self.delivered += 1
+        try:
+            await self._handler(envelope)
+        except Exception as exc:
+            await self._failed(session, item, exc)
+        except BaseException as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling():
+                # The handler leaked a CancelledError of its own (nobody cancelled us): a failure,
+                # or it would be retried forever without ever reaching max_attempts.
+                await self._failed(session, item, exc)
+                return
+            raise  # stop()/close()/lost channel mid-message: unsettled, redelivered by the broker
+        else:
+            await self._ack(item)
+            self.completed += 1
+            self._release(session, dispatch=False)
+
+    async def _failed(self, session: str, item: _Pending, exc: BaseException) -> None:
+        bus = self._bus
+        item.failures += 1
+        reason = f"{type(exc).__name__}: {exc}"
+        envelope = item.envelope
+        assert envelope is not None
+        if item.failures >= bus.max_attempts:
+            log.error(
+                "dead-lettering %s %s (session %s) from %s after %d attempts: %s",
+                envelope.type, envelope.message_id, session, self.name, item.failures, reason, exc_info=exc,
+            )  # fmt: skip
+            await self._dead_letter(item, reason, item.failures)
+            self._release(session, dispatch=False)
+            return
+        log.warning(
+            "retrying %s %s (session %s) on %s, attempt %d failed: %s",
+            envelope.type, envelope.message_id, session, self.name, item.failures, reason,
+        )  # fmt: skip
+        if self._stopped or item.message.channel.is_closed:
+            return  # the broker redelivers it (in order) to the next active consumer
+        # Back to the head, the session stays held: its later messages wait (ordering).
+        self._sessions.setdefault(session, deque()).appendleft(item)
+        delay = min(bus.redelivery_delay * 2 ** (item.failures - 1), MAX_REDELIVERY_DELAY)
+        if delay > 0:
+            self._release_later(session, delay)
+        else:
+            self._release(session, dispatch=False)
+
+    async def _dead_letter(self, item: _Pending, reason: str, attempts: int) -> None:
+        """Publish to the DLQ (confirmed), then ack. Retries while the delivery is still ours."""
+        backoff = 0.1
+        while True:
+            if self._stopped or item.message.channel.is_closed:
+                return  # not ours any more: redelivered to the next consumer, never lost
+            try:
+                await self._bus._publish_dead_letter(self._target, item.message, reason, attempts)
+            except BusError as exc:
+                log.warning("cannot dead-letter to %s yet (%s); retrying", self._target.dead_letter_queue, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_REDELIVERY_DELAY)
+            else:
+                break
+        self.dead_lettered += 1
+        await self._ack(item)
+
+    async def _ack(self, item: _Pending) -> None:
+        try:
+            await item.message.ack()  # this delivery tag only: acks are out of order across sessions
+        except Exception as exc:  # channel gone: the broker redelivers it (at-least-once)
+            log.info("ack on %s lost (%s: %s); the message will be redelivered", self.name, type(exc).__name__, exc)
+
+    def _release(self, session: str, *, dispatch: bool) -> None:
+        if self._sessions.get(session):
+            self._ready.append(session)
+            if dispatch:
+                self._dispatch()
+        else:
+            self._sessions.pop(session, None)
+            self._held.discard(session)
+
+    def _release_later(self, session: str, delay: float) -> None:
+        handle: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            self._timers.discard(handle)  # type: ignore[arg-type]
+            if not self._stopped:
+                self._release(session, dispatch=True)
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
+
+
+class RabbitBus:
+    """One process's connection to RabbitMQ. See the module docstring for the topology."""
+
+    name = "rabbitmq"
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        max_attempts: int = 5,
+        max_concurrent_sessions: int = 64,
+        partitions: int = 8,
+        redelivery_delay: float = 0.05,
+        prefetch: int | None = None,
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+        prefix: str = "",
+        timeout: float = 30.0,
+        connection_name: str | None = None,
+        reconnect_interval: float | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if max_concurrent_sessions < 1:
+            raise ValueError("max_concurrent_sessions must be at least 1")
+        if partitions < 1:
+            raise ValueError("partitions must be at least 1")
+        if redelivery_delay < 0:
+            raise ValueError("redelivery_delay must not be negative")
+        if prefetch is not None and prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        if delivery_limit < 1:
+            raise ValueError("delivery_limit must be at least 1")
+        self.url = url or DEFAULT_URL
+        self.max_attempts = max_attempts
+        self.max_concurrent_sessions = max_concurrent_sessions
+        self.partitions = partitions
+        self.redelivery_delay = redelivery_delay
+        self.prefetch = prefetch
+        self.delivery_limit = delivery_limit
+        self.prefix = prefix
+        self.timeout = timeout
+        self.connection_name = connection_name
+        # None: aio-pika's default (5 s) or ``?reconnect_interval=`` in the URL.
+        self.reconnect_interval = reconnect_interval
+        self.exchange_name = f"{prefix}{EVENTS_EXCHANGE}"
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None  # declarations and publishing (confirms)
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._queues: dict[str, aio_pika.abc.AbstractQueue] = {}
+        self._targets: dict[str, _Target] = {}  # declared ones, by base name
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._bound: set[tuple[str, str]] = set()  # (subscription base, event type)
+        self._consumers: set[RabbitConsumer] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._closed = False
+        # Every queue/exchange this object declared (tests delete them at teardown).
+        self.declared_queues: set[str] = set()
+        self.declared_exchanges: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (idempotent). Allowed again after close(): queues are durable on the broker."""
+        if self._started and not self._closed:
+            return
+        properties = {"connection_name": self.connection_name or "ecom-bus"}
+        try:
+            async with asyncio.timeout(self.timeout):
+                connection = await aio_pika.connect_robust(
+                    self.url, client_properties=properties, reconnect_interval=self.reconnect_interval
+                )
+        except Exception as exc:
+            raise BusError(f"cannot connect to RabbitMQ at {_safe_url(self.url)}: {type(exc).__name__}: {exc}") from exc
+        try:
+            async with asyncio.timeout(self.timeout):
+                # on_return_raises: an unroutable mandatory publish (queue deleted under us) is an error.
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except Exception as exc:
+            with suppress(Exception):
+                await connection.close()
+            raise BusError(f"cannot open a RabbitMQ channel: {type(exc).__name__}: {exc}") from exc
+        self._connection, self._channel = connection, channel
+        self._exchange = None
+        self._queues.clear()
+        self._targets.clear()
+        self._bound.clear()
+        self._started, self._closed = True, False
+
+    async def close(self) -> None:
+        """Stop every consumer (in-flight handlers are cancelled, their messages stay on the broker
+        for the next consumer), then close the connection."""
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        consumers = list(self._consumers)
+        await asyncio.gather(*(c.stop() for c in consumers), return_exceptions=True)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=STOP_GRACE)
+        connection, self._connection, self._channel, self._exchange = self._connection, None, None, None
+        if connection is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(connection.close(), self.timeout)
+
+    async def ping(self) -> None:
+        self._check_open()
+        connection, channel = self._connection, self._channel
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            raise BusError(f"RabbitMQ connection to {_safe_url(self.url)} is down (reconnecting)")
+        if channel is None or channel.is_closed:
+            raise BusError("RabbitMQ publishing channel is closed")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusError("rabbitmq bus is closed")
+        if not self._started:
+            raise BusError("rabbitmq bus is not started")
+
+    def _require_channel(self) -> AbstractRobustChannel:
+        self._check_open()
+        assert self._channel is not None
+        return self._channel
+
+    # -- topology ----------------------------------------------------------------------------
+
+    def _queue_target(self, queue: str) -> _Target:
+        return self._target(queue, f"{self.prefix}{queue}")
+
+    def _subscription_target(self, subscription: str) -> _Target:
+        return self._target(subscription, f"{self.prefix}{subscription}.events")
+
+    def _target(self, name: str, base: str) -> _Target:
+        return _Target(name, tuple(f"{base}.p{k}" for k in range(self.partitions)), f"{base}.dlq")
+
+    def _partition_arguments(self, target: _Target) -> dict[str, Any]:
+        return partition_queue_arguments(target.dead_letter_queue, self.delivery_limit)
+
+    async def _ensure(self, target: _Target) -> None:
+        """Declare the DLQ, then the partitions (which dead-letter into it). Once per process."""
+        key = target.dead_letter_queue
+        if key in self._targets:
+            return
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._targets:
+                return
+            channel = self._require_channel()
+            arguments = self._partition_arguments(target)
+            for name, args in [(target.dead_letter_queue, DEAD_LETTER_QUEUE_ARGUMENTS)] + [
+                (name, arguments) for name in target.partitions
+            ]:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        self._queues[name] = await channel.declare_queue(name, durable=True, arguments=args)
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    raise BusError(
+                        f"queue {name!r} already exists with other arguments than {args} "
+                        f"(partitions, delivery limit or queue type changed?): {exc}"
+                    ) from exc
+                except Exception as exc:
+                    raise BusError(f"cannot declare queue {name!r}: {type(exc).__name__}: {exc}") from exc
+                self.declared_queues.add(name)
+            self._targets[key] = target
+
+    async def _ensure_exchange(self) -> aio_pika.abc.AbstractExchange:
+        if self._exchange is not None:
+            return self._exchange
+        async with self._locks.setdefault("\x00exchange", asyncio.Lock()):
+            if self._exchange is None:
+                channel = self._require_channel()
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        exchange = await channel.declare_exchange(
+                            self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
+                        )
+                except Exception as exc:
+                    raise BusError(f"cannot declare exchange {self.exchange_name!r}: {type(exc).__name__}: {exc}") from exc
+                self.declared_exchanges.add(self.exchange_name)
+                self._exchange = exchange
+        return self._exchange
+
+    # -- producing ---------------------------------------------------------------------------
+
+    async def send(self, queue: str, message: Envelope) -> None:
+        self._check_open()
+        _check_name("queue", queue)
+        body = _encode(message)
+        target = self._queue_target(queue)
+        await self._ensure(target)
+        key = target.partitions[partition_of(message.session_id, self.partitions)]
+        try:
+            await self._publish("", key, body, _properties(message), mandatory=True)
+        except BusError:
+            # E.g. the queue was deleted under us: declare again on the next send instead of failing forever.
+            self._targets.pop(target.dead_letter_queue, None)
+            raise
+
+    async def publish(self, event: Envelope) -> None:
+        self._check_open()
+        body = _encode(event)
+        exchange = await self._ensure_exchange()
+        key = f"{event.type}.p{partition_of(event.session_id, self.partitions)}"
+        # Not mandatory: an event nobody subscribes to reaches nobody (topic semantics).
+        await self._publish(exchange.name, key, body, _properties(event), mandatory=False)
+
+    async def _publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties, *, mandatory: bool
+    ) -> None:
+        # Straight to aiormq (aio-pika's Message/Exchange layer costs ~30% of the publish rate); the
+        # robust channel still supplies the current underlying channel after a reconnection.
+        channel = self._require_channel()
+        try:
+            async with asyncio.timeout(self.timeout):
+                underlay = await channel.get_underlay_channel()
+                # Publisher confirms: returns once the broker has the message (quorum: replicated).
+                await underlay.basic_publish(
+                    body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
+                )
+        except aiormq.exceptions.PublishError as exc:
+            raise BusError(f"message to {routing_key!r} was unroutable (queue deleted?): {exc}") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise BusError(f"broker refused the message to {routing_key!r}: {exc}") from exc
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise BusError(f"cannot publish to {routing_key!r}: {type(exc).__name__}: {exc}") from exc
+
+    async def _publish_dead_letter(
+        self, target: _Target, original: AbstractIncomingMessage, reason: str, attempts: int
+    ) -> None:
+        self._check_open()
+        properties = spec.Basic.Properties(
+            content_type=original.content_type or "application/json",
+            delivery_mode=PERSISTENT,
+            message_id=original.message_id,
+            correlation_id=original.correlation_id,
+            message_type=original.type,
+            headers={
+                H_REASON: reason[:MAX_REASON],
+                H_ATTEMPTS: attempts,
+                H_AT: utc_now(),
+                H_SOURCE: target.name,
+            },
+        )
+        # The bytes as sent: no per-delivery headers.
+        await self._publish("", target.dead_letter_queue, original.body, properties, mandatory=True)
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def consume(
+        self, queue: str, handler: Handler, *, max_concurrent_sessions: int | None = None
+    ) -> RabbitConsumer:
+        self._check_open()
+        _check_name("queue", queue)
+        target = self._queue_target(queue)
+        await self._ensure(target)
+        return await self._attach(target, handler, max_concurrent_sessions)
+
+    async def subscribe(
+        self,
+        subscription: str,
+        event_types: Collection[str],
+        handler: Handler,
+        *,
+        max_concurrent_sessions: int | None = None,
+    ) -> RabbitConsumer:
+        self._check_open()
+        _check_name("subscription", subscription)
+        if isinstance(event_types, str):  # a bare str would subscribe to its characters
+            raise TypeError("event_types must be a collection of type names, not a str")
+        types = sorted(frozenset(event_types))
+        if not types:
+            raise ValueError("event_types must not be empty")
+        for event_type in types:
+            _check_name("event type", event_type)
+        target = self._subscription_target(subscription)
+        await self._ensure(target)
+        exchange = await self._ensure_exchange()
+        base = target.dead_letter_queue
+        for event_type in types:
+            if (base, event_type) in self._bound:
+                continue
+            for k, name in enumerate(target.partitions):
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        await self._queues[name].bind(exchange, routing_key=f"{event_type}.p{k}")
+                except Exception as exc:
+                    raise BusError(f"cannot bind {name!r} to {event_type!r}: {type(exc).__name__}: {exc}") from exc
+            self._bound.add((base, event_type))
+        return await self._attach(target, handler, max_concurrent_sessions)
+
+    async def _attach(self, target: _Target, handler: Handler, limit: int | None) -> RabbitConsumer:
+        limit = self.max_concurrent_sessions if limit is None else limit
+        if limit < 1:
+            raise ValueError("max_concurrent_sessions must be at least 1")
+        prefetch = self.prefetch or max(2 * limit, 32)
+        consumer = RabbitConsumer(self, target, handler, limit, prefetch)
+        assert self._connection is not None
+        await consumer._start(self._connection)
+        self._consumers.add(consumer)
+        return consumer
+
+    # -- introspection -----------------------------------------------------------------------
+
+    async def dead_letters(self, queue: str) -> list[DeadLetter]:
+        """Dead letters of the queue and/or subscription named ``queue``, oldest first.
+
+        Non-destructive: messages are fetched unacked and handed back when the reading channel closes.
+        """
+        self._check_open()
+        _check_name("queue", queue)
+        letters: list[DeadLetter] = []
+        for target in (self._queue_target(queue), self._subscription_target(queue)):
+            letters += await self._read_dead_letters(target)
+        return sorted(letters, key=lambda letter: letter.dead_lettered_at)
+
+    async def _read_dead_letters(self, target: _Target) -> list[DeadLetter]:
+        connection = self._connection
+        transport = connection.transport if connection is not None else None
+        if transport is None:
+            raise BusError(f"RabbitMQ connection to {_safe_url(self.url)} is down (reconnecting)")
+        name = target.dead_letter_queue
+        letters: list[DeadLetter] = []
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                # A plain (not robust) channel: a failed passive declare closes it, and it must not be
+                # reopened; closing it returns every fetched message to the DLQ.
+                channel = await transport.connection.channel(publisher_confirms=False)
+                try:
+                    await channel.queue_declare(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return []  # never declared: nothing was ever dead-lettered there
+                for _ in range(DEAD_LETTER_READ_LIMIT):
+                    got = await channel.basic_get(name, no_ack=False)
+                    if not isinstance(got.delivery, spec.Basic.GetOk):
+                        break
+                    letters.append(_dead_letter_from(got, target.name))
+        except BusError:
+            raise
+        except Exception as exc:
+            raise BusError(f"cannot read dead letters of {name!r}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if channel is not None and not channel.is_closed:
+                with suppress(Exception):
+                    await asyncio.wait_for(channel.close(), self.timeout)
+        return letters
+
+
+def _dead_letter_from(message: aiormq.abc.DeliveredMessage, source: str) -> DeadLetter:
+    properties = message.header.properties
+    headers = dict(properties.headers or {})
+    try:
+        envelope = Envelope.decode(message.body)
+    except MalformedMessage as exc:
+        envelope = Envelope(
+            type="<malformed>",
+            session_id="<unknown>",
+            body={"raw": message.body.decode("utf-8", "replace"), "error": str(exc)},
+            message_id=properties.message_id or "<unknown>",
+        )
+    if H_REASON in headers:  # dead-lettered by a consumer of ours
+        return DeadLetter(
+            queue=source,
+            envelope=envelope,
+            reason=_text(headers[H_REASON]),
+            attempts=_int(headers.get(H_ATTEMPTS)),
+            dead_lettered_at=_text(headers.get(H_AT) or utc_now()),
+        )
+    # Dead-lettered by the broker (x-delivery-limit: consumers kept dying before settling it).
+    deaths = headers.get("x-death") or []
+    death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
+    broker_reason = _text(death.get("reason") or headers.get("x-first-death-reason") or "unknown")
+    attempts = _int(headers.get("x-delivery-count"), _int(death.get("count")))
+    if broker_reason == "delivery_limit":
+        reason = (
+            f"DeliveryLimitExceeded: delivered {attempts or 'too many'} times to consumers that stopped "
+            f"or crashed before settling it (x-delivery-limit)"
+        )
+    else:
+        reason = f"BrokerDeadLettered: {broker_reason}"
+    return DeadLetter(
+        queue=source,
+        envelope=envelope,
+        reason=reason,
+        attempts=attempts,
+        dead_lettered_at=_format_time(death.get("time")),
+    )
+
+
+def create_bus(settings: Any) -> RabbitBus:
+    """The factory runtime.cli.make_bus calls (``settings``: config.settings.Settings)."""
+    bus = settings.bus
+    return RabbitBus(
+        bus.url or DEFAULT_URL,
+        max_attempts=bus.max_attempts,
+        max_concurrent_sessions=bus.max_concurrent_sessions,
+        partitions=bus.partitions,
+    )
