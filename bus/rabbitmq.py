@@ -22,7 +22,7 @@ partition, so deliveries (prefetch > 1) are split into per-session in-process FI
 handler call per session runs at a time, up to ``max_concurrent_sessions`` sessions concurrently,
 and each message is acked individually (never ``multiple=True``: acks are out of order across
 sessions) once its handler returned. A failed message is retried in-process, holding its session
-(later messages of that session wait), with an exponential ``redelivery_delay``; after
+(later messages of that session wait), ``redelivery_delay`` seconds apart; after
 ``max_attempts`` failures it is published to the DLQ with its reason and attempt count (publisher
 confirm awaited), and only then acked. Nothing is nacked/requeued by the consumer: that would put the
 message behind later ones of its session that are already prefetched.
@@ -54,7 +54,13 @@ Limits worth knowing (documented, not hidden):
 - Subscriptions only ever add bindings (AMQP cannot list them); dropping an event type from a
   subscription needs the binding removed by hand (``rabbitmqadmin delete binding``).
 - With single-active-consumer the first process to register on a partition gets all of it; other
-  processes are hot standbys for it (no load sharing on one partition, by design).
+  processes are hot standbys for it (no load sharing on one partition, by design; on 3.10 SAC ignores
+  consumer priorities, so the first process started is active on every partition).
+- Head-of-line blocking is bounded by the prefetch window: a partition delivers at most ``prefetch``
+  (default ``max(2 * max_concurrent_sessions, 32)``) unacked messages to a consumer, so a session with
+  a long backlog behind a stuck message can hold the whole window and stall the other sessions of
+  that partition until it moves. A handler stuck longer than the broker's ``consumer_timeout``
+  (30 min by default) gets the channel closed; the messages are then redelivered.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 EVENTS_EXCHANGE = "ecom-events"
 DEFAULT_DELIVERY_LIMIT = 20  # broker-side redeliveries (consumer died unsettled) before dead-lettering
-MAX_REDELIVERY_DELAY = 5.0  # cap of the exponential in-process back-off
+MAX_DEAD_LETTER_BACKOFF = 5.0  # cap of the back-off while the DLQ cannot be published to
 STOP_GRACE = 10.0  # how long stop() waits for cancelled handlers that refuse to end
 DEAD_LETTER_READ_LIMIT = 10_000  # dead_letters() returns at most this many per DLQ
 MAX_REASON = 4000  # characters of the error text kept with a dead letter
@@ -422,9 +428,8 @@ class RabbitConsumer:
             return  # the broker redelivers it (in order) to the next active consumer
         # Back to the head, the session stays held: its later messages wait (ordering).
         self._sessions.setdefault(session, deque()).appendleft(item)
-        delay = min(bus.redelivery_delay * 2 ** (item.failures - 1), MAX_REDELIVERY_DELAY)
-        if delay > 0:
-            self._release_later(session, delay)
+        if bus.redelivery_delay > 0:
+            self._release_later(session, bus.redelivery_delay)
         else:
             self._release(session, dispatch=False)
 
@@ -439,7 +444,7 @@ class RabbitConsumer:
             except BusError as exc:
                 log.warning("cannot dead-letter to %s yet (%s); retrying", self._target.dead_letter_queue, exc)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_REDELIVERY_DELAY)
+                backoff = min(backoff * 2, MAX_DEAD_LETTER_BACKOFF)
             else:
                 break
         self.dead_lettered += 1
@@ -484,7 +489,7 @@ class RabbitBus:
         max_attempts: int = 5,
         max_concurrent_sessions: int = 64,
         partitions: int = 8,
-        redelivery_delay: float = 0.05,
+        redelivery_delay: float = 1.0,
         prefetch: int | None = None,
         delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
         prefix: str = "",
@@ -869,4 +874,5 @@ def create_bus(settings: Any) -> RabbitBus:
         max_attempts=bus.max_attempts,
         max_concurrent_sessions=bus.max_concurrent_sessions,
         partitions=bus.partitions,
+        redelivery_delay=getattr(bus, "redelivery_delay", 1.0),
     )
