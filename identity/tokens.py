@@ -4,6 +4,9 @@ Access token: header ``{"typ": "at+jwt", "alg": <key alg>, "kid": <key id>}``; c
 ``aud``, ``exp``, ``iat``, ``nbf``, ``jti``, ``scope`` (space-separated), ``roles`` (list), ``client_id``.
 Verified by :class:`runtime.auth.TokenVerifier`.
 
+ID token (OpenID Connect): header ``typ`` ``JWT``; ``aud`` and ``azp`` are the client, so it never passes as an
+access token; ``auth_time``, ``nonce`` and profile claims as the scopes allow.
+
 Refresh token: 256 random bits, URL-safe; only its SHA-256 is stored, so a leaked table cannot be replayed.
 (A plain hash is enough here, unlike passwords: the token has full entropy, nothing to brute-force.)
 """
@@ -21,9 +24,17 @@ from joserfc import jwt
 
 from identity.keys import KeyRing
 
-__all__ = ["RESERVED_CLAIMS", "TokenIssuer", "hash_token", "new_refresh_token", "token_matches"]
+__all__ = [
+    "RESERVED_CLAIMS",
+    "TokenIssuer",
+    "hash_token",
+    "new_opaque_token",
+    "new_refresh_token",
+    "token_matches",
+]
 
 RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "scope", "roles", "client_id"})
+ID_TOKEN_RESERVED_CLAIMS = frozenset({"iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "azp"})
 ACCESS_TOKEN_TYPE = "at+jwt"
 
 
@@ -95,11 +106,56 @@ class TokenIssuer:
         token = jwt.encode(header, claims, imported, algorithms=[key.alg])
         return token, self.access_token_ttl
 
+    def issue_id_token(
+        self,
+        sub: str,
+        client_id: str,
+        *,
+        auth_time: float,
+        nonce: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """An OpenID Connect ID token for ``client_id`` (its audience), signed like the access tokens.
+
+        Its ``aud`` is the client, never the API audience, and its ``typ`` is ``JWT``: a resource server's
+        :class:`runtime.auth.TokenVerifier` refuses it as a bearer token (wrong audience)."""
+        if not sub or not client_id:
+            raise ValueError("sub and client_id are required")
+        if client_id == self.audience:
+            raise ValueError("a client named like the API audience would get ID tokens that pass as access tokens")
+        now = self.clock()
+        key, imported = self.keyring.signing_key(now)
+        iat = int(now)
+        claims: dict[str, Any] = {}
+        if extra:
+            clash = ID_TOKEN_RESERVED_CLAIMS.intersection(extra)
+            if clash:
+                raise ValueError(f"extra claims cannot override {sorted(clash)}")
+            claims.update(extra)
+        claims.update(
+            iss=self.issuer,
+            sub=sub,
+            aud=client_id,
+            azp=client_id,
+            iat=iat,
+            exp=iat + self.access_token_ttl,
+            auth_time=int(auth_time),
+        )
+        if nonce is not None:
+            claims["nonce"] = nonce
+        return jwt.encode({"typ": "JWT", "alg": key.alg, "kid": key.kid}, claims, imported, algorithms=[key.alg])
+
+
+def new_opaque_token() -> tuple[str, str]:
+    """256 random bits, URL-safe, and the SHA-256 hex digest to store instead of them (refresh tokens,
+    authorization codes, client secrets: all have full entropy, so a plain hash cannot be brute-forced)."""
+    token = secrets.token_urlsafe(32)
+    return token, hash_token(token)
+
 
 def new_refresh_token() -> tuple[str, str]:
     """A new opaque refresh token and the SHA-256 hex digest to store instead of it."""
-    token = secrets.token_urlsafe(32)
-    return token, hash_token(token)
+    return new_opaque_token()
 
 
 def hash_token(token: str) -> str:

@@ -46,6 +46,10 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Below WARNING these log SQL and its parameters: password hashes and private signing keys would
+    # reach the log. Keep them at WARNING whatever the configured level.
+    for name in ("aiosqlite", "sqlalchemy.engine", "asyncpg"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def install_uvloop() -> None:

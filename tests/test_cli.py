@@ -49,19 +49,20 @@ def test_db_upgrade_is_idempotent(tmp_path):
 
 def test_run_starts_every_built_service_and_stops_cleanly_on_ctrl_c(tmp_path):
     env = _env(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # Output goes to a file, not a pipe nobody reads while waiting: a full pipe would block the server.
+    log_path = tmp_path / "run.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     built = services.available()
     try:
         if not built:
-            out, _ = proc.communicate(timeout=60)
-            assert "nothing to run" in out
+            proc.wait(timeout=60)
+            assert "nothing to run" in log_path.read_text()
             return
         deadline = time.monotonic() + 60
         pending = {s.name for s in built}
         while pending and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, log_path.read_text()[-5000:]
             for name in list(pending):
                 url = f"http://127.0.0.1:{env[f'ECOM_{name.upper()}_PORT']}/health/ready"
                 try:
@@ -71,12 +72,14 @@ def test_run_starts_every_built_service_and_stops_cleanly_on_ctrl_c(tmp_path):
                 except OSError:
                     pass
             time.sleep(0.2)
-        assert not pending, f"not ready within 60 s: {pending}"
+        assert not pending, f"not ready within 60 s: {pending}\n{log_path.read_text()[-5000:]}"
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, out
+        proc.wait(timeout=30)
+        out = log_path.read_text()
+        assert proc.returncode == 0, out[-5000:]
         assert "Traceback" not in out
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
+        log_file.close()

@@ -1,0 +1,136 @@
+"""The login throttle: one :class:`LoginActor` per normalised email address.
+
+Why an actor per *email* rather than per user id: the actor exists whether or not an account has the email,
+so an address without an account goes through exactly the same steps as one with an account — one user
+lookup, one argon2id verification (against a dummy hash when there is no account), the same counter writes
+and the same lock-out. Neither the error, nor its timing, nor the lock-out behaviour tells an attacker which
+emails are registered.
+
+Why an actor at all: its turns run one at a time, so a burst of parallel guesses against one account is
+checked one by one and each guess sees the counter the previous one left. Without it, a hundred concurrent
+requests would all be verified before the first failure was counted.
+
+Lock-out with back-off (``settings.auth``): after ``lockout_after`` consecutive failures the email is locked
+for ``lockout_seconds``; every further failure after a lock expires locks it for twice as long as the one
+before, up to :data:`MAX_LOCKOUT_SECONDS`. Attempts while locked are refused unchecked (no argon2 work, not
+counted: a locked account costs the server nothing and an attacker cannot extend the lock). A successful
+sign-in resets the count; failures are forgotten :data:`FORGET_FAILURES_AFTER` seconds after the last one.
+
+State (persisted after every turn that changes it): ``failures``, ``last_failure``, ``locked_until``
+(UNIX seconds). A successful sign-in of an email without failures writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from identity.messages import Attempt, LoginOutcome
+from identity.passwords import Passwords
+from identity.repository import Repository, User
+from runtime.actors import Actor, ActorRef, ActorSystem, Turn, handles
+from runtime.store import utcnow
+
+# The back-off stops doubling here: an attacker can lock a victim out for an hour at most.
+MAX_LOCKOUT_SECONDS = 3600.0
+FORGET_FAILURES_AFTER = 24 * 3600.0  # a day without failures starts the count afresh
+
+
+@dataclass(frozen=True, slots=True)
+class LoginPolicy:
+    lockout_after: int = 5
+    lockout_seconds: float = 30.0
+    max_lockout_seconds: float = MAX_LOCKOUT_SECONDS
+    forget_after: float = FORGET_FAILURES_AFTER
+
+    def lock_for(self, failures: int) -> float:
+        """Seconds of lock-out after ``failures`` consecutive failures (0: not locked)."""
+        if failures < self.lockout_after:
+            return 0.0
+        doublings = min(failures - self.lockout_after, 32)  # 2**32 x anything exceeds the cap: no float overflow
+        return min(self.max_lockout_seconds, self.lockout_seconds * 2.0**doublings)
+
+    @property
+    def state_lifetime(self) -> float:
+        """After this long untouched, a login state is equivalent to the initial one (safe to delete)."""
+        return self.forget_after + self.max_lockout_seconds
+
+
+@dataclass(slots=True)
+class LoginContext:
+    """What login actors of one service need; installed per actor system by :func:`install`."""
+
+    repo: Repository
+    passwords: Passwords
+    policy: LoginPolicy
+    clock: Callable[[], float] = time.time
+
+
+# Actors are built by the runtime from (id, system) only, so each service's dependencies are found by system.
+_contexts: weakref.WeakKeyDictionary[ActorSystem, LoginContext] = weakref.WeakKeyDictionary()
+
+
+def install(system: ActorSystem, context: LoginContext) -> None:
+    _contexts[system] = context
+    system.register(LoginActor)
+
+
+def login_ref(system: ActorSystem, email: str) -> ActorRef:
+    """The login actor of a normalised email (its id is a digest: ids show in admin views and keys)."""
+    return system.ref(LoginActor, hashlib.sha256(email.encode("utf-8")).hexdigest())
+
+
+async def login(system: ActorSystem, email: str, password: str) -> LoginOutcome:
+    """Check credentials through the login throttle of ``email`` (already normalised)."""
+    return await login_ref(system, email).ask(Attempt(email, password))
+
+
+_INITIAL: dict[str, Any] = {"failures": 0, "last_failure": 0.0, "locked_until": 0.0}
+
+
+class LoginActor(Actor):
+    type_name = "login"
+
+    def initial_state(self) -> dict[str, Any]:
+        return dict(_INITIAL)
+
+    @property
+    def context(self) -> LoginContext:
+        return _contexts[self.system]
+
+    @handles(Attempt)
+    async def attempt(self, msg: Attempt, turn: Turn) -> LoginOutcome:
+        ctx = self.context
+        now = ctx.clock()
+        locked_until = float(self.state["locked_until"])
+        if now < locked_until:
+            return LoginOutcome(None, locked_for=locked_until - now)
+        user = await ctx.repo.user_by_email(msg.email)
+        # One full verification in every case: a missing account is checked against a dummy hash.
+        ok = await ctx.passwords.verify(msg.password, user.password_hash if user is not None else None)
+        if ok and user is not None and not user.disabled:
+            if self.state != _INITIAL:
+                self.state = dict(_INITIAL)
+            await self._upgrade_hash(ctx, user, msg.password)
+            return LoginOutcome(user)
+        # A disabled account counts like a wrong password: the same answer and the same counting.
+        return LoginOutcome(None, locked_for=self._count_failure(ctx.policy, now))
+
+    def _count_failure(self, policy: LoginPolicy, now: float) -> float:
+        failures = int(self.state["failures"])
+        if now - float(self.state["last_failure"]) > policy.forget_after:
+            failures = 0
+        failures += 1
+        lock = policy.lock_for(failures)
+        self.state = {"failures": failures, "last_failure": now, "locked_until": now + lock if lock else 0.0}
+        return lock
+
+    @staticmethod
+    async def _upgrade_hash(ctx: LoginContext, user: User, password: str) -> None:
+        """Re-hash with the current parameters after a successful check (the hash records its parameters)."""
+        if ctx.passwords.needs_rehash(user.password_hash):
+            await ctx.repo.update_user(user.id, utcnow(), password_hash=await ctx.passwords.hash(password))

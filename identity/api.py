@@ -1,0 +1,305 @@
+"""Identity's HTTP routes.
+
+    GET  /.well-known/openid-configuration   discovery
+    GET  /.well-known/jwks.json              public signing keys (pending, active and retired-but-alive)
+    GET  /connect/authorize                  authorization request -> sign-in page (CSRF-protected form)
+    POST /connect/authorize                  sign-in form -> redirect to the client with a code
+    POST /connect/token                      token endpoint (form-encoded, RFC 6749)
+    POST /connect/revocation                 revoke a refresh token (RFC 7009)
+    POST /connect/introspect                 describe a token, confidential clients only (RFC 7662)
+    GET|POST /connect/userinfo               claims of the token's user (OIDC)
+    GET  /connect/endsession                 sign out: revoke the user's refresh tokens for the client
+    POST /api/identity/users                 register a customer
+    GET  /api/identity/users                 list accounts (admin)
+
+The three form-encoded OAuth endpoints answer errors in RFC 6749 form (``{"error", "error_description"}``);
+every other error is problem+json from the shared host. Every token-bearing answer has ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apispec import docs, request_schema, response_schema
+from marshmallow import Schema, fields, validate
+from multidict import MultiDict
+
+from identity.accounts import normalize_email, register_user
+from identity.core import IDENTITY, Identity
+from identity.oauth import (
+    NO_STORE,
+    AuthorizationRequest,
+    AuthorizeRedirect,
+    OAuthError,
+    claims_for_scopes,
+    decode_id_token_hint,
+    login_failure,
+    oauth_json,
+    parse_authorization_request,
+    redirect_location,
+    single_values,
+)
+from identity.pages import (
+    check_csrf,
+    clear_csrf_cookie,
+    csrf_token_for,
+    html_response,
+    login_page,
+    set_csrf_cookie,
+    signed_out_page,
+)
+from identity.repository import EmailTaken
+from runtime.auth import InvalidToken, authenticate, check_access, optional_principal, require
+from runtime.errors import BadRequest, Conflict, Problem
+from runtime.host import json_response, problem_response
+from runtime.store import utcnow
+
+routes = web.RouteTableDef()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _identity(request: web.Request) -> Identity:
+    return request.app[IDENTITY]
+
+
+def redirect(location: str, *, status: int = 303) -> web.Response:
+    return web.Response(status=status, headers={"Location": location, **NO_STORE})
+
+
+def _repeated(name: str) -> BadRequest:
+    return BadRequest(f"The parameter {name} is repeated.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discovery
+
+
+@routes.get("/.well-known/openid-configuration")
+@docs(tags=["oidc"], summary="OpenID Connect discovery document")
+async def discovery(request: web.Request) -> web.Response:
+    return json_response(_identity(request).discovery(), headers={"Cache-Control": "public, max-age=300"})
+
+
+@routes.get("/.well-known/jwks.json")
+@docs(tags=["oidc"], summary="Public signing keys (JWKS)")
+async def jwks(request: web.Request) -> web.Response:
+    # Short max-age: a key revoked here should leave caches soon; verifiers refetch on unknown kids anyway.
+    return json_response(_identity(request).keys.jwks(), headers={"Cache-Control": "public, max-age=60"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Authorization endpoint and sign-in page
+
+
+def _login_form(
+    request: web.Request, areq: AuthorizationRequest, *, email: str = "", error: str | None = None
+) -> web.Response:
+    token = csrf_token_for(request)
+    page = login_page(client_name=areq.client.name, fields=areq.fields(), csrf_token=token, email=email, error=error)
+    response = html_response(page)
+    set_csrf_cookie(response, token, secure=_identity(request).settings.issuer.startswith("https://"))
+    return response
+
+
+@routes.get("/connect/authorize")
+@docs(tags=["oidc"], summary="Authorization request (code + PKCE S256): shows the sign-in page")
+async def authorize(request: web.Request) -> web.Response:
+    identity = _identity(request)
+    try:
+        areq = await parse_authorization_request(request.query, identity.repo)
+    except AuthorizeRedirect as back:
+        return redirect(back.location(identity.settings.issuer), status=302)
+    return _login_form(request, areq)
+
+
+@routes.post("/connect/authorize")
+@docs(tags=["oidc"], summary="Sign-in form post: redirects to the client with an authorization code")
+async def authorize_post(request: web.Request) -> web.Response:
+    identity = _identity(request)
+    issuer = identity.settings.issuer
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise BadRequest("The sign-in form must be posted form-encoded.")
+    form = single_values(await request.post(), _repeated)
+    check_csrf(request, form, issuer)
+    try:
+        areq = await parse_authorization_request(MultiDict(form), identity.repo)
+    except AuthorizeRedirect as back:
+        return redirect(back.location(issuer))
+    email, password = normalize_email(form.get("email", "")), form.get("password", "")
+    if not email or not password:
+        return _login_form(request, areq, email=email, error="Enter your email and password.")
+    outcome = await identity.login(email, password)
+    if outcome.user is None:
+        return _login_form(request, areq, email=email, error=login_failure(outcome))
+    code = await identity.tokens.issue_code(areq, outcome.user)
+    return redirect(redirect_location(areq.redirect_uri, {"code": code, "state": areq.state, "iss": issuer}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Token, revocation, introspection: OAuth error format
+
+
+def oauth_endpoint(handler: Handler) -> Handler:
+    """OAuthError -> RFC 6749 error JSON; any other problem keeps problem+json but is never cached either."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OAuthError as exc:
+            return exc.response()
+        except Problem as problem:
+            response = problem_response(problem, request)
+            response.headers.update(NO_STORE)
+            return response
+
+    return wrapper
+
+
+@routes.post("/connect/token")
+@docs(tags=["oidc"], summary="Token endpoint: authorization_code, password, client_credentials, refresh_token")
+@oauth_endpoint
+async def token(request: web.Request) -> web.Response:
+    return oauth_json(await _identity(request).tokens.token(request))
+
+
+@routes.post("/connect/revocation")
+@docs(tags=["oidc"], summary="Revoke a refresh token and its family (RFC 7009)")
+@oauth_endpoint
+async def revocation(request: web.Request) -> web.Response:
+    await _identity(request).tokens.revoke(request)
+    return web.Response(status=200, headers=NO_STORE)
+
+
+@routes.post("/connect/introspect")
+@docs(tags=["oidc"], summary="Token introspection for confidential clients (RFC 7662)")
+@oauth_endpoint
+async def introspect(request: web.Request) -> web.Response:
+    return oauth_json(await _identity(request).tokens.introspect(request))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Userinfo and end-session
+
+
+@docs(tags=["oidc"], summary="Claims about the signed-in user (needs the openid scope)")
+async def userinfo(request: web.Request) -> web.Response:
+    p = await authenticate(request)
+    check_access(p, scopes=("openid",))
+    user = await _identity(request).repo.user_by_id(p.sub)
+    if user is None or user.disabled:
+        raise InvalidToken("The token's account no longer exists or is locked.")
+    claims = {"sub": user.id, **claims_for_scopes(user, p.scopes), "roles": list(user.roles)}
+    return json_response(claims, headers=NO_STORE)
+
+
+routes.get("/connect/userinfo")(userinfo)
+routes.post("/connect/userinfo")(userinfo)
+
+
+@routes.get("/connect/endsession")
+@docs(tags=["oidc"], summary="Sign out: revoke the user's refresh tokens for the client (ID token hint or bearer)")
+async def endsession(request: web.Request) -> web.Response:
+    identity = _identity(request)
+    q = single_values(request.query, _repeated)
+    sub, client_id = await _signed_in_party(request, identity, q)
+    client = await identity.repo.client(client_id) if client_id else None
+    target = q.get("post_logout_redirect_uri")
+    if target is not None and (client is None or target not in client.post_logout_redirect_uris):
+        raise BadRequest("post_logout_redirect_uri is not registered for this client.", slug="invalid-logout-request")
+    if sub is not None and client is not None:
+        await identity.repo.revoke_user_tokens(sub, utcnow(), client_id=client.client_id)
+    if target:
+        response = redirect(redirect_location(target, {"state": q.get("state")}), status=302)
+    else:
+        response = html_response(signed_out_page())
+    clear_csrf_cookie(response)
+    return response
+
+
+async def _signed_in_party(
+    request: web.Request, identity: Identity, q: dict[str, str]
+) -> tuple[str | None, str | None]:
+    """(user id, client id) from an ``id_token_hint`` (may be expired: signing out late is fine) or a bearer
+    access token; (None, client_id parameter) when the request carries neither."""
+    client_id = q.get("client_id")
+    hint = q.get("id_token_hint")
+    if hint:
+        claims = decode_id_token_hint(hint, identity.keys.jwks(), identity.settings.issuer)
+        if claims is None:
+            raise BadRequest("id_token_hint is not an ID token issued here.", slug="invalid-logout-request")
+        if client_id not in (None, claims["aud"]):
+            raise BadRequest("client_id differs from the ID token's audience.", slug="invalid-logout-request")
+        return claims["sub"], claims["aud"]
+    p = await optional_principal(request)
+    if p is not None:
+        return p.sub, p.client_id
+    return None, client_id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Accounts
+
+
+class RegistrationSchema(Schema):
+    email = fields.String(
+        required=True, metadata={"description": "normalised: trimmed, lower-cased", "example": "ann@example.com"}
+    )
+    password = fields.String(
+        required=True, load_only=True, metadata={"description": "at least 10 characters of two kinds"}
+    )
+    name = fields.String(required=True, metadata={"example": "Ann Smith"})
+
+
+class UserSchema(Schema):
+    id = fields.String(metadata={"description": "UUID"})
+    email = fields.String()
+    name = fields.String()
+    roles = fields.List(fields.String())
+
+
+class UserPageSchema(Schema):
+    items = fields.List(fields.Nested(UserSchema))
+    page = fields.Integer()
+    page_size = fields.Integer()
+    total = fields.Integer()
+
+
+class PageQuerySchema(Schema):
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=100_000))
+    page_size = fields.Integer(load_default=20, validate=validate.Range(min=1, max=200))
+
+
+@routes.post("/api/identity/users")
+@docs(
+    tags=["identity"],
+    summary="Register a customer account",
+    responses={409: {"description": "the email is taken"}, 422: {"description": "a field is invalid (named)"}},
+)
+@request_schema(RegistrationSchema)
+@response_schema(UserSchema, 201)
+async def register(request: web.Request) -> web.Response:
+    identity = _identity(request)
+    data: dict[str, Any] = request["data"]
+    try:
+        user = await register_user(
+            identity.repo, identity.passwords, email=data["email"], password=data["password"], name=data["name"]
+        )
+    except EmailTaken:
+        raise Conflict("An account with this email already exists; sign in instead.", slug="email-taken") from None
+    return json_response(user.public(), status=201)
+
+
+@routes.get("/api/identity/users")
+@docs(tags=["identity"], summary="List accounts (admin)")
+@request_schema(PageQuerySchema, locations=["query"])
+@response_schema(UserPageSchema, 200)
+@require(roles=("admin",))
+async def list_users(request: web.Request) -> web.Response:
+    page, size = request["data"]["page"], request["data"]["page_size"]
+    users, total = await _identity(request).repo.list_users(offset=(page - 1) * size, limit=size)
+    return json_response({"items": [u.public() for u in users], "page": page, "page_size": size, "total": total})

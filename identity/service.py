@@ -1,0 +1,201 @@
+"""The identity service: wiring of store, key ring, login throttle, token service and routes.
+
+``create_app(settings)`` builds the aiohttp application on the shared host (:mod:`runtime.host`); ``seed``
+creates what a first run needs — a signing key, the ``storefront`` client and the admin user — and nothing
+twice; ``SCHEMA`` is identity's database schema for ``ecom db upgrade``.
+
+``password_hasher`` (``create_app`` and ``seed``) takes a :class:`identity.passwords.Passwords` with other
+argon2id parameters: tests pass a cheap one; production leaves it unset and gets RFC 9106's parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import sys
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+
+from config import ConfigError, Settings
+from identity import api
+from identity.accounts import ADMIN_EMAIL, generate_password, register_user
+from identity.actor import LoginActor, LoginContext, LoginPolicy, install, login
+from identity.core import IDENTITY, Identity, KeyRingVerifier
+from identity.keystore import CHECK_INTERVAL, KeyManager
+from identity.oauth import STOREFRONT, SCOPES, TokenService, build_client
+from identity.passwords import Passwords, default_passwords
+from identity.repository import TABLES, ClientExists, EmailTaken, Repository
+from identity.tokens import TokenIssuer
+from runtime import migrate
+from runtime.errors import ValidationProblem
+from runtime.host import ServiceRuntime
+from runtime.host import create_app as create_host_app
+from runtime.store import create_engine, utcnow
+
+log = logging.getLogger(__name__)
+
+SCHEMA = migrate.Component(
+    "identity",
+    [
+        migrate.Migration(
+            1, "users, clients, signing keys, refresh tokens, authorization codes", migrate.create_tables(*TABLES)
+        )
+    ],
+)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    bus: Any = None,
+    database_url: str | None = None,
+    verifier: Any = None,
+    password_hasher: Passwords | None = None,
+) -> web.Application:
+    """The identity application. ``verifier`` defaults to one fed from identity's own key ring."""
+    runtime = ServiceRuntime.with_database("identity", settings, bus=bus, database_url=database_url, verifier=verifier)
+    repo = Repository(runtime.engine)  # type: ignore[arg-type]
+    keys = KeyManager.from_settings(repo, settings)
+    if verifier is None:
+        # replaces the HTTP-fetching verifier with_database made (it has opened nothing yet)
+        runtime.verifier = KeyRingVerifier(
+            keys,
+            issuer=settings.issuer,
+            audience=settings.general.audience,
+            leeway=settings.auth.leeway,
+            refetch_interval=settings.auth.jwks_refetch_interval,
+        )
+    keys.on_change = runtime.verifier.set_jwks
+    passwords = password_hasher or default_passwords()
+    system = runtime.system
+    assert system is not None
+    install(system, LoginContext(repo, passwords, login_policy(settings)))
+    issuer = TokenIssuer(keys.ring, settings.issuer, settings.general.audience, settings.auth.access_token_ttl)
+    tokens = TokenService(
+        repo=repo, issuer=issuer, verifier=runtime.verifier, login=functools.partial(login, system), settings=settings
+    )
+    identity = Identity(settings, repo, keys, issuer, passwords, runtime.verifier, system, tokens)
+    _add_lifecycle(runtime, identity)
+    app = create_host_app(runtime, routes=api.routes, title="EcomGateway identity (OAuth 2.0 / OpenID Connect)")
+    app[IDENTITY] = identity
+    return app
+
+
+def login_policy(settings: Settings) -> LoginPolicy:
+    return LoginPolicy(settings.auth.lockout_after, settings.auth.lockout_seconds)
+
+
+def _add_lifecycle(runtime: ServiceRuntime, identity: Identity) -> None:
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        await identity.keys.ensure_active()  # first run without seed: a key is made here
+        await identity.passwords.warm_up()  # the dummy hash for unknown emails, before the first login
+        tasks.append(asyncio.get_running_loop().create_task(_housekeeping(identity), name="identity-housekeeping"))
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    runtime.on_start.append(start)
+    runtime.on_stop.append(stop)
+
+
+async def housekeep(identity: Identity) -> None:
+    """One round of the periodic job: keys (reload, rotate when due, prune) and expired rows."""
+    await identity.keys.check()
+    lifetime = login_policy(identity.settings).state_lifetime
+    now = utcnow()
+    await identity.repo.purge(now, idle_actor_type=LoginActor.type_name, idle_before=now - timedelta(seconds=lifetime))
+
+
+async def _housekeeping(identity: Identity, interval: float = CHECK_INTERVAL) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await housekeep(identity)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("identity housekeeping failed; will retry", exc_info=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# First run
+
+
+@contextlib.asynccontextmanager
+async def open_repository(settings: Settings, database_url: str | None = None) -> AsyncIterator[Repository]:
+    """identity's database, migrated to the current schema (for seed and the CLI)."""
+    engine = create_engine(database_url or settings.database_url("identity"))
+    try:
+        await migrate.upgrade(engine, [migrate.RUNTIME, SCHEMA])
+        yield Repository(engine)
+    finally:
+        await engine.dispose()
+
+
+def storefront_redirect_uris(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(redirect URIs, post-logout redirect URIs) of the storefront: the web storefront behind the gateway and
+    the mobile app's private-use scheme (RFC 8252). More are added with ``ecom clients set-redirect-uris``."""
+    gateway = settings.base_url("gateway")
+    return (f"{gateway}/callback", "com.ecomgateway.storefront:/callback"), (f"{gateway}/",)
+
+
+async def seed(
+    settings: Settings, database_url: str | None = None, *, password_hasher: Passwords | None = None
+) -> None:
+    """Create the signing key, the storefront client and the admin user when missing (idempotent)."""
+    async with open_repository(settings, database_url) as repo:
+        await KeyManager.from_settings(repo, settings).ensure_active()
+        await _seed_storefront(repo, settings)
+        await _seed_admin(repo, settings, password_hasher or default_passwords())
+
+
+async def _seed_storefront(repo: Repository, settings: Settings) -> None:
+    if await repo.client(STOREFRONT) is not None:
+        return
+    redirects, logouts = storefront_redirect_uris(settings)
+    client, _ = build_client(
+        STOREFRONT,
+        name="EcomGateway storefront",
+        public=True,
+        audience=settings.general.audience,
+        redirect_uris=redirects,
+        post_logout_redirect_uris=logouts,
+        grant_types=("authorization_code", "refresh_token", "password"),
+        scopes=SCOPES,
+    )
+    with contextlib.suppress(ClientExists):  # another process seeded it just now
+        await repo.create_client(client, utcnow())
+
+
+async def _seed_admin(repo: Repository, settings: Settings, passwords: Passwords) -> None:
+    if await repo.user_by_email(ADMIN_EMAIL) is not None:
+        return
+    password = settings.general.admin_password
+    generated = not password
+    if generated:
+        password = generate_password()
+    try:
+        await register_user(
+            repo, passwords, email=ADMIN_EMAIL, password=password, name="Administrator", roles=("admin",)
+        )
+    except ValidationProblem as exc:
+        raise ConfigError(f"ECOM_ADMIN_PASSWORD: {exc.errors.get('password', exc.detail)}") from None
+    except EmailTaken:
+        return
+    if generated:
+        # stdout, not the log: shown once to whoever started the first run, never stored anywhere
+        print(
+            f"Created the admin user {ADMIN_EMAIL} with the generated password:\n\n    {password}\n\n"
+            "It is shown only this once. Set ECOM_ADMIN_PASSWORD before the first run to choose it instead.",
+            file=sys.stdout,
+            flush=True,
+        )
