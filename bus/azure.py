@@ -42,8 +42,18 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
-from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+)
+from azure.servicebus import (
+    NEXT_AVAILABLE_SESSION,
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+    ServiceBusSubQueue,
+)
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
 from azure.servicebus.exceptions import (
@@ -73,8 +83,7 @@ TOPIC = "ecom-events"
 DEFAULT_DUPLICATE_WINDOW = timedelta(minutes=10)
 ACCEPT_GRACE = 2.0  # seconds the client waits beyond the broker-side session accept timeout
 STOP_GRACE = 0.5  # seconds stop() lets cancelled receivers wind down before closing them outright
-MAX_REASON = 1024  # DeadLetterReason; the description gets the rest of the detail
-MAX_DESCRIPTION = 4096
+MAX_REASON = 1024  # characters of the error kept as DeadLetterReason
 _RULE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,50}$")
 _ENTITY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,259}$")
 
@@ -209,7 +218,7 @@ class _Provisioner:
             ),
         ):
             done.append(f"created subscription {self.topic}/{name}")
-        wanted = {rule_name(t): t for t in event_types}
+        wanted = {rule_name(t): t for t in sorted(event_types)}
         existing = [rule async for rule in self.admin.list_rules(self.topic, name)]
         satisfied: set[str] = set()
         stale: list[str] = []
@@ -241,8 +250,10 @@ class _Provisioner:
     async def _delete_rule(self, subscription: str, name: str) -> None:
         try:
             await self.admin.delete_rule(self.topic, subscription, name)
-        except (ResourceNotFoundError, HttpResponseError) as exc:
-            if getattr(exc, "status_code", 404) != 404:
+        except ResourceNotFoundError:
+            pass  # someone else removed it first
+        except HttpResponseError as exc:
+            if exc.status_code != 404:
                 raise
 
 
@@ -333,12 +344,13 @@ class AzureConsumer:
                         )
                     except OperationTimeoutError:
                         continue  # no session became available: ask again
-                    except (ServiceBusError, OSError) as exc:
+                    except Exception as exc:  # noqa: BLE001 - broker unreachable, entity gone, SDK trouble
                         if self._stopped:
                             return
                         log.warning(
-                            "bus consumer %s: cannot accept a session (retrying in %.1fs): %s", self.label, backoff, exc
-                        )
+                            "bus consumer %s: cannot accept a session (retrying in %.1fs): %s: %s",
+                            self.label, backoff, type(exc).__name__, exc,
+                        )  # fmt: skip
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, 30.0)
                         continue
@@ -390,6 +402,10 @@ class AzureConsumer:
             log.warning("bus consumer %s: lost the lock on session %s: %s", self.label, session.session_id, exc)
         except ServiceBusError as exc:
             log.warning("bus consumer %s: session %s failed, releasing it: %s", self.label, session.session_id, exc)
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:
+            log.exception("bus consumer %s: session %s failed, releasing it", self.label, session.session_id)
         finally:
             renewer.cancel()
             with contextlib.suppress(BaseException):
@@ -506,7 +522,10 @@ class AzureConsumer:
         """
         worker = asyncio.current_task()
         assert worker is not None
-        call = asyncio.ensure_future(self._handler(envelope))
+        try:
+            call = asyncio.ensure_future(self._handler(envelope))
+        except Exception as exc:  # noqa: BLE001 - the handler failed before returning an awaitable
+            return exc, False
         self._handler_of[worker] = call
         lost_wait = asyncio.ensure_future(lost.wait())
         interrupted = False
@@ -801,8 +820,8 @@ class AzureBus:
                 return
             try:
                 await create(self._provisioner)
-            except (ClientAuthenticationError, HttpResponseError) as exc:
-                if isinstance(exc, ClientAuthenticationError) or exc.status_code in (401, 403):
+            except AzureError as exc:
+                if isinstance(exc, ClientAuthenticationError) or getattr(exc, "status_code", None) in (401, 403):
                     log.warning(
                         "azure bus: no rights to manage entities (%s); assuming `ecom bus provision` created them",
                         exc,
@@ -892,8 +911,8 @@ class AzureBus:
             # Not cached: like replacing the subscription's rules, the latest subscriber's types win.
             try:
                 await self._provisioner.subscription(subscription, types)
-            except (ClientAuthenticationError, HttpResponseError) as exc:
-                if isinstance(exc, ClientAuthenticationError) or exc.status_code in (401, 403):
+            except AzureError as exc:
+                if isinstance(exc, ClientAuthenticationError) or getattr(exc, "status_code", None) in (401, 403):
                     log.warning("azure bus: cannot set the rules of subscription %s (%s)", subscription, exc)
                 else:
                     raise BusError(f"azure bus: could not set up subscription {subscription}: {exc}") from exc
@@ -921,9 +940,29 @@ class AzureBus:
             letters += await self._peek_dead_letters(kind, queue)
         return sorted(letters, key=lambda letter: letter.dead_lettered_at)
 
+    async def _exists(self, kind: str, name: str) -> bool:
+        """Whether the queue/subscription exists, asking the management API (a cheap HTTP GET) rather
+        than opening an AMQP link just to be told it does not. Unknown (no rights): assume yes."""
+        if (kind, name) in self._ensured or self._admin is None or self._provisioner is None:
+            return True
+        try:
+            if kind == "queue":
+                await self._admin.get_queue(name)
+            else:
+                await self._admin.get_subscription(self.topic, name)
+        except ResourceNotFoundError:
+            return False
+        except HttpResponseError as exc:  # the SDK re-raises a 404 as a plain HttpResponseError
+            return exc.status_code != 404
+        except ClientAuthenticationError:
+            return True
+        return True
+
     async def _peek_dead_letters(self, kind: str, name: str) -> list[DeadLetter]:
         key = (kind, name)
         receiver = self._dead_letter_receivers.get(key)
+        if receiver is None and not await self._exists(kind, name):
+            return []
         if receiver is None:
             assert self._receive_client is not None
             if kind == "queue":
@@ -994,8 +1033,7 @@ def _credential_from_namespace() -> Any:
 def _namespace_host(namespace: str) -> str:
     host = namespace.strip()
     for prefix in ("sb://", "amqps://", "https://"):
-        if host.startswith(prefix):
-            host = host[len(prefix) :]
+        host = host.removeprefix(prefix)
     return host.strip("/")
 
 

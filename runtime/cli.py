@@ -29,7 +29,7 @@ from runtime.store import create_engine
 
 log = logging.getLogger("ecom")
 
-EXTRA_COMMANDS = ("identity.cli",)
+EXTRA_COMMANDS = ("identity.cli", "bus.azure")
 
 
 class _RequestIdFilter(logging.Filter):
