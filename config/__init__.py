@@ -7,10 +7,11 @@ from config.settings import (
     AuthSettings,
     BusSettings,
     ConfigError,
+    GatewaySettings,
     GeneralSettings,
     ServiceSettings,
-    ShopSettings,
     Settings,
+    ShopSettings,
     load_settings,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "AuthSettings",
     "BusSettings",
     "ConfigError",
+    "GatewaySettings",
     "GeneralSettings",
     "ServiceSettings",
     "ShopSettings",

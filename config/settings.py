@@ -76,6 +76,66 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewaySettings(ServiceSettings):
+    """The gateway's service settings plus its proxy, health, rate-limit and CORS options."""
+
+    port: int = 8000
+    # -- upstream hop
+    connect_timeout: float = 2.0  # seconds to open a connection to an upstream instance
+    timeout: float = 30.0  # seconds for one attempt: request sent and response head (and a buffered body) back
+    retries: int = 2  # extra attempts for idempotent requests (and for any request that never left)
+    retry_backoff: float = 0.02  # base of the jittered exponential back-off between attempts, seconds
+    pool_size: int = 256  # open connections per upstream instance at most
+    keepalive_timeout: float = 30.0  # idle pooled connections older than this are closed (below aiohttp's 75 s)
+    max_body: int = 1024 * 1024  # request bodies larger than this are refused with 413
+    buffer_limit: int = 256 * 1024  # bodies up to this size are buffered (one write, replayable); larger stream
+    # -- instance health
+    health_interval: float = 2.0  # seconds between active GET /health/ready checks of each instance
+    health_timeout: float = 2.0
+    health_failures: int = 2  # consecutive failed checks that take an instance out (one passing check: back in)
+    breaker_failures: int = 5  # consecutive failed attempts that open an instance's circuit breaker
+    breaker_cooldown: float = 5.0  # seconds an open breaker waits before letting one probe through
+    vnodes: int = 160  # virtual nodes per instance on the affinity ring
+    # -- clients
+    rate_limit: float = 50.0  # requests per second per client (token sub, else address); 0 turns limits off
+    rate_burst: int = 100  # bucket size: requests a client may send at once
+    redis_url: str = ""  # redis://127.0.0.1:6379/0 shares the buckets between gateway processes
+    cors_origins: str = ""  # comma-separated allowed browser origins; "*" allows any
+    access_log: bool = True  # one JSON line per request on the ecom.access logger
+    docs_ttl: float = 60.0  # seconds the merged OpenAPI document is cached
+
+    def validate(self) -> None:
+        ServiceSettings.validate(self)
+        for name in (
+            "connect_timeout",
+            "timeout",
+            "keepalive_timeout",
+            "health_interval",
+            "health_timeout",
+            "breaker_cooldown",
+            "docs_ttl",
+        ):
+            _check(getattr(self, name) > 0, name, "expected a positive number of seconds")
+        _check(self.retries >= 0, "retries", "expected 0 or more")
+        _check(self.retry_backoff >= 0, "retry_backoff", "expected 0 or more seconds")
+        for name in ("pool_size", "breaker_failures", "health_failures", "vnodes", "rate_burst", "max_body"):
+            _check(getattr(self, name) >= 1, name, "expected at least 1")
+        _check(0 <= self.buffer_limit <= self.max_body, "buffer_limit", "expected 0 to max_body bytes")
+        _check(self.rate_limit >= 0, "rate_limit", "expected 0 (off) or more requests per second")
+        _check(
+            not self.redis_url or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "redis_url",
+            "expected a redis:// URL",
+        )
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+
+
+
+@dataclass(frozen=True, slots=True)
 class BusSettings:
     backend: str = "memory"
     url: str = ""  # RabbitMQ AMQP URL or Azure Service Bus connection string
@@ -153,7 +213,9 @@ class ShopSettings:
 
 
 def _default_services() -> dict[str, ServiceSettings]:
-    return {name: ServiceSettings(port=port) for name, port in DEFAULT_PORTS.items()}
+    return {
+        name: (GatewaySettings if name == "gateway" else ServiceSettings)(port=port) for name, port in DEFAULT_PORTS.items()
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +348,8 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
     auth = _build(AuthSettings, "auth", defaults.auth, toml.get("auth", {}), env)
     shop = _build(ShopSettings, "shop", defaults.shop, toml.get("shop", {}), env)
     services = {
-        name: _build(ServiceSettings, name, defaults.services[name], toml.get(name, {}), env) for name in SERVICES
+        name: _build(type(defaults.services[name]), name, defaults.services[name], toml.get(name, {}), env)
+        for name in SERVICES
     }
     ports: dict[int, str] = {}
     for name, svc in services.items():

@@ -1,0 +1,433 @@
+"""Gateway benchmark: the gateway against nginx and against the upstream served directly.
+
+    ecom bench gateway [--duration 10] [--rounds 3] [--connections 64] [--path /api/cart] [--no-rate-limit]
+
+Starts, side by side on 127.0.0.1:
+
+* the upstream: a plain aiohttp JSON handler on uvloop, one process (it also serves the JWKS the gateway
+  verifies tokens with, and ``/health/ready``);
+* the gateway: ``ecom serve gateway`` in one process (uvloop), every service routed to that upstream, the
+  access log off, rate limits on (one bucket per token, set high enough never to refuse);
+* nginx (the Debian package): one worker, keep-alive upstream pool, access log off, no token checks.
+
+The upstream is pinned to CPU 0 and each proxy to CPU 1 (taskset), wrk runs where the OS puts it. Each round
+runs ``wrk -c<connections>`` against the upstream, nginx and the gateway in turn, all with the same bearer token
+(a customer token; ``/api/cart`` needs one and is routed by the token's subject), and the medians over the
+rounds are printed with the ratios:
+
+* authenticated gateway req/s / nginx req/s (target >= 0.6), and gateway p99 / nginx p99 (target <= 2);
+* gateway req/s / direct upstream req/s;
+* CPU time per request of each proxy process and of the upstream (from /proc): on a busy shared machine this is
+  steadier than req/s, and it says what each proxy would do with a core of its own.
+
+``--naive`` adds, for reference, the proxy everyone writes first (aiohttp, one shared ClientSession, no token
+check).
+
+The machine is shared: run it when it is quiet, and read the ratios (measured in the same run), not the
+absolute numbers. Without nginx or wrk it says so and measures with a Python load generator
+(``bench/storefront.py --proxy-get``) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+UPSTREAM_CPU = "0"
+PROXY_CPU = "1"
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  upstream backend {{ server {host}:{upstream}; keepalive 128; }}
+  server {{
+    listen {host}:{port} reuseport backlog=4096;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The upstream process
+
+
+def run_upstream(port: int, jwks_file: str) -> None:
+    import orjson
+    from aiohttp import web
+
+    from runtime.cli import install_uvloop
+
+    install_uvloop()
+    jwks = Path(jwks_file).read_bytes()
+    issuer = f"http://{HOST}:{port}"
+    discovery = orjson.dumps({"issuer": issuer, "jwks_uri": f"{issuer}/.well-known/jwks.json"})
+    payload = orjson.dumps(
+        {
+            "items": [
+                {"id": "3f0e8e0c-1b1a-4a63-9a55-0c6d1f0f2b11", "name": "Widget", "price": "19.99", "quantity": 2}
+            ],
+            "subtotal": "39.98",
+            "item_count": 2,
+        }
+    )
+
+    async def handle(_request: web.Request) -> web.Response:
+        return web.Response(body=payload, content_type="application/json")
+
+    async def json_doc(body: bytes) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", lambda _r: json_doc(discovery))
+    app.router.add_get("/.well-known/jwks.json", lambda _r: json_doc(jwks))
+    app.router.add_get("/health/ready", lambda _r: json_doc(b'{"status":"ok"}'))
+    app.router.add_route("*", "/{tail:.*}", handle)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None, backlog=4096)
+
+
+def run_naive_proxy(port: int, upstream: int) -> None:
+    """For reference only (``--naive``): the proxy everyone writes first, one shared ClientSession per process."""
+    import aiohttp
+    from aiohttp import web
+
+    from runtime.cli import install_uvloop
+
+    install_uvloop()
+    base = f"http://{HOST}:{upstream}"
+
+    async def session_ctx(app: web.Application) -> Any:
+        app["session"] = aiohttp.ClientSession()
+        yield
+        await app["session"].close()
+
+    async def proxy(request: web.Request) -> web.Response:
+        headers = {"Authorization": request.headers.get("Authorization", "")}
+        async with request.app["session"].request(
+            request.method, base + request.path_qs, headers=headers, data=await request.read()
+        ) as resp:
+            return web.Response(body=await resp.read(), status=resp.status, content_type=resp.content_type)
+
+    app = web.Application()
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None, backlog=4096)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def pinned(cpu: str, cmd: list[str]) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", cpu, *cmd]
+    return cmd
+
+
+def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as resp:
+                if resp.status < 500:
+                    return
+        except Exception as exc:  # noqa: BLE001 - anything means "not yet"
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up: {last}")
+
+
+def make_keys(tmp: Path) -> tuple[Any, Path]:
+    """A key ring to sign tokens with, and the JWKS file that verifies them."""
+    import orjson
+
+    from identity.keys import KeyRing, generate_key
+
+    ring = KeyRing(publish_ahead=0, max_token_lifetime=3600)
+    ring.add(generate_key("ES256"))
+    jwks_file = tmp / "jwks.json"
+    jwks_file.write_bytes(orjson.dumps(ring.jwks()))
+    return ring, jwks_file
+
+
+_LAT = re.compile(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of processes (Linux /proc), to tell each one's cost per request."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def run_wrk(url: str, token: str, duration: float, connections: int, threads: int) -> dict[str, Any]:
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        "--latency",
+        "-H",
+        f"Authorization: Bearer {token}",
+        url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    lat = {int(m.group(1)): float(m.group(2)) * _UNIT[m.group(3)] for m in _LAT.finditer(out)}
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": rps,
+        "requests": total,
+        "p50": lat.get(50, float("nan")),
+        "p99": lat.get(99, float("nan")),
+        "non2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": sum(int(g) for g in errors.groups()) if errors else 0,
+    }
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a process (taskset execs the command: the pid is the command's own)."""
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ecom bench gateway", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the three targets (default 3)")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument(
+        "--path", default="/api/cart", help="the proxied path (default /api/cart: customer token, affinity)"
+    )
+    parser.add_argument("--no-rate-limit", action="store_true", help="measure the gateway with rate limits off")
+    parser.add_argument(
+        "--naive",
+        action="store_true",
+        help="also measure a naive aiohttp proxy (one shared ClientSession, no token check)",
+    )
+    args = parser.parse_args(argv)
+
+    have_wrk, have_nginx = shutil.which("wrk") is not None, shutil.which("nginx") is not None
+    if not have_wrk:
+        print("wrk is not installed (apt-get install wrk): measuring with the Python load generator instead")
+    if not have_nginx:
+        print("nginx is not installed (apt-get install nginx): the gateway/nginx ratio cannot be measured")
+
+    procs = Procs()
+    with tempfile.TemporaryDirectory(prefix="ecom-bench-gw-") as tmpdir:
+        tmp = Path(tmpdir)
+        try:
+            return _run(args, tmp, procs, have_wrk, have_nginx)
+        finally:
+            procs.stop()
+
+
+def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have_nginx: bool) -> int:
+    from identity.tokens import TokenIssuer
+
+    ring, jwks_file = make_keys(tmp)
+    up_port, gw_port, ng_port = free_port(), free_port(), free_port()
+    issuer = f"http://{HOST}:{up_port}"
+    token, _ = TokenIssuer(ring, issuer, "ecom", access_token_ttl=3600).issue_access_token(
+        "bench-user-1", "storefront", ["openid"], ["customer"]
+    )
+    auth = {"Authorization": f"Bearer {token}"}
+    py = sys.executable
+
+    upstream = procs.start(
+        pinned(UPSTREAM_CPU, [py, "-m", "bench.gateway", "--role-upstream", str(up_port), str(jwks_file)]),
+        log=tmp / "upstream.log",
+    )
+    wait_http(f"http://{HOST}:{up_port}/health/ready")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECOM_")}
+    env.update(
+        ECOM_DATA_DIR=str(tmp / "var"),
+        ECOM_LOG_LEVEL="WARNING",
+        ECOM_ISSUER=issuer,
+        ECOM_GATEWAY_PORT=str(gw_port),
+        ECOM_GATEWAY_ACCESS_LOG="false",
+        ECOM_GATEWAY_RATE_LIMIT="0" if args.no_rate_limit else "1000000000",
+        ECOM_GATEWAY_RATE_BURST="1000000000",
+    )
+    for name in ("identity", "catalog", "cart", "order"):
+        env[f"ECOM_{name.upper()}_UPSTREAMS"] = issuer
+    gateway = procs.start(
+        pinned(PROXY_CPU, [py, "-m", "runtime.cli", "serve", "gateway"]), env=env, log=tmp / "gateway.log"
+    )
+    targets: dict[str, str] = {"direct": f"http://{HOST}:{up_port}{args.path}"}
+    proxy_pids: dict[str, list[int]] = {"direct": [], "gateway": [gateway.pid]}
+    if have_nginx:
+        (tmp / "nginx").mkdir()
+        conf = tmp / "nginx" / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=tmp / "nginx", host=HOST, upstream=up_port, port=ng_port))
+        nginx = procs.start(
+            pinned(PROXY_CPU, ["nginx", "-p", str(tmp / "nginx"), "-c", str(conf)]), log=tmp / "nginx.log"
+        )
+        targets["nginx"] = f"http://{HOST}:{ng_port}{args.path}"
+    targets["gateway"] = f"http://{HOST}:{gw_port}{args.path}"
+    if args.naive:
+        nv_port = free_port()
+        naive = procs.start(
+            pinned(PROXY_CPU, [py, "-m", "bench.gateway", "--role-naive", str(nv_port), str(up_port)]),
+            log=tmp / "naive.log",
+        )
+        targets["naive"] = f"http://{HOST}:{nv_port}{args.path}"
+        proxy_pids["naive"] = [naive.pid]
+    for url in targets.values():
+        wait_http(url, headers=auth)
+    if have_nginx:
+        proxy_pids["nginx"] = [nginx.pid, *children(nginx.pid)]
+    # one authenticated request through the gateway first: the token is verified once, then cached
+    with urllib.request.urlopen(urllib.request.Request(targets["gateway"], headers=auth), timeout=5) as resp:
+        if resp.status != 200:
+            print(f"gateway answered {resp.status} to the warm-up request", file=sys.stderr)
+            return 1
+
+    pinning = (
+        f"upstream pinned to CPU {UPSTREAM_CPU}, proxies to CPU {PROXY_CPU}"
+        if pinned(UPSTREAM_CPU, [])
+        else "no pinning (taskset missing or one CPU)"
+    )
+    load = f"wrk -t{args.threads}" if have_wrk else "the Python load generator"
+    print(
+        f"{pinning}; {load} -c{args.connections} -d{args.duration:g}s x {args.rounds} rounds on {args.path}",
+        flush=True,
+    )
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for rnd in range(1, args.rounds + 1):
+        for name, url in targets.items():
+            cpu_before = (cpu_seconds([upstream.pid]), cpu_seconds(proxy_pids[name]))
+            if have_wrk:
+                r = run_wrk(url, token, args.duration, args.connections, args.threads)
+            else:
+                r = _python_load(url, token, args.duration, args.connections)
+            done = max(1, r.get("requests") or int(r["rps"] * args.duration))
+            r["upstream_us"] = (cpu_seconds([upstream.pid]) - cpu_before[0]) / done * 1e6
+            r["proxy_us"] = (cpu_seconds(proxy_pids[name]) - cpu_before[1]) / done * 1e6
+            results[name].append(r)
+            print(
+                f"  round {rnd} {name:8s} {r['rps']:10.0f} req/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms"
+                f"  cpu/request: upstream {r['upstream_us']:5.0f} us, proxy {r['proxy_us']:5.0f} us"
+                f"  non-2xx {r['non2xx']}  socket errors {r['socket_errors']}",
+                flush=True,
+            )
+
+    keys = ("rps", "p50", "p99", "upstream_us", "proxy_us")
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items()}
+    print("\nmedians over the rounds:")
+    for name, m in med.items():
+        print(
+            f"  {name:8s} {m['rps']:10.0f} req/s  p50 {m['p50']:7.2f} ms  p99 {m['p99']:7.2f} ms"
+            f"  cpu/request: upstream {m['upstream_us']:5.0f} us, proxy {m['proxy_us']:5.0f} us"
+        )
+    gw, direct = med["gateway"], med["direct"]
+    print("\nratios (same run):")
+    if "nginx" in med:
+        ng = med["nginx"]
+        print(f"  authenticated gateway / nginx req/s   {gw['rps'] / ng['rps']:.2f}   (target >= 0.6)")
+        print(f"  gateway p99 / nginx p99               {gw['p99'] / ng['p99']:.2f}   (target <= 2)")
+        print(f"  nginx / direct upstream req/s         {ng['rps'] / direct['rps']:.2f}")
+        print(f"  gateway cpu / nginx cpu per request   {gw['proxy_us'] / ng['proxy_us']:.2f}")
+    print(f"  gateway / direct upstream req/s       {gw['rps'] / direct['rps']:.2f}")
+    if "naive" in med:
+        print(
+            f"  gateway / naive aiohttp proxy req/s   {gw['rps'] / med['naive']['rps']:.2f}"
+            "   (the naive one checks no token)"
+        )
+    print(
+        f"  gateway cpu / upstream cpu per request {gw['proxy_us'] / direct['upstream_us']:.2f}"
+        "   (the upstream is a bare aiohttp JSON handler)"
+    )
+    if "naive" in med:
+        print(f"  naive cpu / upstream cpu per request   {med['naive']['proxy_us'] / direct['upstream_us']:.2f}")
+    failures = sum(r["non2xx"] + r["socket_errors"] for rs in results.values() for r in rs)
+    if failures:
+        print(f"\nwarning: {failures} failed requests (non-2xx or socket errors); the processes' logs end with:")
+        for log in sorted(tmp.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-8:]
+            print(f"  --- {log.name}", *(f"  {line}" for line in lines), sep="\n")
+    return 0
+
+
+def _python_load(url: str, token: str, duration: float, connections: int) -> dict[str, Any]:
+    """Fallback without wrk: the storefront load generator's plain GET mode."""
+    from bench.storefront import proxy_get
+
+    return asyncio.run(proxy_get(url, token=token, duration=duration, concurrency=connections, quiet=True))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--role-upstream":
+        run_upstream(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "--role-naive":
+        run_naive_proxy(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        sys.exit(main(sys.argv[1:]))

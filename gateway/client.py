@@ -1,0 +1,700 @@
+"""A lean HTTP/1.1 client for the gateway's upstream hop.
+
+Why not ``aiohttp.ClientSession``: per request it builds a request object, a response object, a cookie jar
+pass, tracing hooks, header multidicts and a timer context — several times the cost of the proxying itself
+(measured: a naive aiohttp proxy keeps ~0.23 of the upstream's throughput). The upstreams are our own services
+on plain HTTP/1.1, so this module speaks just that, on asyncio protocols:
+
+* :class:`Pool`: keep-alive connections to one instance (LIFO reuse keeps warm sockets busy), a cap on open
+  connections with a FIFO of waiters, idle connections expire before the upstream closes them;
+* :class:`Connection`: writes a prebuilt request head (and body) with one ``transport.write`` and parses the
+  response as it arrives. Bodies with a ``Content-Length`` up to ``buffer_limit`` are collected and handed over
+  whole with the head (one future per request, one write back to the client); larger, chunked or
+  close-delimited bodies are streamed through :meth:`Connection.read` with back-pressure (reading pauses while
+  the client is slower than the upstream).
+
+Errors are :class:`UpstreamError` subclasses with ``sent``: whether the upstream may have seen the request,
+which decides if a retry is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable
+
+log = logging.getLogger(__name__)
+
+_HEAD_LIMIT = 64 * 1024  # a response head larger than this is a protocol error
+_READ_HIGH_WATER = 1024 * 1024  # streamed body bytes buffered before reading from the upstream pauses
+_READ_LOW_WATER = 256 * 1024
+_JOIN_LIMIT = 16 * 1024  # request bodies up to this size are written together with the head
+
+# Response headers that describe the hop, not the message (RFC 9110 §7.6.1); aiohttp writes its own framing.
+_HOP_RESPONSE = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length", "te", "trailer",
+     "upgrade", "proxy-authenticate"}
+)  # fmt: skip
+
+# parser states
+_IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_EOF, _CLOSED = range(6)
+# chunked sub-states
+_C_SIZE, _C_DATA, _C_CRLF, _C_TRAILER = range(4)
+
+
+class UpstreamError(Exception):
+    """The hop failed. ``sent``: the request may have reached the upstream (a retry may repeat it)."""
+
+    kind = "reset"
+
+    def __init__(self, detail: str, *, sent: bool = True) -> None:
+        super().__init__(detail)
+        self.sent = sent
+
+
+class ConnectFailed(UpstreamError):
+    kind = "connect"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, sent=False)
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
+
+
+class ProtocolError(UpstreamError):
+    kind = "protocol"
+
+
+class PoolExhausted(UpstreamError):
+    kind = "busy"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, sent=False)
+
+
+class Response:
+    """An upstream response head; ``body`` holds the whole body, or is None when it streams via ``read()``."""
+
+    __slots__ = ("_conn", "body", "headers", "length", "status")
+
+    def __init__(
+        self, status: int, headers: list[tuple[str, str]], body: bytes | None, length: int | None, conn: Connection
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.length = length  # Content-Length of a streamed body, when the upstream sent one
+        self._conn = conn
+
+    async def read(self) -> bytes:
+        """The next chunk of a streamed body; b"" at its end."""
+        return await self._conn.read()
+
+    def close(self) -> None:
+        """Give up on a streamed body (the client left): the connection cannot be reused."""
+        self._conn.abort()
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection to an upstream instance; one request at a time (no pipelining)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = 0.0
+        self.disposed = False  # its pool slot is given back
+        self._state = _CLOSED
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[Response] | None = None
+        self._timeout = 0.0
+        self._deadline = 0.0  # watched by the pool's sweep while the connection is busy
+        self._no_body = False
+        self._keep_alive = True
+        self._status = 0
+        self._headers: list[tuple[str, str]] = []
+        self._buffered = False  # body collected whole and given with the head
+        self._remaining = 0
+        self._parts: list[bytes] = []
+        self._chunk_state = _C_SIZE
+        # streamed body
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._reader: asyncio.Future[None] | None = None
+        self._body_done = False
+        self._error: UpstreamError | None = None
+        self._reading_paused = False
+        # request body streaming (flow control on our writes)
+        self._sending = False  # a streamed request body is still going out
+        self._done_while_sending = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._state = _IDLE
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self._state
+        self._state = _CLOSED
+        self._keep_alive = False
+        if state == _UNTIL_EOF:
+            self._end_body()  # a close-delimited body ends with the connection
+        elif state != _IDLE and state != _CLOSED:
+            self._fail(UpstreamError(f"upstream closed the connection: {exc or 'EOF'}", sent=True))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(UpstreamError("upstream closed the connection", sent=True))
+        self._dispose()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state == _HEAD:
+            if self._buf:
+                self._buf += data
+                data = bytes(self._buf)
+                self._buf.clear()
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > _HEAD_LIMIT:
+                    self._protocol_error("response head too large")
+                else:
+                    self._buf += data
+                return
+            try:
+                self._parse_head(data, end)
+            except (ValueError, IndexError) as exc:
+                self._protocol_error(f"malformed response head: {exc}")
+                return
+            data = data[end + 4 :]
+            state = self._state
+            if state == _HEAD:  # an interim 1xx response: the real one follows
+                if data:
+                    self.data_received(data)
+                return
+            if not data:
+                return
+        if state == _LENGTH:
+            self._on_length_data(data)
+        elif state == _CHUNKED:
+            self._buf += data
+            self._on_chunked_data()
+        elif state == _UNTIL_EOF:
+            self._emit(data)
+        elif state == _IDLE and data:
+            # bytes nobody asked for: the stream is out of step; never reuse it
+            log.warning("upstream %s sent %d unexpected bytes; closing the connection", self.pool.name, len(data))
+            self.abort()
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def send(self, head: bytes, body: bytes | None, *, no_body: bool, timeout: float) -> asyncio.Future[Response]:
+        """Write the request; the future gives the response head (with the whole body when it is small)."""
+        self._begin(no_body, timeout)
+        transport = self.transport
+        assert transport is not None
+        if body and len(body) <= _JOIN_LIMIT:
+            transport.write(head + body)  # one segment: copying a small body is cheaper than a second syscall
+        else:
+            transport.write(head)
+            if body:
+                transport.write(body)
+        return self._waiter  # type: ignore[return-value]
+
+    def start(self, head: bytes, *, timeout: float) -> asyncio.Future[Response]:
+        """Write only the head; the body follows with :meth:`write` and :meth:`drain`, then :meth:`sent`."""
+        self._begin(False, timeout)
+        self._sending = True
+        self._done_while_sending = False
+        self.transport.write(head)  # type: ignore[union-attr]
+        return self._waiter  # type: ignore[return-value]
+
+    def sent(self, complete: bool) -> None:
+        """The streamed body is over (``complete``) or given up. A body cut short, or a response that came back
+        before the body ended, leaves the connection out of step with the upstream: it is never reused."""
+        self._sending = False
+        if not complete:
+            self._keep_alive = False
+        if self._done_while_sending:
+            self.abort()
+
+    def write(self, data: bytes) -> None:
+        if self._state == _CLOSED:
+            raise UpstreamError("upstream closed the connection while the request body was sent", sent=True)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        if self._write_paused and self._state != _CLOSED:
+            self._drain = self.loop.create_future()
+            await self._drain
+
+    def _begin(self, no_body: bool, timeout: float) -> None:
+        self._state = _HEAD
+        self._no_body = no_body
+        self._keep_alive = True
+        self._error = None
+        self._body_done = False
+        self._waiter = self.loop.create_future()
+        self._timeout = timeout
+        self._deadline = self.loop.time() + timeout
+        self.pool.watch(self)
+
+    async def read(self) -> bytes:
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._queued -= len(chunk)
+                if self._reading_paused and self._queued <= _READ_LOW_WATER:
+                    self._reading_paused = False
+                    if self._state != _CLOSED:
+                        self.transport.resume_reading()  # type: ignore[union-attr]
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._body_done:
+                self._finish()
+                return b""
+            self._reader = self.loop.create_future()
+            # a stalled stream is cut after the attempt timeout without a byte
+            self._deadline = self.loop.time() + self._timeout
+            self.pool.watch(self)
+            await self._reader
+
+    def abort(self) -> None:
+        """Close now; the connection is never reused (its pool slot is freed at once)."""
+        self._keep_alive = False
+        self._unwatch()
+        self._state = _CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+        self._dispose()
+
+    # -- parsing ------------------------------------------------------------------------------------
+
+    def _parse_head(self, data: bytes, end: int) -> None:
+        # One decode for the whole head, then str operations (cheaper than decoding each name and value).
+        # Header values are UTF-8 for aiohttp's writer: undecodable bytes become U+FFFD rather than failing.
+        lines = data[:end].decode("utf-8", "replace").split("\r\n")
+        status_line = lines[0]
+        if not status_line.startswith("HTTP/1.") or status_line[8:9] != " ":
+            raise ValueError("not an HTTP/1.x status line")
+        status = int(status_line[9:12])
+        keep_alive = status_line[7] == "1"  # HTTP/1.0: close unless it says keep-alive
+        length: int | None = None
+        chunked = False
+        headers: list[tuple[str, str]] = []
+        append = headers.append
+        for i in range(1, len(lines)):
+            line = lines[i]
+            name, sep, value = line.partition(":")
+            if not sep or not name or name[-1] in " \t" or line[0] in " \t":
+                raise ValueError(f"bad header line {line[:40]!r}")
+            value = value.strip()
+            lname = name.lower()
+            if lname in _HOP_RESPONSE:
+                if lname == "content-length":
+                    n = int(value)
+                    if n < 0 or (length is not None and length != n):
+                        raise ValueError("bad Content-Length")
+                    length = n
+                elif lname == "transfer-encoding":
+                    chunked = value.lower().endswith("chunked")
+                elif lname == "connection":
+                    tokens = value.lower()
+                    if "close" in tokens:
+                        keep_alive = False
+                    elif "keep-alive" in tokens:
+                        keep_alive = True
+                continue
+            append((name, value))
+        if 100 <= status < 200:
+            if status == 101:
+                raise ValueError("protocol upgrades are not proxied")
+            return  # interim response (103 Early Hints): stay in _HEAD for the final one
+        self._status = status
+        self._headers = headers
+        self._keep_alive = keep_alive
+        if self._no_body or status == 204 or status == 304:
+            if self._no_body and length is not None:
+                headers.append(("Content-Length", str(length)))  # HEAD: the size the GET would have
+            self._complete(b"")
+        elif chunked:
+            self._chunk_state = _C_SIZE
+            self._stream(_CHUNKED, None)
+        elif length is not None:
+            self._remaining = length
+            if length <= self.pool.buffer_limit:
+                if length == 0:
+                    self._complete(b"")
+                else:
+                    self._buffered = True
+                    self._parts = []
+                    self._state = _LENGTH
+            else:
+                self._stream(_LENGTH, length)
+        else:
+            self._keep_alive = False
+            self._stream(_UNTIL_EOF, None)
+
+    def _on_length_data(self, data: bytes) -> None:
+        remaining = self._remaining
+        n = len(data)
+        if n > remaining:
+            log.warning(
+                "upstream %s sent %d bytes past the body; closing the connection", self.pool.name, n - remaining
+            )
+            self._keep_alive = False
+            data = data[:remaining]
+            n = remaining
+        self._remaining = remaining - n
+        if self._buffered:
+            if self._remaining == 0:
+                parts = self._parts
+                if parts:
+                    parts.append(data)
+                    data = b"".join(parts)
+                    self._parts = []
+                self._complete(data)
+            else:
+                self._parts.append(data)
+        else:
+            self._emit(data)
+            if self._remaining == 0:
+                self._end_body()
+
+    def _on_chunked_data(self) -> None:
+        buf = self._buf
+        while True:
+            cs = self._chunk_state
+            if cs == _C_DATA:
+                if not buf:
+                    return
+                take = min(len(buf), self._remaining)
+                self._emit(bytes(buf[:take]))
+                del buf[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._chunk_state = _C_CRLF
+            elif cs == _C_SIZE:
+                i = buf.find(b"\r\n")
+                if i < 0:
+                    if len(buf) > 1024:
+                        self._protocol_error("chunk size line too long")
+                    return
+                try:
+                    size = int(bytes(buf[:i]).split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    self._protocol_error("bad chunk size")
+                    return
+                del buf[: i + 2]
+                if size < 0:
+                    self._protocol_error("bad chunk size")
+                    return
+                if size == 0:
+                    self._chunk_state = _C_TRAILER
+                else:
+                    self._remaining = size
+                    self._chunk_state = _C_DATA
+            elif cs == _C_CRLF:
+                if len(buf) < 2:
+                    return
+                if buf[:2] != b"\r\n":
+                    self._protocol_error("chunk not followed by CRLF")
+                    return
+                del buf[:2]
+                self._chunk_state = _C_SIZE
+            else:  # trailer section: skipped, ends with an empty line
+                i = buf.find(b"\r\n")
+                if i < 0:
+                    if len(buf) > _HEAD_LIMIT:
+                        self._protocol_error("trailers too large")
+                    return
+                empty = i == 0
+                del buf[: i + 2]
+                if empty:
+                    if buf:
+                        self._keep_alive = False
+                        buf.clear()
+                    self._end_body()
+                    return
+
+    # -- outcomes -----------------------------------------------------------------------------------
+
+    def _complete(self, body: bytes) -> None:
+        """A whole response (head and body) arrived."""
+        waiter = self._waiter
+        response = Response(self._status, self._headers, body, None, self)
+        self._finish()
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def _stream(self, state: int, length: int | None) -> None:
+        self._state = state
+        self._buffered = False
+        self._chunks.clear()
+        self._queued = 0
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(Response(self._status, self._headers, None, length, self))
+
+    def _emit(self, data: bytes) -> None:
+        if not data:
+            return
+        self._chunks.append(data)
+        self._queued += len(data)
+        if self._queued > _READ_HIGH_WATER and not self._reading_paused and self._state != _CLOSED:
+            self._reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._wake_reader()
+
+    def _end_body(self) -> None:
+        self._body_done = True
+        if self._state != _CLOSED:
+            self._state = _IDLE  # anything more before the next request is a protocol error
+        self._unwatch()
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+    def _finish(self) -> None:
+        """The response is fully consumed: back to the pool, or closed."""
+        self._unwatch()
+        self._waiter = None
+        if self._sending:  # answered before the request body was all sent: see sent()
+            self._keep_alive = False
+            self._done_while_sending = True
+            return
+        if self._reading_paused and self.transport is not None and self._state != _CLOSED:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if self._keep_alive and self._state != _CLOSED:
+            self._state = _IDLE
+            self.pool.release(self)
+        else:
+            self.abort()
+
+    def _fail(self, error: UpstreamError) -> None:
+        self._unwatch()
+        self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        reader = self._reader
+        if reader is not None and not reader.done():
+            reader.set_exception(error)
+
+    def _protocol_error(self, detail: str) -> None:
+        self._fail(ProtocolError(f"upstream {self.pool.name}: {detail}", sent=True))
+        self.abort()
+
+    def on_timeout(self) -> None:
+        self._fail(UpstreamTimeout(f"upstream {self.pool.name} did not answer within {self._timeout:g} s", sent=True))
+        self.abort()
+
+    def _unwatch(self) -> None:
+        self.pool.busy.discard(self)
+
+    def _dispose(self) -> None:
+        if not self.disposed:
+            self.disposed = True
+            self.pool.discard(self)
+
+
+class Pool:
+    """Keep-alive connections to one upstream instance (``host:port``), at most ``limit`` open."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        limit: int = 256,
+        connect_timeout: float = 2.0,
+        keepalive_timeout: float = 30.0,
+        buffer_limit: int = 256 * 1024,
+        name: str | None = None,
+        timeout_tick: float = 0.05,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.name = name or f"{host}:{port}"
+        self.limit = limit
+        self.connect_timeout = connect_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.buffer_limit = buffer_limit
+        self.timeout_tick = timeout_tick
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # bound on first use
+        # Busy connections and their deadlines, swept every ``timeout_tick`` s: one timer per pool instead of a
+        # timer armed and cancelled for every request.
+        self.busy: set[Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._idle: list[Connection] = []
+        self._open = 0  # connections open or being opened (each holds a slot)
+        self._waiters: collections.deque[asyncio.Future[Connection | None]] = collections.deque()
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    def _idle_connection(self) -> Connection | None:
+        """The most recently used idle connection (warm), dropping ones idle too long."""
+        idle = self._idle
+        if idle:
+            now = self.loop.time()
+            while idle:
+                conn = idle.pop()
+                if conn.disposed:
+                    continue
+                if now - conn.idle_since > self.keepalive_timeout:
+                    conn.abort()  # the upstream may close it any moment: do not race it
+                    continue
+                return conn
+        return None
+
+    async def acquire(self, timeout: float) -> Connection:
+        """A connection: an idle one, a new one, or the next one released."""
+        if self.loop is None:
+            self._bind()
+        conn = self._idle_connection()
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise ConnectFailed(f"the pool for {self.name} is closed")
+        if self._open < self.limit:
+            self._open += 1
+            return await self._connect()
+        waiter: asyncio.Future[Connection | None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            conn = await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            raise PoolExhausted(f"all {self.limit} connections to {self.name} stayed busy for {timeout:g} s") from None
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()
+                if handed is None:
+                    self._slot_freed()
+                else:
+                    self.release(handed)
+            raise
+        if conn is None:  # a slot, not a connection: open one
+            return await self._connect()
+        return conn
+
+    def _bind(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    def watch(self, conn: Connection) -> None:
+        """Time ``conn``'s deadline (the sweep runs only while some connection is busy)."""
+        self.busy.add(conn)
+        if self._sweeper is None and not self._closed:
+            self._sweeper = self.loop.call_later(self.timeout_tick, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        if self._closed or not self.busy:
+            return
+        now = self.loop.time()
+        for conn in [c for c in self.busy if c._deadline <= now]:
+            conn.on_timeout()
+        if self.busy:
+            self._sweeper = self.loop.call_later(self.timeout_tick, self._sweep)
+
+    async def _connect(self) -> Connection:
+        """Open a connection for a slot already counted in ``_open``."""
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(lambda: Connection(self), self.host, self.port), self.connect_timeout
+            )
+        except TimeoutError:
+            self._slot_freed()
+            raise ConnectFailed(f"connecting to {self.name} timed out after {self.connect_timeout:g} s") from None
+        except OSError as exc:
+            self._slot_freed()
+            raise ConnectFailed(f"cannot connect to {self.name}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._slot_freed()
+            raise
+        return conn
+
+    def request(self, head: bytes, body: bytes | None, *, no_body: bool, timeout: float) -> Awaitable[Response]:
+        """One request with a buffered body (or none). With an idle connection at hand this is just the
+        response future: no coroutine in between."""
+        conn = self._idle_connection()
+        if conn is not None:
+            return conn.send(head, body, no_body=no_body, timeout=timeout)
+        return self._request(head, body, no_body, timeout)
+
+    async def _request(self, head: bytes, body: bytes | None, no_body: bool, timeout: float) -> Response:
+        conn = await self.acquire(timeout)
+        return await conn.send(head, body, no_body=no_body, timeout=timeout)
+
+    def release(self, conn: Connection) -> None:
+        """A connection whose response is consumed and that may be reused."""
+        if self._closed or conn.disposed:
+            conn.abort()
+            return
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        conn.idle_since = self.loop.time()
+        self._idle.append(conn)
+
+    def discard(self, conn: Connection) -> None:
+        """A connection closed: forget it and give its slot to a waiter."""
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        self._open -= 1
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                self._open += 1
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self._idle):
+            conn.abort()
+        self._idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectFailed(f"the pool for {self.name} is closed"))
+        self._waiters.clear()
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"<Pool {self.name} open={self._open} idle={len(self._idle)}>"

@@ -1,0 +1,28 @@
+"""Gateway options: the shared ``[gateway]`` settings (:class:`config.settings.GatewaySettings`).
+
+Each field has one environment variable ``ECOM_GATEWAY_<FIELD>`` (``ECOM_GATEWAY_RATE_LIMIT=50``) and one
+TOML key under ``[gateway]``, like every other setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from config import ConfigError, load_settings
+from config.settings import GatewaySettings
+
+GatewayOptions = GatewaySettings  # the name the gateway modules use for their options
+
+
+def load_options(env: Mapping[str, str] | None = None, **overrides: object) -> GatewayOptions:
+    """Options from the environment (``ECOM_GATEWAY_*``), then ``overrides``; :class:`ConfigError` names a bad one."""
+    options = load_settings(env).services["gateway"]
+    assert isinstance(options, GatewaySettings)
+    if overrides:
+        options = dataclasses.replace(options, **overrides)
+        try:
+            options.validate()
+        except ValueError as exc:
+            raise ConfigError(f"gateway option {getattr(exc, 'field', '?')}: {exc}") from None
+    return options

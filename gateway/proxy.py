@@ -1,0 +1,387 @@
+"""The streaming proxy: one aiohttp handler per route prefix.
+
+Per request, in order: match the route's rule (policy and affinity), check the bearer token (the verified-token
+cache first, full verification on a miss), take a rate-limit token, choose the upstream instance, forward the
+request and hand back the response. This is the gateway's hot path, so it
+
+* forwards the client's raw header bytes through one precomputed filter (no multidict copies, no decoding):
+  hop-by-hop headers go, and so does every client-supplied identity header (``X-User-Id``, ``X-Principal``,
+  ``X-Forwarded-User``, ...) — upstreams learn who calls only from the forwarded token;
+* buffers small bodies (one write each way, and a buffered request can be replayed on a retry) and streams
+  large ones, refusing bodies over ``max_body`` with 413 whether the size is declared or only counted;
+* retries with jittered back-off only when it is safe: the request never left (connection refused), or the
+  method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE) and its body was buffered. Timeouts are not retried:
+  the upstream may still be working on the request, and the client has waited long enough;
+* answers failures as problem+json: 502 (upstream failed), 503 (no instance available), 504 (timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+
+from aiohttp import hdrs, web
+
+from gateway.client import Connection, Response, UpstreamError
+from gateway.options import GatewayOptions
+from gateway.ratelimit import Limiter
+from gateway.routes import Affinity, Kind, Route
+from gateway.upstreams import Instance, Service
+from runtime.auth import (
+    MissingToken,
+    Principal,
+    TokenVerifier,
+    bearer_token,
+    check_access,
+)
+from runtime.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    NotFound,
+    PayloadTooLarge,
+    Problem,
+    ServiceUnavailable,
+    TooManyRequests,
+)
+from runtime.host import problem_response
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # PUT /api/cart/items is idempotent by design
+
+# Identity claims a client could try to smuggle past the token check: never forwarded.
+IDENTITY_HEADERS = frozenset(
+    {b"x-user-id", b"x-user", b"x-user-roles", b"x-user-email", b"x-user-name", b"x-forwarded-user",
+     b"x-principal", b"x-remote-user", b"remote-user", b"x-auth-user", b"x-authenticated-user", b"x-client-id",
+     b"x-roles", b"x-scopes", b"x-subject", b"x-consumer-id", b"x-tenant-id"}
+)  # fmt: skip
+IDENTITY_PREFIXES = (b"x-user-", b"x-auth-", b"x-authenticated-", b"x-principal", b"x-forwarded-user",
+                     b"x-remote-", b"x-identity-", b"x-jwt-", b"x-token-")  # fmt: skip
+# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the gateway writes itself.
+_HOP_REQUEST = frozenset(
+    {b"host", b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+     b"upgrade", b"content-length", b"expect", b"proxy-authorization", b"x-request-id", b"forwarded",
+     b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"}
+)  # fmt: skip
+DROP_REQUEST = _HOP_REQUEST | IDENTITY_HEADERS
+
+_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+UPSTREAM_KEY: web.RequestKey[str] = web.RequestKey("gateway_upstream", str)
+
+
+class RouteProxy:
+    """The handler of one route prefix (bound method :meth:`handle`)."""
+
+    def __init__(
+        self,
+        route: Route,
+        service: Service,
+        verifier: TokenVerifier,
+        limiter: Limiter | None,
+        options: GatewayOptions,
+    ) -> None:
+        self.route = route
+        self.service = service
+        self.verifier = verifier
+        self.limiter = limiter
+        self.timeout = options.timeout
+        self.retries = options.retries
+        self.backoff = options.retry_backoff
+        self.max_body = options.max_body
+        self.buffer_limit = options.buffer_limit
+        self.note_upstream = options.access_log  # the instance is recorded on the request for the access log
+        self._loop: asyncio.AbstractEventLoop | None = None  # asyncio.get_running_loop() costs a getpid()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            method = request.method
+            raw_path = request.raw_path
+            if "/." in raw_path or "%2e" in raw_path or "%2E" in raw_path:  # cheap test, then the real one
+                _refuse_dot_segments(request)
+            found = self.route.resolve(method, request.match_info["tail"])
+            if found is None:
+                raise NotFound(f"no route for {method} {request.path}")
+            rule, match = found
+            access = rule.access
+            principal: Principal | None = None
+            if access.kind is not Kind.PUBLIC:
+                principal = await self._principal(request, access.kind is Kind.TOKEN)
+                if principal is not None and access.checks_claims:
+                    check_access(principal, roles=access.roles, scopes=access.scopes)
+            limiter = self.limiter
+            if limiter is not None:
+                client = "sub:" + principal.sub if principal is not None else "addr:" + (request.remote or "-")
+                wait = limiter.take(client) if limiter.local else await limiter.acquire(client)
+                if wait:
+                    raise TooManyRequests(
+                        f"too many requests from this client; retry in {wait:.1f} s", retry_after=wait
+                    )
+            affinity = rule.affinity
+            if affinity is Affinity.NONE:
+                key = None
+            elif affinity is Affinity.SUB:
+                key = principal.sub  # type: ignore[union-attr]  # SUB rules require a token
+            else:
+                key = match["key"]
+            return await self._exchange(request, method, raw_path, key)
+        except Problem as problem:
+            return problem_response(problem, request)
+
+    async def _principal(self, request: web.Request, required: bool) -> Principal | None:
+        values = request.headers.getall(hdrs.AUTHORIZATION, ())
+        if len(values) == 1:
+            value = values[0]
+            if value.startswith("Bearer "):
+                p = self.verifier.verify_cached(value[7:])  # the hot path: no crypto, no I/O
+                if p is not None:
+                    return p
+        elif not values:
+            if required:
+                raise MissingToken()
+            return None
+        # full check: one header, the Bearer scheme, a well-formed token; then signature and claims
+        token = bearer_token(request)
+        assert token is not None
+        return await self.verifier.verify(token)
+
+    # -- forwarding ---------------------------------------------------------------------------------
+
+    async def _exchange(self, request: web.Request, method: str, raw_path: str, key: str | None) -> web.StreamResponse:
+        body: bytes | None = None
+        streamed = False
+        chunked = False
+        length = request.content_length
+        if request.body_exists:
+            if length is not None:
+                if length > self.max_body:
+                    raise PayloadTooLarge(f"the request body of {length} bytes is over the limit of {self.max_body}")
+                if length <= self.buffer_limit:
+                    body = await request.read()
+                else:
+                    streamed = True
+                    body = b""
+            else:
+                body, streamed = await self._read_prefix(request)
+                chunked = streamed
+        elif method in ("POST", "PUT", "PATCH"):
+            body = b""
+
+        target = raw_path if raw_path.startswith("/") else request.rel_url.raw_path_qs
+        request_line = f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+        block = self._header_block(request, body, streamed, chunked)
+
+        service = self.service
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        no_body = method == "HEAD"
+        replayable = not streamed
+        idempotent = method in IDEMPOTENT
+        attempt = 0
+        avoid: Instance | None = None
+        while True:
+            inst = service.pick(key, loop.time(), avoid)
+            if inst is None:
+                raise ServiceUnavailable(f"no instance of the {service.name} service is available right now", 1.0)
+            if self.note_upstream:
+                request[UPSTREAM_KEY] = inst.url
+            breaker = inst.breaker
+            breaker.begin()
+            inst.in_flight += 1
+            inst.requests += 1
+            head = b"".join((request_line, inst.host_line, block))
+            try:
+                if streamed:
+                    resp = await self._send_streamed(request, inst, head, body or b"", chunked)
+                else:
+                    resp = await inst.pool.request(head, body, no_body=no_body, timeout=self.timeout)
+            except UpstreamError as exc:
+                inst.in_flight -= 1
+                inst.errors[exc.kind] = inst.errors.get(exc.kind, 0) + 1
+                if exc.kind == "busy":
+                    breaker.abandon()  # our pool was full: no verdict on the instance
+                else:
+                    breaker.failure(loop.time())
+                if attempt < self.retries and exc.kind != "timeout" and (not exc.sent or (idempotent and replayable)):
+                    attempt += 1
+                    service.retries += 1
+                    avoid = inst
+                    log.info("retrying %s %s (attempt %d): %s", method, request.path, attempt + 1, exc)
+                    await asyncio.sleep(random.uniform(0, self.backoff * 2**attempt))  # full jitter
+                    continue
+                raise _problem(exc, service.name) from None
+            except BaseException:
+                inst.in_flight -= 1
+                breaker.abandon()
+                raise
+            inst.in_flight -= 1
+            breaker.success()
+            break
+
+        if resp.body is not None:
+            return web.Response(body=resp.body, status=resp.status, headers=resp.headers)
+        return await self._stream_back(request, resp)
+
+    def _header_block(
+        self,
+        request: web.Request,
+        body: bytes | None,
+        streamed: bool,
+        chunked: bool,
+        extra: frozenset[bytes] = frozenset(),
+    ) -> bytes:
+        """Every request header after the Host line: the client's, filtered, then the gateway's own."""
+        parts: list[bytes] = []
+        extend = parts.extend
+        drop = DROP_REQUEST
+        prefixes = IDENTITY_PREFIXES
+        for name, value in request.raw_headers:
+            lname = name.lower()
+            if lname in drop or lname.startswith(prefixes) or lname in extra:
+                if lname == b"connection" and not extra:
+                    tokens = _connection_tokens(value)
+                    if tokens:  # headers the client marked hop-by-hop (rare): filter again without them
+                        return self._header_block(request, body, streamed, chunked, tokens)
+                continue
+            extend((name, b": ", value, b"\r\n"))
+        self._gateway_headers(request, parts, body, streamed, chunked)
+        return b"".join(parts)
+
+    @staticmethod
+    def _gateway_headers(
+        request: web.Request, parts: list[bytes], body: bytes | None, streamed: bool, chunked: bool
+    ) -> None:
+        rid = request.get("request_id")  # set by the host's request-id middleware: created or passed on
+        if rid:
+            parts.append(b"X-Request-Id: " + rid.encode("ascii") + b"\r\n")
+        remote = request.remote
+        if remote:
+            parts.append(b"X-Forwarded-For: " + remote.encode("ascii", "replace") + b"\r\n")
+        parts.append(b"X-Forwarded-Proto: https\r\n" if request.secure else b"X-Forwarded-Proto: http\r\n")
+        host = request.headers.get(hdrs.HOST)
+        if host:
+            parts.append(b"X-Forwarded-Host: " + host.encode("latin-1", "replace") + b"\r\n")
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif streamed:
+            parts.append(b"Content-Length: %d\r\n\r\n" % request.content_length)  # type: ignore[str-bytes-safe]
+        elif body is not None:
+            parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        else:
+            parts.append(b"\r\n")
+
+    async def _read_prefix(self, request: web.Request) -> tuple[bytes, bool]:
+        """A body of unknown size (chunked): read up to ``buffer_limit``. -> (bytes read, more follows)."""
+        parts: list[bytes] = []
+        size = 0
+        content = request.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                return b"".join(parts), False
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLarge(f"the request body is over the limit of {self.max_body} bytes")
+            parts.append(chunk)
+            if size > self.buffer_limit:
+                return b"".join(parts), True
+
+    async def _send_streamed(
+        self, request: web.Request, inst: Instance, head: bytes, prefix: bytes, chunked: bool
+    ) -> Response:
+        """Send a large body as it arrives from the client. Once it starts, the attempt cannot be repeated."""
+        conn: Connection = await inst.pool.acquire(self.timeout)  # a connect failure here is still retryable
+        waiter = conn.start(head, timeout=self.timeout)
+        complete = False
+        try:
+            size = len(prefix)
+            if prefix:
+                conn.write(b"%x\r\n%b\r\n" % (len(prefix), prefix) if chunked else prefix)
+            content = request.content
+            while not waiter.done():  # an upstream may answer (413, 401) before the body is all there
+                chunk = await content.readany()
+                if not chunk:
+                    if chunked:
+                        conn.write(b"0\r\n\r\n")
+                    complete = True
+                    break
+                size += len(chunk)
+                if size > self.max_body:
+                    raise PayloadTooLarge(f"the request body is over the limit of {self.max_body} bytes")
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain()
+        except UpstreamError as exc:
+            exc.sent = True  # part of the body went: never repeat it
+            _drop(waiter)
+            conn.abort()
+            raise
+        except BaseException:
+            _drop(waiter)
+            conn.abort()
+            raise
+        finally:
+            conn.sent(complete)
+        return await waiter
+
+    async def _stream_back(self, request: web.Request, resp: Response) -> web.StreamResponse:
+        """A large, chunked or close-delimited response, passed on as it arrives."""
+        out = web.StreamResponse(status=resp.status, headers=resp.headers)
+        if resp.length is not None:
+            out.content_length = resp.length
+        rid = request.get("request_id")
+        if rid:
+            out.headers["X-Request-Id"] = rid  # the host sets it after the handler: too late for a stream
+        try:
+            await out.prepare(request)
+            while True:
+                chunk = await resp.read()
+                if not chunk:
+                    break
+                await out.write(chunk)
+        except UpstreamError as exc:
+            # The head is gone already: cut the client's connection so it sees a truncated body, not a whole one.
+            log.warning("%s %s: upstream failed mid-response: %s", request.method, request.path, exc)
+            resp.close()
+            if request.transport is not None:
+                request.transport.abort()
+            return out
+        except BaseException:
+            resp.close()
+            raise
+        await out.write_eof()
+        return out
+
+
+# aiohttp-apispec's validation middleware (installed by the host for every route) takes an exception path,
+
+
+def _connection_tokens(value: bytes) -> frozenset[bytes]:
+    tokens = {t.strip().lower() for t in value.split(b",")}
+    return frozenset(t for t in tokens if t and t not in (b"close", b"keep-alive"))
+
+
+def _refuse_dot_segments(request: web.Request) -> None:
+    """``/api/catalog/../cart`` would be routed (and policed) as catalog but may be served as cart upstream."""
+    if _DOT_SEGMENT.search(request.path):
+        raise BadRequest("the path must not contain '.' or '..' segments")
+
+
+def _drop(waiter: asyncio.Future[Response]) -> None:
+    if waiter.done():
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved: no "never retrieved" warning
+    else:
+        waiter.cancel()
+
+
+def _problem(exc: UpstreamError, service: str) -> Problem:
+    """The client's view of a failed hop; the details (which instance, why) go to the log."""
+    log.warning("upstream failure (%s) for %s: %s", exc.kind, service, exc)
+    if exc.kind == "timeout":
+        return GatewayTimeout(f"the {service} service did not answer in time")
+    if exc.kind == "busy":
+        return ServiceUnavailable(f"the {service} service is at its connection limit; retry shortly", 1.0)
+    return BadGateway(f"the {service} service could not be reached or gave an invalid answer")
