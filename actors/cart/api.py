@@ -1,0 +1,278 @@
+"""HTTP API of the cart service (full paths; the gateway proxies them unchanged).
+
+    GET    /api/cart                         the caller's cart: lines, totals, item count, price-change notes
+    PUT    /api/cart/items/{product_id}      {quantity}: set a line (0 removes it); idempotent
+    DELETE /api/cart/items/{product_id}      remove a line (removing an absent line is not an error)
+    DELETE /api/cart                         empty the cart
+    POST   /api/cart/checkout                {shipping_address, payment} -> 202 {order_id}; Idempotency-Key header
+
+The cart is always the caller's own: its id is the token's ``sub``; no route takes a cart id, so a customer
+cannot name anyone else's cart. Admins inspect any cart through ``/api/cart/admin/actors/cart/{id}`` (host).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apispec import docs, match_info_schema, request_schema, response_schema
+from marshmallow import Schema, ValidationError, fields, validate
+
+from actors.cart.actor import MAX_LINE_QUANTITY, CartActor, PricesChangedProblem
+from actors.cart.catalog import CatalogClient
+from actors.cart.messages import (
+    Address,
+    Checkout,
+    CheckoutAccepted,
+    ClearCart,
+    GetCart,
+    PaymentDetails,
+    PricesChanged,
+    ProductQuote,
+    QuotesNeeded,
+    RemoveLine,
+    SetQuantity,
+)
+from runtime.actors import ActorRef, ActorSystem
+from runtime.auth import principal, require
+from runtime.errors import Conflict, NotFound, ValidationProblem
+from runtime.host import json_response
+
+PREFIX = "/api/cart"
+CUSTOMER = ("customer", "admin")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as the IETF Idempotency-Key draft
+# A checkout asks the cart, fetches quotes for lines it has not priced yet, and asks again; only a cart that keeps
+# gaining products while this happens needs more rounds.
+CHECKOUT_ROUNDS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class CartContext:
+    """What the routes need, set by ``service.create_app``."""
+
+    system: ActorSystem
+    actor_class: type[CartActor]
+    catalog: CatalogClient
+
+
+CART: web.AppKey[CartContext] = web.AppKey("cart_context", CartContext)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schemas
+
+
+class ProductPath(Schema):
+    product_id = fields.UUID(required=True)
+
+
+class QuantitySchema(Schema):
+    quantity = fields.Integer(
+        required=True,
+        strict=True,  # "2" and 2.5 are refused, not coerced
+        validate=validate.Range(min=0, max=MAX_LINE_QUANTITY),
+        metadata={"description": f"0 removes the line; at most {MAX_LINE_QUANTITY}"},
+    )
+
+
+def _text(max_length: int, **kwargs: Any) -> fields.String:
+    return fields.String(validate=validate.Length(min=1, max=max_length), **kwargs)
+
+
+class AddressSchema(Schema):
+    name = _text(200, required=True)
+    street = _text(200, required=True)
+    city = _text(100, required=True)
+    postal_code = _text(20, required=True)
+    country = _text(60, required=True)
+    state = fields.String(load_default="", validate=validate.Length(max=100))
+
+
+def _not_a_card_number(token: str) -> None:
+    if re.fullmatch(r"[\d -]{12,23}", token):
+        raise ValidationError("send the payment provider's token, never a card number")
+
+
+class PaymentSchema(Schema):
+    method = fields.String(required=True, validate=validate.Regexp(r"^[a-z][a-z_]{0,31}$", error="must be a payment method name such as card"))
+    token = fields.String(
+        required=True,
+        validate=[
+            _not_a_card_number,
+            validate.Regexp(r"^[A-Za-z0-9_-]{3,200}$", error="must be a payment provider token such as tok_visa"),
+        ],
+    )
+
+
+class CheckoutSchema(Schema):
+    shipping_address = fields.Nested(AddressSchema, required=True)
+    payment = fields.Nested(PaymentSchema, required=True)
+
+
+class LineSchema(Schema):
+    product_id = fields.String()
+    name = fields.String()
+    unit_price = fields.String(metadata={"example": "19.99"})
+    quantity = fields.Integer()
+    line_total = fields.String(metadata={"example": "39.98"})
+    picture_url = fields.String()
+
+
+class NoteSchema(Schema):
+    product_id = fields.String()
+    name = fields.String()
+    old_price = fields.String()
+    new_price = fields.String()
+    changed_at = fields.DateTime()
+    message = fields.String()
+
+
+class CartSchema(Schema):
+    lines = fields.List(fields.Nested(LineSchema))
+    item_count = fields.Integer()
+    subtotal = fields.String(metadata={"example": "39.98"})
+    total = fields.String(metadata={"example": "39.98"})
+    currency = fields.String(allow_none=True)
+    notes = fields.List(fields.Nested(NoteSchema))
+    updated_at = fields.DateTime(allow_none=True)
+
+
+class OrderAcceptedSchema(Schema):
+    order_id = fields.String()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _context(request: web.Request) -> CartContext:
+    return request.app[CART]
+
+
+def _my_cart(request: web.Request) -> ActorRef:
+    """The caller's own cart: the verified token's subject, never an id from the request."""
+    ctx = _context(request)
+    return ctx.system.ref(ctx.actor_class, principal(request).sub)
+
+
+def _product_id(request: web.Request) -> str:
+    return str(request["match_info"]["product_id"])
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise ValidationProblem.field(IDEMPOTENCY_HEADER, "must be 1 to 255 visible ASCII characters, e.g. a UUID")
+    return key
+
+
+async def _quote(request: web.Request, product_id: str) -> ProductQuote:
+    quote = await _context(request).catalog.quote(product_id)
+    if quote is None:
+        raise NotFound(f"there is no product {product_id} in the catalog (unknown or deleted)", slug="unknown-product")
+    return quote
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routes
+
+
+@docs(tags=["cart"], summary="Your cart", description="Lines, totals (decimal strings), item count and price-change notes.")
+@response_schema(CartSchema, 200)
+@require(roles=CUSTOMER)
+async def get_cart(request: web.Request) -> web.Response:
+    return json_response(await _my_cart(request).ask(GetCart()))
+
+
+@docs(
+    tags=["cart"],
+    summary="Set the quantity of a product (0 removes it)",
+    description="Name and price come from the catalog. Idempotent. 404 unknown product, 409 not enough stock.",
+)
+@match_info_schema(ProductPath)
+@request_schema(QuantitySchema)
+@response_schema(CartSchema, 200)
+@require(roles=CUSTOMER)
+async def put_item(request: web.Request) -> web.Response:
+    product_id, quantity = _product_id(request), request["data"]["quantity"]
+    if quantity == 0:
+        # Removing needs nothing from the catalog, so it works for deleted products and while the catalog is down.
+        return json_response(await _my_cart(request).ask(RemoveLine(product_id)))
+    quote = await _quote(request, product_id)
+    return json_response(await _my_cart(request).ask(SetQuantity(quote, quantity)))
+
+
+@docs(tags=["cart"], summary="Remove a product from your cart")
+@match_info_schema(ProductPath)
+@response_schema(CartSchema, 200)
+@require(roles=CUSTOMER)
+async def delete_item(request: web.Request) -> web.Response:
+    return json_response(await _my_cart(request).ask(RemoveLine(_product_id(request))))
+
+
+@docs(tags=["cart"], summary="Empty your cart")
+@response_schema(CartSchema, 200)
+@require(roles=CUSTOMER)
+async def clear_cart(request: web.Request) -> web.Response:
+    return json_response(await _my_cart(request).ask(ClearCart()))
+
+
+@docs(
+    tags=["cart"],
+    summary="Check out",
+    description=(
+        "Re-checks every price with the catalog: when one changed, the cart takes it and the answer is 409 "
+        "(check out again to confirm). Otherwise 202 with the new order id; the order moves on asynchronously. "
+        f"Send an {IDEMPOTENCY_HEADER} header to make retries safe: the same key gives the same order."
+    ),
+    parameters=[{"in": "header", "name": IDEMPOTENCY_HEADER, "schema": {"type": "string"}, "required": False}],
+)
+@request_schema(CheckoutSchema)
+@response_schema(OrderAcceptedSchema, 202)
+@require(roles=CUSTOMER)
+async def checkout(request: web.Request) -> web.Response:
+    data = request["data"]
+    command = Checkout(
+        buyer_id=principal(request).sub,
+        idempotency_key=_idempotency_key(request),
+        shipping_address=Address(**data["shipping_address"]),
+        payment=PaymentDetails(**data["payment"]),
+        quotes={},
+    )
+    cart, catalog = _my_cart(request), _context(request).catalog
+    for _ in range(CHECKOUT_ROUNDS):
+        reply = await cart.ask(command)
+        if isinstance(reply, QuotesNeeded):
+            # Fetched outside the turn, so the cart keeps serving other requests meanwhile; fresh, not cached.
+            fetched = await catalog.quotes(reply.product_ids, fresh=True)
+            command = replace(command, quotes={**command.quotes, **fetched})
+            continue
+        if isinstance(reply, PricesChanged):
+            raise PricesChangedProblem(reply)
+        return _accepted(reply)
+    raise Conflict("the cart kept changing during checkout; try again", slug="cart-changing")
+
+
+def _accepted(reply: CheckoutAccepted) -> web.Response:
+    headers = {"Location": f"/api/orders/{reply.order_id}"}
+    if reply.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response({"order_id": reply.order_id}, status=202, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wiring
+
+
+@web.middleware
+def setup(app: web.Application) -> None:
+    app.router.add_get(PREFIX, get_cart)
+    app.router.add_delete(PREFIX, clear_cart)
+    app.router.add_put(f"{PREFIX}/items/{{product_id}}", put_item)
+    app.router.add_delete(f"{PREFIX}/items/{{product_id}}", delete_item)
+    app.router.add_post(f"{PREFIX}/checkout", checkout)

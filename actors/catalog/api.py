@@ -1,0 +1,471 @@
+"""HTTP API of the catalog service (served at these full paths; the gateway proxies them unchanged).
+
+Reads are plain repository queries (no actor) with an ``ETag``; a matching ``If-None-Match`` gets 304.
+Writes are admin-only and go through the product's :class:`~actors.catalog.actor.ProductActor`.
+
+    GET    /api/catalog/products?page=&page_size=&brand=&type=&q=&sort=name|-name|price|-price
+    GET    /api/catalog/products/batch?ids=a,b,c       {"items": [...]}, unknown ids left out
+    GET    /api/catalog/products/{id}
+    GET    /api/catalog/brands, /api/catalog/types      {"items": [{id, name}], "total": n}
+    POST   /api/catalog/products                        admin: create (201)
+    PATCH  /api/catalog/products/{id}                   admin: change any field, price and stock included
+    POST   /api/catalog/products/{id}/restock           admin: add units up to max_stock
+    DELETE /api/catalog/products/{id}                   admin: 409 while an open order holds it
+    POST   /api/catalog/brands, /api/catalog/types      admin: add a brand / product type
+
+``brand`` and ``type`` (filters and request bodies) take the id or the name of a brand/type.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apispec import (
+    docs,
+    match_info_schema,
+    querystring_schema,
+    request_schema,
+    response_schema,
+)
+from marshmallow import Schema, ValidationError, fields, validate
+from sqlalchemy import Table
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from actors.catalog import repository as repo
+from actors.catalog.actor import ProductActor
+from actors.catalog.messages import (
+    CreateProduct,
+    DeleteProduct,
+    RestockProduct,
+    UpdateProduct,
+)
+from runtime.actors import ActorSystem
+from runtime.auth import require
+from runtime.errors import Conflict, NotFound, ValidationProblem
+from runtime.host import AppKeyRuntime, dumps, isoformat, json_response
+from runtime.store import as_utc
+
+PREFIX = "/api/catalog"
+ADMIN = ("admin",)
+CENT = Decimal("0.01")
+MAX_PRICE = Decimal("9999999999.99")  # Numeric(12, 2)
+MAX_UNITS = 1_000_000_000  # fits a 32-bit INTEGER column everywhere
+MAX_PAGE = 100_000  # keeps OFFSET a sane number; nobody pages 2 million items deep
+MAX_BATCH = 100
+MAX_SEARCH_WORDS = 8
+
+READS: web.AppKey[AsyncEngine] = web.AppKey("catalog_reads", AsyncEngine)
+_LIST_PATH = {repo.brands.name: "brands", repo.product_types.name: "types"}  # table -> path under PREFIX
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schemas (validation and the OpenAPI document)
+
+
+class MoneyField(fields.Field):
+    """Money as a decimal string with at most two places ("19.99"); a plain JSON number is accepted too."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValidationError('must be a decimal string such as "19.99"')
+        try:
+            amount = Decimal(str(value).strip())  # str() of a float is its shortest repr: no binary noise
+        except InvalidOperation:
+            raise ValidationError('must be a decimal string such as "19.99"') from None
+        if not amount.is_finite():
+            raise ValidationError("must be a finite amount")
+        if amount < 0:
+            raise ValidationError("must not be negative")
+        if amount > MAX_PRICE:
+            raise ValidationError(f"must not be more than {MAX_PRICE}")
+        if amount != amount.quantize(CENT):
+            raise ValidationError("must have at most two decimal places")
+        return amount.quantize(CENT)
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else str(Decimal(value).quantize(CENT))
+
+
+def _units(**kwargs: Any) -> fields.Integer:
+    return fields.Integer(strict=True, validate=validate.Range(min=0, max=MAX_UNITS), **kwargs)
+
+
+class ProductFieldsSchema(Schema):
+    """What an admin may set on a product; every field optional (PATCH)."""
+
+    name = fields.String(validate=validate.Length(min=1, max=repo.NAME_MAX))
+    description = fields.String(validate=validate.Length(max=4000))
+    price = MoneyField(metadata={"type": "string", "example": "19.99"})
+    currency = fields.String(validate=validate.Regexp(r"^[A-Z]{3}$", error="must be a 3-letter ISO 4217 code"))
+    brand = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "brand id or name"})
+    type = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "type id or name"})
+    picture_url = fields.String(allow_none=True, validate=validate.Length(max=500))
+    available_stock = _units()
+    restock_threshold = _units()
+    max_stock = _units()
+
+
+class ProductCreateSchema(ProductFieldsSchema):
+    id = fields.UUID(metadata={"description": "optional: makes a retried create safe"})
+    name = fields.String(required=True, validate=validate.Length(min=1, max=repo.NAME_MAX))
+    description = fields.String(load_default="", validate=validate.Length(max=4000))
+    price = MoneyField(required=True, metadata={"type": "string", "example": "19.99"})
+    currency = fields.String(load_default="USD", validate=validate.Regexp(r"^[A-Z]{3}$", error="must be a 3-letter ISO 4217 code"))
+    brand = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    type = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    available_stock = _units(load_default=0)
+    restock_threshold = _units(load_default=0)
+    max_stock = _units(load_default=10_000)
+
+
+class ProductListQuery(Schema):
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE))
+    page_size = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    brand = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "brand id or name"})
+    type = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "type id or name"})
+    q = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "words in name or description"})
+    sort = fields.String(load_default="name", validate=validate.OneOf(repo.SORT_OPTIONS))
+
+
+class BatchQuery(Schema):
+    ids = fields.String(required=True, metadata={"description": f"comma-separated product ids, at most {MAX_BATCH}"})
+
+
+class ProductIdPath(Schema):
+    id = fields.UUID(required=True)
+
+
+class RestockSchema(Schema):
+    quantity = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=MAX_UNITS))
+
+
+class NamedCreateSchema(Schema):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=100))
+
+
+class NamedSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+
+
+class NamedListSchema(Schema):
+    items = fields.List(fields.Nested(NamedSchema))
+    total = fields.Integer()
+
+
+class ProductSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    description = fields.String()
+    price = fields.String(metadata={"example": "19.99"})
+    currency = fields.String()
+    brand_id = fields.String()
+    brand = fields.String()
+    type_id = fields.String()
+    type = fields.String()
+    picture_url = fields.String(allow_none=True)
+    available_stock = fields.Integer()
+    restock_threshold = fields.Integer()
+    max_stock = fields.Integer()
+    created_at = fields.DateTime()
+    updated_at = fields.DateTime()
+
+
+class ProductPageSchema(Schema):
+    items = fields.List(fields.Nested(ProductSchema))
+    page = fields.Integer()
+    page_size = fields.Integer()
+    total = fields.Integer()
+
+
+class ProductBatchSchema(Schema):
+    items = fields.List(fields.Nested(ProductSchema))
+
+
+class RestockResultSchema(Schema):
+    added = fields.Integer()
+    product = fields.Nested(ProductSchema)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def product_json(row: Row[Any]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "price": str(Decimal(row.price).quantize(CENT)),
+        "currency": row.currency,
+        "brand_id": row.brand_id,
+        "brand": row.brand,
+        "type_id": row.type_id,
+        "type": row.type,
+        "picture_url": row.picture_url,
+        "available_stock": row.available_stock,
+        "restock_threshold": row.restock_threshold,
+        "max_stock": row.max_stock,
+        "created_at": isoformat(as_utc(row.created_at)),
+        "updated_at": isoformat(as_utc(row.updated_at)),
+    }
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match: weak comparison against any listed tag, or ``*``."""
+    if not header:
+        return False
+    for candidate in header.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def cached_json(request: web.Request, data: Any) -> web.Response:
+    """``data`` as JSON with a strong ETag of its bytes, or 304 when the client has it already.
+
+    Hashing the body costs microseconds and needs no version bookkeeping that several processes would have
+    to share; clients and caches still skip the transfer and the parsing."""
+    body = dumps(data)
+    etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("If-None-Match"), etag):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, headers=headers, content_type="application/json")
+
+
+def _engine(request: web.Request) -> AsyncEngine:
+    """The engine for plain reads: autocommit, so a read costs no BEGIN and no ROLLBACK round trip.
+    Each read is one statement (page and total together), so it needs no transaction to be consistent."""
+    return request.app[READS]
+
+
+def _system(request: web.Request) -> ActorSystem:
+    system = request.app[AppKeyRuntime].system
+    assert system is not None
+    return system
+
+
+async def _named_id(conn: AsyncConnection, table: Table, ref: str, field: str) -> str:
+    found = await repo.resolve_named(conn, table, ref)
+    if found is None:
+        raise ValidationProblem.field(field, f"there is no {field} {ref!r}; see {PREFIX}/{_LIST_PATH[table.name]}")
+    return found
+
+
+async def _resolve_brand_and_type(conn: AsyncConnection, data: dict[str, Any]) -> dict[str, str]:
+    """``brand``/``type`` of a request (id or name) as ``brand_id``/``type_id``; 422 for unknown ones."""
+    resolved: dict[str, str] = {}
+    for field, table in (("brand", repo.brands), ("type", repo.product_types)):
+        if data.get(field) is not None:
+            resolved[f"{field}_id"] = await _named_id(conn, table, data[field], field)
+    return resolved
+
+
+def _search_words(q: str | None) -> tuple[str, ...]:
+    if q is None:
+        return ()
+    found = tuple(dict.fromkeys(repo.words(q)))
+    if not found:
+        raise ValidationProblem.field("q", "must contain a letter or a digit to search for")
+    if len(found) > MAX_SEARCH_WORDS:
+        raise ValidationProblem.field("q", f"may have at most {MAX_SEARCH_WORDS} words")
+    return found
+
+
+def _batch_ids(raw: str) -> list[str]:
+    ids: list[str] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        canonical = repo.canonical_uuid(part)
+        if canonical is None:
+            raise ValidationProblem.field("ids", f"{part[:40]!r} is not a product id (a UUID)")
+        ids.append(canonical)
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > MAX_BATCH:
+        raise ValidationProblem.field("ids", f"at most {MAX_BATCH} ids per request, got {len(ids)}")
+    return ids
+
+
+async def _product(request: web.Request, product_id: str) -> dict[str, Any]:
+    """The product's JSON as stored now (after a write: as that write left it)."""
+    async with _engine(request).connect() as conn:
+        row = await repo.get_product(conn, product_id)
+    if row is None:
+        raise NotFound(f"no product {product_id}")
+    return product_json(row)
+
+
+def _path_id(request: web.Request) -> str:
+    return str(request["match_info"]["id"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reads
+
+
+@docs(tags=["catalog"], summary="Browse and search products", description="Paged; filter by brand and type, search words, sort.")
+@querystring_schema(ProductListQuery)
+@response_schema(ProductPageSchema, 200)
+async def list_products(request: web.Request) -> web.Response:
+    args = request["querystring"]
+    words = _search_words(args.get("q"))
+    async with _engine(request).connect() as conn:
+        ids = await _resolve_brand_and_type(conn, args)
+        query = repo.ProductQuery(
+            page=args["page"],
+            page_size=args["page_size"],
+            brand_id=ids.get("brand_id"),
+            type_id=ids.get("type_id"),
+            search=words,
+            sort=args["sort"],
+        )
+        rows, total = await repo.browse(conn, query)
+    page = {"items": [product_json(r) for r in rows], "page": query.page, "page_size": query.page_size, "total": total}
+    return cached_json(request, page)
+
+
+@docs(tags=["catalog"], summary="Several products by id (for the cart); unknown ids are left out")
+@querystring_schema(BatchQuery)
+@response_schema(ProductBatchSchema, 200)
+async def batch_products(request: web.Request) -> web.Response:
+    ids = _batch_ids(request["querystring"]["ids"])
+    async with _engine(request).connect() as conn:
+        rows = await repo.get_products(conn, ids)
+    return cached_json(request, {"items": [product_json(r) for r in rows]})
+
+
+@docs(tags=["catalog"], summary="One product")
+@match_info_schema(ProductIdPath)
+@response_schema(ProductSchema, 200)
+async def get_product(request: web.Request) -> web.Response:
+    return cached_json(request, await _product(request, _path_id(request)))
+
+
+def _named_list(table: Table) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        async with _engine(request).connect() as conn:
+            items = await repo.list_named(conn, table)
+        return cached_json(request, {"items": items, "total": len(items)})
+
+    return response_schema(NamedListSchema, 200)(docs(tags=["catalog"], summary=f"All {_LIST_PATH[table.name]}")(handler))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Admin writes (through the ProductActor)
+
+
+@docs(tags=["catalog admin"], summary="Create a product")
+@request_schema(ProductCreateSchema)
+@response_schema(ProductSchema, 201)
+@require(roles=ADMIN)
+async def create_product(request: web.Request) -> web.Response:
+    data = request["data"]
+    async with _engine(request).connect() as conn:
+        ids = await _resolve_brand_and_type(conn, data)
+    product_id = str(data.get("id") or uuid.uuid4())
+    command = CreateProduct(
+        product_id=product_id,
+        name=data["name"],
+        description=data["description"],
+        price=data["price"],
+        currency=data["currency"],
+        brand_id=ids["brand_id"],
+        type_id=ids["type_id"],
+        picture_url=data.get("picture_url") or None,
+        available_stock=data["available_stock"],
+        restock_threshold=data["restock_threshold"],
+        max_stock=data["max_stock"],
+    )
+    await _system(request).ref(ProductActor, product_id).ask(command)
+    location = {"Location": f"{PREFIX}/products/{product_id}"}
+    return json_response(await _product(request, product_id), status=201, headers=location)
+
+
+@docs(tags=["catalog admin"], summary="Change a product: details, price, stock")
+@match_info_schema(ProductIdPath)
+@request_schema(ProductFieldsSchema)
+@response_schema(ProductSchema, 200)
+@require(roles=ADMIN)
+async def update_product(request: web.Request) -> web.Response:
+    data = request["data"]
+    if not data:
+        raise ValidationProblem.field("body", "give at least one field to change")
+    product_id = _path_id(request)
+    async with _engine(request).connect() as conn:
+        ids = await _resolve_brand_and_type(conn, data)
+    changes = {k: v for k, v in data.items() if k not in ("brand", "type")}
+    if "picture_url" in changes:
+        changes["picture_url"] = changes["picture_url"] or ""  # "" (or null) removes the picture
+    await _system(request).ref(ProductActor, product_id).ask(UpdateProduct(product_id, **changes, **ids))
+    return json_response(await _product(request, product_id))
+
+
+@docs(tags=["catalog admin"], summary="Add units, up to the product's max_stock")
+@match_info_schema(ProductIdPath)
+@request_schema(RestockSchema)
+@response_schema(RestockResultSchema, 200)
+@require(roles=ADMIN)
+async def restock_product(request: web.Request) -> web.Response:
+    product_id = _path_id(request)
+    added = await _system(request).ref(ProductActor, product_id).ask(RestockProduct(product_id, request["data"]["quantity"]))
+    return json_response({"added": added, "product": await _product(request, product_id)})
+
+
+@docs(tags=["catalog admin"], summary="Delete a product (refused while an open order holds it)")
+@match_info_schema(ProductIdPath)
+@require(roles=ADMIN)
+async def delete_product(request: web.Request) -> web.Response:
+    product_id = _path_id(request)
+    await _system(request).ref(ProductActor, product_id).ask(DeleteProduct(product_id))
+    return web.Response(status=204)
+
+
+def _named_create(table: Table) -> Callable[[web.Request], Awaitable[web.Response]]:
+    kind = "brand" if table is repo.brands else "type"
+
+    @docs(tags=["catalog admin"], summary=f"Add a {kind}")
+    @request_schema(NamedCreateSchema)
+    @response_schema(NamedSchema, 201)
+    @require(roles=ADMIN)
+    async def handler(request: web.Request) -> web.Response:
+        name = request["data"]["name"].strip()
+        if not name:
+            raise ValidationProblem.field("name", "must not be blank")
+        async with request.app[AppKeyRuntime].engine.begin() as conn:  # a transaction: not the read engine
+            row = await repo.create_named(conn, table, name)
+        if row is None:
+            raise Conflict(f"a {kind} named {name!r} exists already", slug=f"{kind}-exists")
+        return json_response(row, status=201, headers={"Location": f"{PREFIX}/{_LIST_PATH[table.name]}"})
+
+    return handler
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wiring
+
+
+def setup(app: web.Application) -> None:
+    engine = app[AppKeyRuntime].engine
+    app[READS] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    # "batch" before "{id}": the router tries resources in the order they were added.
+    app.router.add_get(f"{PREFIX}/products/batch", batch_products)
+    app.router.add_get(f"{PREFIX}/products", list_products)
+    app.router.add_post(f"{PREFIX}/products", create_product)
+    app.router.add_get(f"{PREFIX}/products/{{id}}", get_product)
+    app.router.add_patch(f"{PREFIX}/products/{{id}}", update_product)
+    app.router.add_delete(f"{PREFIX}/products/{{id}}", delete_product)
+    app.router.add_post(f"{PREFIX}/products/{{id}}/restock", restock_product)
+    for table in (repo.brands, repo.product_types):
+        path = f"{PREFIX}/{_LIST_PATH[table.name]}"
+        app.router.add_get(path, _named_list(table))
+        app.router.add_post(path, _named_create(table))

@@ -1,0 +1,180 @@
+"""Checkout: price re-check, CheckoutRequested through the outbox, idempotency keys, OrderStarted empties the cart."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from actors.cart.actor import MAX_CHECKOUTS
+from actors.cart.messages import Address, CheckoutLine, OrderStarted, PaymentDetails
+from tests.cart.conftest import ADDRESS, PAYMENT
+
+
+async def test_checkout_sends_one_order_request_and_a_retry_with_the_key_gets_the_same_order(shop, catalog):
+    lamp, bulb = await catalog.add("Lamp", "19.99"), await catalog.add("Bulb", "0.50")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    await me.put(bulb, 3)
+    key = str(uuid.uuid4())
+
+    first = await me.checkout(key, address={**ADDRESS, "state": "Greater London"})
+    assert first.status == 202, await first.text()
+    order_id = (await first.json())["order_id"]
+    assert uuid.UUID(order_id).version == 4
+    assert first.headers["Location"] == f"/api/orders/{order_id}"
+
+    again = await me.checkout(key, address={**ADDRESS, "state": "Greater London"})
+    assert again.status == 202 and (await again.json())["order_id"] == order_id
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+    await shop.settle()
+    assert await shop.outbox_rows() == 1
+    [request] = shop.checkout_requests()
+    [env] = shop.orders
+    assert env.session_id == order_id
+    assert request.order_id == order_id and request.buyer_id == me.sub and request.cart_id == me.sub
+    assert request.lines == (
+        CheckoutLine(lamp, "Lamp", Decimal("19.99"), 2, ""),
+        CheckoutLine(bulb, "Bulb", Decimal("0.50"), 3, ""),
+    )
+    assert request.total == Decimal("41.48") and request.currency == "USD"
+    assert request.shipping_address == Address(**ADDRESS, state="Greater London")
+    assert request.payment == PaymentDetails("card", "tok_visa")
+    assert request.requested_at.tzinfo is not None
+
+
+async def test_a_key_reused_for_another_request_is_refused(shop, catalog):
+    me = shop.shopper()
+    await me.put(await catalog.add(), 1)
+    assert (await me.checkout("key-1")).status == 202
+    resp = await me.checkout("key-1", payment={"method": "card", "token": "tok_decline"})
+    assert resp.status == 422 and (await resp.json())["type"].endswith("/idempotency-key-reused")
+    await shop.settle()
+    assert await shop.outbox_rows() == 1
+
+
+async def test_keys_are_per_cart_and_bounded(shop, catalog):
+    lamp = await catalog.add()
+    me, other = shop.shopper(), shop.shopper()
+    await me.put(lamp, 1)
+    await other.put(lamp, 1)
+    mine = await (await me.checkout("same-key")).json()
+    theirs = await (await other.checkout("same-key")).json()
+    assert mine["order_id"] != theirs["order_id"]
+    for n in range(MAX_CHECKOUTS):
+        assert (await me.checkout(f"k{n}")).status == 202
+    info = await (await shop.client.get(f"/api/cart/admin/actors/cart/{me.sub}", headers=shop.identity.headers(shop.identity.admin_token()))).json()
+    assert len(info["state"]["checkouts"]) == MAX_CHECKOUTS
+    assert "tok_visa" not in str(info["state"])  # the payment token is not kept in the cart
+
+
+async def test_a_price_changed_since_the_buyer_saw_it_is_applied_noted_and_answered_409(make_shop, catalog):
+    # Without the bus the catalog's event cannot arrive first: checkout's own re-check has to find the change.
+    shop = await make_shop(catalog.url, with_bus=False)
+    lamp, bulb = await catalog.add("Lamp", "10.00"), await catalog.add("Bulb", "1.00")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    await me.put(bulb, 1)
+    await catalog.change(lamp, price="12.50")
+
+    resp = await me.checkout("k")
+    assert resp.status == 409
+    problem = await resp.json()
+    assert problem["type"].endswith("/price-changed") and "10.00 -> 12.50" in problem["detail"]
+    assert problem["price_changes"] == [{"product_id": lamp, "name": "Lamp", "old_price": "10.00", "new_price": "12.50"}]
+    cart = await me.get()
+    assert cart["lines"][0]["unit_price"] == "12.50" and cart["total"] == "26.00"
+    assert [(n["old_price"], n["new_price"]) for n in cart["notes"]] == [("10.00", "12.50")]
+    assert await shop.outbox_rows() == 0
+
+    confirmed = await me.checkout("k")  # the buyer confirms the new price
+    assert confirmed.status == 202
+    assert await shop.outbox_rows() == 1
+
+
+async def test_checkout_refuses_an_empty_cart_a_deleted_product_and_missing_stock(shop, catalog):
+    me = shop.shopper()
+    resp = await me.checkout()
+    assert resp.status == 409 and (await resp.json())["type"].endswith("/cart-empty")
+
+    lamp, gone = await catalog.add("Lamp", stock=5), await catalog.add("Old Lamp")
+    await me.put(lamp, 5)
+    await me.put(gone, 1)
+    await catalog.delete(gone)
+    resp = await me.checkout()
+    problem = await resp.json()
+    assert resp.status == 409 and problem["type"].endswith("/product-unavailable") and problem["product_id"] == gone
+
+    await me.put(gone, 0)
+    await catalog.change(lamp, available_stock=4)
+    resp = await me.checkout()
+    assert resp.status == 409 and (await resp.json())["type"].endswith("/insufficient-stock")
+    await shop.settle()
+    assert await shop.outbox_rows() == 0 and len((await me.get())["lines"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"payment": PAYMENT}, "shipping_address"),
+        ({"shipping_address": {**ADDRESS, "city": ""}, "payment": PAYMENT}, "shipping_address.city"),
+        ({"shipping_address": ADDRESS, "payment": {"method": "card", "token": "4111 1111 1111 1111"}}, "payment.token"),
+        ({"shipping_address": ADDRESS, "payment": {"method": "card"}}, "payment.token"),
+    ],
+)
+async def test_bad_checkout_input_is_422_naming_the_field(shop, body, field):
+    me = shop.shopper()
+    resp = await shop.client.post("/api/cart/checkout", json=body, headers=me.headers)
+    problem = await resp.json()
+    assert resp.status == 422 and field in [e["field"] for e in problem["errors"]], problem
+
+
+async def test_a_malformed_idempotency_key_is_422(shop):
+    me = shop.shopper()
+    headers = {**me.headers, "Idempotency-Key": "has spaces in it"}
+    resp = await shop.client.post("/api/cart/checkout", json={"shipping_address": ADDRESS, "payment": PAYMENT}, headers=headers)
+    assert resp.status == 422 and (await resp.json())["errors"][0]["field"] == "Idempotency-Key"
+
+
+async def test_order_started_removes_what_was_ordered_once(shop, catalog):
+    lamp, bulb, cable = await catalog.add("Lamp"), await catalog.add("Bulb"), await catalog.add("Cable")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    await me.put(bulb, 1)
+    order_id = (await (await me.checkout()).json())["order_id"]
+    await me.put(lamp, 3)  # added after checking out: one lamp stays
+    await me.put(cable, 1)
+
+    env = await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)
+    await shop.settle()
+    cart = await me.get()
+    assert [(line["product_id"], line["quantity"]) for line in cart["lines"]] == [(lamp, 1), (cable, 1)]
+
+    await shop.bus.publish(env)  # redelivered
+    await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)  # sent twice by the order service
+    await shop.publish(OrderStarted(str(uuid.uuid4()), me.sub, me.sub), session_id="x")  # not from this cart
+    await shop.settle()
+    assert await me.get() == cart
+    assert await shop.bus.dead_letters("cart") == []
+
+
+async def test_the_cart_and_its_checkout_keys_survive_a_restart(make_shop, catalog):
+    first = await make_shop(catalog.url, with_bus=False)
+    lamp, bulb = await catalog.add("Lamp", "10.00"), await catalog.add("Bulb", "1.25")
+    me = first.shopper()
+    await me.put(lamp, 1)
+    await me.put(bulb, 2)
+    await catalog.change(lamp, price="9.50")
+    assert (await me.checkout("k")).status == 409  # takes the new price and notes it
+    order_id = (await (await me.checkout("k")).json())["order_id"]
+    cart = await me.get()
+
+    second = await make_shop(catalog.url, with_bus=False)  # another process on the same database
+    again = second.shopper(me.sub)
+    assert await again.get() == cart
+    assert cart["notes"][0]["old_price"] == "10.00" and cart["total"] == "12.00"
+    resp = await again.checkout("k")
+    assert resp.status == 202 and (await resp.json())["order_id"] == order_id
+    assert await second.outbox_rows() == 1
