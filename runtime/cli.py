@@ -150,7 +150,13 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecom", description="EcomGateway: microservice e-commerce backend")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run every built service in this process")
+    p_run = sub.add_parser("run", help="run every built service (in this process, or one process each)")
+    p_run.add_argument(
+        "--processes", action="store_true", help="one process per service instance (needs a shared bus and databases)"
+    )
+    p_run.add_argument(
+        "--instances", type=int, default=1, metavar="N", help="with --processes: instances of cart, order and catalog"
+    )
     p_serve = sub.add_parser("serve", help="run one service")
     p_serve.add_argument("service", choices=list(services.SERVICE_MODULES))
     p_db = sub.add_parser("db", help="database schema")
@@ -181,6 +187,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.general.log_level)
     install_uvloop()
     try:
+        if args.command == "run" and args.processes:
+            from runtime.processes import SCALABLE, run_processes
+
+            if not 1 <= args.instances <= 8:
+                raise ConfigError("--instances: expected 1 to 8")
+            return asyncio.run(run_processes(settings, dict.fromkeys(SCALABLE, args.instances)))
         if args.command in ("run", "serve"):
             asyncio.run(serve(settings, [] if args.command == "run" else [args.service]))
         elif args.command == "db":

@@ -1,0 +1,1 @@
+"""Order service: OrderActor per order id, the checkout saga (stock, payment) and the buyers' order API."""

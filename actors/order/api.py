@@ -1,0 +1,252 @@
+"""HTTP API of the order service (full paths; the gateway proxies them unchanged).
+
+    GET  /api/orders?page=&page_size=     the caller's orders, newest first (admins: everybody's), from the query table
+    GET  /api/orders/{id}                 one order: lines, totals, address, status and history
+    POST /api/orders/{id}/cancel          cancel before it is paid (reserved stock goes back); Idempotency-Key header
+    POST /api/orders/{id}/ship            admin: mark a paid order shipped; Idempotency-Key header
+
+A customer sees only their own orders: anyone else's answers 404, exactly like an order that does not exist.
+Reading never wakes an actor: the list comes from the ``orders`` table, one order from its committed state.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apispec import docs, querystring_schema, response_schema
+from marshmallow import Schema, fields, validate
+
+from actors.order.actor import OrderActor, load_order, money, order_view
+from actors.order.messages import CancelOrder, CommandResult, OrderStatus, ShipOrder
+from actors.order.repository import OrderSummary, list_orders
+from runtime.actors import ActorRef, ActorSystem
+from runtime.auth import Principal, authenticate, check_access, principal, require
+from runtime.errors import NotFound, ValidationProblem
+from runtime.host import AppKeyRuntime, json_response
+
+PREFIX = "/api/orders"
+CUSTOMER = ("customer", "admin")
+ADMIN = ("admin",)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as the IETF Idempotency-Key draft
+MAX_PAGE = 100_000
+MAX_ID_LENGTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class OrderContext:
+    """What the routes need, set by ``service.create_app``."""
+
+    system: ActorSystem
+    actor_class: type[OrderActor]
+
+
+ORDERS: web.AppKey[OrderContext] = web.AppKey("order_context", OrderContext)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schemas
+
+
+class PageQuery(Schema):
+    page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE))
+    page_size = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+
+
+class OrderLineSchema(Schema):
+    product_id = fields.String()
+    name = fields.String()
+    unit_price = fields.String(metadata={"example": "9.99"})
+    quantity = fields.Integer()
+    picture_url = fields.String()
+
+
+class AddressSchema(Schema):
+    name = fields.String()
+    street = fields.String()
+    city = fields.String()
+    postal_code = fields.String()
+    country = fields.String()
+    state = fields.String()
+
+
+class HistorySchema(Schema):
+    status = fields.String(metadata={"enum": list(OrderStatus.ALL)})
+    at = fields.DateTime()
+    reason = fields.String()
+
+
+class OrderSchema(Schema):
+    id = fields.String()
+    buyer_id = fields.String()
+    status = fields.String(metadata={"enum": list(OrderStatus.ALL)})
+    lines = fields.List(fields.Nested(OrderLineSchema))
+    total = fields.String(metadata={"example": "19.98"})
+    currency = fields.String()
+    shipping_address = fields.Nested(AddressSchema)
+    created_at = fields.DateTime()
+    updated_at = fields.DateTime()
+    history = fields.List(fields.Nested(HistorySchema))
+
+
+class OrderSummarySchema(Schema):
+    id = fields.String()
+    buyer_id = fields.String()
+    status = fields.String(metadata={"enum": list(OrderStatus.ALL)})
+    total = fields.String(metadata={"example": "19.98"})
+    currency = fields.String()
+    created_at = fields.DateTime()
+    updated_at = fields.DateTime()
+
+
+class OrderPageSchema(Schema):
+    items = fields.List(fields.Nested(OrderSummarySchema))
+    page = fields.Integer()
+    page_size = fields.Integer()
+    total = fields.Integer()
+
+
+IDEMPOTENCY_PARAMETER = {"in": "header", "name": IDEMPOTENCY_HEADER, "schema": {"type": "string"}, "required": False}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _context(request: web.Request) -> OrderContext:
+    return request.app[ORDERS]
+
+
+def _is_admin(p: Principal) -> bool:
+    return "admin" in p.roles
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(key):
+        raise ValidationProblem.field(IDEMPOTENCY_HEADER, "must be 1 to 255 visible ASCII characters, e.g. a UUID")
+    return key
+
+
+def _summary_json(s: OrderSummary) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "buyer_id": s.buyer_id,
+        "status": s.status,
+        "total": money(s.total),
+        "currency": s.currency,
+        "created_at": s.created_at,
+        "updated_at": s.updated_at,
+    }
+
+
+def _command_response(result: CommandResult) -> web.Response:
+    headers = {"Idempotent-Replayed": "true"} if result.replayed else None
+    return json_response(result.order, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routes
+
+
+@docs(tags=["orders"], summary="Your orders, newest first", description="Admins see every buyer's orders.")
+@querystring_schema(PageQuery)
+@response_schema(OrderPageSchema, 200)
+@require(roles=CUSTOMER)
+async def get_orders(request: web.Request) -> web.Response:
+    query = request["querystring"]
+    p = principal(request)
+    engine = request.app[AppKeyRuntime].engine
+    found = await list_orders(
+        engine, buyer_id=None if _is_admin(p) else p.sub, page=query["page"], page_size=query["page_size"]
+    )
+    return json_response(
+        {
+            "items": [_summary_json(s) for s in found.items],
+            "page": query["page"],
+            "page_size": query["page_size"],
+            "total": found.total,
+        }
+    )
+
+
+@docs(tags=["orders"], summary="One order", description="Lines, totals, shipping address, status and its history.")
+@response_schema(OrderSchema, 200)
+@require(roles=CUSTOMER)
+async def get_order(request: web.Request) -> web.Response:
+    order_id = _order_id(request)
+    p = principal(request)
+    # The committed state, live or stored: reading does not go through (or wake) the actor's mailbox.
+    info = await _context(request).system.inspect(OrderActor.type_name, order_id)
+    order = load_order(info["state"]) if info is not None else None
+    if order is None or not order.status or (order.buyer_id != p.sub and not _is_admin(p)):
+        raise NotFound(f"there is no order {order_id}", slug="order-not-found")
+    return json_response(order_view(order_id, order))
+
+
+@docs(
+    tags=["orders"],
+    summary="Cancel an order before it is paid",
+    description="Reserved stock goes back to the catalog; a payment in progress is voided. 409 once paid. "
+    f"Cancelling a cancelled order changes nothing. Send an {IDEMPOTENCY_HEADER} header to make retries safe.",
+    parameters=[IDEMPOTENCY_PARAMETER],
+)
+@response_schema(OrderSchema, 200)
+@require(roles=CUSTOMER)
+async def cancel_order(request: web.Request) -> web.Response:
+    p = principal(request)
+    command = CancelOrder(p.sub, _is_admin(p), _idempotency_key(request))
+    return _command_response(await _order(request).ask(command))
+
+
+@docs(
+    tags=["orders"],
+    summary="Mark a paid order shipped (admin)",
+    description=f"409 unless the order is paid. Send an {IDEMPOTENCY_HEADER} header to make retries safe.",
+    parameters=[IDEMPOTENCY_PARAMETER],
+)
+@response_schema(OrderSchema, 200)
+@require(roles=ADMIN)
+async def ship_order(request: web.Request) -> web.Response:
+    return _command_response(await _order(request).ask(ShipOrder(_idempotency_key(request))))
+
+
+def _order_id(request: web.Request) -> str:
+    order_id = request.match_info["id"]
+    if len(order_id) > MAX_ID_LENGTH:  # no order has such an id; don't carry it to the database
+        raise NotFound(f"there is no order {order_id[:MAX_ID_LENGTH]}...", slug="order-not-found")
+    return order_id
+
+
+def _order(request: web.Request) -> ActorRef:
+    ctx = _context(request)
+    return ctx.system.ref(ctx.actor_class, _order_id(request))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wiring
+
+
+@web.middleware
+async def authorize_first(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Run a route's ``@require`` check before its query is validated (the host validates before the handler),
+    so an anonymous caller gets 401, not a 422 describing what a valid request looks like."""
+    needs = getattr(request.match_info.handler, "__auth_requirements__", None)
+    if needs:
+        check_access(await authenticate(request), **needs)
+    return await handler(request)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get(PREFIX, get_orders)
+    app.router.add_get(f"{PREFIX}/{{id}}", get_order)
+    app.router.add_post(f"{PREFIX}/{{id}}/cancel", cancel_order)
+    app.router.add_post(f"{PREFIX}/{{id}}/ship", ship_order)

@@ -1,0 +1,130 @@
+"""The order service's query table: one summary row per order, for the buyer's paged list.
+
+An order's full record (lines, address, history) lives in its actor state. ``orders`` answers what the state
+cannot: "the orders of buyer X, newest first". The OrderActor keeps its row in step inside the same transaction
+as its state (``turn.on_commit``), so the list never shows a status the order does not have, and listing never
+wakes an actor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from runtime.store import SqlHook, as_utc
+
+metadata = MetaData()
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("id", String(64), primary_key=True),  # = actor id
+    Column("buyer_id", String(128), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("total", Numeric(12, 2), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The buyer's list, newest first, is an index range scan; the admin's list (all buyers) uses the second.
+    Index("ix_orders_buyer_created", "buyer_id", "created_at", "id"),
+    Index("ix_orders_created", "created_at", "id"),
+)
+
+TABLES = (orders,)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSummary:
+    id: str
+    buyer_id: str
+    status: str
+    total: Decimal
+    currency: str
+    created_at: datetime
+    updated_at: datetime
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "buyer_id": self.buyer_id,
+            "status": self.status,
+            "total": self.total,
+            "currency": self.currency,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+def save_summary(summary: OrderSummary, *, new: bool) -> SqlHook:
+    """A hook for ``turn.on_commit``: insert the row of a ``new`` order, update it afterwards. An update that finds
+    no row (a row lost to a manual edit) inserts it, so the table heals instead of failing the turn."""
+    values = summary.row()
+    changes = {k: v for k, v in values.items() if k not in ("id", "buyer_id", "created_at")}
+
+    async def hook(conn: AsyncConnection) -> None:
+        if not new:
+            result = await conn.execute(update(orders).where(orders.c.id == summary.id).values(**changes))
+            if result.rowcount:
+                return
+        await conn.execute(insert(orders).values(**values))
+
+    return hook
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[OrderSummary]
+    total: int
+
+
+async def list_orders(engine: AsyncEngine, *, buyer_id: str | None, page: int, page_size: int) -> Page:
+    """One page of orders, newest first: the buyer's, or everybody's when ``buyer_id`` is None (admins)."""
+    where = [] if buyer_id is None else [orders.c.buyer_id == buyer_id]
+    query = (
+        select(orders)
+        .where(*where)
+        .order_by(orders.c.created_at.desc(), orders.c.id.desc())
+        .limit(page_size)
+        .offset((page - 1) * page_size)
+    )
+    count = select(func.count()).select_from(orders).where(*where)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+        total = (await conn.execute(count)).scalar_one()
+    return Page([_summary(row) for row in rows], total)
+
+
+async def count_by_status(engine: AsyncEngine) -> dict[str, int]:
+    """How many orders are in each status (for tests, the benchmark and operators)."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(orders.c.status, func.count()).group_by(orders.c.status))
+        return {status: n for status, n in rows}
+
+
+def _summary(row: Any) -> OrderSummary:
+    return OrderSummary(
+        id=row.id,
+        buyer_id=row.buyer_id,
+        status=row.status,
+        total=Decimal(row.total),
+        currency=row.currency,
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
+    )

@@ -1,0 +1,128 @@
+"""The order service: OrderActor per order on its own database, the payment processor, and the "order" queue.
+
+Queue ``"order"`` (session = order id) carries:
+
+* ``CheckoutRequested`` (cart), ``StockReserved`` / ``StockRejected`` (catalog): to the OrderActor, with the
+  envelope's message id so the actor's inbox drops redelivered copies;
+* ``ProcessPayment`` / ``ReversePayment`` (the order's own outbox): to the :class:`PaymentProcessor`, which
+  charges outside actor turns and tells the actor the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from actors.cart.messages import CheckoutRequested
+from actors.catalog.messages import StockRejected, StockReserved
+from actors.order import api, repository
+from actors.order.actor import OrderActor, SagaTimings
+from actors.order.messages import ORDER_QUEUE, ProcessPayment, ReversePayment
+from actors.order.payment import (
+    Deliver,
+    PaymentProcessor,
+    PaymentProvider,
+    RetryPolicy,
+    SimulatedPaymentProvider,
+)
+from bus.envelope import Envelope
+from config import Settings
+from runtime import host
+from runtime.actors import ActorSystem, DuplicateMessage
+from runtime.host import ServiceRuntime
+from runtime.messages import BusBinding, from_body
+from runtime.migrate import Component, Migration, create_tables
+
+log = logging.getLogger(__name__)
+
+NAME = "order"
+SCHEMA = Component(
+    NAME, [Migration(1, "orders: one summary row per order for the buyers' lists", create_tables(*repository.TABLES))]
+)
+
+PAYMENTS: web.AppKey[PaymentProcessor] = web.AppKey("order_payments", PaymentProcessor)
+
+
+def timings_from(settings: Settings) -> SagaTimings:
+    # Settings hook: ``payment_timeout`` / ``validation_timeout`` / ``retry_interval`` fields on the order service's
+    # settings (ECOM_ORDER_PAYMENT_TIMEOUT...) win once the shared config declares them; until then the defaults.
+    svc, default = settings.service(NAME), SagaTimings()
+    return SagaTimings(
+        validation_timeout=float(getattr(svc, "validation_timeout", default.validation_timeout)),
+        payment_timeout=float(getattr(svc, "payment_timeout", default.payment_timeout)),
+        retry_interval=float(getattr(svc, "retry_interval", default.retry_interval)),
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    bus: Any = None,
+    database_url: str | None = None,
+    verifier: Any = None,
+    payment_provider: PaymentProvider | None = None,
+    timings: SagaTimings | None = None,
+    payment_policy: RetryPolicy | None = None,
+) -> web.Application:
+    runtime = ServiceRuntime.with_database(NAME, settings, bus=bus, database_url=database_url, verifier=verifier)
+    assert runtime.system is not None
+    actor_class = OrderActor.configured(timings or timings_from(settings))
+    runtime.system.register(actor_class)
+    if payment_provider is None:
+        log.warning("order: payments go to the SimulatedPaymentProvider; no real money moves")
+        payment_provider = SimulatedPaymentProvider()
+    processor = PaymentProcessor(payment_provider, _deliver_to(runtime.system, actor_class), payment_policy)
+    # Stop hooks run last-registered first: the bus consumer, then the payment processor, then the actors. The
+    # actors stop before the runtime stops the outbox relay, so no turn commits (and wakes the relay) while the
+    # relay is being cancelled: on Python 3.11 the relay's asyncio.wait_for can swallow a cancellation that comes
+    # with a wake-up, and shutdown then never ends. Stopping the actor system twice is harmless.
+    runtime.on_stop.append(runtime.system.stop)
+    runtime.on_stop.append(processor.close)
+    if bus is not None:
+        _consume_on_start(runtime, bus_binding(runtime.system, actor_class, processor))
+    app = host.create_app(runtime, routes=api.setup, extra_middlewares=[api.authorize_first])
+    app[api.ORDERS] = api.OrderContext(runtime.system, actor_class)
+    app[PAYMENTS] = processor
+    return app
+
+
+def bus_binding(system: ActorSystem, actor_class: type[OrderActor], processor: PaymentProcessor) -> BusBinding:
+    binding = BusBinding(system)
+    for message_class in (CheckoutRequested, StockReserved, StockRejected):
+        binding.to_actor(message_class, actor_class)
+
+    async def process_payment(env: Envelope) -> None:
+        processor.start_charge(from_body(ProcessPayment, env.body), env.message_id)
+
+    async def reverse_payment(env: Envelope) -> None:
+        await processor.reverse(from_body(ReversePayment, env.body), env.message_id)
+
+    binding.to_handler(ProcessPayment.__name__, process_payment)
+    binding.to_handler(ReversePayment.__name__, reverse_payment)
+    return binding
+
+
+def _deliver_to(system: ActorSystem, actor_class: type[OrderActor]) -> Deliver:
+    async def deliver(order_id: str, message: Any, message_id: str) -> None:
+        try:
+            await system.ref(actor_class, order_id).ask(message, message_id=message_id)
+        except DuplicateMessage:
+            log.debug("order %s: %s %s applied already", order_id, type(message).__name__, message_id)
+
+    return deliver
+
+
+def _consume_on_start(runtime: ServiceRuntime, binding: BusBinding) -> None:
+    consumers: list[Any] = []
+
+    async def consume() -> None:
+        consumers.append(await runtime.bus.consume(ORDER_QUEUE, binding))
+
+    async def stop_consuming() -> None:
+        while consumers:
+            await consumers.pop().stop()
+
+    runtime.on_start.append(consume)
+    runtime.on_stop.append(stop_consuming)
