@@ -278,8 +278,8 @@ def count_statement(query: ProductQuery) -> Select[Any]:
 
 def page_statement(query: ProductQuery) -> Select[Any]:
     """One page of products with the ``total`` of the whole listing on each row: one round trip."""
-    total = count_statement(query).scalar_subquery().label("total")
     if not query.search:
+        total = count_statement(query).scalar_subquery().label("total")
         return (
             _product_select()
             .add_columns(total)
@@ -288,9 +288,10 @@ def page_statement(query: ProductQuery) -> Select[Any]:
             .limit(query.page_size)
             .offset(query.offset)
         )
+    # A search finds its matches once: the window counts them all before the page is cut.
     found = _matches(query).subquery("found")
     page = (
-        select(found.c.product_id, found.c.name_key, found.c.price)
+        select(found.c.product_id, found.c.name_key, found.c.price, func.count().over().label("total"))
         .order_by(*_ordering(query.sort, found.c.name_key, found.c.price, found.c.product_id))
         .limit(query.page_size)
         .offset(query.offset)
@@ -298,7 +299,7 @@ def page_statement(query: ProductQuery) -> Select[Any]:
     )
     return (
         _product_select()
-        .add_columns(total)
+        .add_columns(page.c.total)
         .join(page, page.c.product_id == products.c.id)
         .order_by(*_ordering(query.sort, page.c.name_key, page.c.price, page.c.product_id))
     )
