@@ -145,3 +145,12 @@ class BadGateway(Problem):
     status = 502
     slug = "bad-gateway"
     title = "Bad gateway"
+
+
+class IdempotencyKeyReused(Problem):
+    """The same ``Idempotency-Key`` came with a different request: answering the first one's result
+    would be wrong, doing it again would break the key's promise."""
+
+    status = 422
+    slug = "idempotency-key-reused"
+    title = "The idempotency key was used for another request"

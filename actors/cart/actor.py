@@ -55,8 +55,9 @@ from actors.cart.messages import (
 )
 from actors.catalog.messages import ProductPriceChanged
 from runtime.actors import Actor, ReminderFired, Turn, handles
-from runtime.errors import Conflict, Problem, ValidationProblem
+from runtime.errors import Conflict, IdempotencyKeyReused, ValidationProblem
 from runtime.messages import envelope, from_body, to_body
+from runtime.money import CENT, money
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ MAX_LINES = 500  # distinct products per cart: bounds the state every turn write
 MAX_CHECKOUTS = 20  # checkouts remembered for idempotency keys and OrderStarted
 DEFAULT_CART_EXPIRY = 30 * 24 * 3600.0  # seconds a cart may stay unchanged before it is emptied
 EXPIRY_REMINDER = "expire"
-CENT = Decimal("0.01")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,12 +97,6 @@ class CartEmpty(Conflict):
     title = "The cart is empty"
 
 
-class IdempotencyKeyReused(Problem):
-    status = 422
-    slug = "idempotency-key-reused"
-    title = "The idempotency key was used for another request"
-
-
 class PricesChangedProblem(Conflict):
     slug = "price-changed"
     title = "Prices changed"
@@ -117,11 +111,6 @@ class PricesChangedProblem(Conflict):
                 for c in reply.changes
             ],
         )
-
-
-def money(amount: Decimal) -> str:
-    """Money for JSON: a decimal string with two places."""
-    return str(amount.quantize(CENT))
 
 
 # ---------------------------------------------------------------------------------------------------
