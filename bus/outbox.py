@@ -61,6 +61,9 @@ class OutboxRelay:
     async def _run(self) -> None:
         backoff = self.poll_interval
         while True:
+            # Clear before relaying: a turn that commits while this batch is in flight sets it again, so
+            # its rows go out right after instead of waiting a whole poll interval.
+            self._wake.clear()
             try:
                 while await self.relay_once() == self.batch_size:
                     pass  # a full batch: more may be waiting
@@ -71,9 +74,11 @@ class OutboxRelay:
                 # Bus or database down: keep the rows, try again later with growing patience.
                 log.warning("outbox relay failed (%r); retrying in %.1fs", exc, backoff)
                 backoff = min(backoff * 2, 30.0)
-            self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that arrives
+            # together with the wake-up, and stop() would then wait forever.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+                async with asyncio.timeout(backoff):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
 
-from actors.cart.messages import Address, CheckoutRequested
+from actors.cart.messages import Address, CheckoutLine, CheckoutRequested
 from actors.catalog.messages import (
     CATALOG_QUEUE,
     CommitReservation,
@@ -72,12 +72,12 @@ from actors.order.messages import (
     ShipOrder,
 )
 from runtime.actors import Actor, ReminderFired, Turn, handles
-from runtime.errors import Conflict, NotFound, Problem
+from runtime.errors import Conflict, IdempotencyKeyReused, NotFound
 from runtime.messages import envelope, from_body, to_body
+from runtime.money import CENT, money
 
 log = logging.getLogger(__name__)
 
-CENT = Decimal("0.01")
 MAX_COMMANDS = 20  # idempotency keys of client commands remembered per order
 WAKE = "wake"  # reminder while the order waits: ask again, or give up at the deadline
 REVERSAL_PENDING, REVERSAL_DONE = "pending", "done"
@@ -112,12 +112,6 @@ class OrderNotCancellable(Conflict):
 class OrderNotShippable(Conflict):
     slug = "order-not-shippable"
     title = "The order cannot be shipped"
-
-
-class IdempotencyKeyReused(Problem):
-    status = 422
-    slug = "idempotency-key-reused"
-    title = "The idempotency key was used for another request"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,10 +169,6 @@ class OrderState:
     deadline: datetime | None = None  # when the current waiting phase gives up
     history: list[HistoryEntry] = field(default_factory=list)
     commands: list[CommandRecord] = field(default_factory=list)
-
-
-def money(amount: Decimal) -> str:
-    return str(amount.quantize(CENT))
 
 
 def order_view(order_id: str, s: OrderState) -> dict[str, Any]:
@@ -527,7 +517,7 @@ def _new_order(msg: CheckoutRequested) -> OrderState:
     )
 
 
-def _total(lines: list[OrderLine]) -> Decimal:
+def _total(lines: Iterable[OrderLine | CheckoutLine]) -> Decimal:
     return sum((line.unit_price * line.quantity for line in lines), Decimal(0)).quantize(CENT)
 
 
@@ -542,7 +532,7 @@ def _checkout_problem(msg: CheckoutRequested) -> str | None:
         return "every quantity must be at least 1"
     if any(line.unit_price < 0 for line in msg.lines):
         return "a unit price is negative"
-    lines_total = sum((line.unit_price * line.quantity for line in msg.lines), Decimal(0)).quantize(CENT)
+    lines_total = _total(msg.lines)
     if lines_total != msg.total:
         return f"the total {money(msg.total)} does not match the lines ({money(lines_total)})"
     return None

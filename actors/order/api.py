@@ -20,13 +20,14 @@ from aiohttp import web
 from aiohttp_apispec import docs, querystring_schema, response_schema
 from marshmallow import Schema, fields, validate
 
-from actors.order.actor import OrderActor, load_order, money, order_view
+from actors.order.actor import OrderActor, load_order, order_view
 from actors.order.messages import CancelOrder, CommandResult, OrderStatus, ShipOrder
 from actors.order.repository import OrderSummary, list_orders
 from runtime.actors import ActorRef, ActorSystem
 from runtime.auth import Principal, authenticate, check_access, principal, require
 from runtime.errors import NotFound, ValidationProblem
 from runtime.host import AppKeyRuntime, json_response
+from runtime.money import money
 
 PREFIX = "/api/orders"
 CUSTOMER = ("customer", "admin")

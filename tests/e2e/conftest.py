@@ -26,7 +26,7 @@ from actors.order.payment import RetryPolicy, SimulatedPaymentProvider
 from bus import MemoryBus
 from config import Settings, load_settings
 from tests.conftest import PG_HOST, PG_PORT, PG_USER, _pg_admin
-from tests.order.conftest import eventually, migrate
+from tests.order.conftest import eventually, migrate, stop_bounded
 from tests.support.auth import TestIdentity
 
 SERVICES = {"catalog": catalog_service, "cart": cart_service, "order": order_service}
@@ -155,15 +155,6 @@ class Shop:
             return all(o["status"] in (*FINAL, "shipped") for o in (await resp.json())["items"])
 
         await eventually(settled, 20, "every order to settle")
-
-
-async def stop_bounded(name: str, client: TestClient, timeout: float = 30.0) -> None:
-    """Close a service's server and runtime; a shutdown that hangs fails the test instead of hanging it."""
-    try:
-        async with asyncio.timeout(timeout):
-            await client.close()
-    except TimeoutError:
-        raise AssertionError(f"the {name} service did not stop within {timeout:g}s") from None
 
 
 @dataclass

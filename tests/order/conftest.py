@@ -22,7 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from actors.cart.messages import (
     Address,
@@ -288,9 +288,9 @@ MakeOrders = Callable[..., Awaitable[OrderService]]
 
 
 @pytest.fixture
-async def make_orders(bus, settings, db_url, aiohttp_client, test_identity) -> MakeOrders:
-    """``make_orders(**create_app_kwargs)``: an order service on the test database. Call it again (after closing
-    the first one's client) to restart the service on the same database, bus and payment provider."""
+async def make_orders(bus, settings, db_url, test_identity) -> AsyncIterator[MakeOrders]:
+    """``make_orders(**create_app_kwargs)``: an order service on the test database, on a real port. Call it again
+    (after stopping the first one) to restart the service on the same database, bus and payment provider."""
     await migrate(db_url, service.SCHEMA)
     events: list[Envelope] = []
 
@@ -299,15 +299,30 @@ async def make_orders(bus, settings, db_url, aiohttp_client, test_identity) -> M
 
     await bus.subscribe("watch", [OrderStarted.__name__, OrderStatusChanged.__name__], collect)
     provider = SimulatedPaymentProvider()
+    clients: list[TestClient] = []
 
     async def make(**kwargs: Any) -> OrderService:
         kwargs.setdefault("timings", TIMINGS)
         kwargs.setdefault("payment_policy", POLICY)
         kwargs.setdefault("payment_provider", provider)
         app = service.create_app(settings, bus=bus, database_url=db_url, verifier=test_identity.verifier(), **kwargs)
-        return OrderService(await aiohttp_client(app), bus, test_identity, kwargs["payment_provider"], events)
+        client = TestClient(TestServer(app, host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return OrderService(client, bus, test_identity, kwargs["payment_provider"], events)
 
-    return make
+    yield make
+    for client in clients:
+        await stop_bounded("order", client)  # closing twice is a no-op
+
+
+async def stop_bounded(name: str, client: TestClient, timeout: float = 30.0) -> None:
+    """Close a service's server and runtime; a shutdown that hangs fails the test instead of hanging it."""
+    try:
+        async with asyncio.timeout(timeout):
+            await client.close()
+    except TimeoutError:
+        raise AssertionError(f"the {name} service did not stop within {timeout:g}s") from None
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from actors.order.messages import ORDER_QUEUE, OrderStarted, PaymentSucceeded
 from actors.order.payment import ChargeRequest, RetryPolicy, SimulatedPaymentProvider
 from actors.order.repository import count_by_status
 from runtime.messages import envelope
-from tests.e2e.conftest import stop_bounded
-from tests.order.conftest import checkout_request, eventually
+from tests.order.conftest import checkout_request, eventually, stop_bounded
 
 HAPPY_PATH = ["submitted", "awaiting_validation", "stock_confirmed", "paid"]
 
