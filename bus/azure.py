@@ -67,7 +67,7 @@ from azure.servicebus.exceptions import (
 )
 from azure.servicebus.management import CorrelationRuleFilter
 
-from bus.base import BusError, DeadLetter, Handler, MalformedMessage
+from bus.base import BusError, DeadLetter, Handler, MalformedMessage, check_name, subscription_types
 from bus.envelope import Envelope, utc_now
 
 if TYPE_CHECKING:
@@ -112,8 +112,7 @@ def _label_only(rule_filter: Any) -> str | None:
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{kind} name must be a non-empty string")
+    check_name(kind, name)
     if not _ENTITY_NAME.match(name):
         raise ValueError(
             f"{kind} name {name!r} is not a valid Service Bus entity name "
@@ -900,11 +899,7 @@ class AzureBus:
     ) -> AzureConsumer:
         self._check_open()
         _check_name("subscription", subscription)
-        if isinstance(event_types, str):  # a bare str would subscribe to its characters
-            raise TypeError("event_types must be a collection of type names, not a str")
-        types = frozenset(event_types)
-        if not types:
-            raise ValueError("event_types must not be empty")
+        types = subscription_types(event_types)
         limit = self._limit(max_concurrent_sessions)
         await self._ensure_topic()
         if self._provisioner is not None:

@@ -94,3 +94,19 @@ class Bus(Protocol):
     async def ping(self) -> None:
         """Raise BusError when the bus is not usable (used by /health/ready)."""
         ...
+
+
+def check_name(kind: str, name: str) -> None:
+    """Queue, subscription and event-type names: non-empty strings (backends may require more)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{kind} name must be a non-empty string")
+
+
+def subscription_types(event_types: Collection[str]) -> frozenset[str]:
+    """The event types of a subscription, checked the same way by every backend."""
+    if isinstance(event_types, str):  # a bare str would subscribe to its characters
+        raise TypeError("event_types must be a collection of type names, not a str")
+    types = frozenset(event_types)
+    if not types:
+        raise ValueError("event_types must not be empty")
+    return types

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from bus.base import BusError, DeadLetter, Handler
+from bus.base import BusError, DeadLetter, Handler, check_name, subscription_types
 from bus.envelope import Envelope, utc_now
 
 __all__ = ["MemoryBus", "MemoryConsumer"]
@@ -276,7 +276,7 @@ class MemoryBus:
 
     async def send(self, queue: str, message: Envelope) -> None:
         self._check_open()
-        _check_name("queue", queue)
+        check_name("queue", queue)
         self._queue(queue).put(_as_on_the_wire(message))
 
     async def publish(self, event: Envelope) -> None:
@@ -293,7 +293,7 @@ class MemoryBus:
         self, queue: str, handler: Handler, *, max_concurrent_sessions: int | None = None
     ) -> MemoryConsumer:
         self._check_open()
-        _check_name("queue", queue)
+        check_name("queue", queue)
         return self._attach(self._queue(queue), handler, max_concurrent_sessions)
 
     async def subscribe(
@@ -305,12 +305,8 @@ class MemoryBus:
         max_concurrent_sessions: int | None = None,
     ) -> MemoryConsumer:
         self._check_open()
-        _check_name("subscription", subscription)
-        if isinstance(event_types, str):  # a bare str would subscribe to its characters
-            raise TypeError("event_types must be a collection of type names, not a str")
-        types = frozenset(event_types)
-        if not types:
-            raise ValueError("event_types must not be empty")
+        check_name("subscription", subscription)
+        types = subscription_types(event_types)
         sub = self._subscriptions.get(subscription)
         if sub is None:
             sub = self._subscriptions[subscription] = _Queue(self, subscription, f"subscription:{subscription}")
@@ -394,6 +390,3 @@ def _as_on_the_wire(message: Envelope) -> Envelope:
     return Envelope.decode(message.encode())
 
 
-def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{kind} name must be a non-empty string")

@@ -81,7 +81,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from aiormq import spec
 from yarl import URL
 
-from bus.base import BusError, DeadLetter, Handler, MalformedMessage
+from bus.base import BusError, DeadLetter, Handler, MalformedMessage, check_name, subscription_types
 from bus.envelope import Envelope, utc_now
 
 __all__ = [
@@ -155,9 +155,6 @@ def _int(value: Any, default: int = 0) -> int:
         return default
 
 
-def _check_name(kind: str, name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{kind} name must be a non-empty string")
 
 
 PERSISTENT = 2  # AMQP delivery mode
@@ -663,7 +660,7 @@ class RabbitBus:
 
     async def send(self, queue: str, message: Envelope) -> None:
         self._check_open()
-        _check_name("queue", queue)
+        check_name("queue", queue)
         body = _encode(message)
         target = self._queue_target(queue)
         await self._ensure(target)
@@ -729,7 +726,7 @@ class RabbitBus:
         self, queue: str, handler: Handler, *, max_concurrent_sessions: int | None = None
     ) -> RabbitConsumer:
         self._check_open()
-        _check_name("queue", queue)
+        check_name("queue", queue)
         target = self._queue_target(queue)
         await self._ensure(target)
         return await self._attach(target, handler, max_concurrent_sessions)
@@ -743,14 +740,10 @@ class RabbitBus:
         max_concurrent_sessions: int | None = None,
     ) -> RabbitConsumer:
         self._check_open()
-        _check_name("subscription", subscription)
-        if isinstance(event_types, str):  # a bare str would subscribe to its characters
-            raise TypeError("event_types must be a collection of type names, not a str")
-        types = sorted(frozenset(event_types))
-        if not types:
-            raise ValueError("event_types must not be empty")
+        check_name("subscription", subscription)
+        types = sorted(subscription_types(event_types))
         for event_type in types:
-            _check_name("event type", event_type)
+            check_name("event type", event_type)
         target = self._subscription_target(subscription)
         await self._ensure(target)
         exchange = await self._ensure_exchange()
@@ -786,7 +779,7 @@ class RabbitBus:
         Non-destructive: messages are fetched unacked and handed back when the reading channel closes.
         """
         self._check_open()
-        _check_name("queue", queue)
+        check_name("queue", queue)
         letters: list[DeadLetter] = []
         for target in (self._queue_target(queue), self._subscription_target(queue)):
             letters += await self._read_dead_letters(target)

@@ -12,7 +12,6 @@ Reading never wakes an actor: the list comes from the ``orders`` table, one orde
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ from actors.order.actor import OrderActor, load_order, order_view
 from actors.order.messages import CancelOrder, CommandResult, OrderStatus, ShipOrder
 from actors.order.repository import OrderSummary, list_orders
 from runtime.actors import ActorRef, ActorSystem
-from runtime.auth import Principal, authenticate, check_access, principal, require
+from runtime.auth import Principal, principal, require
 from runtime.errors import NotFound, ValidationProblem
 from runtime.host import AppKeyRuntime, json_response
 from runtime.money import money
@@ -235,17 +234,6 @@ def _order(request: web.Request) -> ActorRef:
 
 
 @web.middleware
-async def authorize_first(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Run a route's ``@require`` check before its query is validated (the host validates before the handler),
-    so an anonymous caller gets 401, not a 422 describing what a valid request looks like."""
-    needs = getattr(request.match_info.handler, "__auth_requirements__", None)
-    if needs:
-        check_access(await authenticate(request), **needs)
-    return await handler(request)
-
-
 def setup(app: web.Application) -> None:
     app.router.add_get(PREFIX, get_orders)
     app.router.add_get(f"{PREFIX}/{{id}}", get_order)

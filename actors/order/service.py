@@ -82,7 +82,7 @@ def create_app(
     runtime.on_stop.append(processor.close)
     if bus is not None:
         _consume_on_start(runtime, bus_binding(runtime.system, actor_class, processor))
-    app = host.create_app(runtime, routes=api.setup, extra_middlewares=[api.authorize_first])
+    app = host.create_app(runtime, routes=api.setup)
     app[api.ORDERS] = api.OrderContext(runtime.system, actor_class)
     app[PAYMENTS] = processor
     return app
