@@ -206,10 +206,38 @@ class ShopSettings:
 
     cart_expiry: float = 30 * 24 * 3600.0  # seconds an unchanged cart lives
     payment_timeout: float = 300.0  # seconds a payment may take before the order is cancelled
+    validation_timeout: float = 900.0  # seconds from checkout until every line is reserved, else cancelled
+    retry_interval: float = 30.0  # first saga re-send of a message presumed lost; doubles (with jitter) per try
+    retry_max_interval: float = 300.0  # cap of the saga's re-send back-off
+    max_open_orders: int = 5000  # admission: checkout answers 503 while more orders than this are in the saga
+    max_outbox_backlog: int = 20000  # admission: checkout answers 503 while more messages than this wait to leave
 
     def validate(self) -> None:
-        _check(self.cart_expiry > 0, "cart_expiry", "expected a positive number of seconds")
-        _check(self.payment_timeout > 0, "payment_timeout", "expected a positive number of seconds")
+        for name in ("cart_expiry", "payment_timeout", "validation_timeout", "retry_interval", "retry_max_interval"):
+            _check(getattr(self, name) > 0, name, "expected a positive number of seconds")
+        _check(self.retry_max_interval >= self.retry_interval, "retry_max_interval", "expected at least retry_interval")
+        for name in ("max_open_orders", "max_outbox_backlog"):
+            _check(getattr(self, name) >= 1, name, "expected at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """Several instances of one service: membership, placement of entities, forwarding to the owner."""
+
+    enabled: str = "auto"  # "auto": on unless the bus is the in-memory one (which cannot span processes)
+    heartbeat_interval: float = 1.0  # seconds between a member's heartbeats in the membership table
+    member_timeout: float = 5.0  # a member whose heartbeat is older than this is declared dead
+    advertise_url: str = ""  # how peers and the gateway reach this instance; default http://<host>:<port>
+
+    def validate(self) -> None:
+        _check(self.enabled in ("auto", "true", "false"), "enabled", "expected auto, true or false")
+        _check(self.heartbeat_interval > 0, "heartbeat_interval", "expected a positive number of seconds")
+        _check(
+            self.member_timeout >= 2 * self.heartbeat_interval, "member_timeout", "expected at least two heartbeat intervals"
+        )
+
+    def active(self, bus_backend: str) -> bool:
+        return self.enabled == "true" or (self.enabled == "auto" and bus_backend != "memory")
 
 
 def _default_services() -> dict[str, ServiceSettings]:
@@ -225,6 +253,7 @@ class Settings:
     actors: ActorSettings = field(default_factory=ActorSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     shop: ShopSettings = field(default_factory=ShopSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     services: Mapping[str, ServiceSettings] = field(default_factory=_default_services)
 
     def service(self, name: str) -> ServiceSettings:
@@ -337,7 +366,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
             raise ConfigError(f"ECOM_CONFIG: file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"ECOM_CONFIG: {path} is not valid TOML: {exc}") from None
-    known = {"general", "bus", "actors", "auth", "shop", *SERVICES}
+    known = {"general", "bus", "actors", "auth", "shop", "cluster", *SERVICES}
     for key in toml:
         if key not in known or not isinstance(toml[key], dict):
             raise ConfigError(f"ECOM_CONFIG: unknown section [{key}] in {path}")
@@ -347,6 +376,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
     actors = _build(ActorSettings, "actors", defaults.actors, toml.get("actors", {}), env)
     auth = _build(AuthSettings, "auth", defaults.auth, toml.get("auth", {}), env)
     shop = _build(ShopSettings, "shop", defaults.shop, toml.get("shop", {}), env)
+    cluster = _build(ClusterSettings, "cluster", defaults.cluster, toml.get("cluster", {}), env)
     services = {
         name: _build(type(defaults.services[name]), name, defaults.services[name], toml.get(name, {}), env)
         for name in SERVICES
@@ -356,4 +386,6 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
         if svc.port in ports:
             raise ConfigError(f"{env_name(name, 'port')}: port {svc.port} is already used by {ports[svc.port]}")
         ports[svc.port] = name
-    return Settings(general=general, bus=bus, actors=actors, auth=auth, shop=shop, services=types.MappingProxyType(services))
+    return Settings(
+        general=general, bus=bus, actors=actors, auth=auth, shop=shop, cluster=cluster, services=types.MappingProxyType(services)
+    )

@@ -37,9 +37,12 @@ def plan(settings: Settings, instances: Mapping[str, int]) -> list[tuple[str, di
             port = base + k * INSTANCE_PORT_STEP
             procs.append((name, {f"ECOM_{name.upper()}_PORT": str(port)}))
             upstreams.setdefault(name, []).append(f"http://{settings.general.host}:{port}")
+    # Every process learns every instance: the gateway routes over them, and services calling each other
+    # (cart -> catalog, cart -> order) spread their calls and fail over the same way.
+    known = {f"ECOM_{name.upper()}_UPSTREAMS": ",".join(urls) for name, urls in upstreams.items()}
+    procs = [(name, {**known, **extra}) for name, extra in procs]
     if "gateway" in built:
-        env = {f"ECOM_{name.upper()}_UPSTREAMS": ",".join(urls) for name, urls in upstreams.items()}
-        procs.append(("gateway", env))
+        procs.append(("gateway", dict(known)))
     return procs
 
 
