@@ -40,7 +40,8 @@ def require_server(name: str, host: str, port: int) -> None:
     pytest.skip(reason)
 
 
-async def _pg_admin(sql: str) -> None:
+async def pg_admin(sql: str) -> None:
+    """Run one statement on the admin database of the test server (CREATE/DROP DATABASE...)."""
     import asyncpg
 
     conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=PG_ADMIN_DB)
@@ -48,6 +49,9 @@ async def _pg_admin(sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+_pg_admin = pg_admin  # the old name, still used by some test modules
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -58,11 +62,11 @@ async def db_url(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[str]
         return
     require_server("PostgreSQL", PG_HOST, PG_PORT)
     name = f"ecom_t_{uuid.uuid4().hex[:12]}"
-    await _pg_admin(f'CREATE DATABASE "{name}"')
+    await pg_admin(f'CREATE DATABASE "{name}"')
     try:
         yield f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
     finally:
-        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 StoreFactory = Callable[..., Awaitable[StateStore]]
