@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import orjson
 
@@ -90,6 +90,15 @@ class NoHandler(Problem, ActorError):
     status = 500
     slug = "no-handler"
     title = "Actor cannot handle the message"
+
+
+class Placement(Protocol):
+    """Which process owns an entity (see :mod:`runtime.cluster`). Only a hint for efficiency: safety comes
+    from the version fence on every commit, never from placement."""
+
+    def owns(self, actor_id: str) -> bool: ...
+
+    def owner_of(self, actor_id: str) -> str | None: ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,6 +327,8 @@ class ActorSystem:
         inbox_retention: float = 7 * 24 * 3600.0,
         on_outbox: Callable[[], None] | None = None,
         name: str = "actors",
+        exclusive: bool = False,
+        placement: Placement | None = None,
     ) -> None:
         self.store = store
         self.name = name
@@ -329,12 +340,25 @@ class ActorSystem:
         self.reminder_poll_interval = reminder_poll_interval
         self.inbox_retention = inbox_retention
         self.on_outbox = on_outbox  # the outbox relay's wake-up, so committed messages leave at once
+        # exclusive: no other process writes this store (the embedded shape), so a copy in memory is the
+        # newest by construction. Otherwise a turn that only reads checks its copy's version first.
+        self.exclusive = exclusive
+        self.placement = placement
         self._activations: OrderedDict[tuple[str, str], _Activation] = OrderedDict()
         self._types: dict[str, type[Actor]] = {}
         self._background: list[asyncio.Task[None]] = []
         self._reminders_in_flight: set[tuple[str, str, str]] = set()
         self._closing = False
-        self.stats = {"handled": 0, "failed": 0, "activations": 0, "deactivations": 0, "conflicts": 0, "rejected": 0}
+        self.stats = {
+            "handled": 0,
+            "failed": 0,
+            "activations": 0,
+            "deactivations": 0,
+            "conflicts": 0,
+            "rejected": 0,
+            "stale_reads": 0,
+            "dropped_not_owned": 0,
+        }
 
     @classmethod
     def from_settings(cls, store: StateStore | None, settings: Any, **kwargs: Any) -> ActorSystem:
@@ -377,6 +401,25 @@ class ActorSystem:
             await asyncio.sleep(0.01)
         for act in list(self._activations.values()):
             await self._deactivate(act)
+
+    def _owns(self, actor_id: str) -> bool:
+        return self.placement is None or self.placement.owns(actor_id)
+
+    def rebalance(self) -> int:
+        """Drop the idle activations of entities this process no longer owns (after a membership change);
+        busy ones go when their mailbox drains. Returns how many were dropped now."""
+        dropped = [a for a in self._activations.values() if not a.running and not a.depth and not self._owns(a.key[1])]
+        for act in dropped:
+            self.stats["dropped_not_owned"] += 1
+            self._forget(act)
+            if type(act.actor).on_deactivate is not Actor.on_deactivate:
+                asyncio.get_running_loop().create_task(act.actor.on_deactivate())
+        return len(dropped)
+
+    def drop_all(self) -> None:
+        """Forget every idle activation (this process was declared dead: its copies may be stale)."""
+        for act in [a for a in self._activations.values() if not a.running and not a.depth]:
+            self._forget(act)
 
     def ref(self, actor_class: type[A], actor_id: str) -> ActorRef:
         if actor_class.type_name not in self._types:
@@ -496,6 +539,11 @@ class ActorSystem:
             if box and self._activations.get(act.key) is act:
                 act.running = True
                 asyncio.get_running_loop().create_task(self._drain(act))
+            elif not box and not self._owns(act.key[1]):
+                # Another process owns this entity: its messages were handled here (a fallback, fenced by
+                # the version), but a copy kept here would only go stale. The next message loads afresh.
+                self.stats["dropped_not_owned"] += 1
+                self._forget(act)
 
     async def _turn(self, act: _Activation, message: Any, fut: asyncio.Future[Any] | None, message_id: str | None) -> None:
         actor = act.actor
@@ -531,16 +579,38 @@ class ActorSystem:
                 return
             changed = encoded != act.committed
             if not persistent or (not changed and turn.is_empty):
+                if persistent and not self.exclusive:
+                    # A read: answer only from a copy as new as the database, whichever process wrote last.
+                    try:
+                        current = await self.store.version(*act.key)  # type: ignore[union-attr]
+                    except Exception as exc:
+                        _fail(fut, ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be checked: {type(exc).__name__}"))
+                        return
+                    if current != act.version:
+                        self.stats["stale_reads"] += 1
+                        self._rollback(act)
+                        attempts += 1
+                        if attempts > self.conflict_retries:
+                            _fail(fut, VersionConflictError(f"{act.key[0]} {act.key[1]} kept changing concurrently; retry"))
+                            return
+                        try:
+                            await self._load(act)
+                        except Exception as exc:
+                            _fail(fut, ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be reloaded: {type(exc).__name__}"))
+                            return
+                        continue
                 act.committed = encoded
                 act.handled += 1
                 self.stats["handled"] += 1
                 _reply(fut, result)
                 return
+            # Every other turn steps the version, also one that only consumed a message: that is its fence.
             write = TurnWrite(
                 actor_type=act.key[0],
                 actor_id=act.key[1],
                 expected_version=act.version,
-                state=encoded if changed else None,
+                state=encoded,
+                changed=changed,
                 outbox=turn.outbox,
                 inbox_id=message_id,
                 reminders=turn.reminders,
@@ -666,6 +736,7 @@ class ActorSystem:
         last = datetime.fromtimestamp(now_wall - (now_mono - act.last_activity), UTC)
         return {
             "id": act.key[1],
+            "owner": self.placement.owner_of(act.key[1]) if self.placement is not None else "local",
             "mailbox_depth": act.depth,
             "handled": act.handled,
             "running": act.running,
@@ -690,6 +761,7 @@ class ActorSystem:
         return {
             "type": type_name,
             "id": actor_id,
+            "owner": self.placement.owner_of(actor_id) if self.placement is not None else "local",
             "active": False,
             "version": record.version,
             "state": orjson.loads(record.state),

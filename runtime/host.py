@@ -144,7 +144,14 @@ class ServiceRuntime:
             from bus.outbox import OutboxRelay
 
             relay = OutboxRelay(engine, bus, poll_interval=settings.bus.outbox_poll_interval)
-        system = ActorSystem.from_settings(st, settings, name=name, on_outbox=relay.notify if relay else None)
+        system = ActorSystem.from_settings(
+            st,
+            settings,
+            name=name,
+            on_outbox=relay.notify if relay else None,
+            # Only a cluster has other writers; one process on the in-memory bus is the only one.
+            exclusive=not settings.cluster.active(settings.bus.backend),
+        )
         return cls(
             name=name,
             settings=settings,

@@ -61,7 +61,8 @@ RUNTIME = Component(
             1,
             "actor state, outbox, inbox, reminders",
             create_tables(store.actor_state, store.outbox, store.inbox, store.reminders),
-        )
+        ),
+        Migration(2, "cluster membership", create_tables(store.cluster_members)),
     ],
 )
 

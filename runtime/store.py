@@ -7,6 +7,7 @@ runtime tables defined here:
 - ``outbox``: messages produced by committed turns, published by :class:`bus.outbox.OutboxRelay`,
 - ``inbox``: ids of bus messages already applied, so a redelivered message has no second effect,
 - ``reminders``: durable timers that wake an actor later,
+- ``cluster_members``: the instances of the service sharing this database (see :mod:`runtime.cluster`),
 - ``schema_version``: what :mod:`runtime.migrate` has applied.
 
 All types are portable SQLAlchemy types so the same statements run on SQLite, PostgreSQL and SQL Server.
@@ -43,7 +44,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -96,6 +97,18 @@ reminders = Table(
     Column("period", Float, nullable=True),  # seconds; None: fires once
     Column("payload", Text, nullable=False),
     Index("ix_reminders_due", "actor_type", "due_at"),
+)
+
+cluster_members = Table(
+    "cluster_members",
+    metadata,
+    Column("member_id", String(64), primary_key=True),  # random per process start
+    Column("address", String(256), nullable=False),  # base URL peers and the gateway reach it at
+    Column("incarnation", BigInteger, nullable=False),  # start time in ms: a restart at one address supersedes
+    Column("status", String(16), nullable=False),  # "active", "left" (clean stop) or "dead" (declared by a peer)
+    Column("token", String(64), nullable=False),  # proves to this member that a forwarded call comes from the cluster
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
 )
 
 schema_version = Table(
@@ -216,12 +229,24 @@ class ReminderChange:
 
 @dataclass(slots=True)
 class TurnWrite:
-    """Everything one actor turn wants to make durable, committed atomically or not at all."""
+    """Everything one actor turn wants to make durable, committed atomically or not at all.
+
+    Every committed turn moves the entity from ``expected_version`` to ``expected_version + 1``, also a
+    turn that left the state as it was but consumed a message or changed a reminder: that version step is
+    the fence. A turn that ran on a copy older than the database (another process wrote since) fails it
+    and writes nothing at all: no state, no outbox row, no inbox row, no reminder change, no hook.
+
+    One exception keeps unknown ids from leaving rows behind: a turn on an entity never stored that leaves
+    it in its initial state (``changed`` false, e.g. a reservation refused for an unknown product) only
+    checks that no row exists. Were one being inserted concurrently, this turn serialises before that
+    insert: it read nothing that insert changed.
+    """
 
     actor_type: str
     actor_id: str
     expected_version: int  # version the turn started from; 0 for an actor never stored
-    state: str | None  # new encoded state, or None when the turn did not change it
+    state: str  # the state after the turn, encoded (the same text when the turn did not change it)
+    changed: bool = True  # False: the turn left the state as it was
     outbox: list[OutboxMessage] = field(default_factory=list)
     inbox_id: str | None = None
     reminders: list[ReminderChange] = field(default_factory=list)
@@ -234,7 +259,7 @@ class TurnWrite:
 
     @property
     def new_version(self) -> int:
-        return self.expected_version + 1 if self.state is not None else self.expected_version
+        return self.expected_version + 1 if (self.changed or self.expected_version) else 0
 
 
 class CommitOutcome:
@@ -244,11 +269,15 @@ class CommitOutcome:
 
 
 class _Conflict(Exception):
-    pass
+    """Refused before the turn wrote anything: the entity's version moved on."""
 
 
 class _Duplicate(Exception):
-    pass
+    """Refused before the turn wrote anything: the message or reminder was consumed already."""
+
+
+class _LateDuplicate(Exception):
+    """Found after the turn's first write: the whole transaction must roll back (a batch then retries alone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +316,12 @@ class StateStore:
         if row is None:
             return None
         return StateRecord(version=row.version, state=row.state, updated_at=as_utc(row.updated_at))
+
+    async def version(self, actor_type: str, actor_id: str) -> int:
+        """The stored version of an actor, 0 if it was never stored: what a read checks its copy against."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(_EXISTS, {"t": actor_type, "i": actor_id})).first()
+        return 0 if row is None else int(row.version)
 
     async def seen(self, consumer: str, message_id: str) -> bool:
         async with self.engine.connect() as conn:
@@ -344,7 +379,7 @@ class StateStore:
             return CommitOutcome.OK
         except _Conflict:
             return CommitOutcome.CONFLICT
-        except _Duplicate:
+        except (_Duplicate, _LateDuplicate):
             return CommitOutcome.DUPLICATE
         except IntegrityError:
             # Lost a race the pre-checks could not see: a concurrent first insert of the same actor, or the
@@ -381,35 +416,48 @@ class StateStore:
         return {(r.consumer, r.message_id) for r in rows} & set(wanted)
 
     async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]]) -> None:
-        """Write one turn. Checks come first so a refused turn has written nothing in the transaction."""
+        """Write one turn.
+
+        Every check that may refuse the turn runs before its first write, so a refused turn inside a group
+        commit has written nothing and the batch goes on: group and single commits give the same outcome.
+        The version step comes first among the writes; once it holds, this transaction owns the entity's row
+        (row lock until commit), so what the checks read about this entity cannot change before the commit.
+        """
         now = utcnow()
         if w.inbox_id is not None and (w.consumer, w.inbox_id) in seen:
             raise _Duplicate
+        reminder_key = None
         if w.fired_reminder is not None:
             name, due_at, period = w.fired_reminder
-            where = and_(
+            reminder_key = and_(
                 reminders.c.actor_type == w.actor_type,
                 reminders.c.actor_id == w.actor_id,
                 reminders.c.name == name,
                 reminders.c.due_at == due_at,
             )
-            if period:
-                result = await conn.execute(update(reminders).where(where).values(due_at=_next_due(due_at, period, now)))
-            else:
-                result = await conn.execute(delete(reminders).where(where))
-            if result.rowcount == 0:
+            if (await conn.execute(select(reminders.c.name).where(reminder_key))).first() is None:
                 raise _Duplicate  # already fired (another process) or cancelled since
-        if w.state is not None:
-            key = {"t": w.actor_type, "i": w.actor_id}
-            if w.expected_version == 0:
-                if (await conn.execute(_EXISTS, key)).first() is not None:
-                    raise _Conflict
+        key = {"t": w.actor_type, "i": w.actor_id}
+        if w.expected_version == 0:
+            if (await conn.execute(_EXISTS, key)).first() is not None:
+                raise _Conflict
+            if w.changed:
                 await conn.execute(_INSERT_STATE, {**key, "s": w.state, "now": now})
+        else:
+            params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
+            if (await conn.execute(_UPDATE_STATE, params)).rowcount != 1:
+                raise _Conflict
+        if reminder_key is not None:
+            assert w.fired_reminder is not None
+            _, due_at, period = w.fired_reminder
+            if period:
+                stmt = update(reminders).where(reminder_key).values(due_at=_next_due(due_at, period, now))
             else:
-                params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
-                result = await conn.execute(_UPDATE_STATE, params)
-                if result.rowcount != 1:
-                    raise _Conflict
+                stmt = delete(reminders).where(reminder_key)
+            if (await conn.execute(stmt)).rowcount == 0:
+                # Only turns of this entity touch its reminders, and they all step the version we hold: so
+                # this means a write outside the runtime. Undo the whole transaction rather than guess.
+                raise _LateDuplicate
         if w.inbox_id is not None:
             await conn.execute(insert(inbox).values(consumer=w.consumer, message_id=w.inbox_id, processed_at=now))
         if w.outbox:
@@ -483,8 +531,3 @@ def _next_due(due_at: datetime, period: float, now: datetime) -> datetime:
         missed = int((now - nxt) / step) + 1
         nxt += step * missed
     return nxt
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Database errors worth retrying (lost connection, lock timeout), as opposed to bugs."""
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated or "locked" in str(exc).lower())
