@@ -95,7 +95,6 @@ class GatewaySettings(ServiceSettings):
     health_failures: int = 2  # consecutive failed checks that take an instance out (one passing check: back in)
     breaker_failures: int = 5  # consecutive failed attempts that open an instance's circuit breaker
     breaker_cooldown: float = 5.0  # seconds an open breaker waits before letting one probe through
-    vnodes: int = 160  # virtual nodes per instance on the affinity ring
     # -- clients
     rate_limit: float = 50.0  # requests per second per client (token sub, else address); 0 turns limits off
     rate_burst: int = 100  # bucket size: requests a client may send at once
@@ -118,7 +117,7 @@ class GatewaySettings(ServiceSettings):
             _check(getattr(self, name) > 0, name, "expected a positive number of seconds")
         _check(self.retries >= 0, "retries", "expected 0 or more")
         _check(self.retry_backoff >= 0, "retry_backoff", "expected 0 or more seconds")
-        for name in ("pool_size", "breaker_failures", "health_failures", "vnodes", "rate_burst", "max_body"):
+        for name in ("pool_size", "breaker_failures", "health_failures", "rate_burst", "max_body"):
             _check(getattr(self, name) >= 1, name, "expected at least 1")
         _check(0 <= self.buffer_limit <= self.max_body, "buffer_limit", "expected 0 to max_body bytes")
         _check(self.rate_limit >= 0, "rate_limit", "expected 0 (off) or more requests per second")

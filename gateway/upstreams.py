@@ -8,18 +8,18 @@
   out a service's last instances: when every instance fails its checks (an overloaded service answers them
   late), requests go to them anyway ("panic" routing, as Envoy does) and only the breakers keep them away —
   slow answers are better than certain 503s, and a really dead instance opens its breaker at once.
-* :class:`Ring`: consistent hashing with virtual nodes. A request that names an entity goes to the instance
-  owning its key, so the entity's actor lives in one process; only while that owner is out (unhealthy or
-  breaker open) does the key fall to the next instance clockwise, and it comes back when the owner does.
-  Adding an instance moves only about 1/n of the keys.
+* :class:`Rendezvous`: a request that names an entity goes to the instance owning it, computed exactly as
+  the instances compute it (:func:`runtime.cluster.rendezvous` over the live membership, which every
+  instance reports in its readiness answer), so the entity's actor lives in one process. Only while that
+  owner is out (unhealthy or breaker open) does the key fall to the next instance by score, which is the
+  one the instances pick once the owner is declared dead; it comes back when the owner does. A member
+  joining or leaving moves only the keys it gains or loses.
 * Requests without a key go to the available instance with the fewest requests in flight (ties rotate).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import hashlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -28,6 +28,7 @@ import aiohttp
 
 from config import ConfigError, Settings
 from gateway.client import Pool
+from runtime.cluster import normalise, score
 from gateway.options import GatewayOptions
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,13 @@ class Instance:
         "requests",
         "service",
         "url",
+        "address",
     )  # fmt: skip
 
     def __init__(self, service: str, url: str, options: GatewayOptions) -> None:
         self.service = service
         self.url = url
+        self.address = normalise(url)  # as the instance names itself in its cluster's membership
         parts = urlsplit(url)
         self.host = parts.hostname or ""
         self.port = parts.port or 80
@@ -133,45 +136,45 @@ class Instance:
         return f"<Instance {self.service} {self.url}>"
 
 
-def _hash(key: str) -> int:
-    return int.from_bytes(hashlib.md5(key.encode("utf-8", "surrogatepass"), usedforsecurity=False).digest()[:8], "big")
-
-
-class Ring:
-    """Consistent-hash ring: ``vnodes`` points per instance, placed by the instance's URL."""
+class Rendezvous:
+    """Owners of keys among a service's instances: rendezvous hashing over the live membership."""
 
     _CACHE_SIZE = 65536
 
-    def __init__(self, instances: Sequence[Instance], vnodes: int) -> None:
-        points = sorted((_hash(f"{inst.url}#{v}"), i) for i, inst in enumerate(instances) for v in range(vnodes))
-        self._hashes = [h for h, _ in points]
-        self._owners = [instances[i] for _, i in points]
-        # key -> ring position: hashing costs more than the rest of the lookup, and the same carts and orders
-        # come back again and again. Bounded: cleared when full.
-        self._positions: dict[str, int] = {}
+    def __init__(self, instances: Sequence[Instance]) -> None:
+        self.instances = tuple(instances)
+        self._live = self.instances  # members of the cluster's view; every instance until a view arrives
+        # key -> instances by falling score: hashing costs more than the rest of the lookup, and the same carts
+        # and orders come back again and again. Bounded: cleared when full or when the view changes.
+        self._orders: dict[str, tuple[Instance, ...]] = {}
 
-    def _position(self, key: str) -> int:
-        pos = self._positions.get(key)
-        if pos is None:
-            if len(self._positions) >= self._CACHE_SIZE:
-                self._positions.clear()
-            pos = self._positions[key] = bisect.bisect(self._hashes, _hash(key)) % len(self._owners)
-        return pos
+    def set_members(self, addresses: Iterable[str]) -> bool:
+        """Adopt the cluster's live membership (as reported by an instance); True if the view changed."""
+        wanted = {normalise(a) for a in addresses}
+        live = tuple(i for i in self.instances if i.address in wanted) or self.instances
+        if live == self._live:
+            return False
+        self._live = live
+        self._orders.clear()
+        return True
+
+    def _order(self, key: str) -> tuple[Instance, ...]:
+        order = self._orders.get(key)
+        if order is None:
+            if len(self._orders) >= self._CACHE_SIZE:
+                self._orders.clear()
+            ranked = sorted(self._live, key=lambda i: score(i.address, key), reverse=True)
+            rest = [i for i in self.instances if i not in self._live]  # outside the view: last resort only
+            order = self._orders[key] = (*ranked, *rest)
+        return order
 
     def owner(self, key: str) -> Instance:
-        """The instance that owns ``key`` when every instance is in."""
-        return self._owners[self._position(key)]
+        """The instance that owns ``key`` in the current view."""
+        return self._order(key)[0]
 
     def lookup(self, key: str, now: float, panic: bool = False) -> Instance | None:
-        """The owner of ``key``, or while it is out the next available instance clockwise."""
-        owners = self._owners
-        n = len(owners)
-        start = self._position(key)
-        inst = owners[start]
-        if inst.available(now, panic):
-            return inst
-        for step in range(1, n):
-            inst = owners[(start + step) % n]
+        """The owner of ``key``, or while it is out the available instance that would own it next."""
+        for inst in self._order(key):
             if inst.available(now, panic):
                 return inst
         return None
@@ -185,7 +188,7 @@ class Service:
             raise ValueError(f"service {name} has no upstream instances")
         self.name = name
         self.instances = tuple(Instance(name, url, options) for url in urls)
-        self.ring = Ring(self.instances, options.vnodes)
+        self.placement = Rendezvous(self.instances)
         self._next = 0
         self.retries = 0  # a metric
         self.panics = 0  # requests sent while every instance failed its health checks (a metric)
@@ -206,7 +209,7 @@ class Service:
             inst = instances[0]
             return inst if inst.available(now, panic) else None
         if key is not None:
-            return self.ring.lookup(key, now, panic)
+            return self.placement.lookup(key, now, panic)
         n = len(instances)
         start = self._next = (self._next + 1) % n
         best: Instance | None = None
@@ -310,6 +313,13 @@ class Upstreams:
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(inst) for inst in self.instances()))
 
+    def _note_membership(self, inst: Instance, body: object) -> None:
+        cluster = body.get("cluster") if isinstance(body, dict) else None
+        members = cluster.get("members") if isinstance(cluster, dict) else None
+        if isinstance(members, list) and all(isinstance(m, str) for m in members):
+            if self.services[inst.service].placement.set_members(members):
+                log.info("upstream %s: cluster view %s", inst.service, ", ".join(members))
+
     async def check(self, inst: Instance) -> bool:
         assert self.session is not None
         try:
@@ -318,6 +328,8 @@ class Upstreams:
             ) as resp:
                 ok = resp.status == 200
                 reason = f"answered {resp.status}"
+                if ok:
+                    self._note_membership(inst, await resp.json(content_type=None))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             ok, reason = False, type(exc).__name__
         inst.failed_checks = 0 if ok else inst.failed_checks + 1

@@ -119,6 +119,7 @@ class ServiceRuntime:
     bus: Any = None  # bus.base.Bus
     relay: Any = None  # bus.outbox.OutboxRelay
     verifier: Any = None  # runtime.auth.TokenVerifier
+    cluster: Any = None  # runtime.cluster.Cluster, when several instances may share the database
     ready_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
@@ -152,6 +153,20 @@ class ServiceRuntime:
             # Only a cluster has other writers; one process on the in-memory bus is the only one.
             exclusive=not settings.cluster.active(settings.bus.backend),
         )
+        cluster = None
+        if settings.cluster.active(settings.bus.backend):
+            from runtime.cluster import Cluster
+
+            c = settings.cluster
+            cluster = Cluster(
+                engine,
+                c.advertise_url or settings.base_url(name),
+                heartbeat_interval=c.heartbeat_interval,
+                member_timeout=c.member_timeout,
+                on_change=system.rebalance,
+                on_evicted=system.drop_all,
+            )
+            system.placement = cluster
         return cls(
             name=name,
             settings=settings,
@@ -162,6 +177,7 @@ class ServiceRuntime:
             relay=relay,
             owns_bus=owns_bus,
             verifier=verifier if verifier is not None else make_verifier(settings),
+            cluster=cluster,
         )
 
     async def start(self) -> None:
@@ -171,6 +187,8 @@ class ServiceRuntime:
             self.ready_checks.setdefault("bus", self.bus.ping)
             if self.owns_bus:
                 await self.bus.start()
+        if self.cluster is not None:
+            await self.cluster.start()  # joined before the first turn, so placement is known from the start
         if self.system is not None:
             await self.system.start()
         if self.relay is not None:
@@ -184,6 +202,8 @@ class ServiceRuntime:
                 await hook()
             except Exception:
                 log.exception("%s: stop hook failed", self.name)
+        if self.cluster is not None:
+            await self.cluster.stop()  # leave first: peers take this member's entities over at once
         if self.relay is not None:
             await self.relay.stop()
         if self.system is not None:
@@ -425,7 +445,11 @@ async def _ready(request: web.Request) -> web.Response:
 
     await asyncio.gather(*(check(n, f) for n, f in runtime.ready_checks.items()))
     ok = all(v == "ok" for v in results.values())
-    return json_response({"status": "ok" if ok else "unavailable", "checks": results}, status=200 if ok else 503)
+    body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": results}
+    if runtime.cluster is not None:
+        # The gateway reads the live membership from here, to compute the same owners as the instances.
+        body["cluster"] = {"self": runtime.cluster.address, "members": list(runtime.cluster.addresses)}
+    return json_response(body, status=200 if ok else 503)
 
 
 async def require_admin(request: web.Request) -> None:
@@ -445,9 +469,12 @@ async def require_admin(request: web.Request) -> None:
 
 async def _admin_actors(request: web.Request) -> web.Response:
     await require_admin(request)
-    system = request.app[AppKeyRuntime].system
+    runtime = request.app[AppKeyRuntime]
+    system = runtime.system
     limit = _int_query(request, "limit", 100, 0, 10_000)
-    return json_response({"service": request.app[AppKeyRuntime].name, "types": system.introspect(limit=limit) if system else {}})
+    body: dict[str, Any] = {"service": runtime.name, "types": system.introspect(limit=limit) if system else {}}
+    body["cluster"] = runtime.cluster.describe() if runtime.cluster is not None else None
+    return json_response(body)
 
 
 async def _admin_actor(request: web.Request) -> web.Response:
@@ -498,12 +525,18 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application of one service, with the shared endpoints and middlewares."""
     metrics = _Metrics(runtime.name, runtime)
+    cluster_middlewares: list[Any] = []
+    if runtime.cluster is not None:
+        from runtime import cluster as cluster_module
+
+        cluster_middlewares.append(cluster_module.forwarding_middleware(cluster_module.route_key_of(runtime.name)))
     app = web.Application(
         middlewares=[
             request_id_middleware,
             metrics.middleware(),
             error_middleware,
             authorize_first_middleware,
+            *cluster_middlewares,
             *extra_middlewares,
             schema_validation_middleware,
         ],
@@ -511,6 +544,8 @@ def create_app(
     )
     app[AppKeyRuntime] = runtime
     app[_METRICS] = metrics
+    if runtime.cluster is not None:
+        cluster_module.install(app, runtime.cluster)
     if runtime.verifier is not None:
         from runtime.auth import VERIFIER_KEY
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from bus.base import MalformedMessage
 from bus.envelope import Envelope
 from runtime.actors import Actor, ActorRef, ActorSystem, DuplicateMessage
+from runtime.cluster import is_forwarded
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,13 @@ def _decode(kind: Any, value: Any) -> Any:
     return value
 
 
+def _cluster_of(system: ActorSystem) -> Any:
+    from runtime.cluster import Cluster
+
+    placement = system.placement
+    return placement if isinstance(placement, Cluster) else None
+
+
 def envelope(message: Any, *, session_id: str, correlation_id: str | None = None, message_id: str | None = None) -> Envelope:
     """Wrap a dataclass message for the bus; ``type`` is the class name."""
     extra = {"message_id": message_id} if message_id else {}
@@ -137,6 +145,9 @@ class BusBinding:
     def __init__(self, system: ActorSystem) -> None:
         self.system = system
         self.routes: dict[str, Route] = {}
+        cluster = _cluster_of(system)
+        if cluster is not None:
+            cluster.add_binding(self)  # messages forwarded to this member by its peers come in here
 
     def to_actor(
         self,
@@ -152,6 +163,14 @@ class BusBinding:
         async def route(env: Envelope) -> None:
             message = from_body(message_class, env.body)
             target = actor_id(message, env) if actor_id is not None else env.session_id
+            cluster = _cluster_of(self.system)
+            if cluster is not None and not is_forwarded() and not cluster.owns(target):
+                # The bus gave the session to this member, the entity lives on another: hand it over and
+                # acknowledge once the owner has applied it. Per-entity order holds because the bus hands
+                # one session's messages out one at a time and this waits for each.
+                owner = cluster.owner_of(target)
+                if owner is not None and await cluster.forward_envelope(env, owner):
+                    return
             await deliver(self.system.ref(actor_class, target), message, env, timeout=timeout)
 
         self.routes[message_class.__name__] = route

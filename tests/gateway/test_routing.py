@@ -9,7 +9,8 @@ import pytest
 
 from gateway.options import GatewayOptions
 from gateway.routes import ROUTES
-from gateway.upstreams import Ring, Service
+from gateway.upstreams import Service
+from runtime.cluster import rendezvous
 from tests.gateway.conftest import eventually, raw_request, upstreams_of
 
 
@@ -195,8 +196,8 @@ def test_ring_spreads_keys_and_moves_few_when_an_instance_is_added():
     three = Service("cart", [f"http://10.0.0.{i}:8003" for i in range(3)], opts)
     four = Service("cart", [f"http://10.0.0.{i}:8003" for i in range(4)], opts)
     keys = [str(uuid.UUID(int=i)) for i in range(4000)]
-    owners3 = {k: three.ring.owner(k).url for k in keys}
-    owners4 = {k: four.ring.owner(k).url for k in keys}
+    owners3 = {k: three.placement.owner(k).url for k in keys}
+    owners4 = {k: four.placement.owner(k).url for k in keys}
     spread = collections.Counter(owners3.values())
     assert len(spread) == 3 and min(spread.values()) > 4000 / 3 * 0.7, spread
     moved = sum(owners3[k] != owners4[k] for k in keys)
@@ -204,11 +205,17 @@ def test_ring_spreads_keys_and_moves_few_when_an_instance_is_added():
     assert all(owners4[k] == "http://10.0.0.3:8003" for k in keys if owners3[k] != owners4[k])
 
 
-def test_ring_placement_is_stable_across_processes():
-    # the same key must land on the same instance in every gateway process: no per-process hash seed
-    ring = Ring(Service("order", ["http://a:1", "http://b:1"], GatewayOptions()).instances, 160)
-    assert {ring.owner(k).url for k in ("order-1", "order-1", "order-1")} == {ring.owner("order-1").url}
-    assert ring.owner("3f0e8e0c-1b1a-4a63-9a55-0c6d1f0f2b11").url == "http://b:1"
+def test_placement_is_the_instances_own_and_stable_across_processes():
+    # the same key lands on the same instance in every gateway process (no per-process hash seed), and it is
+    # the owner the instances compute from their membership (runtime.cluster), so no request is forwarded
+    urls = ["http://a:1", "http://b:1", "http://c:1"]
+    service = Service("order", urls, GatewayOptions())
+    keys = [str(uuid.UUID(int=i)) for i in range(500)]
+    assert all(service.placement.owner(k).url == rendezvous(urls, k) for k in keys)
+    assert service.placement.owner("3f0e8e0c-1b1a-4a63-9a55-0c6d1f0f2b11").url == "http://a:1"  # pinned: no seed
+    # the view the instances report wins: with c out of the membership, c's keys go where the cluster sends them
+    assert service.placement.set_members(["http://a:1/", "http://b:1"])
+    assert all(service.placement.owner(k).url == rendezvous(urls[:2], k) for k in keys)
 
 
 def test_route_table_has_a_policy_for_every_public_endpoint():
