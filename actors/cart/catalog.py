@@ -2,13 +2,18 @@
 
 Prices never come from the client; they come from here. One :class:`CatalogClient` per service process:
 
-* one shared ``aiohttp.ClientSession`` (opened with the service, closed with it) and a total timeout per call,
-  so a slow catalog costs a request at most ``timeout`` seconds;
+* every catalog instance (``ECOM_CATALOG_UPSTREAMS``) through an :class:`~actors.cart.upstream.Upstream`: the
+  least busy available instance answers; one that cannot be reached, times out or answers 5xx is cooled down and
+  the lookup (a GET: idempotent) moves on to another instance at once, at most ``max_attempts`` of them;
+* one shared ``aiohttp.ClientSession`` (opened with the service, closed with it) and a total timeout per attempt,
+  so a slow instance costs a request at most ``timeout`` seconds before the next one is tried;
 * a short TTL cache of answers (unknown products included), because a customer changing quantities asks for
   the same product again and again and a price a few seconds old is fine while shopping: checkout asks with
   ``fresh=True`` and the ``ProductPriceChanged`` event drops the cached entry of that product;
-* single flight: concurrent lookups of the same ids share one request instead of stampeding the catalog;
-* failures become problems: unreachable, timed out or 5xx -> :class:`CatalogUnavailable` (503 + Retry-After);
+* single flight: concurrent cached lookups of the same ids share one request instead of stampeding the catalog
+  (a ``fresh`` lookup makes its own request: joining one that started earlier could answer an older price);
+* failures become problems: no instance reachable, all timed out or 5xx -> :class:`CatalogUnavailable`
+  (503 + Retry-After);
   any other unexpected answer -> 502. A request never fails with a 500 because the catalog misbehaved.
 
 It reads ``GET /api/catalog/products/batch?ids=a,b,c`` -> ``{"items": [product, ...]}`` (unknown or deleted ids
@@ -21,13 +26,14 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import aiohttp
 
 from actors.cart.messages import ProductQuote
+from actors.cart.upstream import Instance, InstanceFailed, NoInstance, Upstream
 from runtime.errors import BadGateway, ServiceUnavailable
 from runtime.host import request_id_var
 
@@ -35,7 +41,8 @@ log = logging.getLogger(__name__)
 
 BATCH_PATH = "/api/catalog/products/batch"
 BATCH_SIZE = 100  # the catalog answers at most this many ids per batch request
-DEFAULT_TIMEOUT = 2.0  # seconds for a whole catalog call, connecting included
+DEFAULT_TIMEOUT = 2.0  # seconds for one attempt at one catalog instance, connecting included
+CONNECT_TIMEOUT = 0.5  # seconds to open a connection: a blackholed instance must leave time for another one
 DEFAULT_TTL = 3.0  # seconds an answer is reused
 MAX_CACHED = 10_000  # products cached at most (least recently stored go first)
 RETRY_AFTER = 2.0
@@ -47,8 +54,11 @@ class CatalogUnavailable(ServiceUnavailable):
 
 
 class CatalogClient:
-    def __init__(self, base_url: str, *, timeout: float = DEFAULT_TIMEOUT, ttl: float = DEFAULT_TTL) -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(
+        self, upstream: Upstream | str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ttl: float = DEFAULT_TTL
+    ) -> None:
+        # A URL, comma-separated URLs or a list of them: every catalog instance.
+        self.upstream = upstream if isinstance(upstream, Upstream) else Upstream("catalog", upstream)
         self.timeout = timeout
         self.ttl = ttl
         self.requests = 0  # calls made to the catalog (tests and metrics read it)
@@ -57,7 +67,9 @@ class CatalogClient:
         self._flights: dict[tuple[str, ...], asyncio.Task[dict[str, ProductQuote | None]]] = {}
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(CONNECT_TIMEOUT, self.timeout))
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -83,7 +95,8 @@ class CatalogClient:
             else:
                 missing.append(product_id)
         chunks = [tuple(missing[i : i + BATCH_SIZE]) for i in range(0, len(missing), BATCH_SIZE)]
-        for part in await asyncio.gather(*(self._shared_fetch(chunk) for chunk in chunks)):
+        fetch = self._fetch if fresh else self._shared_fetch
+        for part in await asyncio.gather(*(fetch(chunk) for chunk in chunks)):
             found.update(part)
         return found
 
@@ -112,30 +125,40 @@ class CatalogClient:
         if self._session is None:
             raise CatalogUnavailable("the cart service is not connected to the catalog (starting or stopping)")
         self.requests += 1
-        url = self.base_url + BATCH_PATH
-        request_id = request_id_var.get()  # "-" outside a request (an event's fan-out): let the catalog make one
-        headers = {"X-Request-Id": request_id} if request_id != "-" else {}
         try:
-            async with self._session.get(url, params={"ids": ",".join(ids)}, headers=headers) as resp:
-                if resp.status >= 500:
-                    raise CatalogUnavailable(f"the catalog answered {resp.status}; try again shortly", retry_after=RETRY_AFTER)
-                if resp.status != 200:
-                    log.warning("catalog batch lookup answered %s: %s", resp.status, (await resp.text())[:300])
-                    raise BadGateway(f"the catalog refused the product lookup ({resp.status})")
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("catalog unreachable at %s: %r", url, exc)
+            body = await self.upstream.call(lambda instance: self._attempt(instance, ids))
+        except NoInstance as exc:
+            log.warning("catalog lookup failed on every instance: %s", exc)
             raise CatalogUnavailable(
-                "the catalog cannot be reached right now; nothing was changed, try again shortly", retry_after=RETRY_AFTER
+                "the catalog cannot be reached right now; nothing was changed, try again shortly",
+                retry_after=max(RETRY_AFTER, exc.retry_after),
             ) from None
-        except ValueError:  # not JSON
-            raise BadGateway("the catalog sent an answer the cart cannot read") from None
         answers: dict[str, ProductQuote | None] = dict.fromkeys(ids)
         for quote in _parse_items(body):
             if quote.product_id in answers:
                 answers[quote.product_id] = quote
         self._remember(answers)
         return answers
+
+    async def _attempt(self, instance: Instance, ids: tuple[str, ...]) -> Any:
+        """One batch lookup at one instance: its JSON body, :class:`InstanceFailed` when the instance is at fault
+        (the call moves on to another), a problem when the answer is wrong in a way another instance would repeat."""
+        assert self._session is not None
+        url = instance.url + BATCH_PATH
+        request_id = request_id_var.get()  # "-" outside a request (an event's fan-out): let the catalog make one
+        headers = {"X-Request-Id": request_id} if request_id != "-" else {}
+        try:
+            async with self._session.get(url, params={"ids": ",".join(ids)}, headers=headers) as resp:
+                if resp.status >= 500:
+                    raise InstanceFailed(f"answered {resp.status}")
+                if resp.status != 200:
+                    log.warning("catalog batch lookup at %s answered %s: %s", instance.url, resp.status, (await resp.text())[:300])
+                    raise BadGateway(f"the catalog refused the product lookup ({resp.status})")
+                return await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise InstanceFailed(f"unreachable: {exc!r}") from exc
+        except ValueError:  # not JSON
+            raise BadGateway("the catalog sent an answer the cart cannot read") from None
 
     def _remember(self, answers: dict[str, ProductQuote | None]) -> None:
         expires = time.monotonic() + self.ttl

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from actors.cart import api, repository
 from actors.cart.actor import CartActor
 from actors.cart.catalog import CatalogClient
 from actors.cart.messages import CART_SUBSCRIPTION, OrderStarted
+from actors.cart.upstream import Upstream, service_urls
 from actors.catalog.messages import ProductPriceChanged
 from bus.envelope import Envelope
 from config import Settings
@@ -35,10 +37,9 @@ SCHEMA = Component("cart", [Migration(1, "cart_lines: which carts hold a product
 FAN_OUT_CONCURRENCY = 32  # carts updated at once for one price change
 
 
-def catalog_url_from(settings: Settings) -> str:
-    """The catalog's base URL: the first of ``ECOM_CATALOG_UPSTREAMS`` when set, else the catalog's own port."""
-    upstreams = [u.strip() for u in settings.service("catalog").upstreams.split(",") if u.strip()]
-    return upstreams[0] if upstreams else settings.base_url("catalog")
+def catalog_urls_from(settings: Settings) -> list[str]:
+    """Every catalog instance: ``ECOM_CATALOG_UPSTREAMS`` when set, else the catalog's own port."""
+    return service_urls(settings, "catalog")
 
 
 def create_app(
@@ -47,14 +48,15 @@ def create_app(
     bus: Any = None,
     database_url: str | None = None,
     verifier: Any = None,
-    catalog_url: str | None = None,
+    catalog_url: str | Sequence[str] | None = None,
     cart_expiry: float | None = None,
 ) -> web.Application:
     runtime = ServiceRuntime.with_database("cart", settings, bus=bus, database_url=database_url, verifier=verifier)
     assert runtime.system is not None and runtime.engine is not None
     actor_class = CartActor.with_expiry(cart_expiry if cart_expiry is not None else settings.shop.cart_expiry)
     runtime.system.register(actor_class)
-    catalog = CatalogClient(catalog_url or catalog_url_from(settings))
+    # ``catalog_url``: one URL, comma-separated URLs or a list (tests and embedded mode); else the settings'.
+    catalog = CatalogClient(Upstream("catalog", catalog_url or catalog_urls_from(settings)))
     runtime.on_start.append(catalog.start)
     runtime.on_stop.append(catalog.close)
     if bus is not None:

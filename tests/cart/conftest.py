@@ -128,6 +128,15 @@ async def catalog(bus, settings, tmp_path, aiohttp_server, aiohttp_client, test_
     return cat
 
 
+@pytest.fixture
+async def catalog_replica(catalog, settings, tmp_path, aiohttp_server, test_identity) -> TestServer:
+    """A second instance of the real catalog service on the same database, as ``ecom run --processes`` starts
+    one: it answers every lookup the first one does. (No bus: the first instance relays the shared outbox.)"""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+    app = catalog_service.create_app(settings, database_url=url, verifier=test_identity.verifier())
+    return await aiohttp_server(app)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The cart
 
