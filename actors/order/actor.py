@@ -23,14 +23,29 @@ Why it is safe under at-least-once delivery, crashes and restarts:
   outbox and sets the payment deadline. The order's idempotency key at the provider is its id, so asking again
   can never charge twice;
 * while it waits (for stock answers, for the payment result) the order has one durable ``wake`` reminder, due
-  every ``retry_interval`` and at the phase's deadline at the latest. On waking before the deadline it re-sends
-  what it still waits for (``ReserveStock`` to the products that have not answered, ``ProcessPayment``), so a
-  request lost with a crashed process (or a bus that lost it) is asked again; the catalog answers a repeated
-  reservation with its first answer. At the deadline it cancels: a stock check that never completes or a payment
-  that never answers cannot keep an order, or its reserved stock, forever. The reminder goes once the order is
-  paid or cancelled;
+  after an exponential back-off (``retry_interval`` doubling per wake up to ``retry_max_interval``, full jitter;
+  see :func:`backoff`) and at the phase's deadline at the latest. On waking before the deadline it re-sends what
+  it still waits for (``ReserveStock`` to the products that have not answered, ``ProcessPayment``), but only a
+  message that can be presumed lost: never one whose previous copy is still unsent in this service's outbox (or
+  left it less than ``retry_interval`` ago) — under a burst the outbox is slow, and copies queued behind copies
+  were the retry storm — and at most ``max_resends`` times per message. A request lost with a crashed process (or
+  a bus that lost it) is still asked again; the catalog answers a repeated reservation with its first answer. At
+  the deadline it cancels: a stock check that never completes or a payment that never answers cannot keep an
+  order, or its reserved stock, forever. The reminder goes once the order is paid or cancelled;
 * reversing a charge (the compensation of a cancelled payment) is tracked in the state too: the order re-sends
-  ``ReversePayment`` on each wake until the payment step confirms it with ``PaymentReversed``.
+  ``ReversePayment`` on wakes (same back-off and outbox rule, no count limit: the buyer's money is at stake) until
+  the payment step confirms it with ``PaymentReversed`` answering the latest request.
+
+Outbox rows per order (what one order can put in the outbox, so a burst of N orders is at most N times this). With
+``L`` lines and ``R = max_resends``::
+
+    rows <= 6 events (OrderStarted + 5 status changes) + L*(1+R) ReserveStock + (1+R) ProcessPayment
+            + L ReleaseStock or CommitReservation + 1 ReversePayment          (= :func:`outbox_bound`)
+
+and, only after a cancellation: one ``ReleaseStock`` per late ``StockReserved`` (at most ``L*(1+R)``, one per
+request), one ``ReversePayment`` per late ``PaymentSucceeded`` (at most ``1+R``), and while a reversal stays
+unconfirmed one ``ReversePayment`` per wake at most (wakes at least ``retry_interval`` apart, on average about
+``(retry_interval + retry_max_interval) / 2`` once the back-off reaches its cap), never two unsent at once.
 
 The order never charges more than the buyer agreed to at checkout: a reservation at a higher price (the
 price rose in between) cancels the order with the reason; a lower one is what the order charges.
@@ -39,7 +54,9 @@ price rose in between) cancels the order with the reason; a lower one is what th
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -88,16 +105,23 @@ NOT_REQUESTED, PENDING, RESERVED, REJECTED = "", "pending", "reserved", "rejecte
 
 @dataclass(frozen=True, slots=True)
 class SagaTimings:
-    """Seconds the saga waits. Class-level configuration of the actor (see :meth:`OrderActor.configured`)."""
+    """Seconds the saga waits. Class-level configuration of the actor (see :meth:`OrderActor.configured`); the
+    service builds it from ``[shop]`` settings (:func:`actors.order.service.timings_from`)."""
 
     validation_timeout: float = 900.0  # for every product to answer the reservation
-    payment_timeout: float = 120.0  # from stock_confirmed to a payment result
-    retry_interval: float = 30.0  # between re-sends of what the order still waits for
+    payment_timeout: float = 300.0  # from stock_confirmed to a payment result
+    retry_interval: float = 30.0  # the first re-send of a message presumed lost; the back-off doubles from here
+    retry_max_interval: float = 300.0  # cap of the back-off
+    max_resends: int = 6  # re-sends of one message at most, before the phase's deadline gives up
 
     def __post_init__(self) -> None:
-        for name in ("validation_timeout", "payment_timeout", "retry_interval"):
+        for name in ("validation_timeout", "payment_timeout", "retry_interval", "retry_max_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds")
+        if self.retry_max_interval < self.retry_interval:
+            raise ValueError("retry_max_interval must be at least retry_interval")
+        if self.max_resends < 0:
+            raise ValueError("max_resends must be 0 or more")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,6 +153,8 @@ class OrderLine:
     reserved_price: Decimal | None = None
     available: int = 0  # when rejected: what the catalog had
     reject_reason: str = ""  # a catalog RejectReason
+    sent_id: str = ""  # message id of the last ReserveStock sent: is it still queued in our outbox?
+    resends: int = 0  # ReserveStock messages sent after the first
 
 
 @dataclass
@@ -142,10 +168,13 @@ class HistoryEntry:
 class Payment:
     method: str
     token: str  # the provider's token, kept only while the order may still be charged
-    requests: int = 0  # ProcessPayment messages sent
+    requests: int = 0  # ProcessPayment messages sent (the first and its re-sends)
+    sent_id: str = ""  # message id of the last ProcessPayment sent
     charge_id: str = ""
     reversal: str = ""  # "" none asked, "pending" until the provider confirms, "done"
     refunded: bool = False  # the reversal refunded a charge (rather than voiding an unused key)
+    reversal_id: str = ""  # message id of the last ReversePayment sent: only its answer may end the reversal
+    reversal_reason: str = ""
 
 
 @dataclass
@@ -167,6 +196,7 @@ class OrderState:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     deadline: datetime | None = None  # when the current waiting phase gives up
+    wakes: int = 0  # wakes so far in the current waiting phase (or reversal): the back-off's exponent
     history: list[HistoryEntry] = field(default_factory=list)
     commands: list[CommandRecord] = field(default_factory=list)
 
@@ -209,14 +239,29 @@ H = TypeVar("H", bound=Callable[..., Any])
 
 def _keeps_summary(handler: H) -> H:
     """Wrap a handler that may change the status or total: the ``orders`` row follows in the turn's own
-    transaction. Comparing before/after keeps the handlers free of query-table bookkeeping."""
+    transaction. Comparing before/after keeps the handlers free of query-table bookkeeping. Coroutine handlers
+    get a coroutine wrapper, so the runtime still awaits them (it tells the two kinds apart by the method)."""
+
+    def after(self: OrderActor, turn: Turn, before: tuple[str, Decimal]) -> None:
+        if self.state.status and (self.state.status, self.state.total) != before:
+            turn.on_commit(repository.save_summary(self.summary(), new=not before[0]))
+
+    if inspect.iscoroutinefunction(handler):
+
+        @functools.wraps(handler)
+        async def async_wrapper(self: OrderActor, message: Any, turn: Turn) -> Any:
+            before = (self.state.status, self.state.total)
+            result = await handler(self, message, turn)
+            after(self, turn, before)
+            return result
+
+        return async_wrapper  # type: ignore[return-value]
 
     @functools.wraps(handler)
     def wrapper(self: OrderActor, message: Any, turn: Turn) -> Any:
         before = (self.state.status, self.state.total)
         result = handler(self, message, turn)
-        if self.state.status and (self.state.status, self.state.total) != before:
-            turn.on_commit(repository.save_summary(self.summary(), new=not before[0]))
+        after(self, turn, before)
         return result
 
     return wrapper  # type: ignore[return-value]
@@ -261,7 +306,7 @@ class OrderActor(Actor):
             return
         for line in self.state.lines:
             line.stock = PENDING
-            self._to_catalog(turn, ReserveStock(self.id, line.product_id, line.quantity))
+            line.sent_id = self._to_catalog(turn, ReserveStock(self.id, line.product_id, line.quantity))
         self._enter(turn, OrderStatus.AWAITING_VALIDATION, f"stock requested for {len(self.state.lines)} product(s)")
         self._wait_until(turn, turn.now + timedelta(seconds=self.timings.validation_timeout))
 
@@ -323,7 +368,8 @@ class OrderActor(Actor):
             self._stop_waiting(turn)
             self._enter(turn, OrderStatus.PAID, f"charged {money(msg.amount)} {s.currency} ({msg.charge_id})")
         elif s.status == OrderStatus.CANCELLED and s.payment is not None and not s.payment.refunded:
-            # Charged after the order was cancelled (the charge was in flight): refund it.
+            # Charged after the order was cancelled (the charge was in flight, or its result was late): refund it.
+            # A reversal still pending is asked again: its earlier request may have run before this charge did.
             self._reverse_payment(turn, "charged after the order was cancelled")
         # paid or shipped: the same result again
 
@@ -332,16 +378,31 @@ class OrderActor(Actor):
         payment = self.state.payment
         if payment is None or payment.reversal != REVERSAL_PENDING:
             return  # a repeated confirmation
+        if not msg.refunded and msg.request_id and msg.request_id != payment.reversal_id:
+            # "Nothing was charged" from an older request says nothing about a charge made since (that is why the
+            # newer request was sent): only the answer to the latest request may end the reversal. A refund does
+            # end it, whichever request made it: the key's one charge is refunded.
+            return
         payment.reversal, payment.refunded = REVERSAL_DONE, payment.refunded or msg.refunded
+        self.state.wakes = 0
         turn.cancel_reminder(WAKE)
 
     def _reverse_payment(self, turn: Turn, reason: str) -> None:
-        """Ask the payment step to void/refund the order's charge, and keep asking (on each wake) until it confirms:
-        a provider that is down when the order is cancelled must not keep the buyer's money."""
-        assert self.state.payment is not None
-        self.state.payment.reversal = REVERSAL_PENDING
-        turn.send(ORDER_QUEUE, envelope(ReversePayment(self.id, reason), session_id=self.id, correlation_id=self.id))
-        turn.set_reminder(WAKE, due_in=self.timings.retry_interval, payload=reason)
+        """Ask the payment step to void/refund the order's charge, and keep asking (on wakes, with back-off) until it
+        confirms: a provider that is down when the order is cancelled must not keep the buyer's money."""
+        s = self.state
+        assert s.payment is not None
+        s.payment.reversal, s.payment.reversal_reason = REVERSAL_PENDING, reason
+        self._send_reversal(turn)
+        s.wakes = 0
+        self._wake_later(turn)
+
+    def _send_reversal(self, turn: Turn) -> None:
+        payment = self.state.payment
+        assert payment is not None
+        env = envelope(ReversePayment(self.id, payment.reversal_reason), session_id=self.id, correlation_id=self.id)
+        turn.send(ORDER_QUEUE, env)
+        payment.reversal_id = env.message_id
 
     @handles(PaymentFailed)
     @_keeps_summary
@@ -354,27 +415,33 @@ class OrderActor(Actor):
         assert s.payment is not None and s.deadline is not None
         s.payment.requests += 1
         command = ProcessPayment(self.id, s.total, s.currency, s.payment.method, s.payment.token, s.deadline)
-        turn.send(ORDER_QUEUE, envelope(command, session_id=self.id, correlation_id=self.id))
+        env = envelope(command, session_id=self.id, correlation_id=self.id)
+        turn.send(ORDER_QUEUE, env)
+        s.payment.sent_id = env.message_id
 
     # -- time --------------------------------------------------------------------------------------
 
     @handles(ReminderFired)
     @_keeps_summary
-    def on_reminder(self, reminder: ReminderFired, turn: Turn) -> None:
+    async def on_reminder(self, reminder: ReminderFired, turn: Turn) -> None:
         if reminder.name != WAKE:
             log.warning("order %s: unknown reminder %r ignored", self.id, reminder.name)
             return
         s = self.state
         if s.payment is not None and s.payment.reversal == REVERSAL_PENDING:
-            self._reverse_payment(turn, str(reminder.payload or "order cancelled"))
+            if s.payment.reversal_id not in await self._on_its_way([s.payment.reversal_id], turn):
+                if not s.payment.reversal_reason:  # an order stored before the reason was kept in the state
+                    s.payment.reversal_reason = str(reminder.payload or "order cancelled")
+                self._send_reversal(turn)
+            self._wake_later(turn)
             return
         if s.status not in (OrderStatus.AWAITING_VALIDATION, OrderStatus.STOCK_CONFIRMED) or s.deadline is None:
             return  # not waiting any more (a reminder already due when the order moved on)
         if turn.now >= s.deadline:
             self._give_up(turn)
-        else:
-            self._ask_again(turn)
-            self._wait_until(turn, s.deadline)
+            return
+        await self._ask_again(turn)
+        self._wake_later(turn)
 
     def _give_up(self, turn: Turn) -> None:
         if self.state.status == OrderStatus.AWAITING_VALIDATION:
@@ -382,22 +449,58 @@ class OrderActor(Actor):
         else:
             self._cancel(turn, f"the payment did not complete within {self.timings.payment_timeout:g}s")
 
-    def _ask_again(self, turn: Turn) -> None:
-        """Re-send what the order waits for; the other side answers a repeated request without a second effect."""
-        if self.state.status == OrderStatus.AWAITING_VALIDATION:
-            for line in self.state.lines:
-                if line.stock == PENDING:
-                    self._to_catalog(turn, ReserveStock(self.id, line.product_id, line.quantity))
-        else:
-            self._request_payment(turn)
+    async def _ask_again(self, turn: Turn) -> None:
+        """Re-send what the order waits for, but only what can be presumed lost and has re-sends left; the other
+        side answers a repeated request without a second effect."""
+        s = self.state
+        if s.status == OrderStatus.AWAITING_VALIDATION:
+            due = [line for line in s.lines if line.stock == PENDING and line.resends < self.timings.max_resends]
+            busy = await self._on_its_way([line.sent_id for line in due], turn)
+            for line in due:
+                if line.sent_id not in busy:
+                    line.resends += 1
+                    line.sent_id = self._to_catalog(turn, ReserveStock(self.id, line.product_id, line.quantity))
+        elif s.payment is not None and s.payment.requests <= self.timings.max_resends:
+            if s.payment.sent_id not in await self._on_its_way([s.payment.sent_id], turn):
+                self._request_payment(turn)
+
+    async def _on_its_way(self, message_ids: list[str], turn: Turn) -> set[str]:
+        """Which of these messages cannot be presumed lost: still unsent in this service's outbox (re-sending
+        would only queue a copy behind it: the retry storm), or sent less than ``retry_interval`` ago."""
+        wanted = [m for m in message_ids if m]
+        store = self.system.store
+        if not wanted or store is None:
+            return set()
+        since = turn.now - timedelta(seconds=self.timings.retry_interval)
+        return await repository.messages_on_their_way(store.engine, wanted, sent_after=since)
+
+    def _can_resend(self) -> bool:
+        s = self.state
+        if s.status == OrderStatus.AWAITING_VALIDATION:
+            return any(line.stock == PENDING and line.resends < self.timings.max_resends for line in s.lines)
+        if s.status == OrderStatus.STOCK_CONFIRMED:
+            return s.payment is not None and s.payment.requests <= self.timings.max_resends
+        return True  # a pending reversal: asked again until confirmed
 
     def _wait_until(self, turn: Turn, deadline: datetime) -> None:
-        """Wait for answers until ``deadline``: wake to ask again every retry interval, and at the deadline."""
+        """Wait for answers until ``deadline``, waking (with back-off) to ask again what seems lost."""
         self.state.deadline = deadline
-        turn.set_reminder(WAKE, due_at=min(deadline, turn.now + timedelta(seconds=self.timings.retry_interval)))
+        self.state.wakes = 0
+        self._wake_later(turn)
+
+    def _wake_later(self, turn: Turn) -> None:
+        """Set the one ``wake`` reminder: after the next back-off delay, at the deadline at the latest; straight at
+        the deadline once nothing may be re-sent any more (a wake then would have nothing to do)."""
+        s = self.state
+        due = turn.now + timedelta(seconds=backoff(s.wakes, self.timings))
+        s.wakes += 1
+        if s.deadline is not None and (due > s.deadline or not self._can_resend()):
+            due = s.deadline
+        turn.set_reminder(WAKE, due_at=due)
 
     def _stop_waiting(self, turn: Turn) -> None:
         self.state.deadline = None
+        self.state.wakes = 0
         turn.cancel_reminder(WAKE)
 
     # -- commands from the API ---------------------------------------------------------------------
@@ -476,9 +579,12 @@ class OrderActor(Actor):
             s.payment.token = ""
         self._enter(turn, OrderStatus.CANCELLED, reason)
 
-    def _to_catalog(self, turn: Turn, command: ReserveStock | ReleaseStock | CommitReservation) -> None:
-        """A stock command to the product's actor (session = product id), sent when this turn commits."""
-        turn.send(CATALOG_QUEUE, envelope(command, session_id=command.product_id, correlation_id=self.id))
+    def _to_catalog(self, turn: Turn, command: ReserveStock | ReleaseStock | CommitReservation) -> str:
+        """A stock command to the product's actor (session = product id), sent when this turn commits; returns
+        its message id."""
+        env = envelope(command, session_id=command.product_id, correlation_id=self.id)
+        turn.send(CATALOG_QUEUE, env)
+        return env.message_id
 
     def _line(self, product_id: str) -> OrderLine | None:
         found = next((line for line in self.state.lines if line.product_id == product_id), None)
@@ -500,6 +606,28 @@ class OrderActor(Actor):
 
 # ---------------------------------------------------------------------------------------------------
 # Pure helpers
+
+_jitter = random.Random()  # spreads re-sends; needs no secrecy, and no seed (each process its own spread)
+
+
+def backoff(attempt: int, timings: SagaTimings, rng: random.Random = _jitter) -> float:
+    """Seconds to the wake number ``attempt`` (0, 1, ...) of a waiting phase: exponential back-off with full jitter.
+
+    The ceiling doubles per attempt from ``retry_interval`` (2x, 4x, 8x ... of it) up to ``retry_max_interval``;
+    the delay is uniform between ``retry_interval`` and the ceiling. The jitter spreads the re-sends of a burst of
+    orders over the whole window instead of sending them again together; the floor keeps a message younger than
+    ``retry_interval`` from being taken for lost."""
+    low, cap = timings.retry_interval, timings.retry_max_interval
+    ceiling = min(cap, low * 2.0 ** min(attempt + 1, 60))
+    return rng.uniform(low, ceiling)
+
+
+def outbox_bound(lines: int, timings: SagaTimings) -> int:
+    """The most outbox rows one order of ``lines`` lines writes from checkout to paid/shipped or cancelled, when no
+    answer comes late and a reversal is confirmed the first time (see the module docstring for the rest)."""
+    sends = 1 + timings.max_resends
+    events = 6  # OrderStarted + submitted, awaiting_validation, stock_confirmed, paid | cancelled, shipped
+    return events + lines * sends + sends + lines + 1  # ReserveStock, ProcessPayment, Release|Commit, ReversePayment
 
 
 def _new_order(msg: CheckoutRequested) -> OrderState:

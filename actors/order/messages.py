@@ -105,6 +105,7 @@ class PaymentReversed:
 
     order_id: str
     refunded: bool  # True: there was a charge and it is refunded; False: nothing had been charged
+    request_id: str = ""  # message id of the ReversePayment answered: an answer to an older request is told apart
 
 
 @dataclass(frozen=True, slots=True)

@@ -229,7 +229,8 @@ class PaymentProcessor:
             return
         if result.refunded:
             log.info("order %s: charge refunded (%s)", command.order_id, command.reason)
-        await self.deliver(command.order_id, PaymentReversed(command.order_id, result.refunded), f"{message_id}/result")
+        reversed_ = PaymentReversed(command.order_id, result.refunded, request_id=message_id)
+        await self.deliver(command.order_id, reversed_, f"{message_id}/result")
 
     async def close(self) -> None:
         tasks = list(self._charging.values())

@@ -8,6 +8,7 @@ wakes an actor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -23,12 +24,13 @@ from sqlalchemy import (
     Table,
     func,
     insert,
+    or_,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from runtime.store import SqlHook, as_utc
+from runtime.store import SqlHook, as_utc, outbox
 
 metadata = MetaData()
 
@@ -48,6 +50,19 @@ orders = Table(
 )
 
 TABLES = (orders,)
+
+
+async def messages_on_their_way(engine: AsyncEngine, message_ids: Sequence[str], *, sent_after: datetime) -> set[str]:
+    """Which of these outbox messages are still unsent (queued here) or were sent after ``sent_after``. One indexed
+    lookup (``outbox.message_id`` is unique); a message not found was sent long ago (purged) or never existed."""
+    if not message_ids:
+        return set()
+    stmt = select(outbox.c.message_id).where(
+        outbox.c.message_id.in_(list(message_ids)),
+        or_(outbox.c.sent_at.is_(None), outbox.c.sent_at > sent_after),
+    )
+    async with engine.connect() as conn:
+        return {row.message_id for row in await conn.execute(stmt)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,13 +46,14 @@ PAYMENTS: web.AppKey[PaymentProcessor] = web.AppKey("order_payments", PaymentPro
 
 
 def timings_from(settings: Settings) -> SagaTimings:
-    # Settings hook: ``payment_timeout`` / ``validation_timeout`` / ``retry_interval`` fields on the order service's
-    # settings (ECOM_ORDER_PAYMENT_TIMEOUT...) win once the shared config declares them; until then the defaults.
-    svc, default = settings.service(NAME), SagaTimings()
+    """The saga's timings from ``[shop]`` (ECOM_SHOP_PAYMENT_TIMEOUT, ECOM_SHOP_VALIDATION_TIMEOUT,
+    ECOM_SHOP_RETRY_INTERVAL, ECOM_SHOP_RETRY_MAX_INTERVAL): operators tune them without a code change."""
+    shop = settings.shop
     return SagaTimings(
-        validation_timeout=float(getattr(svc, "validation_timeout", default.validation_timeout)),
-        payment_timeout=float(getattr(svc, "payment_timeout", default.payment_timeout)),
-        retry_interval=float(getattr(svc, "retry_interval", default.retry_interval)),
+        validation_timeout=float(shop.validation_timeout),
+        payment_timeout=float(shop.payment_timeout),
+        retry_interval=float(shop.retry_interval),
+        retry_max_interval=float(shop.retry_max_interval),
     )
 
 

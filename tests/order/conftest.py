@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import select
 
 from actors.cart.messages import (
     Address,
@@ -48,7 +49,7 @@ from config import Settings, load_settings
 from runtime.host import AppKeyRuntime
 from runtime.messages import envelope, from_body
 from runtime.migrate import RUNTIME, Component, upgrade
-from runtime.store import create_engine
+from runtime.store import create_engine, outbox
 from tests.support.auth import TestIdentity
 
 ADDRESS = Address("Ada Lovelace", "1 Analytical Way", "London", "NW1 2AB", "GB")
@@ -81,16 +82,28 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str 
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
 
 
+def service_env(tmp_path: Any, **extra: str) -> dict[str, str]:
+    """The environment the test services are configured from (``extra``: more ECOM_* variables)."""
+    return {
+        "ECOM_DATA_DIR": str(tmp_path),
+        "ECOM_ACTORS_MAILBOX_SIZE": "2000",
+        "ECOM_ACTORS_REMINDER_POLL_INTERVAL": "0.05",
+        "ECOM_BUS_OUTBOX_POLL_INTERVAL": "0.05",
+        **extra,
+    }
+
+
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return load_settings(
-        {
-            "ECOM_DATA_DIR": str(tmp_path),
-            "ECOM_ACTORS_MAILBOX_SIZE": "2000",
-            "ECOM_ACTORS_REMINDER_POLL_INTERVAL": "0.05",
-            "ECOM_BUS_OUTBOX_POLL_INTERVAL": "0.05",
-        }
-    )
+    return load_settings(service_env(tmp_path))
+
+
+async def outbox_of(engine: Any, order_id: str) -> list[Envelope]:
+    """Every outbox row (sent or not) that belongs to the order: its events, commands and payment messages."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(outbox.c.envelope).order_by(outbox.c.id))).all()
+    envelopes = [Envelope.decode(row.envelope) for row in rows]
+    return [e for e in envelopes if order_id in (e.session_id, e.correlation_id)]
 
 
 @pytest.fixture
@@ -301,7 +314,8 @@ async def make_orders(bus, settings, db_url, test_identity) -> AsyncIterator[Mak
     provider = SimulatedPaymentProvider()
     clients: list[TestClient] = []
 
-    async def make(**kwargs: Any) -> OrderService:
+    async def make(*, settings: Settings = settings, **kwargs: Any) -> OrderService:
+        """``timings=None`` takes the saga timings from ``settings`` as production does."""
         kwargs.setdefault("timings", TIMINGS)
         kwargs.setdefault("payment_policy", POLICY)
         kwargs.setdefault("payment_provider", provider)
