@@ -64,6 +64,24 @@ class IdleActor(Actor):
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Read:
+    pass
+
+
+class _Half:
+    """Placement of two instances without a membership table: entity ids split by their hash's parity."""
+
+    def __init__(self, me: int) -> None:
+        self.me = me
+
+    def owns(self, actor_id: str) -> bool:
+        return hash(actor_id) % 2 == self.me
+
+    def owner_of(self, actor_id: str) -> str | None:
+        return f"instance-{hash(actor_id) % 2}"
+
+
 class DocActor(Actor):
     """Persisted actor with a ~1 KB JSON state; every turn changes it."""
 
@@ -75,6 +93,10 @@ class DocActor(Actor):
     @handles(Inc)
     def inc(self, msg: Inc, turn: Turn) -> int:
         self.state["n"] += 1
+        return self.state["n"]
+
+    @handles(Read)
+    def read(self, msg: Read, turn: Turn) -> int:
         return self.state["n"]
 
 
@@ -179,10 +201,23 @@ async def bare_upserts(engine, n: int, concurrency: int) -> float:
     return rate(per * concurrency, time.perf_counter() - start)
 
 
-async def persisted_turns(engine, n: int, concurrency: int, group_commit: bool) -> tuple[float, float]:
+async def persisted_turns(
+    engine, n: int, concurrency: int, group_commit: bool, *, instances: int = 1, misrouted: bool = False
+) -> tuple[float, float]:
+    """Turns/s. ``instances=2``: two systems on the database, each asked for the entities it owns (the
+    steady state of a cluster: fenced commits, no forwarding); ``misrouted``: each asked for the entities
+    the OTHER owns, so every turn loads the entity afresh (the fallback when an owner cannot be reached)."""
     store = StateStore(engine, group_commit=group_commit)
-    system = ActorSystem(store, mailbox_size=n + 10)
-    refs = [system.ref(DocActor, f"doc-{uuid.uuid4().hex}") for _ in range(concurrency)]
+    if instances == 1:
+        systems = [ActorSystem(store, mailbox_size=n + 10, exclusive=True)]
+    else:
+        systems = [ActorSystem(StateStore(engine, group_commit=group_commit), mailbox_size=n + 10, placement=_Half(i)) for i in (0, 1)]
+        store = systems[0].store
+    ids = [f"doc-{uuid.uuid4().hex}" for _ in range(concurrency)]
+    refs = []
+    for entity in ids:
+        owner = hash(entity) % 2 if instances > 1 else 0
+        refs.append(systems[(1 - owner) if misrouted else owner].ref(DocActor, entity))
 
     async def worker(ref, count: int) -> None:
         for _ in range(count):
@@ -196,9 +231,31 @@ async def persisted_turns(engine, n: int, concurrency: int, group_commit: bool) 
     async with engine.connect() as conn:
         rows = (await conn.execute(select(actor_state.c.version).where(actor_state.c.actor_id.in_([r.id for r in refs])))).all()
     assert sorted(r.version for r in rows) == [per] * concurrency, "every turn was persisted"
-    turns_per_txn = store.turns_committed / max(store.commits, 1)
+    commits = sum(s.store.commits for s in systems if s.store is not None)
+    turns = sum(s.store.turns_committed for s in systems if s.store is not None)
+    for system in systems:
+        await system.stop()
+    return rate(per * concurrency, elapsed), turns / max(commits, 1)
+
+
+async def reads(engine, n: int, concurrency: int, exclusive: bool) -> float:
+    """Reads/s of entities already in memory: an exclusive system answers from its copy; a cluster member
+    first checks the stored version (so no read is older than a write made by another instance)."""
+    system = ActorSystem(StateStore(engine), mailbox_size=n + 10, exclusive=exclusive)
+    refs = [system.ref(DocActor, f"doc-{uuid.uuid4().hex}") for _ in range(concurrency)]
+    for ref in refs:
+        await ref.ask(Inc())
+
+    async def worker(ref, count: int) -> None:
+        for _ in range(count):
+            await ref.ask(Read())
+
+    per = n // concurrency
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(r, per) for r in refs))
+    elapsed = time.perf_counter() - start
     await system.stop()
-    return rate(per * concurrency, elapsed), turns_per_txn
+    return rate(per * concurrency, elapsed)
 
 
 async def bench_database(label: str, url: str, n_seq: int, n_conc: int) -> None:
@@ -212,6 +269,16 @@ async def bench_database(label: str, url: str, n_seq: int, n_conc: int) -> None:
             mode = "sequential" if conc == 1 else f"{conc} concurrent entities"
             print(f"  {label:10} {mode:24} bare upsert {base:8.0f}/s | turns {plain:8.0f}/s ({plain / base:4.2f}x) "
                   f"| group commit {grouped:8.0f}/s ({grouped / base:4.2f}x, {per_txn:.1f} turns/txn)")
+        # The cluster's costs, side by side with one process in the same run (64 entities, group commit).
+        one, _ = await persisted_turns(engine, n_conc, 64, group_commit=True)
+        two, _ = await persisted_turns(engine, n_conc, 64, group_commit=True, instances=2)
+        wrong, _ = await persisted_turns(engine, n_conc // 4, 64, group_commit=True, instances=2, misrouted=True)
+        print(f"  {label:10} cluster, 64 entities      one process {one:8.0f}/s | two instances, owners asked "
+              f"{two:8.0f}/s ({two / one:4.2f}x) | non-owners asked {wrong:8.0f}/s ({wrong / one:4.2f}x)")
+        trusted = await reads(engine, n_conc * 4, 64, exclusive=True)
+        checked = await reads(engine, n_conc * 4, 64, exclusive=False)
+        print(f"  {label:10} reads, 64 entities        exclusive {trusted:8.0f}/s | cluster (version checked) "
+              f"{checked:8.0f}/s ({checked / trusted:4.2f}x)")
     finally:
         await engine.dispose()
 

@@ -699,8 +699,8 @@ class ActorSystem:
         fired = 0
         for row in rows:
             key = (row.actor_type, row.actor_id, row.name)
-            if key in self._reminders_in_flight:
-                continue
+            if key in self._reminders_in_flight or not self._owns(row.actor_id):
+                continue  # in flight here already, or the owner fires it (the fence would refuse a twin anyway)
             cls = self._types[row.actor_type]
             due_at = as_utc(row.due_at)
             msg = _PeriodicReminder(row.name, orjson.loads(row.payload), due_at, row.period)

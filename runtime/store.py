@@ -305,6 +305,8 @@ class StateStore:
         self._flushers_max = flushers or (1 if is_sqlite else 3)
         self._flushers = 0
         self._pending: list[tuple[TurnWrite, asyncio.Future[str]]] = []
+        self._version_waiters: dict[tuple[str, str], list[asyncio.Future[int]]] = {}
+        self._version_flusher = False
         self.commits = 0  # transactions committed
         self.turns_committed = 0
 
@@ -318,10 +320,46 @@ class StateStore:
         return StateRecord(version=row.version, state=row.state, updated_at=as_utc(row.updated_at))
 
     async def version(self, actor_type: str, actor_id: str) -> int:
-        """The stored version of an actor, 0 if it was never stored: what a read checks its copy against."""
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(_EXISTS, {"t": actor_type, "i": actor_id})).first()
-        return 0 if row is None else int(row.version)
+        """The stored version of an actor, 0 if it was never stored: what a read checks its copy against.
+
+        Reads that wait together share one query (as turns share a group commit): one round trip answers
+        every version asked for while the previous query was in flight."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._version_waiters.setdefault((actor_type, actor_id), []).append(fut)
+        if not self._version_flusher:
+            self._version_flusher = True
+            asyncio.get_running_loop().create_task(self._check_versions())
+        return await fut
+
+    async def _check_versions(self) -> None:
+        try:
+            while self._version_waiters:
+                waiting, self._version_waiters = self._version_waiters, {}
+                by_type: dict[str, list[str]] = {}
+                for actor_type, actor_id in waiting:
+                    by_type.setdefault(actor_type, []).append(actor_id)
+                try:
+                    found: dict[tuple[str, str], int] = {}
+                    async with self.engine.connect() as conn:
+                        for actor_type, ids in by_type.items():
+                            for start in range(0, len(ids), 500):
+                                stmt = select(actor_state.c.actor_id, actor_state.c.version).where(
+                                    actor_state.c.actor_type == actor_type, actor_state.c.actor_id.in_(ids[start : start + 500])
+                                )
+                                for row in await conn.execute(stmt):
+                                    found[(actor_type, row.actor_id)] = int(row.version)
+                except Exception as exc:
+                    for futs in waiting.values():
+                        for fut in futs:
+                            if not fut.done():
+                                fut.set_exception(exc)
+                    continue
+                for key, futs in waiting.items():
+                    for fut in futs:
+                        if not fut.done():
+                            fut.set_result(found.get(key, 0))
+        finally:
+            self._version_flusher = False
 
     async def seen(self, consumer: str, message_id: str) -> bool:
         async with self.engine.connect() as conn:
