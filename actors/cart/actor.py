@@ -8,8 +8,12 @@ Rules the actor enforces (the HTTP layer only parses and fetches catalog data):
 * a price that changes under a line (catalog event, a newer quote, checkout's re-check) is applied and noted:
   the note keeps the price the customer first saw and the current one, and goes away with the line or when the
   price returns to what it was;
-* checkout re-checks every price against fresh quotes; moved prices are applied and answered with
-  :class:`~actors.cart.messages.PricesChanged` (the caller says 409, the buyer confirms by checking out again);
+* a customer is never charged a price the cart did not show: every line remembers the price the customer last
+  saw (``shown_price``: set whenever the cart is answered to the customer — GET, PUT, DELETE — and by checkout's
+  409). A price event updates the line but not what was shown, so checkout re-checks every line against fresh
+  quotes and answers :class:`~actors.cart.messages.PricesChanged` (the caller says 409, naming the new prices)
+  whenever a fresh price differs from the shown one, even if an event already applied it silently; the buyer
+  confirms by checking out again;
   otherwise it sends ``CheckoutRequested`` to the order queue through the outbox and remembers the checkout
   (bounded), so a retry with the same ``Idempotency-Key`` gets the same order id and no second order;
 * ``OrderStarted`` removes what that checkout ordered (quantities added after checkout stay), once;
@@ -27,7 +31,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
@@ -124,6 +128,13 @@ class Line:
     unit_price: Decimal
     quantity: int
     picture_url: str
+    # The unit price the customer last saw (the cart answered to them, or checkout's 409 named it). None: a line
+    # stored before this field existed; its unit price stands in.
+    shown_price: Decimal | None = None
+
+    @property
+    def seen_price(self) -> Decimal:
+        return self.shown_price if self.shown_price is not None else self.unit_price
 
 
 @dataclass
@@ -210,7 +221,8 @@ class CartActor(Actor):
 
     @handles(GetCart)
     def get(self, _msg: GetCart, _turn: Turn) -> dict[str, Any]:
-        return self.view()
+        # Writes only when a price moved since the customer's last look (the turn is a read otherwise).
+        return self.shown()
 
     @handles(SetQuantity)
     @_keeps_index
@@ -221,8 +233,8 @@ class CartActor(Actor):
         self._check_can_sell(quote, msg.quantity, currency=state.currency if others else "")
         wanted = Line(quote.product_id, quote.name, quote.unit_price, msg.quantity, quote.picture_url)
         current = state.lines.get(quote.product_id)
-        if current == wanted:
-            return self.view()  # a repeated PUT: nothing to write
+        if current is not None and replace(current, shown_price=None) == wanted:
+            return self.shown()  # a repeated PUT: nothing to write (unless a price moved since the last look)
         if current is None:
             if len(state.lines) >= MAX_LINES:
                 raise CartFull(f"a cart holds at most {MAX_LINES} different products; remove some first")
@@ -232,7 +244,7 @@ class CartActor(Actor):
             current.name, current.quantity, current.picture_url = wanted.name, wanted.quantity, wanted.picture_url
         state.currency = quote.currency
         self._changed(turn)
-        return self.view()
+        return self.shown()
 
     @handles(RemoveLine)
     @_keeps_index
@@ -240,7 +252,7 @@ class CartActor(Actor):
         if msg.product_id in self.state.lines:
             self._drop_line(msg.product_id)
             self._changed(turn)
-        return self.view()
+        return self.shown()
 
     @handles(ClearCart)
     @_keeps_index
@@ -250,7 +262,7 @@ class CartActor(Actor):
                 self._drop_line(product_id)
             self.state.notes.clear()
             self._changed(turn)
-        return self.view()  # checkouts are kept: a retried checkout still finds its order
+        return self.shown()  # checkouts are kept: a retried checkout still finds its order
 
     @handles(Checkout)
     def checkout(self, msg: Checkout, turn: Turn) -> CheckoutAccepted | QuotesNeeded | PricesChanged:
@@ -269,11 +281,17 @@ class CartActor(Actor):
         if unquoted:
             return QuotesNeeded(unquoted)
         quotes = self._sellable(msg.quotes)
-        changes = [
-            change
-            for line in state.lines.values()
-            if (change := self._reprice(line, quotes[line.product_id].unit_price, turn.now)) is not None
-        ]
+        # Compared with what the customer SAW, not with the line: a ProductPriceChanged event may have moved the
+        # line already (with a note) while the customer has not looked since; charging that price would charge a
+        # price the cart never showed. The fresh price is applied either way (it may also have moved back).
+        changes: list[PriceChange] = []
+        for line in state.lines.values():
+            fresh = quotes[line.product_id].unit_price
+            seen = line.seen_price
+            self._reprice(line, fresh, turn.now)
+            if fresh != seen:
+                changes.append(PriceChange(line.product_id, line.name, seen, fresh))
+            line.shown_price = fresh  # the 409 names the new price: the next checkout confirms it
         if changes:
             return PricesChanged(tuple(changes))
         order_id = str(uuid.uuid4())
@@ -403,6 +421,12 @@ class CartActor(Actor):
             currency=self.state.currency,
             requested_at=now,
         )
+
+    def shown(self) -> dict[str, Any]:
+        """The view answered to the customer: every line's price is now one the customer has seen."""
+        for line in self.state.lines.values():
+            line.shown_price = line.unit_price
+        return self.view()
 
     def total(self) -> Decimal:
         return sum((line.unit_price * line.quantity for line in self.state.lines.values()), Decimal(0)).quantize(CENT)

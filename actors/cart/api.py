@@ -226,8 +226,9 @@ async def clear_cart(request: web.Request) -> web.Response:
     tags=["cart"],
     summary="Check out",
     description=(
-        "Re-checks every price with the catalog: when one changed, the cart takes it and the answer is 409 "
-        "(check out again to confirm). Otherwise 202 with the new order id; the order moves on asynchronously. "
+        "Re-checks every price with the catalog: when one differs from the price the cart last showed you (even if "
+        "the cart already took it from a price-change event), the answer is 409 with the new prices (check out "
+        "again to confirm). Otherwise 202 with the new order id; the order moves on asynchronously. "
         f"Send an {IDEMPOTENCY_HEADER} header to make retries safe: the same key gives the same order."
     ),
     parameters=[{"in": "header", "name": IDEMPOTENCY_HEADER, "schema": {"type": "string"}, "required": False}],

@@ -9,6 +9,7 @@ import pytest
 
 from actors.cart.actor import MAX_CHECKOUTS
 from actors.cart.messages import Address, CheckoutLine, OrderStarted, PaymentDetails
+from actors.catalog.messages import ProductPriceChanged
 from tests.cart.conftest import ADDRESS, PAYMENT
 
 
@@ -178,3 +179,58 @@ async def test_the_cart_and_its_checkout_keys_survive_a_restart(make_shop, catal
     resp = await again.checkout("k")
     assert resp.status == 202 and (await resp.json())["order_id"] == order_id
     assert await second.outbox_rows() == 1
+
+
+async def test_a_price_the_event_applied_silently_is_still_409_once_at_checkout_on_any_instance(make_shop, catalog):
+    """The catalog's event updates the line (with a note) while the customer is not looking: the checkout must
+    not charge that price unseen. Another cart instance on the same database answers the same."""
+    shop = await make_shop(catalog.url)
+    other = await make_shop(catalog.url, with_bus=False)  # a second cart process
+    lamp, bulb = await catalog.add("Lamp", "10.00"), await catalog.add("Bulb", "1.00")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    await me.put(bulb, 1)  # the customer last saw Lamp at 10.00
+    await catalog.change(lamp, price="12.50")
+    await catalog.settle()
+    await shop.settle()
+    info = await (await shop.client.get(f"/api/cart/admin/actors/cart/{me.sub}", headers=shop.identity.headers(shop.identity.admin_token()))).json()
+    assert info["state"]["lines"][lamp]["unit_price"] == "12.50"  # the event arrived and moved the line
+
+    resp = await other.shopper(me.sub).checkout("k")
+    assert resp.status == 409, await resp.text()
+    problem = await resp.json()
+    assert problem["price_changes"] == [{"product_id": lamp, "name": "Lamp", "old_price": "10.00", "new_price": "12.50"}]
+    assert await shop.outbox_rows() == 0
+
+    confirmed = await me.checkout("k")  # the 409 showed the new price: this confirms it
+    assert confirmed.status == 202, await confirmed.text()
+    await shop.settle()
+    [request] = shop.checkout_requests()
+    assert [(line.product_id, line.unit_price) for line in request.lines] == [(lamp, Decimal("12.50")), (bulb, Decimal("1.00"))]
+    assert request.total == Decimal("26.00")
+
+
+async def test_a_price_the_customer_has_looked_at_since_the_event_needs_no_confirmation(shop, catalog):
+    lamp = await catalog.add("Lamp", "10.00")
+    me = shop.shopper()
+    await me.put(lamp, 1)
+    await catalog.change(lamp, price="9.00")
+    await catalog.settle()
+    await shop.settle()
+    cart = await me.get()  # the customer sees 9.00 and the note
+    assert cart["lines"][0]["unit_price"] == "9.00" and cart["notes"][0]["old_price"] == "10.00"
+    resp = await me.checkout()
+    assert resp.status == 202, await resp.text()
+
+    # A price that moved and moved back while the customer was away is the price they saw: no 409.
+    await me.put(lamp, 2)
+    await shop.publish(ProductPriceChanged(lamp, Decimal("9.00"), Decimal("15.00"), "USD"), session_id=lamp)
+    await shop.settle()
+    await catalog.change(lamp, price="15.00")
+    await catalog.change(lamp, price="9.00")
+    await catalog.settle()
+    await shop.settle()
+    resp = await me.checkout()
+    assert resp.status == 202, await resp.text()
+    await shop.settle()
+    assert [line.unit_price for line in shop.checkout_requests()[-1].lines] == [Decimal("9.00")]
