@@ -18,6 +18,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Index,
+    Integer,
     MetaData,
     Numeric,
     String,
@@ -49,7 +50,31 @@ orders = Table(
     Index("ix_orders_created", "created_at", "id"),
 )
 
-TABLES = (orders,)
+TABLES = (orders,)  # created by migration 1 exactly as declared; later steps change the schema themselves
+
+# The payment simulator's own records (see actors.order.payment.SimulatedPaymentProvider). It lives in the order
+# service's database the way a real provider keeps its idempotency keys on its side: durable, outliving any process
+# of ours, so a charge retried after a crash finds the first attempt. Not part of the order's own data: nothing in
+# the saga reads it. Created by migration 2.
+payment_simulator_charges = Table(
+    "payment_simulator_charges",
+    metadata,
+    Column("idempotency_key", String(64), primary_key=True),  # = the order id
+    Column("order_id", String(64), nullable=False),
+    Column("amount", String(32), nullable=True),  # decimal string; empty (NULL) for a key voided before any charge
+    Column("currency", String(3), nullable=True),
+    Column("status", String(16), nullable=False),  # pending | approved | declined | refunded
+    Column("charge_id", String(64), nullable=False, default=""),  # the provider's id of an approved charge
+    Column("decline_code", String(64), nullable=False, default=""),  # e.g. card_declined, voided
+    Column("message", String(255), nullable=False, default=""),
+    Column("attempts", Integer, nullable=False, default=1),  # charge calls received with this key, by any process
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Migration 3: the admission endpoint counts the orders still in the saga; an index on the status makes that a
+# range scan over the (few) open orders instead of a scan of every order ever placed.
+STATUS_INDEX = "ix_orders_status"
 
 
 async def messages_on_their_way(engine: AsyncEngine, message_ids: Sequence[str], *, sent_after: datetime) -> set[str]:

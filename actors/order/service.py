@@ -39,7 +39,15 @@ log = logging.getLogger(__name__)
 
 NAME = "order"
 SCHEMA = Component(
-    NAME, [Migration(1, "orders: one summary row per order for the buyers' lists", create_tables(*repository.TABLES))]
+    NAME,
+    [
+        Migration(1, "orders: one summary row per order for the buyers' lists", create_tables(*repository.TABLES)),
+        Migration(
+            2,
+            "payment_simulator_charges: the payment simulator's durable idempotency keys",
+            create_tables(repository.payment_simulator_charges),
+        ),
+    ],
 )
 
 PAYMENTS: web.AppKey[PaymentProcessor] = web.AppKey("order_payments", PaymentProcessor)
@@ -74,6 +82,11 @@ def create_app(
     if payment_provider is None:
         log.warning("order: payments go to the SimulatedPaymentProvider; no real money moves")
         payment_provider = SimulatedPaymentProvider()
+    if isinstance(payment_provider, SimulatedPaymentProvider):
+        # The simulator keeps its idempotency keys in this service's database (its own table), durable across
+        # restarts and shared by every instance, like a real provider's.
+        assert runtime.engine is not None
+        payment_provider.bind(runtime.engine)
     processor = PaymentProcessor(payment_provider, _deliver_to(runtime.system, actor_class), payment_policy)
     # Stop hooks run last-registered first: the bus consumer, then the payment processor, then the actors. The
     # actors stop before the runtime stops the outbox relay, so no turn commits (and wakes the relay) while the
