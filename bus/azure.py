@@ -370,9 +370,11 @@ class AzureConsumer:
                     self._bus._close_later(receiver)
         except asyncio.CancelledError:
             pass  # stop()/close(): unsettled messages go to other consumers
-        except BaseException:
-            log.exception("bus consumer %s: worker crashed", self.label)
-            raise
+        except Exception:
+            # Loud, but not re-raised: nobody awaits a worker, so that would only end up as "Task
+            # exception was never retrieved". Its receiver is closed (the session and any unsettled
+            # message go back to Service Bus) and the finally below starts a replacement worker.
+            log.exception("bus consumer %s: worker crashed; starting another", self.label)
         finally:
             self._workers.discard(task)
             self._handler_of.pop(task, None)
@@ -535,6 +537,7 @@ class AzureConsumer:
                 call.cancel()
                 with contextlib.suppress(BaseException):
                     await asyncio.wait({call}, timeout=self._bus.close_timeout)
+                _forget_outcome(call)
                 raise
             interrupted = True
         finally:
@@ -544,6 +547,7 @@ class AzureConsumer:
             call.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.wait({call}, timeout=self._bus.close_timeout)
+            _forget_outcome(call)
             return _LOST, interrupted
         if call.cancelled():
             # The handler leaked a CancelledError of its own (nobody cancelled it): a failure, or it
@@ -553,6 +557,22 @@ class AzureConsumer:
 
 
 _LOST = object()
+
+
+def _forget_outcome(call: asyncio.Future[Any]) -> None:
+    """A handler cancelled because its lock was lost (or on stop) may still end with an error of its
+    own (e.g. it turns the cancellation into a RuntimeError, or fails in its cleanup). Its message is
+    redelivered either way, so the outcome does not matter, but it must be retrieved, now or when it
+    ends: else asyncio reports "Task exception was never retrieved"."""
+
+    def retrieve(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            log.info("a cancelled handler ended with %s: %s (its message is redelivered)", type(exc).__name__, exc)
+
+    if call.done():
+        retrieve(call)
+    else:
+        call.add_done_callback(retrieve)
 
 
 class _Outbox:

@@ -1,4 +1,4 @@
-"""RabbitMQ bus (aio-pika): session-ordered partitioned quorum queues with single-active-consumer.
+"""RabbitMQ bus (aiormq): session-ordered partitioned quorum queues with single-active-consumer.
 
 Topology (every name below is prefixed with ``prefix``, empty in production, unique per test run):
 
@@ -31,6 +31,18 @@ message behind later ones of its session that are already prefetched.
 then the channel is closed, so the broker returns every unacked message (in order) to the queue for
 the consumer that becomes active next. ``close()`` does that for all consumers, then closes the
 connection.
+
+Recovery (the broker force-closes connections, a channel dies of a channel error, the network goes):
+every connection and channel is watched; a loss drops the in-memory deliveries of the affected consumers
+(the broker already requeued them, in order) and wakes one supervisor task per bus, which reconnects,
+reopens the publishing channel and re-subscribes every consumer to every partition. Failed attempts
+back off exponentially from ``reconnect_interval`` up to ``reconnect_max_interval``, each delay
+jittered to 50-100% so that processes cut off together do not come back in lockstep. Publishing waits
+(within ``timeout``) for the recovery and retries a publish whose connection died before the confirm
+(a possible duplicate, which consumers dedupe). ``ping()`` fails until everything is back. aio-pika's
+robust connection is not used: its fixed reconnect interval, its restore callbacks that log errors
+while the transport is down, and ``IncomingMessage.channel`` raising on a closed channel (which
+crashed workers) are what this replaces.
 
 ``dead_letters(name)`` reads the DLQs non-destructively: ``basic.get`` of every message without ack
 on a throw-away channel, then closing that channel returns them all to the DLQ (they stay listable,
@@ -67,17 +79,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 import zlib
 from collections import deque
-from collections.abc import Collection
-from contextlib import suppress
+from collections.abc import AsyncIterator, Collection, Coroutine
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+import aiormq.abc
 from aiormq import spec
 from yarl import URL
 
@@ -103,6 +116,8 @@ MAX_DEAD_LETTER_BACKOFF = 5.0  # cap of the back-off while the DLQ cannot be pub
 STOP_GRACE = 10.0  # how long stop() waits for cancelled handlers that refuse to end
 DEAD_LETTER_READ_LIMIT = 10_000  # dead_letters() returns at most this many per DLQ
 MAX_REASON = 4000  # characters of the error text kept with a dead letter
+DEFAULT_RECONNECT_INTERVAL = 1.0  # first recovery delay (seconds), doubled per failed attempt...
+DEFAULT_RECONNECT_MAX_INTERVAL = 30.0  # ...up to this; also how long a link must stay up to reset it
 
 # Header names of our own dead letters (plain names: ``x-`` ones belong to the broker).
 H_REASON, H_ATTEMPTS, H_AT, H_SOURCE = "ecom-reason", "ecom-attempts", "ecom-dead-lettered-at", "ecom-source"
@@ -181,7 +196,7 @@ def _encode(message: Envelope) -> bytes:
 
 @dataclass(slots=True)
 class _Pending:
-    message: AbstractIncomingMessage
+    message: aiormq.abc.DeliveredMessage  # its .channel is the one it must be acked on
     envelope: Envelope | None  # None: the body is not a valid envelope (dead-lettered untried)
     error: str  # why envelope is None
     redeliveries: int  # deliveries by the broker before this one (x-delivery-count)
@@ -206,7 +221,10 @@ class RabbitConsumer:
         self._handler = handler
         self._limit = limit
         self._prefetch = prefetch
-        self._channel: AbstractRobustChannel | None = None
+        # The channel deliveries are accepted from. A delivery is only handled and acked while its
+        # channel is still this one: after a loss the broker owns (and redelivers) the old ones.
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._subscribed: aiormq.abc.AbstractChannel | None = None  # the channel once on every partition
         self._sessions: dict[str, deque[_Pending]] = {}
         self._ready: deque[str] = deque()
         self._held: set[str] = set()
@@ -218,35 +236,77 @@ class RabbitConsumer:
         self.delivered = 0  # handler calls
         self.completed = 0
         self.dead_lettered = 0
+        self.channels_lost = 0  # consumer channels that closed under us (and were reopened)
 
     @property
     def name(self) -> str:
         return self._target.name
 
+    @property
+    def is_consuming(self) -> bool:
+        """True while a channel is open and subscribed to every partition (False while recovering)."""
+        channel = self._channel
+        return not self._stopped and channel is not None and channel is self._subscribed and not channel.is_closed
+
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def _start(self, connection: AbstractRobustConnection) -> None:
+    async def _start(self) -> None:
+        """The first subscription: a failure is the caller's (BusError), not retried in the background."""
         bus = self._bus
         try:
             async with asyncio.timeout(bus.timeout):
-                channel = await connection.channel(publisher_confirms=False)
-                self._channel = channel
-                # Per consumer (global_=False): each partition may have ``prefetch`` unacked here.
-                await channel.set_qos(prefetch_count=self._prefetch)
-                channel.close_callbacks.add(self._on_channel_closed)
-                for name in self._target.partitions:
-                    # Same arguments as the bus declared them; it also registers the queue and its
-                    # consumer for aio-pika's automatic restore after a reconnection.
-                    queue = await channel.declare_queue(name, durable=True, arguments=bus._partition_arguments(self._target))
-                    await queue.consume(self._on_message)
+                await self._open(await bus._live_connection())
         except BaseException as exc:
             self._stopped = True
-            if self._channel is not None:
-                with suppress(Exception):
-                    await asyncio.wait_for(self._channel.close(), bus.timeout)
+            await self._close_channel()
+            if isinstance(exc, BusError):
+                raise
             if isinstance(exc, Exception):
                 raise BusError(f"cannot consume {self._target.name!r}: {type(exc).__name__}: {exc}") from exc
             raise
+
+    async def _open(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Open a channel on ``connection`` and consume every partition from it (callers bound the time)."""
+        bus = self._bus
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            if self._stopped:
+                # Stopped while the channel was opening: do not consume. Not a CancelledError: that
+                # would end the supervisor, which ignores failures of stopped consumers.
+                raise BusError(f"consumer of {self.name!r} was stopped")
+            # Per consumer (global_=False): each partition may have ``prefetch`` unacked here.
+            await channel.basic_qos(prefetch_count=self._prefetch)
+            # Current before the first basic.consume, so its deliveries are accepted; watched from now
+            # on, so a close at any later point (connection or channel) is noticed and recovered.
+            self._channel = channel
+            channel.closing.add_done_callback(lambda closing: self._on_channel_closed(channel, closing))
+            channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
+            arguments = bus._partition_arguments(self._target)
+            for name in self._target.partitions:
+                # Declared again on every (re)open: it costs one round trip and brings back a partition
+                # that was deleted while we were away, instead of failing the recovery forever.
+                await channel.queue_declare(name, durable=True, arguments=arguments)
+                await channel.basic_consume(name, self._on_message)
+            self._subscribed = channel
+        except BaseException:
+            # Half-subscribed: close it; whatever it was delivered goes back to the queue.
+            with suppress(Exception):
+                await asyncio.wait_for(channel.close(), bus.timeout)
+            raise
+
+    async def _resume(self, connection: aiormq.abc.AbstractConnection) -> None:
+        """Called by the bus's supervisor: make sure we consume from ``connection`` (idempotent)."""
+        if self._stopped:
+            return
+        channel = self._channel
+        if channel is not None and not channel.is_closed and channel.connection is connection:
+            return
+        if channel is not None:
+            # Gone (or on a connection that is gone) but its close callback has not run yet: its
+            # deliveries are the broker's again, so drop them before new ones arrive on the new channel.
+            self._lost(channel, "its connection was replaced")
+        async with asyncio.timeout(self._bus.timeout):
+            await self._open(connection)
 
     async def stop(self) -> None:
         """Like the process dying: cancel in-flight handlers (not acked), then close the channel so the
@@ -266,9 +326,7 @@ class RabbitConsumer:
             # A handler stopping its own consumer: let that handler finish and settle first (its
             # message is done, not abandoned), then close. We cannot await our own task here.
             assert current is not None
-            task = asyncio.get_running_loop().create_task(self._close_after(current))
-            self._bus._background.add(task)
-            task.add_done_callback(self._bus._background.discard)
+            self._bus._spawn(self._close_after(current), f"bus:rabbitmq:{self.name}:stop")
         else:
             await self._close_channel()
 
@@ -278,7 +336,7 @@ class RabbitConsumer:
         await self._close_channel()
 
     async def _close_channel(self) -> None:
-        channel, self._channel = self._channel, None
+        channel, self._channel = self._channel, None  # no longer current: its close is not a "loss"
         if channel is None:
             return
         with suppress(Exception):
@@ -299,23 +357,45 @@ class RabbitConsumer:
             task.cancel()
         return tasks
 
-    async def _on_channel_closed(self, _sender: Any, exc: BaseException | None) -> None:
-        if self._stopped:
+    def _on_channel_closed(self, channel: aiormq.abc.AbstractChannel, closing: asyncio.Future[Any]) -> None:
+        # A plain done-callback (not a task): nothing here can end up as an unretrieved exception.
+        reason = _closing_reason(closing)
+        if channel is self._channel and not self._stopped:
+            self._lost(channel, reason)
+            self._bus._wake()  # the supervisor reopens it, with back-off if that keeps failing
+
+    def _lost(self, channel: aiormq.abc.AbstractChannel, reason: str) -> None:
+        # Connection or channel gone (forced close, channel error, consumer timeout...): the broker
+        # already requeued our unacked messages (and may have made another process active). Drop our
+        # copies and cancel their handlers, like a process restart.
+        if channel is not self._channel:
             return
-        # Connection/channel lost: the broker already requeued our unacked messages (and may have made
-        # another process active). Drop our copies and cancel their handlers, like a process restart;
-        # aio-pika reopens the channel and re-registers the consumers when the broker is back.
-        log.warning("consumer channel of %s closed (%r); dropping in-memory deliveries", self.name, exc)
-        self._reset(keep=asyncio.current_task())
+        self._channel = None
+        self.channels_lost += 1
+        log.warning("consumer channel of %s closed (%s); dropping in-memory deliveries, resubscribing", self.name, reason)
+        self._reset()
+
+    def _recycle(self, why: str) -> None:
+        """Close our channel on purpose; the close is then recovered like any other channel loss."""
+        channel = self._channel
+        if channel is None or self._stopped or channel.is_closed:
+            return
+        log.warning("recycling the consumer channel of %s: %s", self.name, why)
+        self._bus._spawn(_close_quietly(channel, self._bus.timeout), f"bus:rabbitmq:{self.name}:recycle")
+
+    def _on_consumer_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        # The broker dropped one of our partition consumers (queue deleted, quorum leader trouble):
+        # that partition would silently stop. Start the channel over, which re-declares and re-consumes.
+        self._recycle(f"the broker cancelled consumer {frame.consumer_tag}")
 
     # -- delivery ----------------------------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # No await before the message is queued: aio-pika starts one task per delivery, in delivery
+    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        # No await before the message is queued: aiormq starts one task per delivery, in delivery
         # order, so the per-session FIFOs receive messages in partition order.
-        if self._stopped:
-            return  # unacked: back to the queue when the channel closes
-        headers = message.headers or {}
+        if self._stopped or message.channel is not self._channel:
+            return  # unacked, on a channel that is gone or going: the broker redelivers it
+        headers = message.header.properties.headers or {}
         try:
             envelope: Envelope | None = Envelope.decode(message.body)
             error = ""
@@ -333,6 +413,12 @@ class RabbitConsumer:
             self._ready.append(session)
             self._dispatch()
 
+    def _ours(self, item: _Pending) -> bool:
+        """Whether the delivery may still be handled and settled here. aiormq's ``is_closed`` never
+        raises (aio-pika's ``IncomingMessage.channel`` did, on a closed channel, crashing workers)."""
+        channel = item.message.channel
+        return not self._stopped and channel is self._channel and not channel.is_closed
+
     def _dispatch(self) -> None:
         if self._stopped:
             return
@@ -346,6 +432,8 @@ class RabbitConsumer:
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._workers.discard(task)
         self._starting.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved (_work logs its own failures): never "never retrieved"
         if self._ready and not self._stopped:
             # A worker cancelled before it ran (lost channel) never reaches _work's finally; its slot
             # is free only now, and ready sessions must not wait for the next delivery to be picked up.
@@ -360,9 +448,11 @@ class RabbitConsumer:
                 await self._turn(self._ready.popleft())
         except asyncio.CancelledError:
             pass  # stop() or a lost channel: the message stays unacked and is redelivered
-        except BaseException:  # a bug here would silently stall sessions: make it loud
-            log.exception("bus worker for %s crashed", self.name)
-            raise
+        except Exception:
+            # A bug here would silently stall the session it held. Make it loud, and start over from
+            # the broker's state: recycling the channel returns every unacked message, in order.
+            log.exception("bus worker for %s crashed; recycling its channel", self.name)
+            self._recycle("a worker crashed")
         finally:
             self._workers.discard(task)
             if self._ready:
@@ -374,7 +464,7 @@ class RabbitConsumer:
             self._release(session, dispatch=False)
             return
         item = pending.popleft()
-        if item.message.channel.is_closed:
+        if not self._ours(item):
             # Delivered on a channel that is gone (reconnection): the broker redelivers it.
             self._release(session, dispatch=False)
             return
@@ -421,7 +511,7 @@ class RabbitConsumer:
             "retrying %s %s (session %s) on %s, attempt %d failed: %s",
             envelope.type, envelope.message_id, session, self.name, item.failures, reason,
         )  # fmt: skip
-        if self._stopped or item.message.channel.is_closed:
+        if not self._ours(item):
             return  # the broker redelivers it (in order) to the next active consumer
         # Back to the head, the session stays held: its later messages wait (ordering).
         self._sessions.setdefault(session, deque()).appendleft(item)
@@ -434,7 +524,7 @@ class RabbitConsumer:
         """Publish to the DLQ (confirmed), then ack. Retries while the delivery is still ours."""
         backoff = 0.1
         while True:
-            if self._stopped or item.message.channel.is_closed:
+            if not self._ours(item):
                 return  # not ours any more: redelivered to the next consumer, never lost
             try:
                 await self._bus._publish_dead_letter(self._target, item.message, reason, attempts)
@@ -448,8 +538,10 @@ class RabbitConsumer:
         await self._ack(item)
 
     async def _ack(self, item: _Pending) -> None:
+        message = item.message
         try:
-            await item.message.ack()  # this delivery tag only: acks are out of order across sessions
+            # This delivery tag only, on the channel it came from: acks are out of order across sessions.
+            await message.channel.basic_ack(message.delivery_tag)  # type: ignore[arg-type]
         except Exception as exc:  # channel gone: the broker redelivers it (at-least-once)
             log.info("ack on %s lost (%s: %s); the message will be redelivered", self.name, type(exc).__name__, exc)
 
@@ -493,6 +585,7 @@ class RabbitBus:
         timeout: float = 30.0,
         connection_name: str | None = None,
         reconnect_interval: float | None = None,
+        reconnect_max_interval: float = DEFAULT_RECONNECT_MAX_INTERVAL,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -506,6 +599,8 @@ class RabbitBus:
             raise ValueError("prefetch must be at least 1")
         if delivery_limit < 1:
             raise ValueError("delivery_limit must be at least 1")
+        if reconnect_interval is not None and reconnect_interval <= 0:
+            raise ValueError("reconnect_interval must be positive")
         self.url = url or DEFAULT_URL
         self.max_attempts = max_attempts
         self.max_concurrent_sessions = max_concurrent_sessions
@@ -516,20 +611,28 @@ class RabbitBus:
         self.prefix = prefix
         self.timeout = timeout
         self.connection_name = connection_name
-        # None: aio-pika's default (5 s) or ``?reconnect_interval=`` in the URL.
-        self.reconnect_interval = reconnect_interval
+        # Recovery back-off: base ``reconnect_interval`` doubling per failed attempt up to
+        # ``reconnect_max_interval``, each delay jittered to 50-100% so that processes cut off
+        # together (broker restart, close_all_connections) do not reconnect in lockstep.
+        self.reconnect_interval = DEFAULT_RECONNECT_INTERVAL if reconnect_interval is None else reconnect_interval
+        self.reconnect_max_interval = max(reconnect_max_interval, self.reconnect_interval)
         self.exchange_name = f"{prefix}{EVENTS_EXCHANGE}"
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None  # declarations and publishing (confirms)
-        self._exchange: aio_pika.abc.AbstractExchange | None = None
-        self._queues: dict[str, aio_pika.abc.AbstractQueue] = {}
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None  # publishing only (confirms)
+        self._exchange_declared = False
         self._targets: dict[str, _Target] = {}  # declared ones, by base name
         self._locks: dict[str, asyncio.Lock] = {}
         self._bound: set[tuple[str, str]] = set()  # (subscription base, event type)
         self._consumers: set[RabbitConsumer] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()  # something was lost: the supervisor has work
+        self._link_up = asyncio.Event()  # connection and publishing channel usable
         self._started = False
         self._closed = False
+        # counters, for health output and tests
+        self.recoveries = 0  # recovery passes that brought everything back
+        self.reconnects = 0  # new connections after the first
         # Every queue/exchange this object declared (tests delete them at teardown).
         self.declared_queues: set[str] = set()
         self.declared_exchanges: set[str] = set()
@@ -540,52 +643,147 @@ class RabbitBus:
         """Connect (idempotent). Allowed again after close(): queues are durable on the broker."""
         if self._started and not self._closed:
             return
-        properties = {"connection_name": self.connection_name or "ecom-bus"}
+        self._wakeup, self._link_up = asyncio.Event(), asyncio.Event()
         try:
             async with asyncio.timeout(self.timeout):
-                connection = await aio_pika.connect_robust(
-                    self.url, client_properties=properties, reconnect_interval=self.reconnect_interval
-                )
+                await self._connect()
         except Exception as exc:
             raise BusError(f"cannot connect to RabbitMQ at {_safe_url(self.url)}: {type(exc).__name__}: {exc}") from exc
-        try:
-            async with asyncio.timeout(self.timeout):
-                # on_return_raises: an unroutable mandatory publish (queue deleted under us) is an error.
-                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        except Exception as exc:
-            with suppress(Exception):
-                await connection.close()
-            raise BusError(f"cannot open a RabbitMQ channel: {type(exc).__name__}: {exc}") from exc
-        self._connection, self._channel = connection, channel
-        self._exchange = None
-        self._queues.clear()
+        self._exchange_declared = False
         self._targets.clear()
         self._bound.clear()
         self._started, self._closed = True, False
+        self._link_up.set()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="bus:rabbitmq:supervisor")
+
+    async def _connect(self) -> aiormq.abc.AbstractConnection:
+        """A new connection and publishing channel, both watched for loss (callers bound the time)."""
+        properties = {"connection_name": self.connection_name or "ecom-bus"}
+        connection = await aiormq.connect(self.url, client_properties=properties)
+        try:
+            # on_return_raises: an unroutable mandatory publish (queue deleted under us) is an error.
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except BaseException:
+            # Also on cancellation (close() during a reconnect): never leave a connection behind.
+            await _close_quietly(connection, self.timeout)
+            raise
+        self._connection, self._channel = connection, channel
+        self._watch(connection, "connection")
+        self._watch(channel, "publishing channel")
+        return connection
+
+    def _watch(self, resource: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel, what: str) -> None:
+        resource.closing.add_done_callback(lambda closing: self._on_lost(resource, what, closing))
+
+    def _on_lost(self, resource: Any, what: str, closing: asyncio.Future[Any]) -> None:
+        # A plain done-callback: retrieves the close reason (no "exception never retrieved") and only
+        # flags the supervisor, which does the (awaiting, bounded, backed-off) recovery.
+        reason = _closing_reason(closing)
+        if self._closed or resource not in (self._connection, self._channel):
+            return  # closed by close(), or an old connection/channel already replaced
+        if what == "connection" or not resource.connection.is_closed:  # once per loss, not per channel
+            log.warning("RabbitMQ %s to %s lost (%s); recovering", what, _safe_url(self.url), reason)
+        self._link_up.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._closed:
+            self._wakeup.set()
+
+    def _backoff(self, attempt: int) -> float:
+        """Delay before recovery attempt ``attempt`` (0-based): exponential, capped, 50-100% jitter."""
+        ceiling = min(self.reconnect_max_interval, self.reconnect_interval * 2 ** min(attempt, 32))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    async def _supervise(self) -> None:
+        """Bring back whatever was lost: the connection, the publishing channel, consumer channels.
+
+        One task does all recovery, so there is exactly one reconnect loop however many channels
+        noticed the loss. Every step is bounded by ``timeout``; close() cancels this task.
+        """
+        attempt = 0
+        stable_since = time.monotonic()
+        while not self._closed:
+            await self._wakeup.wait()
+            if time.monotonic() - stable_since >= self.reconnect_max_interval:
+                attempt = 0  # the last trouble is long past: start the back-off over
+            # Losses in quick succession (a flapping link) keep the back-off growing.
+            while not self._closed:
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+                self._wakeup.clear()  # before repairing: a loss during the repair wakes us again
+                try:
+                    await self._repair()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - anything: try again later, never die
+                    log.warning(
+                        "RabbitMQ recovery attempt %d failed (%s: %s); next in up to %.1fs",
+                        attempt, type(exc).__name__, exc, min(self.reconnect_max_interval, self.reconnect_interval * 2**attempt),
+                    )  # fmt: skip
+                    continue
+                self.recoveries += 1
+                stable_since = time.monotonic()
+                log.info("RabbitMQ bus recovered (attempt %d)", attempt)
+                break
+
+    async def _repair(self) -> None:
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            self._connection, self._channel = None, None
+            async with asyncio.timeout(self.timeout):
+                connection = await self._connect()
+            self.reconnects += 1
+        elif self._channel is None or self._channel.is_closed:
+            async with asyncio.timeout(self.timeout):
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._channel = channel
+            self._watch(channel, "publishing channel")
+        if not connection.is_closed and self._channel is not None and not self._channel.is_closed:
+            self._link_up.set()  # publishers go on while consumers resubscribe
+        errors: list[Exception] = []
+        for consumer in list(self._consumers):
+            try:
+                await consumer._resume(connection)
+            except Exception as exc:  # noqa: BLE001 - the others still get their turn
+                if not consumer._stopped:
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+        if connection.is_closed:
+            raise BusError("the connection closed again during recovery")
 
     async def close(self) -> None:
         """Stop every consumer (in-flight handlers are cancelled, their messages stay on the broker
-        for the next consumer), then close the connection."""
+        for the next consumer), then close the connection. Also while recovering: the recovery is
+        cancelled, not waited for."""
         if self._closed or not self._started:
             self._closed = True
             return
         self._closed = True
+        self._link_up.set()  # publishers waiting for a reconnection wake up and see the bus closed
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.wait({supervisor}, timeout=STOP_GRACE)
         consumers = list(self._consumers)
         await asyncio.gather(*(c.stop() for c in consumers), return_exceptions=True)
         if self._background:
             await asyncio.wait(set(self._background), timeout=STOP_GRACE)
-        connection, self._connection, self._channel, self._exchange = self._connection, None, None, None
+        connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
-            with suppress(Exception):
-                await asyncio.wait_for(connection.close(), self.timeout)
+            await _close_quietly(connection, self.timeout)
 
     async def ping(self) -> None:
         self._check_open()
         connection, channel = self._connection, self._channel
-        if connection is None or connection.is_closed or not connection.connected.is_set():
+        if connection is None or connection.is_closed:
             raise BusError(f"RabbitMQ connection to {_safe_url(self.url)} is down (reconnecting)")
         if channel is None or channel.is_closed:
-            raise BusError("RabbitMQ publishing channel is closed")
+            raise BusError("RabbitMQ publishing channel is closed (reopening)")
+        for consumer in list(self._consumers):
+            if not consumer._stopped and not consumer.is_consuming:
+                raise BusError(f"RabbitMQ consumer of {consumer.name!r} is down (resubscribing)")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -593,10 +791,47 @@ class RabbitBus:
         if not self._started:
             raise BusError("rabbitmq bus is not started")
 
-    def _require_channel(self) -> AbstractRobustChannel:
-        self._check_open()
-        assert self._channel is not None
-        return self._channel
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A background task close() waits for; its outcome is always retrieved."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("%s failed", task.get_name(), exc_info=exc)
+
+        task.add_done_callback(done)
+
+    async def _live_connection(self) -> aiormq.abc.AbstractConnection:
+        """The connection, once usable: waits (the caller bounds how long) while it is recovered."""
+        await self._publishing_channel()
+        assert self._connection is not None
+        return self._connection
+
+    async def _publishing_channel(self) -> aiormq.abc.AbstractChannel:
+        """The publishing channel, once usable: waits (the caller bounds how long) while it is recovered."""
+        while True:
+            self._check_open()
+            connection, channel = self._connection, self._channel
+            if connection is not None and not connection.is_closed and channel is not None and not channel.is_closed:
+                return channel
+            # Down, maybe before its close callback ran: make sure the supervisor knows, then wait.
+            self._link_up.clear()
+            self._wake()
+            await self._link_up.wait()
+
+    @asynccontextmanager
+    async def _admin_channel(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A throw-away channel for declarations: a refused one (PRECONDITION_FAILED) closes only it,
+        never the publishing channel other callers are using."""
+        connection = await self._live_connection()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await _close_quietly(channel, self.timeout)
 
     # -- topology ----------------------------------------------------------------------------
 
@@ -621,40 +856,42 @@ class RabbitBus:
         async with lock:
             if key in self._targets:
                 return
-            channel = self._require_channel()
             arguments = self._partition_arguments(target)
-            for name, args in [(target.dead_letter_queue, DEAD_LETTER_QUEUE_ARGUMENTS)] + [
-                (name, arguments) for name in target.partitions
-            ]:
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        self._queues[name] = await channel.declare_queue(name, durable=True, arguments=args)
-                except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                    raise BusError(
-                        f"queue {name!r} already exists with other arguments than {args} "
-                        f"(partitions, delivery limit or queue type changed?): {exc}"
-                    ) from exc
-                except Exception as exc:
-                    raise BusError(f"cannot declare queue {name!r}: {type(exc).__name__}: {exc}") from exc
-                self.declared_queues.add(name)
+            name = target.dead_letter_queue
+            try:
+                async with asyncio.timeout(self.timeout), self._admin_channel() as channel:
+                    for name, args in [(target.dead_letter_queue, DEAD_LETTER_QUEUE_ARGUMENTS)] + [
+                        (name, arguments) for name in target.partitions
+                    ]:
+                        try:
+                            await channel.queue_declare(name, durable=True, arguments=args)
+                        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                            raise BusError(
+                                f"queue {name!r} already exists with other arguments than {args} "
+                                f"(partitions, delivery limit or queue type changed?): {exc}"
+                            ) from exc
+                        self.declared_queues.add(name)
+            except BusError:
+                raise
+            except Exception as exc:
+                raise BusError(f"cannot declare queue {name!r}: {type(exc).__name__}: {exc}") from exc
             self._targets[key] = target
 
-    async def _ensure_exchange(self) -> aio_pika.abc.AbstractExchange:
-        if self._exchange is not None:
-            return self._exchange
+    async def _ensure_exchange(self) -> str:
+        if self._exchange_declared:
+            return self.exchange_name
         async with self._locks.setdefault("\x00exchange", asyncio.Lock()):
-            if self._exchange is None:
-                channel = self._require_channel()
+            if not self._exchange_declared:
                 try:
-                    async with asyncio.timeout(self.timeout):
-                        exchange = await channel.declare_exchange(
-                            self.exchange_name, aio_pika.ExchangeType.DIRECT, durable=True
-                        )
+                    async with asyncio.timeout(self.timeout), self._admin_channel() as channel:
+                        await channel.exchange_declare(self.exchange_name, exchange_type="direct", durable=True)
+                except BusError:
+                    raise
                 except Exception as exc:
                     raise BusError(f"cannot declare exchange {self.exchange_name!r}: {type(exc).__name__}: {exc}") from exc
                 self.declared_exchanges.add(self.exchange_name)
-                self._exchange = exchange
-        return self._exchange
+                self._exchange_declared = True
+        return self.exchange_name
 
     # -- producing ---------------------------------------------------------------------------
 
@@ -678,21 +915,37 @@ class RabbitBus:
         exchange = await self._ensure_exchange()
         key = f"{event.type}.p{partition_of(event.session_id, self.partitions)}"
         # Not mandatory: an event nobody subscribes to reaches nobody (topic semantics).
-        await self._publish(exchange.name, key, body, _properties(event), mandatory=False)
+        try:
+            await self._publish(exchange, key, body, _properties(event), mandatory=False)
+        except BusError:
+            self._exchange_declared = False  # e.g. deleted under us: declared again next time
+            raise
 
     async def _publish(
         self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties, *, mandatory: bool
     ) -> None:
-        # Straight to aiormq (aio-pika's Message/Exchange layer costs ~30% of the publish rate); the
-        # robust channel still supplies the current underlying channel after a reconnection.
-        channel = self._require_channel()
+        # Straight to aiormq, with publisher confirms: returns once the broker has the message
+        # (quorum: replicated). A connection lost before the confirm is retried on the recovered one
+        # within ``timeout``: the broker may then hold it twice, which consumers dedupe (inbox).
         try:
             async with asyncio.timeout(self.timeout):
-                underlay = await channel.get_underlay_channel()
-                # Publisher confirms: returns once the broker has the message (quorum: replicated).
-                await underlay.basic_publish(
-                    body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
-                )
+                while True:
+                    channel = await self._publishing_channel()
+                    try:
+                        await channel.basic_publish(
+                            body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
+                        )
+                        return
+                    except aiormq.exceptions.DeliveryError:
+                        raise  # returned or nacked: the broker's answer about this message
+                    except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                        if isinstance(exc, aiormq.exceptions.ChannelClosed) and not channel.connection.is_closed:
+                            raise  # the broker closed the channel over this publish (e.g. no such exchange)
+                        log.info("publish to %r interrupted (%s: %s); retrying once recovered", routing_key, type(exc).__name__, exc)
+                        if not channel.is_closed:
+                            await asyncio.sleep(0.05)  # an error that did not close anything: no hot loop
+        except BusError:
+            raise
         except aiormq.exceptions.PublishError as exc:
             raise BusError(f"message to {routing_key!r} was unroutable (queue deleted?): {exc}") from exc
         except aiormq.exceptions.DeliveryError as exc:
@@ -701,15 +954,16 @@ class RabbitBus:
             raise BusError(f"cannot publish to {routing_key!r}: {type(exc).__name__}: {exc}") from exc
 
     async def _publish_dead_letter(
-        self, target: _Target, original: AbstractIncomingMessage, reason: str, attempts: int
+        self, target: _Target, original: aiormq.abc.DeliveredMessage, reason: str, attempts: int
     ) -> None:
         self._check_open()
+        source = original.header.properties
         properties = spec.Basic.Properties(
-            content_type=original.content_type or "application/json",
+            content_type=source.content_type or "application/json",
             delivery_mode=PERSISTENT,
-            message_id=original.message_id,
-            correlation_id=original.correlation_id,
-            message_type=original.type,
+            message_id=source.message_id,
+            correlation_id=source.correlation_id,
+            message_type=source.message_type,
             headers={
                 H_REASON: reason[:MAX_REASON],
                 H_ATTEMPTS: attempts,
@@ -751,12 +1005,14 @@ class RabbitBus:
         for event_type in types:
             if (base, event_type) in self._bound:
                 continue
-            for k, name in enumerate(target.partitions):
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        await self._queues[name].bind(exchange, routing_key=f"{event_type}.p{k}")
-                except Exception as exc:
-                    raise BusError(f"cannot bind {name!r} to {event_type!r}: {type(exc).__name__}: {exc}") from exc
+            try:
+                async with asyncio.timeout(self.timeout), self._admin_channel() as channel:
+                    for k, name in enumerate(target.partitions):
+                        await channel.queue_bind(name, exchange, routing_key=f"{event_type}.p{k}")
+            except BusError:
+                raise
+            except Exception as exc:
+                raise BusError(f"cannot bind {subscription!r} to {event_type!r}: {type(exc).__name__}: {exc}") from exc
             self._bound.add((base, event_type))
         return await self._attach(target, handler, max_concurrent_sessions)
 
@@ -766,8 +1022,7 @@ class RabbitBus:
             raise ValueError("max_concurrent_sessions must be at least 1")
         prefetch = self.prefetch or max(2 * limit, 32)
         consumer = RabbitConsumer(self, target, handler, limit, prefetch)
-        assert self._connection is not None
-        await consumer._start(self._connection)
+        await consumer._start()
         self._consumers.add(consumer)
         return consumer
 
@@ -787,17 +1042,16 @@ class RabbitBus:
 
     async def _read_dead_letters(self, target: _Target) -> list[DeadLetter]:
         connection = self._connection
-        transport = connection.transport if connection is not None else None
-        if transport is None:
+        if connection is None or connection.is_closed:
             raise BusError(f"RabbitMQ connection to {_safe_url(self.url)} is down (reconnecting)")
         name = target.dead_letter_queue
         letters: list[DeadLetter] = []
         channel: aiormq.abc.AbstractChannel | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                # A plain (not robust) channel: a failed passive declare closes it, and it must not be
-                # reopened; closing it returns every fetched message to the DLQ.
-                channel = await transport.connection.channel(publisher_confirms=False)
+                # Its own channel: a failed passive declare closes it, and closing it returns every
+                # fetched message to the DLQ.
+                channel = await connection.channel(publisher_confirms=False)
                 try:
                     await channel.queue_declare(name, passive=True)
                 except aiormq.exceptions.ChannelNotFoundEntity:
@@ -813,9 +1067,24 @@ class RabbitBus:
             raise BusError(f"cannot read dead letters of {name!r}: {type(exc).__name__}: {exc}") from exc
         finally:
             if channel is not None and not channel.is_closed:
-                with suppress(Exception):
-                    await asyncio.wait_for(channel.close(), self.timeout)
+                await _close_quietly(channel, self.timeout)
         return letters
+
+
+def _closing_reason(closing: asyncio.Future[Any]) -> str:
+    """Why a connection/channel closed; reading it marks the future's exception as retrieved."""
+    if closing.cancelled():
+        return "cancelled"
+    exc = closing.exception()
+    if exc is None or isinstance(exc, asyncio.CancelledError):
+        return "closed"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _close_quietly(resource: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel, timeout: float) -> None:
+    # Closing something that may already be dead: the outcome does not matter, the time does.
+    with suppress(Exception):
+        await asyncio.wait_for(resource.close(), timeout)
 
 
 def _dead_letter_from(message: aiormq.abc.DeliveredMessage, source: str) -> DeadLetter:

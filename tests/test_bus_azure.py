@@ -28,6 +28,7 @@ from bus.azure import TOPIC, AzureBus, create_bus, provision, register
 from config import ConfigError, load_settings
 from tests.amqp_peer import AmqpPeer
 from tests.bus_contract import *  # the contract tests and the fixtures they use
+from tests.test_bus_faults import Trouble, trouble  # noqa: F401  (the fixture too)
 from tests.bus_contract import (
     MAX_ATTEMPTS,
     BusFactory,
@@ -195,6 +196,82 @@ async def test_azure_lost_lock_cancels_the_handler_and_the_session_is_picked_up_
         ("done", 2),
     ]
     assert consumer.locks_lost >= 1
+
+
+async def test_azure_lost_locks_are_dropped_cleanly_and_the_consumer_goes_on(
+    peer: AmqpPeer, buses: Any, trouble: Trouble
+) -> None:
+    # Two processes. Every session's first message hangs on its first delivery in p1, and its handler
+    # turns the cancellation into an error of its own (the worst case for stray task exceptions). The
+    # broker then takes every lock back while p2's receivers wait for sessions: they are stolen.
+    p1 = await buses(lock_duration=timedelta(seconds=2))
+    p2 = await buses(lock_duration=timedelta(seconds=2))
+    queue = unique("stolen")
+    sessions = [unique("s") for _ in range(3)]
+    log = Log()
+    cancelled = Log()
+
+    def handler(process: str) -> Any:
+        async def handle(env: Envelope) -> None:
+            count = int(env.headers["delivery-count"])
+            if env.session_id in sessions and env.body["i"] == 0 and count == 1:
+                await log.add(("hang", process, env.session_id))
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    await cancelled.add(env.session_id)
+                    raise RuntimeError("cleanup failed after the lock was lost") from None
+            await log.add(("done", process, env.session_id, env.body["i"], count, env.message_id))
+
+        return handle
+
+    c1 = await p1.consume(queue, handler("p1"), max_concurrent_sessions=8)
+    sent: dict[str, list[str]] = {s: [] for s in sessions}
+
+    async def send(process: AzureBus, session: str, i: int) -> None:
+        message = msg(session, i=i)
+        sent.setdefault(session, []).append(message.message_id)
+        await process.send(queue, message)
+
+    for session in sessions:
+        for i in range(3):
+            await send(p1, session, i)
+    await log.wait_for(lambda items: len([x for x in items if x[0] == "hang"]) == len(sessions))
+    c2 = await p2.consume(queue, handler("p2"), max_concurrent_sessions=8)  # waiting receivers
+    for session in sessions:
+        peer.broker.expire_lock(queue, session)  # as if p1's renewals had stopped reaching the broker
+
+    await cancelled.wait_count(len(sessions), timeout=10)  # p1 noticed, and dropped each session
+    for session in sessions:  # the same sessions go on
+        await send(p2, session, 3)
+
+    def done(items: list[Any]) -> dict[str, list[str]]:
+        per_session: dict[str, list[str]] = {}
+        for item in items:
+            if item[0] == "done" and item[5] not in per_session.get(item[2], []):
+                per_session.setdefault(item[2], []).append(item[5])
+        return per_session
+
+    await log.wait_for(lambda items: all(len(done(items).get(s, [])) == len(ids) for s, ids in sent.items()), 20)
+    assert done(log.items) == sent  # nothing lost, and each session still in order
+    first = [x for x in log.items if x[0] == "done" and x[3] == 0]
+    assert all(x[4] >= 2 for x in first)  # the messages whose lock was lost came back, counted
+    assert c1.locks_lost >= len(sessions)
+
+    # p1's consumer goes on accepting sessions: with p2 gone, new sessions all go to p1.
+    await c2.stop()
+    accepted = c1.sessions_accepted
+    fresh = [unique("s") for _ in range(3)]
+    for session in fresh:
+        await send(p1, session, 0)
+        await send(p1, session, 1)
+    await log.wait_for(lambda items: all(len(done(items).get(s, [])) == 2 for s in fresh), 20)
+    assert {x[1] for x in log.items if x[0] == "done" and x[2] in fresh} == {"p1"}
+    assert c1.sessions_accepted >= accepted + len(fresh)
+    assert c1._workers and all(not t.done() for t in c1._workers)  # its workers are alive
+    await eventually(lambda: _async(not peer.broker.queue(queue).all_messages()), 10)
+    await p1.ping()
+    await trouble.assert_clean()  # no "Task exception was never retrieved", no worker crash
 
 
 async def test_azure_dropped_connection_redelivers_the_unsettled_message(peer: AmqpPeer, buses: Any) -> None:

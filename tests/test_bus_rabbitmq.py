@@ -108,8 +108,8 @@ async def bus_factory(rabbit_factory: RabbitFactory) -> AsyncIterator[Callable[[
 
 
 async def _raw_channel(bus: RabbitBus) -> aiormq.abc.AbstractChannel:
-    assert bus._connection is not None and bus._connection.transport is not None
-    return await bus._connection.transport.connection.channel(publisher_confirms=False)
+    assert bus._connection is not None
+    return await bus._connection.channel(publisher_confirms=False)
 
 
 async def _drain(bus: RabbitBus, queue: str) -> list[Envelope]:
@@ -341,9 +341,9 @@ async def test_rabbit_message_survives_connection_loss_mid_handling(rabbit_facto
 
     # The process's AMQP connection is closed under it (not through the bus): the broker requeues the
     # unacked messages in order and makes p2 active; p1 drops its copies and cancels the stuck handler,
-    # and aio-pika reconnects it in the background.
-    assert p1._connection is not None and p1._connection.transport is not None
-    await bounded(p1._connection.transport.connection.close(), 10)
+    # and its supervisor reconnects it in the background.
+    assert p1._connection is not None
+    await bounded(p1._connection.close(), 10)
 
     await second.wait_count(4)
     await bounded(cancelled.wait())
@@ -401,8 +401,8 @@ async def test_rabbit_crash_loop_is_dead_lettered_by_the_broker(rabbit_factory: 
     # A message whose consumer dies every time it is handled cannot be counted by any process:
     # x-delivery-limit on the partition moves it to the DLQ instead of redelivering it forever.
     bus = await rabbit_factory(delivery_limit=2, partitions=1)
-    assert bus._connection is not None and bus._connection.transport is not None
-    version = str(bus._connection.transport.connection.server_properties.get("version", "0"))
+    assert bus._connection is not None
+    version = str(bus._connection.server_properties.get("version", "0"))
     if tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= (4, 3):
         # From 4.3 the limit counts explicit failures (nack/reject) only, not returns by a dying
         # consumer (those are x-acquired-count), so a crash loop is no longer cut short by the broker.
