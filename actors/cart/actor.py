@@ -48,6 +48,7 @@ from actors.cart.messages import (
     CheckoutRequested,
     ClearCart,
     GetCart,
+    NoEarlierCheckout,
     OrderStarted,
     PaymentDetails,
     PriceChange,
@@ -265,7 +266,7 @@ class CartActor(Actor):
         return self.shown()  # checkouts are kept: a retried checkout still finds its order
 
     @handles(Checkout)
-    def checkout(self, msg: Checkout, turn: Turn) -> CheckoutAccepted | QuotesNeeded | PricesChanged:
+    def checkout(self, msg: Checkout, turn: Turn) -> CheckoutAccepted | QuotesNeeded | PricesChanged | NoEarlierCheckout:
         state = self.state
         fingerprint = _fingerprint(msg.shipping_address, msg.payment)
         earlier = self._checkout_with_key(msg.idempotency_key)
@@ -275,6 +276,8 @@ class CartActor(Actor):
                     "this Idempotency-Key was used for a checkout with another address or payment; use a new key"
                 )
             return CheckoutAccepted(earlier.order_id, replayed=True)
+        if msg.replay_only:
+            return NoEarlierCheckout()
         if not state.lines:
             raise CartEmpty("add products to the cart before checking out")
         unquoted = tuple(product_id for product_id in state.lines if product_id not in msg.quotes)

@@ -21,6 +21,7 @@ from aiohttp_apispec import docs, match_info_schema, request_schema, response_sc
 from marshmallow import Schema, ValidationError, fields, validate
 
 from actors.cart.actor import MAX_LINE_QUANTITY, CartActor, PricesChangedProblem
+from actors.cart.admission import Admission, CheckoutOverloaded
 from actors.cart.catalog import CatalogClient
 from actors.cart.messages import (
     Address,
@@ -56,6 +57,7 @@ class CartContext:
     system: ActorSystem
     actor_class: type[CartActor]
     catalog: CatalogClient
+    admission: Admission | None = None  # None: no admission control (a cart without an order service)
 
 
 CART: web.AppKey[CartContext] = web.AppKey("cart_context", CartContext)
@@ -226,6 +228,7 @@ async def clear_cart(request: web.Request) -> web.Response:
     tags=["cart"],
     summary="Check out",
     description=(
+        "503 with Retry-After while too many orders are in progress (nothing is changed). "
         "Re-checks every price with the catalog: when one differs from the price the cart last showed you (even if "
         "the cart already took it from a price-change event), the answer is 409 with the new prices (check out "
         "again to confirm). Otherwise 202 with the new order id; the order moves on asynchronously. "
@@ -245,7 +248,18 @@ async def checkout(request: web.Request) -> web.Response:
         payment=PaymentDetails(**data["payment"]),
         quotes={},
     )
-    cart, catalog = _my_cart(request), _context(request).catalog
+    cart, ctx = _my_cart(request), _context(request)
+    catalog = ctx.catalog
+    if ctx.admission is not None:
+        try:
+            await ctx.admission.check()
+        except CheckoutOverloaded:
+            # A retry of a checkout that was accepted earlier still gets its order id: that creates nothing.
+            if command.idempotency_key is not None:
+                reply = await cart.ask(replace(command, replay_only=True))
+                if isinstance(reply, CheckoutAccepted):
+                    return _accepted(reply)
+            raise
     for _ in range(CHECKOUT_ROUNDS):
         reply = await cart.ask(command)
         if isinstance(reply, QuotesNeeded):

@@ -136,6 +136,9 @@ class Checkout:
     shipping_address: Address
     payment: PaymentDetails
     quotes: Mapping[str, ProductQuote | None]
+    # Only answer a checkout made earlier with this idempotency key (:class:`NoEarlierCheckout` otherwise);
+    # never start one. Used while admission control refuses new checkouts: a retry still learns its order id.
+    replay_only: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,6 +149,11 @@ class Checkout:
 class CheckoutAccepted:
     order_id: str
     replayed: bool  # True: the idempotency key was used before and this is that checkout's order
+
+
+@dataclass(frozen=True, slots=True)
+class NoEarlierCheckout:
+    """Reply to a ``replay_only`` checkout whose idempotency key the cart does not know."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from actors.cart import api, repository
 from actors.cart.actor import CartActor
+from actors.cart.admission import Admission
 from actors.cart.catalog import CatalogClient
 from actors.cart.messages import CART_SUBSCRIPTION, OrderStarted
 from actors.cart.upstream import Upstream, service_urls
@@ -49,6 +50,7 @@ def create_app(
     database_url: str | None = None,
     verifier: Any = None,
     catalog_url: str | Sequence[str] | None = None,
+    order_url: str | Sequence[str] | None = None,
     cart_expiry: float | None = None,
 ) -> web.Application:
     runtime = ServiceRuntime.with_database("cart", settings, bus=bus, database_url=database_url, verifier=verifier)
@@ -59,10 +61,14 @@ def create_app(
     catalog = CatalogClient(Upstream("catalog", catalog_url or catalog_urls_from(settings)))
     runtime.on_start.append(catalog.start)
     runtime.on_stop.append(catalog.close)
+    # ``order_url``: like ``catalog_url``, every order instance whose load checkout admission reads.
+    admission = Admission(runtime.engine, Upstream("order", order_url or service_urls(settings, "order")), settings.shop)
+    runtime.on_start.append(admission.start)
+    runtime.on_stop.append(admission.close)
     if bus is not None:
         _subscribe_on_start(runtime, actor_class, catalog)
     app = host.create_app(runtime, routes=api.setup)
-    app[api.CART] = api.CartContext(runtime.system, actor_class, catalog)
+    app[api.CART] = api.CartContext(runtime.system, actor_class, catalog, admission)
     return app
 
 

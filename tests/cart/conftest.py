@@ -5,7 +5,8 @@
   (``aiohttp_server``) that the cart calls like in production; products are made through its admin API, and
   its price changes reach the cart through its outbox and the bus;
 * what the cart sends to the order queue is collected (``Shop.orders``); ``Shop.publish`` plays the order
-  service's events.
+  service's events; :class:`OrderLoad` is a small real HTTP server answering the order service's
+  ``/api/order/internal/load`` contract, which checkout admission reads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import func, select
 
@@ -138,6 +140,52 @@ async def catalog_replica(catalog, settings, tmp_path, aiohttp_server, test_iden
 
 
 # ---------------------------------------------------------------------------------------------------
+# The order service's load endpoint (the counterpart of checkout admission)
+
+
+@dataclass
+class OrderLoad:
+    """Answers ``GET /api/order/internal/load`` like an order instance: ``{"open_orders", "outbox_backlog"}``."""
+
+    open_orders: int = 0
+    outbox_backlog: int = 0
+    calls: int = 0
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/api/order/internal/load", self._load)
+        return app
+
+    async def _load(self, _request: web.Request) -> web.Response:
+        self.calls += 1
+        return web.json_response({"open_orders": self.open_orders, "outbox_backlog": self.outbox_backlog})
+
+
+MakeOrderLoad = Callable[[], Awaitable[OrderLoad]]
+
+
+@pytest.fixture
+def make_order_load(aiohttp_server) -> MakeOrderLoad:
+    async def make() -> OrderLoad:
+        load = OrderLoad()
+        load.server = await aiohttp_server(load.app())
+        return load
+
+    return make
+
+
+@pytest.fixture
+async def order_load(make_order_load) -> OrderLoad:
+    return await make_order_load()
+
+
+# ---------------------------------------------------------------------------------------------------
 # The cart
 
 
@@ -201,8 +249,9 @@ MakeShop = Callable[..., Awaitable[Shop]]
 
 
 @pytest.fixture
-async def make_shop(bus, settings, db_url, aiohttp_client, test_identity) -> MakeShop:
-    """``make_shop(catalog_url, *, with_bus=True, **create_app_kwargs)``: a cart service on the test database."""
+async def make_shop(bus, settings, db_url, aiohttp_client, test_identity, order_load) -> MakeShop:
+    """``make_shop(catalog_url, *, with_bus=True, settings=None, **create_app_kwargs)``: a cart service on the test
+    database; its checkout admission reads ``order_load`` unless ``order_url`` is given."""
     await migrate(db_url, cart_service.SCHEMA)
     orders: list[Envelope] = []
 
@@ -211,7 +260,9 @@ async def make_shop(bus, settings, db_url, aiohttp_client, test_identity) -> Mak
 
     await bus.consume(ORDER_QUEUE, collect)
 
-    async def make(catalog_url: str, *, with_bus: bool = True, **kwargs: Any) -> Shop:
+    async def make(catalog_url: str, *, with_bus: bool = True, settings: Settings = settings, **kwargs: Any) -> Shop:
+        if "order_url" not in kwargs:
+            kwargs["order_url"] = order_load.url
         app = cart_service.create_app(
             settings,
             bus=bus if with_bus else None,
