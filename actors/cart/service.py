@@ -5,7 +5,8 @@ Bus: subscription ``"cart"`` to ``ProductPriceChanged`` (catalog) and ``OrderSta
 * ``ProductPriceChanged`` names a product, not a cart: the ``cart_lines`` query table says which carts hold it and
   the event is asked of each of them with the event's message id, so every cart's inbox drops a redelivered copy.
   If any cart fails, the event fails and is redelivered; carts that took it already skip it.
-* ``OrderStarted`` goes to the cart named in its body (its session is the order id, not the cart).
+* ``OrderStarted`` goes to the cart named in its body (its session is the order id, not the cart), on the instance
+  that owns that cart when the service runs as a cluster.
 """
 
 from __future__ import annotations
@@ -100,14 +101,12 @@ def _subscribe_on_start(runtime: ServiceRuntime, actor_class: type[CartActor], c
             log.warning("price change of %s reached %d of %d carts; will be redelivered", event.product_id, len(cart_ids) - len(failed), len(cart_ids))
             raise failed[0]
 
-    async def order_started(env: Envelope) -> None:
-        event = from_body(OrderStarted, env.body)
-        await tell_cart(event.cart_id, event, env)
-
     async def subscribe() -> None:
         binding = BusBinding(system)
         binding.to_handler(ProductPriceChanged.__name__, price_changed)
-        binding.to_handler(OrderStarted.__name__, order_started)
+        # To the cart named in the body (the session is the order id); through ``to_actor`` so that in a cluster the
+        # event is handed to the instance owning the cart and its copy in memory is the one that empties.
+        binding.to_actor(OrderStarted, actor_class, actor_id=lambda event, _env: event.cart_id)
         consumers.append(await runtime.bus.subscribe(CART_SUBSCRIPTION, binding.types, binding))
 
     async def unsubscribe() -> None:

@@ -234,3 +234,23 @@ async def test_a_price_the_customer_has_looked_at_since_the_event_needs_no_confi
     assert resp.status == 202, await resp.text()
     await shop.settle()
     assert [line.unit_price for line in shop.checkout_requests()[-1].lines] == [Decimal("9.00")]
+
+
+async def test_get_after_order_started_shows_the_emptied_cart_without_its_notes(shop, catalog):
+    # (Two instances as a cluster: tests/cart/test_cart_cluster.py.)
+    lamp = await catalog.add("Lamp", "10.00")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    await catalog.change(lamp, price="11.00")
+    await catalog.settle()
+    await shop.settle()
+    assert (await me.checkout()).status == 409  # the silently applied price, named once
+    resp = await me.checkout()
+    assert resp.status == 202
+    order_id = (await resp.json())["order_id"]
+    assert (await me.get())["notes"] != []
+
+    await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)
+    await shop.settle()
+    cart = await me.get()
+    assert (cart["lines"], cart["notes"], cart["item_count"], cart["total"], cart["currency"]) == ([], [], 0, "0.00", None)
