@@ -4,6 +4,10 @@
     GET  /api/orders/{id}                 one order: lines, totals, address, status and history
     POST /api/orders/{id}/cancel          cancel before it is paid (reserved stock goes back); Idempotency-Key header
     POST /api/orders/{id}/ship            admin: mark a paid order shipped; Idempotency-Key header
+    GET  /api/order/internal/load         internal: {"open_orders": n, "outbox_backlog": m}, for admission control
+
+The load endpoint is for the other services (the cart refuses checkouts while the order service is overloaded).
+It reveals only two counts, so it needs no token; the gateway does not route ``/api/order/internal`` at all.
 
 A customer sees only their own orders: anyone else's answers 404, exactly like an order that does not exist.
 Reading never wakes an actor: the list comes from the ``orders`` table, one order from its committed state.
@@ -11,17 +15,20 @@ Reading never wakes an actor: the list comes from the ``orders`` table, one orde
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp_apispec import docs, querystring_schema, response_schema
 from marshmallow import Schema, fields, validate
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from actors.order.actor import OrderActor, load_order, order_view
 from actors.order.messages import CancelOrder, CommandResult, OrderStatus, ShipOrder
-from actors.order.repository import OrderSummary, list_orders
+from actors.order.repository import OrderSummary, SagaLoad, list_orders, saga_load
 from runtime.actors import ActorRef, ActorSystem
 from runtime.auth import Principal, principal, require
 from runtime.errors import NotFound, ValidationProblem
@@ -46,6 +53,39 @@ class OrderContext:
 
 
 ORDERS: web.AppKey[OrderContext] = web.AppKey("order_context", OrderContext)
+LOAD_PATH = "/api/order/internal/load"
+
+
+class LoadGauge:
+    """The saga backlog, counted at most once per ``ttl`` seconds per process: the cart may ask on every checkout,
+    and a burst of checkouts must not become a burst of COUNT queries. Concurrent readers of an expired value wait
+    for one query instead of each running their own."""
+
+    def __init__(self, engine: AsyncEngine, ttl: float = 0.5) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self.queries = 0  # counts run so far (what the cache saves is visible in tests and metrics)
+        self._value: SagaLoad | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    def _fresh(self) -> SagaLoad | None:
+        return self._value if self._value is not None and time.monotonic() - self._at < self.ttl else None
+
+    async def read(self) -> SagaLoad:
+        value = self._fresh()
+        if value is not None:
+            return value
+        async with self._lock:
+            value = self._fresh()
+            if value is None:
+                value = await saga_load(self.engine, sorted(OrderStatus.OPEN))
+                self.queries += 1
+                self._value, self._at = value, time.monotonic()
+            return value
+
+
+LOAD: web.AppKey[LoadGauge] = web.AppKey("order_load", LoadGauge)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,6 +148,11 @@ class OrderPageSchema(Schema):
     page = fields.Integer()
     page_size = fields.Integer()
     total = fields.Integer()
+
+
+class LoadSchema(Schema):
+    open_orders = fields.Integer(metadata={"description": "orders in submitted, awaiting_validation, stock_confirmed"})
+    outbox_backlog = fields.Integer(metadata={"description": "messages of the order service not yet on the bus"})
 
 
 IDEMPOTENCY_PARAMETER = {"in": "header", "name": IDEMPOTENCY_HEADER, "schema": {"type": "string"}, "required": False}
@@ -217,6 +262,17 @@ async def ship_order(request: web.Request) -> web.Response:
     return _command_response(await _order(request).ask(ShipOrder(_idempotency_key(request))))
 
 
+@docs(
+    tags=["internal"],
+    summary="Saga backlog, for admission control (internal)",
+    description="Open orders and unsent outbox messages, counted at most every half second. Counts only; no token.",
+)
+@response_schema(LoadSchema, 200)
+async def get_load(request: web.Request) -> web.Response:
+    load = await request.app[LOAD].read()
+    return json_response({"open_orders": load.open_orders, "outbox_backlog": load.outbox_backlog})
+
+
 def _order_id(request: web.Request) -> str:
     order_id = request.match_info["id"]
     if len(order_id) > MAX_ID_LENGTH:  # no order has such an id; don't carry it to the database
@@ -239,3 +295,4 @@ def setup(app: web.Application) -> None:
     app.router.add_get(f"{PREFIX}/{{id}}", get_order)
     app.router.add_post(f"{PREFIX}/{{id}}/cancel", cancel_order)
     app.router.add_post(f"{PREFIX}/{{id}}/ship", ship_order)
+    app.router.add_get(LOAD_PATH, get_load)

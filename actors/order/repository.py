@@ -151,6 +151,21 @@ async def list_orders(engine: AsyncEngine, *, buyer_id: str | None, page: int, p
     return Page([_summary(row) for row in rows], total)
 
 
+@dataclass(frozen=True, slots=True)
+class SagaLoad:
+    open_orders: int  # orders still in the saga: submitted, awaiting_validation, stock_confirmed
+    outbox_backlog: int  # messages committed here and not yet handed to the bus
+
+
+async def saga_load(engine: AsyncEngine, open_statuses: Sequence[str]) -> SagaLoad:
+    """Two indexed counts (``ix_orders_status``, ``ix_outbox_unsent``): cheap however many orders were ever placed,
+    as long as few are open and few messages wait, which is what admission control keeps true."""
+    open_orders = select(func.count()).select_from(orders).where(orders.c.status.in_(list(open_statuses)))
+    backlog = select(func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+    async with engine.connect() as conn:
+        return SagaLoad((await conn.execute(open_orders)).scalar_one(), (await conn.execute(backlog)).scalar_one())
+
+
 async def count_by_status(engine: AsyncEngine) -> dict[str, int]:
     """How many orders are in each status (for tests, the benchmark and operators)."""
     async with engine.connect() as conn:

@@ -14,6 +14,8 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from alembic.operations import Operations
+from sqlalchemy import Connection
 
 from actors.cart.messages import CheckoutRequested
 from actors.catalog.messages import StockRejected, StockReserved
@@ -38,6 +40,11 @@ from runtime.migrate import Component, Migration, create_tables
 log = logging.getLogger(__name__)
 
 NAME = "order"
+
+
+def _index_order_status(op: Operations, _conn: Connection) -> None:
+    op.create_index(repository.STATUS_INDEX, repository.orders.name, ["status"])
+
 SCHEMA = Component(
     NAME,
     [
@@ -47,6 +54,7 @@ SCHEMA = Component(
             "payment_simulator_charges: the payment simulator's durable idempotency keys",
             create_tables(repository.payment_simulator_charges),
         ),
+        Migration(3, "orders: index on status, for the saga-load count", _index_order_status),
     ],
 )
 
@@ -98,6 +106,8 @@ def create_app(
         _consume_on_start(runtime, bus_binding(runtime.system, actor_class, processor))
     app = host.create_app(runtime, routes=api.setup)
     app[api.ORDERS] = api.OrderContext(runtime.system, actor_class)
+    assert runtime.engine is not None
+    app[api.LOAD] = api.LoadGauge(runtime.engine)
     app[PAYMENTS] = processor
     return app
 
