@@ -67,8 +67,8 @@ class GeneralSettings:
 class ServiceSettings:
     port: int
     database_url: str = ""  # empty: SQLite file <data_dir>/<service>.db
-    # Comma-separated base URLs of the service's instances (the gateway balances over them; a service
-    # calling another uses the first). Empty: the service's own host and port.
+    # Comma-separated base URLs of the service's instances: the gateway and the services calling this one
+    # (cart -> catalog, cart -> order) spread over them and fail over. Empty: the service's own host and port.
     upstreams: str = ""
 
     def validate(self) -> None:
