@@ -402,8 +402,10 @@ class Retry(Exception):
         self.retry_after = retry_after
 
 
-def retry_after_of(resp: aiohttp.ClientResponse) -> float | None:
-    raw = resp.headers.get("Retry-After")
+def retry_after_of(resp: aiohttp.ClientResponse | Mapping[str, str]) -> float | None:
+    """Seconds of a Retry-After header (of a response, or of its headers); None when absent or not a number."""
+    headers = resp.headers if isinstance(resp, aiohttp.ClientResponse) else resp
+    raw = headers.get("Retry-After")
     if raw is None:
         return None
     try:
