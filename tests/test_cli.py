@@ -10,19 +10,14 @@ import sys
 import time
 import urllib.request
 
-from runtime import services
+from runtime import migrate, services
+from tests.support.cluster import free_base_port
 
 
 def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+    """Free ports below 32768 (above it they can collide with the machine's outgoing connections)."""
+    base = free_base_port(n)
+    return [base + i for i in range(n)]
 
 
 def _env(tmp_path) -> dict[str, str]:
@@ -42,9 +37,10 @@ def test_db_upgrade_is_idempotent(tmp_path):
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     built = [s for s in services.available() if s.schema is not None]
+    head = migrate.RUNTIME.head
     for service in built:
-        assert f"{service.name}: runtime schema 0 -> 1" in first.stdout
-        assert f"{service.name}: runtime schema 1 (up to date)" in second.stdout
+        assert f"{service.name}: runtime schema 0 -> {head}" in first.stdout
+        assert f"{service.name}: runtime schema {head} (up to date)" in second.stdout
 
 
 def test_run_starts_every_built_service_and_stops_cleanly_on_ctrl_c(tmp_path):
