@@ -265,6 +265,7 @@ class TokenVerifier:
         self._keys_from_remote = False
         self._keys_loaded_at = 0.0
         self._last_fetch_attempt: float | None = None
+        self._failed_in_a_row = 0
         self._fetch_task: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._cache: OrderedDict[str, tuple[Principal, str]] = OrderedDict()
@@ -348,8 +349,10 @@ class TokenVerifier:
             keys = _import_jwks(await self._get_json(url))
         except JWKSUnavailable as exc:
             self.fetch_failures += 1
+            self._failed_in_a_row += 1
             log.warning("JWKS refresh failed, keeping %d known keys: %s", len(self._keys), exc)
             raise
+        self._failed_in_a_row = 0
         self._install(keys, remote=True)
 
     async def _single_flight_fetch(self) -> None:
@@ -371,6 +374,10 @@ class TokenVerifier:
             return True
         # Until a first key set is known, retry sooner (identity may start after us); never more than 1/s.
         interval = self.refetch_interval if self._keys_loaded else min(self.refetch_interval, 1.0)
+        if self._failed_in_a_row:
+            # The last fetch failed (identity restarting or busy): a token signed with a new key should not be
+            # refused for a whole interval. Back off from 1 s, doubling per failure, up to the interval.
+            interval = min(interval, 2.0 ** (self._failed_in_a_row - 1))
         return self._clock() - self._last_fetch_attempt >= interval
 
     async def _key_for(self, kid: str) -> Any:

@@ -739,3 +739,24 @@ def test_error_classes() -> None:
     # quotes and control characters cannot break the header
     h = InvalidToken('bad "quote"\nnewline\\').headers["WWW-Authenticate"]
     assert h.count('"') == 6 and "\n" not in h and "\\" not in h
+
+
+async def test_after_a_failed_fetch_a_new_key_is_retried_within_seconds(idp: IdP, verifier: TokenVerifier, clock: Clock) -> None:
+    """Identity restarting (or busy) when a new kid first shows up must not lock that key out for a whole
+    refetch interval: retries back off from 1 s, doubling, up to the interval."""
+    k1, k2 = generate_key("ES256"), generate_key("ES256")
+    idp.keys = [k1]
+    await verifier.verify(sign(k1, claims_for(idp.issuer, clock)))
+    idp.fail = True
+    idp.keys = [k1, k2]
+    clock.advance(31)
+    t2 = sign(k2, claims_for(idp.issuer, clock))
+    await expect_invalid(verifier, t2, "could not be fetched")
+    clock.advance(1)
+    await expect_invalid(verifier, t2, "could not be fetched")  # retried after 1 s
+    assert verifier.fetch_failures == 2
+    await expect_invalid(verifier, t2, "unknown key")  # but not at once again: the next wait is 2 s
+    assert verifier.fetch_failures == 2
+    idp.fail = False
+    clock.advance(2)
+    assert (await verifier.verify(t2)).sub
