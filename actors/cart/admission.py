@@ -9,7 +9,16 @@ Two backlogs are measured (issue 11 C):
   on every order instance (``ECOM_ORDER_UPSTREAMS``), taking the largest of each: orders in the saga and the
   order service's own unsent messages.
 
-Checkout is refused when ``open_orders > shop.max_open_orders`` or either outbox backlog ``> shop.max_outbox_backlog``.
+Checkout is refused when ``open_orders + in flight > shop.max_open_orders`` or either outbox backlog
+``> shop.max_outbox_backlog``.
+
+*In flight* are the checkouts this process accepted (202) whose order has not started yet (no ``OrderStarted`` seen
+here). The order service counts an order only once its actor handled ``CheckoutRequested``; until then the request
+waits in the cart's outbox and then in the bus (in memory: invisible to both counts). Without this count every
+buyer could be accepted again and again while earlier requests still queue for the order service, and the saga
+backlog grew far past the limit (the refusal only came once the queued requests had become orders). An entry is
+dropped on ``OrderStarted`` or after ``IN_FLIGHT_TTL`` at the latest (an event consumed by another instance of a
+cluster, or lost), so a miss can only refuse for a bounded time.
 
 Cost per request: none beyond reading a cached :class:`Load`. A measurement older than ``ttl`` (0.5 s) is
 renewed by the first checkout that finds it old; concurrent checkouts wait for that same one measurement (one in
@@ -47,6 +56,7 @@ LOAD_PATH = "/api/order/internal/load"
 DEFAULT_TTL = 0.5  # seconds a measurement is used
 DEFAULT_TIMEOUT = 0.5  # seconds for one order instance's answer (a refresh waits at most about this long)
 RETRY_AFTER = 2.0  # seconds a refused customer is asked to wait, before jitter
+IN_FLIGHT_TTL = 60.0  # seconds an accepted checkout counts as in flight at most, without its OrderStarted
 
 
 class CheckoutOverloaded(ServiceUnavailable):
@@ -89,6 +99,33 @@ class Admission:
         self._load: Load | None = None
         self._measuring: asyncio.Task[Load] | None = None
         self._order_known = True  # for logging only the changes between known and unknown
+        # order id -> clock() when accepted: checkouts accepted here whose OrderStarted was not seen yet (oldest first)
+        self._in_flight: dict[str, float] = {}
+        self.in_flight_ttl = IN_FLIGHT_TTL
+
+    # -- checkouts in flight (accepted, order not started yet) -------------------------------------
+
+    def accepted(self, order_id: str) -> None:
+        """A checkout was accepted (202, not a replay): it counts against ``max_open_orders`` until its order starts."""
+        self._expire()
+        self._in_flight[order_id] = self._clock()
+
+    def started(self, order_id: str) -> None:
+        """``OrderStarted``: the order service counts the order now."""
+        self._in_flight.pop(order_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        self._expire()
+        return len(self._in_flight)
+
+    def _expire(self) -> None:
+        cutoff = self._clock() - self.in_flight_ttl
+        while self._in_flight:
+            order_id, at = next(iter(self._in_flight.items()))
+            if at >= cutoff:
+                break
+            del self._in_flight[order_id]
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
@@ -106,8 +143,11 @@ class Admission:
     async def check(self) -> None:
         """Return when a checkout may go ahead; raise :class:`CheckoutOverloaded` when it may not."""
         load = await self.load()
+        # Plus the checkouts accepted here that the order service does not count yet. An unknown order load stays
+        # unknown (never a reason to refuse on its own): the local outbox check still applies then.
+        in_saga = None if load.open_orders is None else load.open_orders + self.in_flight
         for name, value, limit in (
-            ("max_open_orders", load.open_orders, self.max_open_orders),
+            ("max_open_orders", in_saga, self.max_open_orders),
             ("max_outbox_backlog", load.order_outbox, self.max_outbox_backlog),
             ("max_outbox_backlog", load.cart_outbox, self.max_outbox_backlog),
         ):

@@ -269,6 +269,8 @@ async def checkout(request: web.Request) -> web.Response:
             continue
         if isinstance(reply, PricesChanged):
             raise PricesChangedProblem(reply)
+        if ctx.admission is not None and isinstance(reply, CheckoutAccepted) and not reply.replayed:
+            ctx.admission.accepted(reply.order_id)
         return _accepted(reply)
     raise Conflict("the cart kept changing during checkout; try again", slug="cart-changing")
 

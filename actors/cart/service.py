@@ -67,7 +67,7 @@ def create_app(
     runtime.on_start.append(admission.start)
     runtime.on_stop.append(admission.close)
     if bus is not None:
-        _subscribe_on_start(runtime, actor_class, catalog)
+        _subscribe_on_start(runtime, actor_class, catalog, admission)
     app = host.create_app(runtime, routes=api.setup)
     app[api.CART] = api.CartContext(runtime.system, actor_class, catalog, admission)
     return app
@@ -77,7 +77,9 @@ def create_app(
 # Events
 
 
-def _subscribe_on_start(runtime: ServiceRuntime, actor_class: type[CartActor], catalog: CatalogClient) -> None:
+def _subscribe_on_start(
+    runtime: ServiceRuntime, actor_class: type[CartActor], catalog: CatalogClient, admission: Admission | None = None
+) -> None:
     system, engine = runtime.system, runtime.engine
     assert system is not None and engine is not None
     consumers: list[Any] = []
@@ -107,6 +109,15 @@ def _subscribe_on_start(runtime: ServiceRuntime, actor_class: type[CartActor], c
         # To the cart named in the body (the session is the order id); through ``to_actor`` so that in a cluster the
         # event is handed to the instance owning the cart and its copy in memory is the one that empties.
         binding.to_actor(OrderStarted, actor_class, actor_id=lambda event, _env: event.cart_id)
+        if admission is not None:
+            to_cart = binding.routes[OrderStarted.__name__]
+
+            async def order_started(env: Envelope) -> None:
+                # The order service counts the order from now on: it is no longer in flight for admission.
+                admission.started(from_body(OrderStarted, env.body).order_id)
+                await to_cart(env)
+
+            binding.to_handler(OrderStarted.__name__, order_started)
         consumers.append(await runtime.bus.subscribe(CART_SUBSCRIPTION, binding.types, binding))
 
     async def unsubscribe() -> None:

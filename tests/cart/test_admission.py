@@ -130,3 +130,28 @@ async def test_a_load_answer_that_is_not_the_contract_is_ignored(make_shop, cata
     await me.put(await catalog.add("Lamp"), 1)
     resp = await me.checkout()
     assert resp.status == 202, await resp.text()
+
+
+async def test_checkouts_in_flight_count_against_the_open_order_limit_until_their_order_starts(settings):
+    """A checkout accepted here is not in the order service's count until its order actor handled the request (it
+    waits in the outbox and the bus meanwhile): it counts as in flight until OrderStarted, or IN_FLIGHT_TTL at most."""
+    from actors.cart.admission import IN_FLIGHT_TTL, Admission, CheckoutOverloaded, Load
+
+    now = [1000.0]
+    admission = Admission(None, None, _limits(settings, open_orders=3).shop, clock=lambda: now[0])  # type: ignore[arg-type]
+    admission._load = Load(cart_outbox=0, open_orders=2, order_outbox=0, measured_at=now[0])
+    await admission.check()
+    admission.accepted("o1")
+    await admission.check()  # 2 open + 1 in flight: at the limit, not over
+    admission.accepted("o2")
+    with pytest.raises(CheckoutOverloaded):
+        await admission.check()
+    admission.started("o1")
+    await admission.check()
+    admission.accepted("o3")
+    admission._load = Load(cart_outbox=0, open_orders=None, order_outbox=0, measured_at=now[0])
+    await admission.check()  # the order load unknown: never a refusal on its own
+    now[0] += IN_FLIGHT_TTL + 1  # OrderStarted never seen here (another cluster instance took it): forgotten
+    admission._load = Load(cart_outbox=0, open_orders=3, order_outbox=0, measured_at=now[0])
+    assert admission.in_flight == 0
+    await admission.check()
