@@ -87,6 +87,12 @@ class Bus(Protocol):
         """``subscription`` is the subscribing service's name; it is durable once made."""
         ...
 
+    async def broadcast(self, event_types: Collection[str], handler: Handler) -> Consumer:
+        """Every process that calls this gets every published event of these types (``subscribe`` gives
+        each event to ONE instance of a service). Not durable: the subscription lives as long as the
+        consumer; for announcements every process must hear, such as revocations."""
+        ...
+
     async def dead_letters(self, queue: str) -> list[DeadLetter]:
         """Dead letters of the queue and/or subscription with that name, oldest first."""
         ...

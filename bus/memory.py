@@ -103,6 +103,18 @@ class _Queue:
         }
 
 
+class _BroadcastConsumer:
+    """A broadcast subscription: stopping it removes the subscription, so nothing piles up for nobody."""
+
+    def __init__(self, bus: MemoryBus, name: str, consumer: MemoryConsumer) -> None:
+        self._bus, self._name, self._consumer = bus, name, consumer
+
+    async def stop(self) -> None:
+        self._bus._filters.pop(self._name, None)
+        self._bus._subscriptions.pop(self._name, None)
+        await self._consumer.stop()
+
+
 class MemoryConsumer:
     """One consumer of one queue; stop() behaves like its process dying."""
 
@@ -242,6 +254,7 @@ class MemoryBus:
         self._queues: dict[str, _Queue] = {}
         self._subscriptions: dict[str, _Queue] = {}
         self._filters: dict[str, frozenset[str]] = {}
+        self._broadcasts = 0  # per-caller broadcast subscriptions made so far (their names)
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._started = False
         self._closed = False
@@ -313,6 +326,14 @@ class MemoryBus:
         # Like replacing an Azure subscription's rule: the latest subscriber's types win.
         self._filters[subscription] = types
         return self._attach(sub, handler, max_concurrent_sessions)
+
+    async def broadcast(self, event_types: Collection[str], handler: Handler) -> _BroadcastConsumer:
+        """Every caller gets every event of these types (one subscription per caller, gone when stopped)."""
+        self._check_open()
+        self._broadcasts += 1
+        name = f"broadcast-{self._broadcasts}"
+        consumer = await self.subscribe(name, event_types, handler, max_concurrent_sessions=1)
+        return _BroadcastConsumer(self, name, consumer)
 
     def _attach(self, queue: _Queue, handler: Handler, limit: int | None) -> MemoryConsumer:
         limit = self.max_concurrent_sessions if limit is None else limit

@@ -266,6 +266,8 @@ class TokenVerifier:
         self._keys_loaded_at = 0.0
         self._last_fetch_attempt: float | None = None
         self._failed_in_a_row = 0
+        self._revoked_kids: set[str] = set()
+        self._denied: dict[str, tuple[float, float]] = {}  # sub -> (tokens issued before this, until)
         self._fetch_task: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._cache: OrderedDict[str, tuple[Principal, str]] = OrderedDict()
@@ -291,6 +293,9 @@ class TokenVerifier:
         self._install(keys, remote=False)
 
     def _install(self, keys: dict[str, Any], *, remote: bool) -> None:
+        if self._revoked_kids:
+            # a JWKS fetched before identity dropped the key (a cache, a replica) must not bring it back
+            keys = {kid: k for kid, k in keys.items() if kid not in self._revoked_kids}
         removed = set(self._keys) - set(keys)
         self._keys = keys
         self._keys_loaded = True
@@ -474,6 +479,8 @@ class TokenVerifier:
         if not isinstance(claims, dict):
             raise InvalidToken("The token's claims are not a JSON object.")
         p = self._principal(claims)
+        if self._denied and self._is_denied(p):
+            raise InvalidToken("The token was revoked (signed out, locked or revoked since it was issued).")
         if self._clock() < p.expires_at and self.cache_size > 0:
             self._cache[token] = (p, kid)
             if len(self._cache) > self.cache_size:
@@ -524,6 +531,40 @@ class TokenVerifier:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    # -- revocation (announced by identity on the bus: runtime/revocation.py) ----------------------
+
+    def revoke_key(self, kid: str) -> int:
+        """Stop trusting signing key ``kid`` at once, whatever a JWKS says later; drop every cached
+        verification made with it. Returns how many cached verifications were dropped."""
+        self._revoked_kids.add(kid)
+        self._keys.pop(kid, None)
+        stale = [tok for tok, (_, k) in self._cache.items() if k == kid]
+        for tok in stale:
+            del self._cache[tok]
+        return len(stale)
+
+    def deny_subject(self, sub: str, not_before: float, until: float) -> int:
+        """Refuse the access tokens of ``sub`` issued before ``not_before`` (sign-out, lock, revoked family)
+        until ``until`` (when the last of them expires anyway). Returns how many cached ones were dropped."""
+        now = self._clock()
+        self._denied = {s: d for s, d in self._denied.items() if d[1] > now}  # forget what has run out
+        old = self._denied.get(sub)
+        self._denied[sub] = (max(not_before, old[0]) if old else not_before, max(until, old[1]) if old else until)
+        stale = [tok for tok, (p, _) in self._cache.items() if p.sub == sub and self._is_denied(p)]
+        for tok in stale:
+            del self._cache[tok]
+        return len(stale)
+
+    def _is_denied(self, p: Principal) -> bool:
+        entry = self._denied.get(p.sub)
+        if entry is None:
+            return False
+        not_before, until = entry
+        if self._clock() >= until:
+            return False
+        issued = p.claims.get("iat")
+        return not isinstance(issued, (int, float)) or issued < not_before
 
     @property
     def cache_len(self) -> int:

@@ -124,6 +124,7 @@ class ServiceRuntime:
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     owns_bus: bool = False  # embedded mode shares one bus between services: only its owner closes it
+    _revocations: Any = None  # the consumer of identity's revocation announcements
 
     @classmethod
     def with_database(
@@ -193,10 +194,18 @@ class ServiceRuntime:
             await self.system.start()
         if self.relay is not None:
             self.relay.start()
+        if self.bus is not None and self.verifier is not None and hasattr(self.bus, "broadcast"):
+            from runtime import revocation
+
+            # Every process hears identity's revocations, so a revoked key or signed-out user stops here too.
+            self._revocations = await revocation.listen(self.bus, self.verifier)
         for hook in self.on_start:
             await hook()
 
     async def stop(self) -> None:
+        if self._revocations is not None:
+            await self._revocations.stop()
+            self._revocations = None
         for hook in reversed(self.on_stop):
             try:
                 await hook()
