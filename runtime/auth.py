@@ -68,6 +68,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REALM = "ecom"
+API_SCOPE = "ecom"  # the scope every shop API call needs (identity's first-party clients grant it)
 
 # Only asymmetric signature algorithms can be allowed: the verifier holds public keys only, and a shared
 # secret would let every service mint tokens. "EdDSA" is the pre-RFC 9864 name of Ed25519/Ed448.
@@ -658,12 +659,17 @@ def check_access(
 
 
 def require(
-    *, roles: Collection[str] = (), scopes: Collection[str] = (), any_role: bool = True
+    *, roles: Collection[str] = (), scopes: Collection[str] = (), any_role: bool = True, api: bool = True
 ) -> Callable[[Handler], Handler]:
     """Decorate an aiohttp handler (function or ``web.View`` method): 401 without a valid token, 403 when a
-    role/scope is missing, else the handler runs with the principal in ``request["principal"]``."""
+    role/scope is missing, else the handler runs with the principal in ``request["principal"]``.
+
+    ``api``: the shop's API needs the :data:`API_SCOPE` scope on top of ``scopes``, so a token a user granted
+    a third-party client for sign-in only (``openid``) cannot reach carts and orders."""
     roles = tuple(roles) if not isinstance(roles, str) else (roles,)
     scopes = tuple(scopes) if not isinstance(scopes, str) else (scopes,)
+    if api and API_SCOPE not in scopes:
+        scopes = (*scopes, API_SCOPE)
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)

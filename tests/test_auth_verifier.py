@@ -119,7 +119,7 @@ def claims_for(issuer: str, clock: Clock, **over: Any) -> dict[str, Any]:
         "nbf": now,
         "exp": now + 900,
         "jti": "jti-1",
-        "scope": "orders:read orders:write",
+        "scope": "ecom orders:read orders:write",
         "roles": ["customer"],
         "client_id": "storefront",
     }
@@ -161,7 +161,7 @@ async def test_valid_token_gives_principal(alg: str, idp: IdP, verifier: TokenVe
     assert isinstance(p, Principal)
     assert p.sub == "user-1"
     assert p.client_id == "storefront"
-    assert p.scopes == frozenset({"orders:read", "orders:write"})
+    assert p.scopes == frozenset({"ecom", "orders:read", "orders:write"})
     assert p.roles == frozenset({"admin", "customer"})
     assert p.is_admin
     assert p.expires_at == c["exp"]
@@ -697,8 +697,8 @@ async def test_require_expired_token_401(client: Any, clock: Clock, es_key: Sign
 
 
 async def test_require_roles_and_scopes(client: Any, clock: Clock, es_key: SigningKey) -> None:
-    customer = sign(es_key, claims_for("https://id.test", clock, scope="orders:read"))
-    admin = sign(es_key, claims_for("https://id.test", clock, roles=["admin"], scope="orders:read orders:write"))
+    customer = sign(es_key, claims_for("https://id.test", clock, scope="ecom orders:read"))
+    admin = sign(es_key, claims_for("https://id.test", clock, roles=["admin"], scope="ecom orders:read orders:write"))
     support_admin = sign(es_key, claims_for("https://id.test", clock, roles=["admin", "support"]))
 
     r = await client.get("/me", headers=bearer(customer))
@@ -713,7 +713,7 @@ async def test_require_roles_and_scopes(client: Any, clock: Clock, es_key: Signi
 
     r = await client.post("/write", headers=bearer(customer))
     assert r.status == 403
-    assert 'scope="orders:write"' in r.headers["WWW-Authenticate"]
+    assert 'scope="ecom orders:write"' in r.headers["WWW-Authenticate"]
     assert (await client.post("/write", headers=bearer(admin))).status == 200
 
     assert (await client.get("/both", headers=bearer(admin))).status == 403
@@ -760,3 +760,11 @@ async def test_after_a_failed_fetch_a_new_key_is_retried_within_seconds(idp: IdP
     idp.fail = False
     clock.advance(2)
     assert (await verifier.verify(t2)).sub
+
+
+async def test_require_needs_the_api_scope(client: Any, clock: Clock, es_key: SigningKey) -> None:
+    """A token granted for sign-in only (openid) opens no shop API: 403 insufficient_scope (RFC 6750)."""
+    token = sign(es_key, claims_for("https://id.test", clock, scope="openid"))
+    resp = await client.get("/me", headers=bearer(token))
+    assert resp.status == 403
+    assert 'error="insufficient_scope"' in resp.headers["WWW-Authenticate"]

@@ -33,7 +33,7 @@ class TestIdentity:
         sub: str | None = None,
         *,
         roles: Collection[str] = ("customer",),
-        scopes: Collection[str] = ("openid",),
+        scopes: Collection[str] = ("openid", "ecom"),
         client_id: str = "storefront",
     ) -> str:
         token, _ = self.tokens.issue_access_token(sub or str(uuid.uuid4()), client_id, list(scopes), list(roles))
