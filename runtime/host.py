@@ -75,15 +75,44 @@ def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | 
     return web.Response(body=dumps(data), status=status, headers=headers, content_type="application/json")
 
 
+MAX_JSON_DEPTH = 32  # no request of this API nests deeper; a deeper body is refused before any parser recurses
+
+
+def parse_json_body(body: bytes) -> Any:
+    """``body`` as JSON, or a 400 problem saying why not: invalid UTF-8, invalid JSON, or nested deeper than
+    :data:`MAX_JSON_DEPTH` (orjson refuses past 1024 levels itself, without recursing in Python)."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        reason = "nested too deeply" if "recursion" in str(exc).lower() else f"not valid JSON: {exc}"
+        raise BadRequest(f"the body is {reason}") from None
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise BadRequest(f"the body is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, or a 400 problem saying why it is not."""
     body = await request.read()
     if not body:
         raise BadRequest("the request needs a JSON body")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    return parse_json_body(body)
 
 
 def problem_response(problem: Problem, request: web.Request | None = None) -> web.Response:
@@ -317,6 +346,10 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return response
     except asyncio.CancelledError:
         raise
+    except (UnicodeDecodeError, RecursionError) as exc:
+        # Bytes no parser accepts (0xFF in a form, a body nested past any limit): the client's fault, never a 500.
+        what = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "nested too deeply"
+        return problem_response(BadRequest(f"the request body is {what}"), request)
     except Exception:
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request.get("request_id"))
         problem = Problem(
@@ -350,6 +383,10 @@ async def schema_validation_middleware(
     exception path on every other request, which costs the gateway's proxy route dearly."""
     route_handler = request.match_info.handler
     if hasattr(route_handler, "__schemas__") or isinstance(route_handler, type):
+        if request.can_read_body and request.content_type in ("application/json", "") and request.method not in ("GET", "HEAD"):
+            body = await request.read()  # aiohttp keeps it: the validator reads it again
+            if body:
+                parse_json_body(body)  # before webargs' stdlib parser can recurse into a 10,000-deep body
         return await validation_middleware(request, handler)
     return await handler(request)
 

@@ -69,7 +69,11 @@ def _routes(app: web.Application) -> None:
         await system.ref(CounterActor, "held").ask(Hold(gate))
         return json_response({})
 
+    async def form(request: web.Request) -> web.Response:
+        return json_response(dict(await request.post()))
+
     app["gate"] = asyncio.Event()
+    app.router.add_post("/api/test/form", form)
     app.router.add_post("/api/test/counters/{id}", add)
     app.router.add_post("/api/test/raw", raw)
     app.router.add_get("/api/test/crash", crash)
@@ -234,3 +238,25 @@ async def test_admin_endpoints_when_opened_show_live_actor(make_client):
     assert body["state"] == {"total": 4} and body["version"] == 1
     assert (await client.get("/api/test/admin/actors/counter/zzz")).status == 404
     assert (await client.get("/api/test/admin/actors/nosuchtype/a1")).status == 404
+
+
+@pytest.mark.parametrize("path", ["/api/test/counters/deep", "/api/test/raw"], ids=["schema-route", "read_json"])
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 10_000 + b"]" * 10_000, b'{"amount":' * 40 + b"1" + b"}" * 40, b'{"amount": "\xff\xfe"}', b"\xff\xfe{}"],
+    ids=["10000-deep", "40-deep", "invalid-utf8-in-a-string", "invalid-utf8"],
+)
+async def test_hostile_bodies_are_400_not_500(make_client, path, body):
+    client = await make_client()
+    resp = await client.post(path, data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400, await resp.text()
+    assert resp.content_type == "application/problem+json"
+
+
+async def test_form_with_invalid_utf8_is_400(make_client):
+    client = await make_client()
+    resp = await client.post(
+        "/api/test/form", data=b"grant_type=password&username=\xff\xfe", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert resp.status == 400, await resp.text()
+    assert "UTF-8" in (await resp.json())["detail"]
