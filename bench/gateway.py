@@ -1,6 +1,6 @@
 """Gateway benchmark: the gateway against nginx and against the upstream served directly.
 
-    ecom bench gateway [--duration 10] [--rounds 3] [--connections 64] [--path /api/cart] [--no-rate-limit]
+    ecom bench gateway [--quick] [--duration 10] [--rounds 3] [--connections 64] [--path /api/cart] [--no-rate-limit]
 
 Starts, side by side on 127.0.0.1:
 
@@ -272,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also measure a naive aiohttp proxy (one shared ClientSession, no token check)",
     )
+    parser.add_argument("--quick", action="store_true", help="a short run: 4 s per wrk run, 2 rounds")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds = 4.0, 2
 
     have_wrk, have_nginx = shutil.which("wrk") is not None, shutil.which("nginx") is not None
     if not have_wrk:
@@ -296,7 +299,7 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     up_port, gw_port, ng_port = free_port(), free_port(), free_port()
     issuer = f"http://{HOST}:{up_port}"
     token, _ = TokenIssuer(ring, issuer, "ecom", access_token_ttl=3600).issue_access_token(
-        "bench-user-1", "storefront", ["openid"], ["customer"]
+        "bench-user-1", "storefront", ["openid", "ecom"], ["customer"]
     )
     auth = {"Authorization": f"Bearer {token}"}
     py = sys.executable

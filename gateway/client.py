@@ -8,10 +8,14 @@ on plain HTTP/1.1, so this module speaks just that, on asyncio protocols:
 * :class:`Pool`: keep-alive connections to one instance (LIFO reuse keeps warm sockets busy), a cap on open
   connections with a FIFO of waiters, idle connections expire before the upstream closes them;
 * :class:`Connection`: writes a prebuilt request head (and body) with one ``transport.write`` and parses the
-  response as it arrives. Bodies with a ``Content-Length`` up to ``buffer_limit`` are collected and handed over
-  whole with the head (one future per request, one write back to the client); larger, chunked or
-  close-delimited bodies are streamed through :meth:`Connection.read` with back-pressure (reading pauses while
-  the client is slower than the upstream).
+  response as it arrives with llhttp (``httptools``, the parser aiohttp itself uses): no hand-written framing.
+  Bodies up to ``buffer_limit`` (Content-Length, chunked or close-delimited) are collected and handed over
+  whole with the head (one future per request, one write back to the client, and a malformed body is a
+  :class:`ProtocolError` -> 502 rather than a truncated answer); larger ones are streamed through
+  :meth:`Connection.read` with back-pressure (reading pauses while the client is slower than the upstream).
+  Anything llhttp refuses, a transfer-coding other than ``chunked``, a status outside 100-599 or a protocol
+  upgrade is a :class:`ProtocolError` and the connection is closed. Hop-by-hop headers and every header named
+  in the upstream's ``Connection`` header are dropped.
 
 Errors are :class:`UpstreamError` subclasses with ``sent``: whether the upstream may have seen the request,
 which decides if a retry is safe.
@@ -24,6 +28,8 @@ import collections
 import logging
 from collections.abc import Awaitable
 
+import httptools
+
 log = logging.getLogger(__name__)
 
 _HEAD_LIMIT = 64 * 1024  # a response head larger than this is a protocol error
@@ -32,15 +38,14 @@ _READ_LOW_WATER = 256 * 1024
 _JOIN_LIMIT = 16 * 1024  # request bodies up to this size are written together with the head
 
 # Response headers that describe the hop, not the message (RFC 9110 §7.6.1); aiohttp writes its own framing.
+# Every header the upstream names in its Connection header is dropped too.
 _HOP_RESPONSE = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length", "te", "trailer",
-     "upgrade", "proxy-authenticate"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"content-length", b"te",
+     b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
 )  # fmt: skip
 
-# parser states
-_IDLE, _HEAD, _LENGTH, _CHUNKED, _UNTIL_EOF, _CLOSED = range(6)
-# chunked sub-states
-_C_SIZE, _C_DATA, _C_CRLF, _C_TRAILER = range(4)
+# connection states: no request outstanding, waiting for the head, in the body, closed
+_IDLE, _HEAD, _BODY, _CLOSED = range(4)
 
 
 class UpstreamError(Exception):
@@ -98,8 +103,18 @@ class Response:
         self._conn.abort()
 
 
+class _Malformed(Exception):
+    """Raised from a parser callback: the response breaks a rule llhttp leaves to us."""
+
+
 class Connection(asyncio.Protocol):
-    """One keep-alive connection to an upstream instance; one request at a time (no pipelining)."""
+    """One keep-alive connection to an upstream instance; one request at a time (no pipelining).
+
+    Responses are parsed by llhttp (``httptools``), which does the framing (status line, header syntax,
+    Content-Length, chunk sizes and extensions, trailers) and refuses malformed input; the callbacks add the
+    gateway's own rules (only ``chunked`` as a transfer-coding, a 1xx-5xx status, no protocol upgrades) and
+    drop hop-by-hop headers, including every header the upstream names in its ``Connection`` header.
+    """
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -108,18 +123,27 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.disposed = False  # its pool slot is given back
         self._state = _CLOSED
-        self._buf = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_bytes = 0  # bytes received while the head is incomplete
+        self._head_buf = b""  # an incomplete head of the answer to HEAD
         self._waiter: asyncio.Future[Response] | None = None
         self._timeout = 0.0
         self._deadline = 0.0  # watched by the pool's sweep while the connection is busy
         self._no_body = False
         self._keep_alive = True
+        # the response being parsed
+        self._in_head = False  # header callbacks are the head's (after it: trailers, ignored)
+        self._interim = False  # a 1xx response: the final one follows
         self._status = 0
         self._headers: list[tuple[str, str]] = []
+        self._length: int | None = None
+        self._chunked = False
+        self._connection: bytes | None = None  # the Connection header's value
+        self._until_eof = False  # a close-delimited body
+        self._done = False  # the message is complete
         self._buffered = False  # body collected whole and given with the head
-        self._remaining = 0
         self._parts: list[bytes] = []
-        self._chunk_state = _C_SIZE
+        self._size = 0
         # streamed body
         self._chunks: collections.deque[bytes] = collections.deque()
         self._queued = 0
@@ -143,9 +167,13 @@ class Connection(asyncio.Protocol):
         state = self._state
         self._state = _CLOSED
         self._keep_alive = False
-        if state == _UNTIL_EOF:
-            self._end_body()  # a close-delimited body ends with the connection
-        elif state != _IDLE and state != _CLOSED:
+        if state == _BODY and self._until_eof and not self._done:
+            # a close-delimited body ends with the connection
+            if self._buffered:
+                self._complete(b"".join(self._parts))
+            else:
+                self._end_body()
+        elif state == _HEAD or state == _BODY:
             self._fail(UpstreamError(f"upstream closed the connection: {exc or 'EOF'}", sent=True))
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(UpstreamError("upstream closed the connection", sent=True))
@@ -165,46 +193,163 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self._state
         if state == _HEAD:
-            if self._buf:
-                self._buf += data
-                data = bytes(self._buf)
-                self._buf.clear()
-            end = data.find(b"\r\n\r\n")
+            if self._no_body:
+                self._head_only(data)
+                return
+            self._head_bytes += len(data)
+        elif state != _BODY:
+            if state == _IDLE and data:
+                # bytes nobody asked for: the stream is out of step; never reuse it
+                log.warning("upstream %s sent %d unexpected bytes; closing the connection", self.pool.name, len(data))
+                self.abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except Exception as exc:  # httptools.HttpParserError (a callback's own error is its __context__)
+            cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+            if self._done:  # a whole response, then bytes that do not belong to it
+                log.warning("upstream %s sent bytes past the response (%s); closing the connection", self.pool.name, cause)
+                self._keep_alive = False
+            else:
+                self._protocol_error(f"malformed response: {cause}")
+                return
+        if self._done and self._state == _BODY:
+            if self._buffered:
+                parts = self._parts
+                self._complete(parts[0] if len(parts) == 1 else b"".join(parts))
+            elif not self._body_done:
+                self._end_body()
+        elif self._state == _HEAD and self._head_bytes > _HEAD_LIMIT:
+            self._protocol_error("response head too large")
+
+    def _head_only(self, data: bytes) -> None:
+        """The answer to HEAD: llhttp does not know the request method and would wait for the body the head
+        announces, so it is given the heads alone (interim ones, then the final one) and a fresh parser follows."""
+        buf = self._head_buf + data if self._head_buf else data
+        while True:
+            end = buf.find(b"\r\n\r\n")
             if end < 0:
-                if len(data) > _HEAD_LIMIT:
+                if len(buf) > _HEAD_LIMIT:
                     self._protocol_error("response head too large")
                 else:
-                    self._buf += data
+                    self._head_buf = buf
                 return
             try:
-                self._parse_head(data, end)
-            except (ValueError, IndexError) as exc:
-                self._protocol_error(f"malformed response head: {exc}")
+                self._parser.feed_data(buf[: end + 4])
+            except Exception as exc:
+                cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+                self._protocol_error(f"malformed response: {cause}")
                 return
-            data = data[end + 4 :]
-            state = self._state
-            if state == _HEAD:  # an interim 1xx response: the real one follows
-                if data:
-                    self.data_received(data)
-                return
-            if not data:
-                return
-        if state == _LENGTH:
-            self._on_length_data(data)
-        elif state == _CHUNKED:
-            self._buf += data
-            self._on_chunked_data()
-        elif state == _UNTIL_EOF:
-            self._emit(data)
-        elif state == _IDLE and data:
-            # bytes nobody asked for: the stream is out of step; never reuse it
-            log.warning("upstream %s sent %d unexpected bytes; closing the connection", self.pool.name, len(data))
-            self.abort()
+            buf = buf[end + 4 :]
+            if self._done:
+                break
+        self._head_buf = b""
+        self._parser = httptools.HttpResponseParser(self)
+        if buf:
+            log.warning("upstream %s sent a body with its answer to HEAD; closing the connection", self.pool.name)
+            self._keep_alive = False
+        self._complete(b"")
+
+    # -- parser callbacks (httptools) ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._state != _HEAD:
+            raise _Malformed("a response nobody asked for")
+        self._in_head = True
+        self._headers = []
+        self._length = None
+        self._chunked = False
+        self._connection = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: not passed on
+        if b"\r" in value or b"\n" in value:  # llhttp refuses these already; never let one through
+            raise _Malformed("a header value with CR or LF")
+        lname = name.lower()
+        if lname in _HOP_RESPONSE:
+            if lname == b"content-length":
+                self._length = int(value)  # digits only and no duplicates: checked by llhttp
+            elif lname == b"transfer-encoding":
+                # Only "chunked" is understood; anything else (gzip, xchunked, "gzip, chunked") would be
+                # framed or decoded wrongly, so it is refused rather than guessed at.
+                if self._chunked or value.strip().lower() != b"chunked":
+                    raise _Malformed(f"unsupported transfer-coding {value[:40]!r}")
+                self._chunked = True
+            elif lname == b"connection":
+                self._connection = value if self._connection is None else self._connection + b"," + value
+            return
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101 or status < 100:
+                raise _Malformed("protocol upgrades are not proxied")
+            self._interim = True  # 103 Early Hints and the like: the final response follows
+            return
+        if status > 599:
+            raise _Malformed(f"status {status} is out of range")
+        if self._chunked and self._length is not None:  # llhttp refuses it too
+            raise _Malformed("both Content-Length and Transfer-Encoding")
+        self._status = status
+        if self._connection is not None:
+            named = _connection_tokens(self._connection)
+            if named:  # headers the upstream marked hop-by-hop
+                self._headers = [(n, v) for n, v in self._headers if n.lower() not in named]
+        self._keep_alive = self._parser.should_keep_alive()
+        self._state = _BODY
+        self._parts = []
+        self._size = 0
+        length = self._length
+        if self._no_body:
+            if length is not None:
+                self._headers.append(("Content-Length", str(length)))  # HEAD: the size the GET would have
+            # keep-alive by the version and Connection alone (llhttp would judge by the body it expects)
+            tokens = self._connection.lower() if self._connection is not None else b""
+            if self._parser.get_http_version() == "1.0":
+                self._keep_alive = b"keep-alive" in tokens
+            else:
+                self._keep_alive = b"close" not in tokens
+            self._done = True
+            return
+        self._until_eof = not self._chunked and length is None and status != 204 and status != 304
+        if self._until_eof:
+            self._keep_alive = False
+        if length is not None and length > self.pool.buffer_limit:
+            self._stream(length)
+        else:
+            # Collected whole up to buffer_limit (chunked and close-delimited bodies too), so a small answer goes
+            # back in one write and a malformed one is a 502, not a truncated 200.
+            self._buffered = True
+
+    def on_body(self, body: bytes) -> None:
+        if self._done:
+            return
+        if self._buffered:
+            self._parts.append(body)
+            self._size += len(body)
+            if self._size > self.pool.buffer_limit:
+                self._stream(None)
+        else:
+            self._emit(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._state == _BODY:
+            self._done = True
 
     # -- requests -----------------------------------------------------------------------------------
 
     def send(self, head: bytes, body: bytes | None, *, no_body: bool, timeout: float) -> asyncio.Future[Response]:
         """Write the request; the future gives the response head (with the whole body when it is small)."""
+        if self.disposed or self._state == _CLOSED:  # closed while handed over: never sent
+            waiter = self.loop.create_future()
+            waiter.set_exception(UpstreamError(f"upstream {self.pool.name} closed the connection", sent=False))
+            return waiter
         self._begin(no_body, timeout)
         transport = self.transport
         assert transport is not None
@@ -245,8 +390,14 @@ class Connection(asyncio.Protocol):
 
     def _begin(self, no_body: bool, timeout: float) -> None:
         self._state = _HEAD
+        self._head_bytes = 0
+        self._head_buf = b""
         self._no_body = no_body
         self._keep_alive = True
+        self._done = False
+        self._buffered = False
+        self._until_eof = False
+        self._interim = False
         self._error = None
         self._body_done = False
         self._waiter = self.loop.create_future()
@@ -284,183 +435,41 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
         self._dispose()
 
-    # -- parsing ------------------------------------------------------------------------------------
-
-    def _parse_head(self, data: bytes, end: int) -> None:
-        # One decode for the whole head, then str operations (cheaper than decoding each name and value).
-        # Header values are UTF-8 for aiohttp's writer: undecodable bytes become U+FFFD rather than failing.
-        lines = data[:end].decode("utf-8", "replace").split("\r\n")
-        status_line = lines[0]
-        if not status_line.startswith("HTTP/1.") or status_line[8:9] != " ":
-            raise ValueError("not an HTTP/1.x status line")
-        status = int(status_line[9:12])
-        keep_alive = status_line[7] == "1"  # HTTP/1.0: close unless it says keep-alive
-        length: int | None = None
-        chunked = False
-        headers: list[tuple[str, str]] = []
-        append = headers.append
-        for i in range(1, len(lines)):
-            line = lines[i]
-            name, sep, value = line.partition(":")
-            if not sep or not name or name[-1] in " \t" or line[0] in " \t":
-                raise ValueError(f"bad header line {line[:40]!r}")
-            value = value.strip()
-            lname = name.lower()
-            if lname in _HOP_RESPONSE:
-                if lname == "content-length":
-                    n = int(value)
-                    if n < 0 or (length is not None and length != n):
-                        raise ValueError("bad Content-Length")
-                    length = n
-                elif lname == "transfer-encoding":
-                    chunked = value.lower().endswith("chunked")
-                elif lname == "connection":
-                    tokens = value.lower()
-                    if "close" in tokens:
-                        keep_alive = False
-                    elif "keep-alive" in tokens:
-                        keep_alive = True
-                continue
-            append((name, value))
-        if 100 <= status < 200:
-            if status == 101:
-                raise ValueError("protocol upgrades are not proxied")
-            return  # interim response (103 Early Hints): stay in _HEAD for the final one
-        self._status = status
-        self._headers = headers
-        self._keep_alive = keep_alive
-        if self._no_body or status == 204 or status == 304:
-            if self._no_body and length is not None:
-                headers.append(("Content-Length", str(length)))  # HEAD: the size the GET would have
-            self._complete(b"")
-        elif chunked:
-            self._chunk_state = _C_SIZE
-            self._stream(_CHUNKED, None)
-        elif length is not None:
-            self._remaining = length
-            if length <= self.pool.buffer_limit:
-                if length == 0:
-                    self._complete(b"")
-                else:
-                    self._buffered = True
-                    self._parts = []
-                    self._state = _LENGTH
-            else:
-                self._stream(_LENGTH, length)
-        else:
-            self._keep_alive = False
-            self._stream(_UNTIL_EOF, None)
-
-    def _on_length_data(self, data: bytes) -> None:
-        remaining = self._remaining
-        n = len(data)
-        if n > remaining:
-            log.warning(
-                "upstream %s sent %d bytes past the body; closing the connection", self.pool.name, n - remaining
-            )
-            self._keep_alive = False
-            data = data[:remaining]
-            n = remaining
-        self._remaining = remaining - n
-        if self._buffered:
-            if self._remaining == 0:
-                parts = self._parts
-                if parts:
-                    parts.append(data)
-                    data = b"".join(parts)
-                    self._parts = []
-                self._complete(data)
-            else:
-                self._parts.append(data)
-        else:
-            self._emit(data)
-            if self._remaining == 0:
-                self._end_body()
-
-    def _on_chunked_data(self) -> None:
-        buf = self._buf
-        while True:
-            cs = self._chunk_state
-            if cs == _C_DATA:
-                if not buf:
-                    return
-                take = min(len(buf), self._remaining)
-                self._emit(bytes(buf[:take]))
-                del buf[:take]
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._chunk_state = _C_CRLF
-            elif cs == _C_SIZE:
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    if len(buf) > 1024:
-                        self._protocol_error("chunk size line too long")
-                    return
-                try:
-                    size = int(bytes(buf[:i]).split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    self._protocol_error("bad chunk size")
-                    return
-                del buf[: i + 2]
-                if size < 0:
-                    self._protocol_error("bad chunk size")
-                    return
-                if size == 0:
-                    self._chunk_state = _C_TRAILER
-                else:
-                    self._remaining = size
-                    self._chunk_state = _C_DATA
-            elif cs == _C_CRLF:
-                if len(buf) < 2:
-                    return
-                if buf[:2] != b"\r\n":
-                    self._protocol_error("chunk not followed by CRLF")
-                    return
-                del buf[:2]
-                self._chunk_state = _C_SIZE
-            else:  # trailer section: skipped, ends with an empty line
-                i = buf.find(b"\r\n")
-                if i < 0:
-                    if len(buf) > _HEAD_LIMIT:
-                        self._protocol_error("trailers too large")
-                    return
-                empty = i == 0
-                del buf[: i + 2]
-                if empty:
-                    if buf:
-                        self._keep_alive = False
-                        buf.clear()
-                    self._end_body()
-                    return
-
     # -- outcomes -----------------------------------------------------------------------------------
 
     def _complete(self, body: bytes) -> None:
         """A whole response (head and body) arrived."""
         waiter = self._waiter
         response = Response(self._status, self._headers, body, None, self)
+        self._parts = []
         self._finish()
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
 
-    def _stream(self, state: int, length: int | None) -> None:
-        self._state = state
+    def _stream(self, length: int | None) -> None:
+        """Hand the head over now; the body (what was collected so far, then the rest) streams via read()."""
+        parts = self._parts
+        self._parts = []
         self._buffered = False
-        self._chunks.clear()
-        self._queued = 0
+        self._chunks = collections.deque(parts)
+        self._queued = self._size
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(Response(self._status, self._headers, None, length, self))
+        self._check_high_water()
 
     def _emit(self, data: bytes) -> None:
         if not data:
             return
         self._chunks.append(data)
         self._queued += len(data)
+        self._check_high_water()
+        self._wake_reader()
+
+    def _check_high_water(self) -> None:
         if self._queued > _READ_HIGH_WATER and not self._reading_paused and self._state != _CLOSED:
             self._reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
-        self._wake_reader()
 
     def _end_body(self) -> None:
         self._body_done = True
@@ -516,6 +525,12 @@ class Connection(asyncio.Protocol):
         if not self.disposed:
             self.disposed = True
             self.pool.discard(self)
+
+
+def _connection_tokens(value: bytes) -> frozenset[str]:
+    """The header names listed in a Connection header (lower case), without ``close`` and ``keep-alive``."""
+    tokens = {t.strip().lower() for t in value.split(b",")}
+    return frozenset(t.decode("latin-1") for t in tokens if t and t not in (b"close", b"keep-alive"))
 
 
 class Pool:

@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 
 from gateway.client import Connection, Response, UpstreamError
 from gateway.options import GatewayOptions
-from gateway.ratelimit import Limiter
+from gateway.ratelimit import AuthLimits, Limiter
 from gateway.routes import Affinity, Kind, Route
 from gateway.upstreams import Instance, Service
 from runtime.auth import (
@@ -68,6 +68,9 @@ _HOP_REQUEST = frozenset(
 )  # fmt: skip
 DROP_REQUEST = _HOP_REQUEST | IDENTITY_HEADERS
 
+# Requests with their own, tighter per-address buckets (gateway.ratelimit.AuthLimits): (method, path, bucket).
+GUARDED = (("POST", "/connect/token", "signin"), ("POST", "/api/identity/users", "register"))
+
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 UPSTREAM_KEY: web.RequestKey[str] = web.RequestKey("gateway_upstream", str)
 
@@ -82,11 +85,19 @@ class RouteProxy:
         verifier: TokenVerifier,
         limiter: Limiter | None,
         options: GatewayOptions,
+        auth_limits: AuthLimits | None = None,
     ) -> None:
         self.route = route
         self.service = service
         self.verifier = verifier
         self.limiter = limiter
+        self.auth_limits = auth_limits
+        # method -> (path, kind) of the requests under this prefix that AuthLimits guards
+        self.guards: dict[str, tuple[str, str]] = {}
+        if auth_limits is not None:
+            for m, path, kind in GUARDED:
+                if path.startswith(route.prefix + "/"):
+                    self.guards[m] = (path, kind)
         self.timeout = options.timeout
         self.retries = options.retries
         self.backoff = options.retry_backoff
@@ -107,18 +118,20 @@ class RouteProxy:
             rule, match = found
             access = rule.access
             principal: Principal | None = None
+            counted = False  # taken from the address's bucket already (a full token check or a missing token)
             if access.kind is not Kind.PUBLIC:
-                principal = await self._principal(request, access.kind is Kind.TOKEN)
-                if principal is not None and access.checks_claims:
-                    check_access(principal, roles=access.roles, scopes=access.scopes)
+                principal, counted = await self._principal(request, access.kind is Kind.TOKEN)
             limiter = self.limiter
             if limiter is not None:
-                client = "sub:" + principal.sub if principal is not None else "addr:" + (request.remote or "-")
-                wait = limiter.take(client) if limiter.local else await limiter.acquire(client)
-                if wait:
-                    raise TooManyRequests(
-                        f"too many requests from this client; retry in {wait:.1f} s", retry_after=wait
-                    )
+                if principal is not None:
+                    await self._take("sub:" + principal.sub)
+                elif not counted:
+                    await self._take("addr:" + (request.remote or "-"))
+            if principal is not None and access.checks_claims:
+                check_access(principal, roles=access.roles, scopes=access.scopes)
+            guard = self.guards.get(method) if self.guards else None
+            if guard is not None and request.path.rstrip("/") == guard[0]:
+                return await self._guarded(request, method, raw_path, guard[1])
             affinity = rule.affinity
             if affinity is Affinity.NONE:
                 key = None
@@ -130,22 +143,59 @@ class RouteProxy:
         except Problem as problem:
             return problem_response(problem, request)
 
-    async def _principal(self, request: web.Request, required: bool) -> Principal | None:
+    async def _principal(self, request: web.Request, required: bool) -> tuple[Principal | None, bool]:
+        """-> (the verified principal or None, whether the address's bucket was charged already).
+
+        A token verified before comes from the cache and is charged to its subject. Everything else (a missing
+        token where one is needed, a token checked in full, which is what every bad or forged one is) is charged
+        to the client's address first, so a flood of forged tokens is refused with 429 before its crypto runs.
+        """
         values = request.headers.getall(hdrs.AUTHORIZATION, ())
         if len(values) == 1:
             value = values[0]
             if value.startswith("Bearer "):
                 p = self.verifier.verify_cached(value[7:])  # the hot path: no crypto, no I/O
                 if p is not None:
-                    return p
+                    return p, False
         elif not values:
             if required:
+                if self.limiter is not None:
+                    await self._take("addr:" + (request.remote or "-"))
                 raise MissingToken()
-            return None
+            return None, False
+        if self.limiter is not None:
+            await self._take("addr:" + (request.remote or "-"))
         # full check: one header, the Bearer scheme, a well-formed token; then signature and claims
         token = bearer_token(request)
         assert token is not None
-        return await self.verifier.verify(token)
+        return await self.verifier.verify(token), True
+
+    async def _take(self, client: str) -> None:
+        """A token from ``client``'s bucket, else 429 with Retry-After."""
+        limiter = self.limiter
+        assert limiter is not None
+        wait = limiter.take(client) if limiter.local else await limiter.acquire(client)
+        if wait:
+            raise TooManyRequests(f"too many requests from this client; retry in {wait:.1f} s", retry_after=wait)
+
+    async def _guarded(self, request: web.Request, method: str, raw_path: str, kind: str) -> web.StreamResponse:
+        """Sign-ins and registrations, under the tighter per-address buckets of :class:`AuthLimits`."""
+        limits = self.auth_limits
+        assert limits is not None
+        addr = "addr:" + (request.remote or "-")
+        if kind == "register":
+            wait = limits.register.take(addr)
+            if wait:
+                raise TooManyRequests(f"too many registrations from this address; retry in {wait:.0f} s", wait)
+            return await self._exchange(request, method, raw_path, None)
+        wait = limits.signin.peek(addr)
+        if wait:
+            limits.signin.limited += 1
+            raise TooManyRequests(f"too many failed sign-ins from this address; retry in {wait:.0f} s", wait)
+        response = await self._exchange(request, method, raw_path, None)
+        if response.status in (400, 401):
+            limits.signin.take(addr)
+        return response
 
     # -- forwarding ---------------------------------------------------------------------------------
 

@@ -64,6 +64,14 @@ class LocalLimiter:
     async def acquire(self, key: str) -> float:
         return self.take(key)
 
+    def peek(self, key: str) -> float:
+        """What :meth:`take` would answer, without taking a token."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        tokens = min(bucket[0] + (self._clock() - bucket[1]) * self.rate, self.burst)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def _sweep(self, now: float) -> None:
         """Drop buckets that have refilled (forgetting them changes nothing); if still too many, the oldest."""
         full_after = self.burst / self.rate
@@ -180,6 +188,28 @@ class RedisLimiter:
 
 
 Limiter = LocalLimiter | RedisLimiter
+
+
+class AuthLimits:
+    """Tighter buckets per client address for the endpoints that guess at credentials or create accounts:
+
+    * ``signin``: failed sign-ins (``POST /connect/token`` answered 400 or 401). Only failures take a token;
+      while the bucket is empty every sign-in from the address is refused (429) before it reaches identity.
+    * ``register``: registrations (``POST /api/identity/users``), every attempt.
+
+    Both are a fiftieth of the general rate (default 1/s) with a burst of a tenth (sign-in failures, at least 5)
+    or a fifth (registrations, at least 10) of the general burst. They are kept in this process (not in Redis):
+    several gateway processes each allow this much; identity's own lock-out still applies per account.
+    """
+
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        slow = max(rate / 50.0, 0.01)
+        self.signin = LocalLimiter(slow, max(5, burst // 10), clock=clock)
+        self.register = LocalLimiter(slow, max(10, burst // 5), clock=clock)
+
+    @property
+    def limited(self) -> int:
+        return self.signin.limited + self.register.limited
 
 
 def make_limiter(rate: float, burst: int, redis_url: str = "") -> Limiter | None:

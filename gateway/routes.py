@@ -5,7 +5,7 @@ method and the rest of the path (the *tail*, ``""`` or ``"/..."``); the first ma
 
 * the :class:`Access` policy: ``PUBLIC`` (not checked here: identity's own endpoints, which take client
   credentials in ``Authorization``), ``OPTIONAL`` (a token is verified when one is sent), or a required token with
-  roles and/or scopes (``CUSTOMER``, ``ADMIN``, :func:`scopes`);
+  roles and/or scopes (``CUSTOMER``, ``ADMIN``: either role and the ``ecom`` API scope; :func:`scopes`);
 * the affinity key: ``SUB`` (the token's subject: a customer's cart), ``PATH`` (the rule's ``key`` group: an
   order or product id), or none (balanced). Requests with a key always go to the instance that owns it on the
   hash ring, so each actor lives in one process.
@@ -42,8 +42,10 @@ class Access:
 PUBLIC = Access(Kind.PUBLIC)
 OPTIONAL = Access(Kind.OPTIONAL)
 AUTHENTICATED = Access(Kind.TOKEN)
-CUSTOMER = Access(Kind.TOKEN, roles=("customer", "admin"))  # as the services' own CUSTOMER requirement
-ADMIN = Access(Kind.TOKEN, roles=("admin",))
+API_SCOPE = "ecom"  # the scope of the shop's API: first-party tokens carry it (identity grants it)
+# As the services' own CUSTOMER requirement, plus the API scope: a token lacking it gets 403 insufficient_scope.
+CUSTOMER = Access(Kind.TOKEN, roles=("customer", "admin"), scopes=(API_SCOPE,))
+ADMIN = Access(Kind.TOKEN, roles=("admin",), scopes=(API_SCOPE,))
 
 
 def scopes(*names: str, roles: Collection[str] = ()) -> Access:

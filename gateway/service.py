@@ -2,7 +2,8 @@
 CORS, access log and merged docs onto the shared host (health, metrics, request ids, problem+json).
 
 The gateway has no database and no actors (``SCHEMA = None``). Its readiness says whether any upstream instance
-can serve; per-instance health and breaker state are in ``/metrics``.
+can serve; per-instance health and breaker state are in ``/metrics`` (admin token required on this port).
+With a bus (``ecom run`` / ``ecom serve`` pass the process's), it hears identity's revocation announcements.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from gateway.edge import Cors, access_log_middleware
 from gateway.metrics import GatewayCollector
 from gateway.options import GatewayOptions
 from gateway.proxy import RouteProxy
-from gateway.ratelimit import make_limiter
+from gateway.ratelimit import AuthLimits, make_limiter
 from gateway.routes import ROUTES, Route, services_of
 from gateway.upstreams import Upstreams
-from runtime import host
+from runtime import host, revocation
+from runtime.auth import TokenVerifier, bearer_token, check_access
+from runtime.errors import NotFound
 from runtime.host import ServiceRuntime, json_response, make_verifier
 
 SCHEMA = None
@@ -34,7 +37,7 @@ UPSTREAMS_KEY: web.AppKey[Upstreams] = web.AppKey("gateway_upstreams", Upstreams
 def create_app(
     settings: Settings,
     *,
-    bus: Any = None,  # accepted like every service's create_app; the gateway does not use the bus
+    bus: Any = None,  # the process's bus (``ecom run``/``ecom serve`` pass it): revocation announcements
     verifier: Any = None,
     upstreams: Mapping[str, str | Sequence[str]] | None = None,
     redis_url: str | None = None,
@@ -54,6 +57,7 @@ def create_app(
     )
     pool = Upstreams.from_settings(settings, services_of(routes), opts, upstreams)
     limiter = make_limiter(opts.rate_limit, opts.rate_burst, opts.redis_url)
+    auth_limits = AuthLimits(opts.rate_limit, opts.rate_burst) if opts.rate_limit > 0 else None
     docs = DocsMerger(routes, pool, ttl=opts.docs_ttl)
 
     async def merged_docs(_request: web.Request) -> web.Response:
@@ -63,21 +67,29 @@ def create_app(
         # Registered before the host's own docs route for the same path, so this one answers.
         app.router.add_get(SPEC_PATH, merged_docs)
         for route in routes:
-            handler = RouteProxy(route, pool.services[route.service], runtime.verifier, limiter, opts)
+            handler = RouteProxy(route, pool.services[route.service], runtime.verifier, limiter, opts, auth_limits)
             app.router.add_route("*", route.prefix + "{tail:(/.*)?}", handler.handle)
 
-    middlewares: list[Any] = []
+    middlewares: list[Any] = [admin_metrics_middleware(runtime.verifier)]
     if opts.access_log:
         middlewares.append(access_log_middleware)
     cors = Cors(opts.origins) if opts.origins else None
     if cors is not None:
         middlewares.append(cors.preflight)
 
+    revocations: list[Any] = []  # the consumer of identity's revocation announcements, while running
+
     async def start() -> None:
         await pool.start()
+        if bus is not None:
+            # A revoked signing key or a signed-out/locked user is refused here within a bus hop, cached
+            # verifications included (runtime/revocation.py).
+            revocations.append(await revocation.listen(bus, runtime.verifier))
         _freeze_startup_objects()
 
     async def stop() -> None:
+        while revocations:
+            await revocations.pop().stop()
         await pool.close()
         if limiter is not None:
             await limiter.close()
@@ -99,6 +111,23 @@ def create_app(
     # the host's registry serves /metrics; the gateway's families are read from its objects when scraped
     host.metrics_registry(app).register(GatewayCollector(pool, limiter))
     return app
+
+
+def admin_metrics_middleware(verifier: TokenVerifier) -> Any:
+    """``/metrics`` on the public port is for admins only: 404 without a token (its existence is not
+    advertised), 401 for an invalid one, 403 without the admin role. Prometheus scrapes with an admin token."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/metrics":
+            token = bearer_token(request)
+            if token is None:
+                raise NotFound("no route for " + request.path)
+            principal = verifier.verify_cached(token) or await verifier.verify(token)
+            check_access(principal, roles=("admin",))
+        return await handler(request)
+
+    return guard
 
 
 _frozen = False

@@ -330,7 +330,7 @@ class Upstreams:
                 reason = f"answered {resp.status}"
                 if ok:
                     self._note_membership(inst, await resp.json(content_type=None))
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:  # ValueError: a body not JSON
             ok, reason = False, type(exc).__name__
         inst.failed_checks = 0 if ok else inst.failed_checks + 1
         if ok and not inst.healthy:

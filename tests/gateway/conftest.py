@@ -165,7 +165,9 @@ def make_gateway(aiohttp_client: Any, test_identity: Any) -> Callable[..., Await
             options=GatewayOptions(**{**FAST, **options}),
             routes=routes,
         )
-        return await aiohttp_client(app)
+        client = await aiohttp_client(app)
+        client.admin_headers = test_identity.headers(test_identity.admin_token())  # type: ignore[attr-defined]
+        return client
 
     return make
 
@@ -203,7 +205,7 @@ async def raw_request(port: int, request: str | bytes) -> tuple[int, bytes]:
 
 async def metric(client: TestClient, name: str, **labels: str) -> float | None:
     """One sample from the gateway's /metrics, or None."""
-    text = await (await client.get("/metrics")).text()
+    text = await (await client.get("/metrics", headers=getattr(client, "admin_headers", None))).text()
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
             continue

@@ -89,7 +89,7 @@ async def test_metrics_and_health(make_gateway, start_upstream):
         await gw.get("/api/catalog/products")
     assert (await gw.get("/health/live")).status == 200
     assert (await gw.get("/health/ready")).status == 200
-    text = await (await gw.get("/metrics")).text()
+    text = await (await gw.get("/metrics", headers=gw.admin_headers)).text()
     assert 'http_requests_total{method="GET",route="/api/catalog{tail}",service="gateway",status="200"} 3.0' in text
     assert "http_request_duration_seconds_bucket" in text
     assert f'gateway_upstream_up{{instance="{catalog.url}",service="catalog"}} 1.0' in text
