@@ -18,6 +18,9 @@ Mapping of the Bus contract (bus/base.py) onto Service Bus:
   dead-letter with the error as ``DeadLetterReason`` and the attempt count and time as a JSON
   ``DeadLetterErrorDescription``. Queues and subscriptions are created with ``MaxDeliveryCount =
   max_attempts`` so a message whose receiver keeps dying is dead-lettered by the broker too.
+- ``broadcast(types, h)``: a subscription per call (unique name, ``AutoDeleteOnIdle`` as a backstop
+  for a process that dies without stopping it, a correlation rule on ``subject`` per type) read by one
+  session receiver at a time; stop()/close() delete it through the management API.
 - ``dead_letters(name)`` peeks the ``$DeadLetterQueue`` of the queue and of the subscription with that
   name (peeking locks nothing).
 - Entities are created on first use through ``ServiceBusAdministrationClient`` (needs a connection
@@ -35,8 +38,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 import ssl
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -75,7 +81,7 @@ if TYPE_CHECKING:
 
     from config import Settings
 
-__all__ = ["TOPIC", "AzureBus", "AzureConsumer", "create_bus", "provision", "register"]
+__all__ = ["TOPIC", "AzureBroadcast", "AzureBus", "AzureConsumer", "create_bus", "provision", "register"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,10 @@ DEFAULT_DUPLICATE_WINDOW = timedelta(minutes=10)
 ACCEPT_GRACE = 2.0  # seconds the client waits beyond the broker-side session accept timeout
 STOP_GRACE = 0.5  # seconds stop() lets cancelled receivers wind down before closing them outright
 MAX_REASON = 1024  # characters of the error kept as DeadLetterReason
+BROADCAST_AUTO_DELETE = timedelta(minutes=5)  # a broadcast subscription nobody uses this long is deleted
+BROADCAST_ATTEMPTS = 4  # handler calls per broadcast event before it is dropped with a warning
+BROADCAST_RETRY_DELAY = 0.2  # seconds before the first retry, doubled per retry...
+BROADCAST_MAX_RETRY_DELAY = 5.0  # ...up to this
 _RULE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,50}$")
 _ENTITY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,259}$")
 
@@ -246,6 +256,35 @@ class _Provisioner:
             done.append(f"deleted rule {name_}")
         return done
 
+    async def broadcast_subscription(self, name: str, event_types: Collection[str], auto_delete_on_idle: timedelta) -> None:
+        """A new per-process subscription that gets exactly these event types and deletes itself once
+        unused for ``auto_delete_on_idle`` (the process died without stop())."""
+        await self.admin.create_subscription(
+            self.topic,
+            name,
+            requires_session=True,
+            max_delivery_count=self.max_delivery_count,
+            lock_duration=self.lock_duration,
+            auto_delete_on_idle=auto_delete_on_idle,
+        )
+        # Nobody receives from it yet, so the order is free: the $Default rule (everything) goes first,
+        # and the handler never sees an event of another type.
+        await self._delete_rule(name, "$Default")
+        for event_type in sorted(event_types):
+            await self.admin.create_rule(
+                self.topic, name, rule_name(event_type), filter=CorrelationRuleFilter(label=event_type)
+            )
+        log.info("created broadcast subscription %s/%s for %s", self.topic, name, ", ".join(sorted(event_types)))
+
+    async def delete_subscription(self, name: str) -> None:
+        try:
+            await self.admin.delete_subscription(self.topic, name)
+        except ResourceNotFoundError:
+            pass  # gone already (AutoDeleteOnIdle, or a half-made one)
+        except HttpResponseError as exc:
+            if exc.status_code != 404:
+                raise
+
     async def _delete_rule(self, subscription: str, name: str) -> None:
         try:
             await self.admin.delete_rule(self.topic, subscription, name)
@@ -266,9 +305,11 @@ class AzureConsumer:
         make_receiver: Callable[[], ServiceBusReceiver],
         handler: Handler,
         limit: int,
+        on_missing: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._bus = bus
         self.label = label
+        self._on_missing = on_missing  # called when the entity is gone (e.g. to re-create it)
         self._make_receiver = make_receiver
         self._handler = handler
         self._limit = limit
@@ -346,6 +387,13 @@ class AzureConsumer:
                     except Exception as exc:  # noqa: BLE001 - broker unreachable, entity gone, SDK trouble
                         if self._stopped:
                             return
+                        if isinstance(exc, MessagingEntityNotFoundError) and self._on_missing is not None:
+                            try:
+                                await self._on_missing()
+                            except Exception as again:  # noqa: BLE001 - retried with the back-off below
+                                log.warning("bus consumer %s: cannot re-create it: %s", self.label, again)
+                            else:
+                                continue
                         log.warning(
                             "bus consumer %s: cannot accept a session (retrying in %.1fs): %s: %s",
                             self.label, backoff, type(exc).__name__, exc,
@@ -559,6 +607,86 @@ class AzureConsumer:
 _LOST = object()
 
 
+def _announcements(handler: Handler, label: str, attempts: int, first_delay: float) -> Handler:
+    """``handler`` for a broadcast stream: a failure is retried in place (holding the stream, so order
+    holds) after ``first_delay`` seconds, doubling up to BROADCAST_MAX_RETRY_DELAY; after ``attempts``
+    failed calls the event is dropped with a warning (completed: announcements are idempotent, and a
+    dead letter of a per-process subscription would be deleted with it)."""
+
+    async def handle(envelope: Envelope) -> None:
+        delay = first_delay
+        for attempt in range(1, attempts + 1):
+            try:
+                await handler(envelope)
+                return
+            except Exception as exc:  # noqa: BLE001 - logged; the stream must go on
+                reason = f"{type(exc).__name__}: {exc}"
+                if attempt >= attempts:
+                    log.warning(
+                        "%s: dropping %s %s after %d failed attempts: %s",
+                        label, envelope.type, envelope.message_id, attempt, reason, exc_info=exc,
+                    )  # fmt: skip
+                    return
+                log.warning(
+                    "%s: %s %s failed (attempt %d of %d), retrying in %.2fs: %s",
+                    label, envelope.type, envelope.message_id, attempt, attempts, delay, reason,
+                )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BROADCAST_MAX_RETRY_DELAY)
+
+    return handle
+
+
+def _broadcast_name() -> str:
+    """A unique subscription name an operator can trace to its process (at most 50 characters)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:16].strip("-") or "host"
+    return f"bc-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+class AzureBroadcast:
+    """A broadcast subscription of this process: stop() stops receiving and deletes the subscription."""
+
+    def __init__(self, bus: AzureBus, subscription: str, event_types: frozenset[str], handler: Handler) -> None:
+        self._bus = bus
+        self.subscription = subscription
+        self.event_types = event_types
+        self.recreated = 0
+        label = f"{bus.topic}/{subscription}"
+        self._consumer = AzureConsumer(
+            bus,
+            label,
+            self._make_receiver,
+            _announcements(handler, f"broadcast {label}", bus.broadcast_attempts, bus.broadcast_retry_delay),
+            1,  # one session, one handler call at a time: the stream's order
+            on_missing=self._recreate,
+        )
+        self._stopped = False
+
+    def _make_receiver(self) -> ServiceBusReceiver:
+        bus = self._bus
+        assert bus._receive_client is not None
+        return bus._receive_client.get_subscription_receiver(
+            bus.topic, self.subscription, session_id=NEXT_AVAILABLE_SESSION, max_wait_time=bus.accept_timeout
+        )
+
+    async def _recreate(self) -> None:
+        # Deleted under us (AutoDeleteOnIdle after the process was suspended that long, an operator):
+        # make it again, or this process would silently stop hearing announcements.
+        if self._stopped:
+            return
+        log.warning("broadcast subscription %s/%s is gone; re-creating it", self._bus.topic, self.subscription)
+        await self._bus._create_broadcast(self.subscription, self.event_types)
+        self.recreated += 1
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._bus._broadcasts.discard(self)
+        await self._consumer.stop()
+        await self._bus._delete_broadcast(self.subscription)
+
+
 def _forget_outcome(call: asyncio.Future[Any]) -> None:
     """A handler cancelled because its lock was lost (or on stop) may still end with an error of its
     own (e.g. it turns the cancellation into a RuntimeError, or fails in its cleanup). Its message is
@@ -705,6 +833,10 @@ class AzureBus:
         self._ensure_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._dead_letter_receivers: dict[tuple[str, str], ServiceBusReceiver] = {}
         self._consumers: set[AzureConsumer] = set()
+        self._broadcasts: set[AzureBroadcast] = set()
+        self.broadcast_auto_delete = BROADCAST_AUTO_DELETE
+        self.broadcast_attempts = BROADCAST_ATTEMPTS
+        self.broadcast_retry_delay = BROADCAST_RETRY_DELAY
         self._closing: set[asyncio.Task[Any]] = set()
         self._started = False
         self._closed = False
@@ -760,6 +892,7 @@ class AzureBus:
             self._closed = True
             return
         self._closed = True
+        await asyncio.gather(*(b.stop() for b in list(self._broadcasts)), return_exceptions=True)
         await asyncio.gather(*(c.stop() for c in list(self._consumers)), return_exceptions=True)
         deadline = asyncio.get_running_loop().time() + self.close_timeout
         drains = [o._task for o in self._outboxes.values() if o._task is not None and not o._task.done()]
@@ -939,6 +1072,54 @@ class AzureBus:
             )
 
         return self._start(AzureConsumer(self, f"{self.topic}/{subscription}", make_receiver, handler, limit))
+
+    async def broadcast(self, event_types: Collection[str], handler: Handler) -> AzureBroadcast:
+        """Every process calling this gets every published event of these types: a subscription of its
+        own (unique name, AutoDeleteOnIdle ``broadcast_auto_delete``, one correlation rule on ``subject``
+        per type), deleted by stop()/close(). Per session in publish order, one handler call at a time.
+        A failing handler is retried ``broadcast_attempts`` times with back-off, then the event is
+        dropped. Needs Manage rights (the subscription is made at run time)."""
+        self._check_open()
+        types = subscription_types(event_types)
+        for event_type in types:
+            check_name("event type", event_type)
+        await self._ensure_topic()
+        name = _broadcast_name()
+        await self._create_broadcast(name, types)
+        broadcast = AzureBroadcast(self, name, types, handler)
+        self._broadcasts.add(broadcast)
+        self._start(broadcast._consumer)
+        return broadcast
+
+    async def _create_broadcast(self, name: str, types: frozenset[str]) -> None:
+        provisioner = self._provisioner
+        if provisioner is None:
+            raise BusError(
+                "azure bus: broadcast needs a subscription per process, made at run time: it needs a "
+                "connection with Manage rights and auto_provision (a shared pre-provisioned subscription "
+                "would give each event to one process only)"
+            )
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await provisioner.broadcast_subscription(name, types, self.broadcast_auto_delete)
+        except (AzureError, TimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.close_timeout):
+                    await provisioner.delete_subscription(name)  # no half-made subscription left behind
+            raise BusError(f"azure bus: could not create broadcast subscription {name}: {exc}") from exc
+
+    async def _delete_broadcast(self, name: str) -> None:
+        provisioner = self._provisioner
+        if provisioner is None:
+            return
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await provisioner.delete_subscription(name)
+        except (AzureError, TimeoutError) as exc:
+            log.warning(
+                "azure bus: could not delete broadcast subscription %s (AutoDeleteOnIdle removes it after %s): %s",
+                name, self.broadcast_auto_delete, exc,
+            )  # fmt: skip
 
     def _start(self, consumer: AzureConsumer) -> AzureConsumer:
         self._consumers.add(consumer)

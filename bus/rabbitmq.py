@@ -12,6 +12,10 @@ Topology (every name below is prefixed with ``prefix``, empty in production, uni
   consume it, the broker delivers to one at a time, in queue order; when that consumer's channel goes
   (stop(), crash, lost connection) its unacked messages are returned in order and the next registered
   consumer becomes active. That gives per-session FIFO and exclusivity across processes.
+- ``broadcast(types, h)``: a server-named, exclusive, auto-delete classic queue (``x-expires`` as a
+  backstop) of the process's connection, bound to ``<type>.p<k>`` for every type and partition, so every
+  process gets every such event. It goes with stop(), the channel or the connection; after a recovery a
+  new one is declared and bound (events published while it was down are not received: not durable).
 - ``<queue>.dlq`` / ``<svc>.events.dlq``: durable quorum dead-letter queue of each queue/subscription.
   Partitions also carry ``x-delivery-limit`` with a dead-letter route to it: a message whose consumers
   keep dying before settling it (a crash loop the process cannot count) ends up there too, instead of
@@ -100,6 +104,7 @@ from bus.envelope import Envelope, utc_now
 __all__ = [
     "DEFAULT_URL",
     "EVENTS_EXCHANGE",
+    "RabbitBroadcast",
     "RabbitBus",
     "RabbitConsumer",
     "create_bus",
@@ -118,6 +123,12 @@ DEAD_LETTER_READ_LIMIT = 10_000  # dead_letters() returns at most this many per 
 MAX_REASON = 4000  # characters of the error text kept with a dead letter
 DEFAULT_RECONNECT_INTERVAL = 1.0  # first recovery delay (seconds), doubled per failed attempt...
 DEFAULT_RECONNECT_MAX_INTERVAL = 30.0  # ...up to this; also how long a link must stay up to reset it
+BROADCAST_ATTEMPTS = 4  # handler calls per broadcast event before it is dropped with a warning
+BROADCAST_RETRY_DELAY = 0.2  # seconds before the first retry, doubled per retry...
+BROADCAST_MAX_RETRY_DELAY = 5.0  # ...up to this
+BROADCAST_PREFETCH = 64
+BROADCAST_QUEUE_EXPIRES_MS = 60_000  # a broadcast queue left unused (no consumer) this long is deleted
+BROADCAST_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "classic", "x-expires": BROADCAST_QUEUE_EXPIRES_MS}
 
 # Header names of our own dead letters (plain names: ``x-`` ones belong to the broker).
 H_REASON, H_ATTEMPTS, H_AT, H_SOURCE = "ecom-reason", "ecom-attempts", "ecom-dead-lettered-at", "ecom-source"
@@ -281,18 +292,22 @@ class RabbitConsumer:
             self._channel = channel
             channel.closing.add_done_callback(lambda closing: self._on_channel_closed(channel, closing))
             channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
-            arguments = bus._partition_arguments(self._target)
-            for name in self._target.partitions:
-                # Declared again on every (re)open: it costs one round trip and brings back a partition
-                # that was deleted while we were away, instead of failing the recovery forever.
-                await channel.queue_declare(name, durable=True, arguments=arguments)
-                await channel.basic_consume(name, self._on_message)
+            await self._consume_from(channel)
             self._subscribed = channel
         except BaseException:
             # Half-subscribed: close it; whatever it was delivered goes back to the queue.
             with suppress(Exception):
                 await asyncio.wait_for(channel.close(), bus.timeout)
             raise
+
+    async def _consume_from(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """Declare the queues this consumer reads and ``basic.consume`` them on ``channel``."""
+        arguments = self._bus._partition_arguments(self._target)
+        for name in self._target.partitions:
+            # Declared again on every (re)open: it costs one round trip and brings back a partition
+            # that was deleted while we were away, instead of failing the recovery forever.
+            await channel.queue_declare(name, durable=True, arguments=arguments)
+            await channel.basic_consume(name, self._on_message)
 
     async def _resume(self, connection: aiormq.abc.AbstractConnection) -> None:
         """Called by the bus's supervisor: make sure we consume from ``connection`` (idempotent)."""
@@ -399,7 +414,7 @@ class RabbitConsumer:
         try:
             envelope: Envelope | None = Envelope.decode(message.body)
             error = ""
-            session = envelope.session_id  # type: ignore[union-attr]
+            session = self._session_of(envelope)  # type: ignore[arg-type]
         except MalformedMessage as exc:
             envelope, error = None, f"MalformedMessage: {exc}"
             session = f"\x00malformed:{id(message)}"  # a session of its own: nothing to order it with
@@ -412,6 +427,10 @@ class RabbitConsumer:
             self._held.add(session)
             self._ready.append(session)
             self._dispatch()
+
+    def _session_of(self, envelope: Envelope) -> str:
+        """The in-process FIFO a delivery joins: its session (one handler call per session at a time)."""
+        return envelope.session_id
 
     def _ours(self, item: _Pending) -> bool:
         """Whether the delivery may still be handled and settled here. aiormq's ``is_closed`` never
@@ -566,6 +585,89 @@ class RabbitConsumer:
         self._timers.add(handle)
 
 
+def announcement_handler(handler: Handler, label: str, attempts: int, first_delay: float) -> Handler:
+    """``handler`` for a broadcast stream: a failure is retried in place (holding the stream, so order
+    holds) after ``first_delay`` seconds, doubling up to BROADCAST_MAX_RETRY_DELAY; after ``attempts``
+    failed calls the event is dropped with a warning. Announcements are idempotent and nobody could act
+    on a dead letter of a per-process queue, so the stream goes on instead of stalling."""
+
+    async def handle(envelope: Envelope) -> None:
+        delay = first_delay
+        for attempt in range(1, attempts + 1):
+            try:
+                await handler(envelope)
+                return
+            except Exception as exc:  # noqa: BLE001 - logged; the stream must go on
+                reason = f"{type(exc).__name__}: {exc}"
+                if attempt >= attempts:
+                    log.warning(
+                        "%s: dropping %s %s after %d failed attempts: %s",
+                        label, envelope.type, envelope.message_id, attempt, reason, exc_info=exc,
+                    )  # fmt: skip
+                    return
+                log.warning(
+                    "%s: %s %s failed (attempt %d of %d), retrying in %.2fs: %s",
+                    label, envelope.type, envelope.message_id, attempt, attempts, delay, reason,
+                )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BROADCAST_MAX_RETRY_DELAY)
+
+    return handle
+
+
+class RabbitBroadcast(RabbitConsumer):
+    """A broadcast subscription of this process (see ``RabbitBus.broadcast``).
+
+    Its queue is server-named, exclusive to the bus's connection, auto-delete and ``x-expires``: it
+    goes when stop() deletes it, when its consumer is cancelled (channel closed), when the connection
+    closes (process gone), and in any case once unused for BROADCAST_QUEUE_EXPIRES_MS. After a lost
+    channel or connection, the supervisor's ``_resume`` declares and binds a new one (events published
+    in between are not received: not durable). One FIFO, one handler call at a time: stream order.
+    """
+
+    def __init__(self, bus: RabbitBus, event_types: list[str], handler: Handler) -> None:
+        label = f"broadcast({','.join(event_types)})"
+        wrapped = announcement_handler(handler, label, bus.broadcast_attempts, bus.broadcast_retry_delay)
+        super().__init__(bus, _Target(label, (), ""), wrapped, 1, BROADCAST_PREFETCH)
+        self.event_types = tuple(event_types)
+        self.queue: str | None = None  # the current server-named queue
+        self.queues_declared = 0
+
+    async def _consume_from(self, channel: aiormq.abc.AbstractChannel) -> None:
+        bus = self._bus
+        exchange = bus.exchange_name
+        # Cheap and idempotent; brings the exchange back if it was deleted while we were away.
+        await channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+        declared = await channel.queue_declare(
+            "", durable=False, exclusive=True, auto_delete=True, arguments=BROADCAST_QUEUE_ARGUMENTS
+        )
+        name = declared.queue
+        assert name, "the broker did not name the broadcast queue"
+        self.queue = name
+        self.queues_declared += 1
+        for event_type in self.event_types:
+            for k in range(bus.partitions):
+                await channel.queue_bind(name, exchange, routing_key=f"{event_type}.p{k}")
+        await channel.basic_consume(name, self._on_message)
+
+    def _session_of(self, envelope: Envelope) -> str:
+        return ""  # the whole stream is one FIFO: publish order, not just per-session order
+
+    async def _dead_letter(self, item: _Pending, reason: str, attempts: int) -> None:
+        # No DLQ for a per-process stream: drop it (the announcement is lost for this process only).
+        log.warning("%s: dropping a message it cannot handle (%s)", self.name, reason)
+        await self._ack(item)
+
+    async def _close_channel(self) -> None:
+        # Delete the queue first (the channel close would auto-delete it too, but only once the broker
+        # has cancelled the consumer): when stop() returns, nothing of this broadcast is left.
+        channel, queue = self._channel, self.queue
+        if channel is not None and queue and not channel.is_closed:
+            with suppress(Exception):
+                await asyncio.wait_for(channel.queue_delete(queue), self._bus.timeout)
+        await super()._close_channel()
+
+
 class RabbitBus:
     """One process's connection to RabbitMQ. See the module docstring for the topology."""
 
@@ -617,6 +719,8 @@ class RabbitBus:
         self.reconnect_interval = DEFAULT_RECONNECT_INTERVAL if reconnect_interval is None else reconnect_interval
         self.reconnect_max_interval = max(reconnect_max_interval, self.reconnect_interval)
         self.exchange_name = f"{prefix}{EVENTS_EXCHANGE}"
+        self.broadcast_attempts = BROADCAST_ATTEMPTS
+        self.broadcast_retry_delay = BROADCAST_RETRY_DELAY
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None  # publishing only (confirms)
         self._exchange_declared = False
@@ -1015,6 +1119,20 @@ class RabbitBus:
                 raise BusError(f"cannot bind {subscription!r} to {event_type!r}: {type(exc).__name__}: {exc}") from exc
             self._bound.add((base, event_type))
         return await self._attach(target, handler, max_concurrent_sessions)
+
+    async def broadcast(self, event_types: Collection[str], handler: Handler) -> RabbitBroadcast:
+        """Every process calling this gets every published event of these types, in publish order, one
+        handler call at a time. Not durable: a queue of this connection only (see RabbitBroadcast). A
+        failing handler is retried ``broadcast_attempts`` times with back-off, then the event is dropped."""
+        self._check_open()
+        types = sorted(subscription_types(event_types))
+        for event_type in types:
+            check_name("event type", event_type)
+        await self._ensure_exchange()
+        consumer = RabbitBroadcast(self, types, handler)
+        await consumer._start()
+        self._consumers.add(consumer)
+        return consumer
 
     async def _attach(self, target: _Target, handler: Handler, limit: int | None) -> RabbitConsumer:
         limit = self.max_concurrent_sessions if limit is None else limit

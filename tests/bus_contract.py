@@ -88,6 +88,25 @@ def msg(session: str, type: str = "Step", **body: Any) -> Envelope:
     return Envelope(type=type, session_id=session, body=body)
 
 
+BroadcastProbe = Callable[[Bus, Consumer], Awaitable[bool | None]]
+
+
+@pytest.fixture
+def broadcast_exists() -> BroadcastProbe:
+    """Whether the queue/subscription behind a broadcast consumer still exists on the broker (None: this
+    backend cannot tell). Backend test modules override this fixture; the memory bus has no broker to
+    ask, so it is answered here from the bus itself."""
+
+    async def probe(bus: Bus, consumer: Consumer) -> bool | None:
+        subscriptions = getattr(bus, "_subscriptions", None)
+        name = getattr(consumer, "_name", None)
+        if bus.name == "memory" and isinstance(subscriptions, dict) and name is not None:
+            return name in subscriptions
+        return None
+
+    return probe
+
+
 @pytest.fixture
 async def keep(bus_factory: BusFactory) -> AsyncIterator[Callable[[Consumer], Consumer]]:
     """Register consumers to stop at teardown (before bus_factory closes the buses)."""
@@ -506,3 +525,111 @@ async def test_bus_ping_when_started(bus_factory: BusFactory) -> None:
     bus = await bus_factory()
     await bounded(bus.ping(), 10)
     assert isinstance(bus.name, str) and bus.name
+
+
+# 8 ------------------------------------------------------------------------------------------
+# broadcast: every process gets every event of the types (subscribe: one instance of a service does).
+
+
+async def test_bus_broadcast_every_process_gets_every_event_in_order(bus_factory: BusFactory, keep: Any) -> None:
+    p1, p2 = await bus_factory(), await bus_factory()
+    revoked, locked, unrelated = unique("KeyRevoked"), unique("Locked"), unique("Other")
+    stream, other = unique("identity"), unique("s")
+    logs = {"p1": Log(), "p2": Log()}
+    active = {"p1": 0, "p2": 0}
+    overlaps: list[str] = []
+
+    # Not durable: what was published before a process listened never reaches it.
+    await p1.publish(msg(stream, type=revoked, n=-1))
+
+    def make_handler(name: str) -> Callable[[Envelope], Awaitable[None]]:
+        async def handler(env: Envelope) -> None:
+            active[name] += 1
+            if active[name] > 1:
+                overlaps.append(f"{name} #{env.body['n']}")
+            try:
+                await asyncio.sleep(0.001)  # one call at a time, also across awaits
+            finally:
+                active[name] -= 1
+            await logs[name].add((env.session_id, env.type, env.body["n"]))
+
+        return handler
+
+    keep(await p1.broadcast([revoked, locked], make_handler("p1")))
+    keep(await p2.broadcast({revoked, locked}, make_handler("p2")))
+    # A service subscription on the same types still gets one copy per event, not one per process.
+    service, service_log = unique("svc"), Log()
+    for bus in (p1, p2):
+        keep(await bus.subscribe(service, [revoked, locked], lambda env: service_log.add(env.body["n"])))
+
+    sent: list[tuple[str, str, int]] = []
+    for n in range(12):
+        session = other if n % 4 == 3 else stream
+        type_ = (revoked, locked, unrelated)[n % 3]
+        await (p1, p2)[n % 2].publish(msg(session, type=type_, n=n))
+        if type_ != unrelated:
+            sent.append((session, type_, n))
+    for log in logs.values():
+        await log.wait_count(len(sent))
+    await service_log.wait_count(len(sent))
+    await asyncio.sleep(0.2)  # room for a wrong extra copy to show up
+
+    assert not overlaps, overlaps
+    for name, log in logs.items():
+        assert sorted(log.items, key=lambda item: item[2]) == sent, name  # every event once, nothing else
+        for session in (stream, other):  # in publish order (per session at least)
+            assert [i for i in log.items if i[0] == session] == [i for i in sent if i[0] == session], name
+    assert sorted(service_log.items) == [n for _, _, n in sent]
+
+
+async def test_bus_stopped_broadcast_gets_nothing_more_and_leaves_nothing(
+    bus_factory: BusFactory, keep: Any, broadcast_exists: BroadcastProbe
+) -> None:
+    p1, p2 = await bus_factory(), await bus_factory()
+    event_type = unique("Revoked")
+    session = unique("identity")
+    first, second = Log(), Log()
+    c1 = keep(await p1.broadcast([event_type], lambda env: first.add(env.body["n"])))
+    keep(await p2.broadcast([event_type], lambda env: second.add(env.body["n"])))
+    assert await broadcast_exists(p1, c1) in (True, None)
+
+    await p1.publish(msg(session, type=event_type, n=1))
+    await first.wait_count(1)
+    await second.wait_count(1)
+    await bounded(c1.stop())
+    assert await broadcast_exists(p1, c1) in (False, None)  # nothing left to pile up for nobody
+    await bounded(c1.stop())  # idempotent
+
+    for n in (2, 3):
+        await (p1, p2)[n % 2].publish(msg(session, type=event_type, n=n))
+    await second.wait_for(lambda items: 3 in items)
+    await asyncio.sleep(0.2)
+    assert first.items == [1]
+    assert second.items == [1, 2, 3]
+
+
+async def test_bus_broadcast_handler_failures_are_retried_then_dropped(bus_factory: BusFactory, keep: Any) -> None:
+    bus = await bus_factory()
+    event_type = unique("Revoked")
+    session = unique("identity")
+    calls = Log()
+    failed_once: set[int] = set()
+
+    async def handler(env: Envelope) -> None:
+        n = env.body["n"]
+        await calls.add(n)
+        if n == 1 and n not in failed_once:  # transient: retried, before the later events
+            failed_once.add(n)
+            raise RuntimeError("transient")
+        if n == 2:  # never works: given up after a few tries, the stream goes on
+            raise RuntimeError("broken announcement")
+
+    keep(await bus.broadcast([event_type], handler))
+    for n in range(5):
+        await bus.publish(msg(session, type=event_type, n=n))
+    await calls.wait_for(lambda items: 4 in items)
+    await asyncio.sleep(0.2)
+    assert [n for n in calls.items if n != 2] == [0, 1, 1, 3, 4]
+    tries = calls.items.count(2)
+    assert 2 <= tries <= 10, calls.items  # retried a few times, not forever
+    assert calls.items.index(3) > max(i for i, n in enumerate(calls.items) if n == 2)  # in order

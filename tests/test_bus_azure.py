@@ -23,8 +23,8 @@ from azure.servicebus.exceptions import (
     SessionCannotBeLockedError,
 )
 
-from bus import Bus, Envelope
-from bus.azure import TOPIC, AzureBus, create_bus, provision, register
+from bus import Bus, BusError, Envelope
+from bus.azure import TOPIC, AzureBroadcast, AzureBus, create_bus, provision, register
 from config import ConfigError, load_settings
 from tests.amqp_peer import AmqpPeer
 from tests.bus_contract import *  # the contract tests and the fixtures they use
@@ -73,6 +73,17 @@ async def bus_factory(peer: AmqpPeer) -> AsyncIterator[BusFactory]:
 
     yield connect
     await bounded(asyncio.gather(*(bus.close() for bus in buses)), 30)
+
+
+@pytest.fixture
+def broadcast_exists(peer: AmqpPeer) -> Any:
+    """Whether a broadcast consumer's subscription is still in the peer's namespace."""
+
+    async def probe(bus: Bus, consumer: Any) -> bool:
+        assert isinstance(consumer, AzureBroadcast)
+        return consumer.subscription.lower() in peer.broker.topic(TOPIC).subscriptions
+
+    return probe
 
 
 # -- Azure Service Bus specifics ----------------------------------------------------------------
@@ -534,3 +545,40 @@ async def test_azure_peer_speaks_service_bus_to_the_raw_sdk(peer: AmqpPeer) -> N
                 await sender.send_messages(ServiceBusMessage("x"))
     assert "ANONYMOUS" in peer.sasl_mechanisms
     assert any(r.get("operation") == "put-token" for r in peer.cbs_requests)
+
+
+async def test_azure_broadcast_subscription_rules_auto_delete_and_recreation(peer: AmqpPeer, buses: Any) -> None:
+    bus = await buses()
+    bus.broadcast_auto_delete = timedelta(seconds=1)  # Service Bus's minimum is 5 min; the peer takes any
+    revoked, locked = unique("KeyRevoked"), unique("Locked")
+    log = Log()
+    consumer = await bus.broadcast([revoked, locked], lambda env: log.add(env.body["n"]))
+    assert isinstance(consumer, AzureBroadcast) and len(consumer.subscription) <= 50
+    sub = peer.broker.subscription(TOPIC, consumer.subscription)
+    # Exactly the types (no $Default rule matching everything), per process, gone when idle.
+    assert {name: rule.correlation.get("subject") for name, rule in sub.rules.items()} == {revoked: revoked, locked: locked}
+    assert sub.requires_session and sub.auto_delete_on_idle == 1.0
+
+    # Deleted under a running process (AutoDeleteOnIdle while it was suspended, an operator): re-created.
+    peer.broker.delete_subscription(TOPIC, consumer.subscription)
+    await eventually(lambda: _async(consumer.recreated >= 1), 15)
+    await bus.publish(msg(unique("identity"), type=revoked, n=1))
+    await log.wait_count(1, timeout=15)
+
+    # A process that dies without stop(): its receivers go, the subscription is deleted once idle.
+    await bounded(consumer._consumer.stop())
+    await eventually(lambda: _async(consumer.subscription.lower() not in peer.broker.topic(TOPIC).subscriptions), 10)
+    assert (TOPIC, consumer.subscription, "deleted after AutoDeleteOnIdle") in peer.broker.deleted_subscriptions
+    await bounded(consumer.stop())  # already gone: no error
+
+    # close() deletes the broadcast subscriptions of the process.
+    other = await bus.broadcast([revoked], Log().add)
+    assert other.subscription.lower() in peer.broker.topic(TOPIC).subscriptions
+    await bounded(bus.close())
+    assert other.subscription.lower() not in peer.broker.topic(TOPIC).subscriptions
+
+
+async def test_azure_broadcast_without_manage_rights_is_a_bus_error(buses: Any) -> None:
+    bus = await buses(auto_provision=False)
+    with pytest.raises(BusError, match="Manage rights"):
+        await bus.broadcast(["KeyRevoked"], Log().add)

@@ -416,3 +416,50 @@ def test_rabbit_reconnect_back_off_is_exponential_jittered_and_capped() -> None:
     assert RabbitBus().reconnect_interval == 1.0 and RabbitBus().reconnect_max_interval == 30.0
     with pytest.raises(ValueError):
         RabbitBus(reconnect_interval=0)
+
+
+# -- broadcast: per-process queues across a forced close -------------------------------------------
+
+
+async def _queues(faults: Faults) -> list[str]:
+    """``rabbitmqctl list_queues -p <vhost> name``: every queue of the test's vhost."""
+    out = await ctl("-q", "list_queues", "-p", faults.vhost, "name", "--no-table-headers")
+    return sorted(line.strip() for line in out.splitlines() if line.strip())
+
+
+async def test_rabbit_broadcast_survives_a_forced_close_and_leaves_no_queue(
+    faults: Faults, make_bus: BusMaker, trouble: Trouble
+) -> None:
+    p1, p2 = await make_bus(), await make_bus()  # two processes listening to the announcements
+    event_type = "SigningKeyRevoked"
+    logs = (Log(), Log())
+    b1 = await p1.broadcast([event_type], lambda env: logs[0].add(env.body["n"]))
+    b2 = await p2.broadcast([event_type], lambda env: logs[1].add(env.body["n"]))
+    assert b1.queue and b2.queue and b1.queue != b2.queue
+    assert await _queues(faults) == sorted([b1.queue, b2.queue])
+    await p1.publish(msg("identity", type=event_type, n=0))
+    for log in logs:
+        await log.wait_count(1)
+
+    before = (b1.queue, b2.queue)
+    await faults.close_all_connections()  # the exclusive queues go with the connections
+    await eventually(lambda: _up(p1), 10)
+    await eventually(lambda: _up(p2), 10)
+    # Re-declared (a new server-named queue each) and re-bound by the supervisor; the old ones are gone.
+    assert b1.queue not in before and b2.queue not in before
+    assert (b1.channels_lost, b1.queues_declared, b2.channels_lost, b2.queues_declared) == (1, 2, 1, 2)
+    assert await _queues(faults) == sorted([b1.queue, b2.queue])
+    _alive(p1, b1)
+    _alive(p2, b2)
+
+    for n in range(1, 6):
+        await bounded((p1, p2)[n % 2].publish(msg("identity", type=event_type, n=n)), 10)
+    for log in logs:
+        await log.wait_for(lambda items: 5 in items, 10)
+        assert log.items == [0, 1, 2, 3, 4, 5]  # everything published after the reconnect, in order
+
+    await bounded(b1.stop(), 10)
+    assert await _queues(faults) == [b2.queue]  # stopped: its queue is deleted at once
+    await bounded(p2.close(), 10)
+    assert await _queues(faults) == []  # the process gone: nothing accumulates
+    await trouble.assert_clean()

@@ -26,6 +26,7 @@ from bus import Bus, BusError, Consumer, Envelope
 from bus.rabbitmq import (
     DEAD_LETTER_QUEUE_ARGUMENTS,
     DEFAULT_URL,
+    RabbitBroadcast,
     RabbitBus,
     create_bus,
     partition_of,
@@ -105,6 +106,25 @@ async def bus_factory(rabbit_factory: RabbitFactory) -> AsyncIterator[Callable[[
         return await rabbit_factory()
 
     yield connect
+
+
+@pytest.fixture
+def broadcast_exists() -> Callable[[Bus, Consumer], Awaitable[bool | None]]:
+    """Whether a broadcast consumer's server-named queue is still on the broker (passive declare)."""
+
+    async def probe(bus: Bus, consumer: Consumer) -> bool | None:
+        assert isinstance(bus, RabbitBus) and isinstance(consumer, RabbitBroadcast) and consumer.queue
+        channel = await _raw_channel(bus)
+        try:
+            await channel.queue_declare(consumer.queue, passive=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            with suppress(Exception):
+                await channel.close()
+
+    return probe
 
 
 async def _raw_channel(bus: RabbitBus) -> aiormq.abc.AbstractChannel:

@@ -300,6 +300,11 @@ class OutLink(Link):
         self.session_state = None
         self.detach(b"com.microsoft:session-lock-lost", description)
 
+    def entity_deleted(self, description: str) -> None:
+        self.entity = None
+        self.session_state = None
+        self.detach(NOT_FOUND, description)
+
     # -- frames --------------------------------------------------------------------------------
 
     def on_flow(self, fields: list[Any]) -> None:

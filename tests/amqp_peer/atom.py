@@ -235,14 +235,15 @@ class AtomEndpoint:
                     requires_session=_bool(description, "RequiresSession"),
                     max_delivery_count=int(_text(description, "MaxDeliveryCount") or 10),
                     lock_duration=parse_duration(_text(description, "LockDuration"), 60.0),
+                    auto_delete_on_idle=(
+                        parse_duration(idle, 0.0) if (idle := _text(description, "AutoDeleteOnIdle")) else None
+                    ),
                 )
                 return self._entry(201, name, self._subscription_xml(sub))
             if method == "GET":
                 return self._entry(200, name, self._subscription_xml(broker.subscription(topic_name, name)))
             if method == "DELETE":
-                topic = broker.topic(topic_name)
-                if topic.subscriptions.pop(name.lower(), None) is None:
-                    raise BrokerError(b"amqp:not-found", f"The subscription '{name}' could not be found.", 404)
+                broker.delete_subscription(topic_name, name)
                 return web.Response(status=200)
         if len(parts) == 4 and lowered[1] == "subscriptions" and lowered[3] == "rules" and method == "GET":
             sub = broker.subscription(parts[0], parts[2])
@@ -369,6 +370,11 @@ class AtomEndpoint:
             ("CreatedAt", _now_iso()),
             ("UpdatedAt", _now_iso()),
             ("AccessedAt", _now_iso()),
+            *(
+                [("AutoDeleteOnIdle", format_duration(sub.auto_delete_on_idle))]
+                if sub.auto_delete_on_idle is not None
+                else []
+            ),
         ):
             ET.SubElement(d, f"{{{SB}}}{tag}").text = value
         return d

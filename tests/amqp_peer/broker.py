@@ -26,7 +26,10 @@ What is modelled (the Service Bus behaviour the adapter relies on):
 - topic fan-out through subscription rules: true/false filters, correlation filters (subject/label,
   ids, application properties) and the SQL filters ``1=1``, ``1=0`` and ``sys.Label = '...'``
   (other SQL is refused when the rule is created, so a test cannot silently pass on an ignored
-  filter); a new subscription gets the ``$Default`` rule (true filter) unless told otherwise.
+  filter); a new subscription gets the ``$Default`` rule (true filter) unless told otherwise;
+- ``AutoDeleteOnIdle`` of subscriptions: one without receivers (attached, holding or waiting for a
+  session) and without traffic for that long is deleted (any duration, unlike the real 5-minute
+  minimum); deleting a subscription detaches its receivers with ``amqp:not-found``.
 """
 
 from __future__ import annotations
@@ -535,11 +538,24 @@ class Queue(Entity):
 
 
 class Subscription(Entity):
-    def __init__(self, broker: Broker, topic: Topic, name: str, **kwargs: Any) -> None:
+    def __init__(
+        self, broker: Broker, topic: Topic, name: str, *, auto_delete_on_idle: float | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(broker, f"{topic.path}/Subscriptions/{name}", **kwargs)
         self.topic = topic
         self.name = name
         self.rules: dict[str, Rule] = {}
+        self.auto_delete_on_idle = auto_delete_on_idle  # seconds; None: never
+        self.last_active = time.time()
+
+    def in_use(self) -> bool:
+        return bool(self.waiters or self.receivers or any(s.owner is not None for s in self.sessions.values()))
+
+    def receivers_of(self) -> list[Any]:
+        """Every link reading from it: attached, holding a session, waiting for one."""
+        links: list[Any] = [*self.receivers, *(w.receiver for w in self.waiters)]
+        links += [s.owner for s in self.sessions.values() if s.owner is not None]
+        return links
 
     def accepts(self, message: Message) -> bool:
         return any(rule.matches(message) for rule in self.rules.values())
@@ -557,6 +573,7 @@ class Topic:
         copies = 0
         for sub in list(self.subscriptions.values()):
             if sub.accepts(message):
+                sub.last_active = time.time()
                 sub.enqueue(message)
                 copies += 1
         return copies
@@ -573,6 +590,7 @@ class Broker:
         self.renewals: list[tuple[str, str, float]] = []
         self.expired_locks: list[tuple[str, str]] = []
         self.duplicates_dropped = 0
+        self.deleted_subscriptions: list[tuple[str, str, str]] = []  # (topic, name, why)
         self.deliveries = 0
         self.completed = 0
         self.dead_lettered = 0
@@ -624,6 +642,7 @@ class Broker:
         max_delivery_count: int = 10,
         lock_duration: float = 60.0,
         default_rule: Rule | None = None,
+        auto_delete_on_idle: float | None = None,
     ) -> Subscription:
         topic = self.topic(topic_name)
         key = _key(name)
@@ -638,10 +657,29 @@ class Broker:
             requires_session=requires_session,
             max_delivery_count=max_delivery_count,
             lock_duration=lock_duration,
+            auto_delete_on_idle=auto_delete_on_idle,
         )
         rule = check_rule(default_rule or Rule("$Default", "true"))
         sub.rules[rule.name] = rule
         topic.subscriptions[key] = sub
+        return sub
+
+    def delete_subscription(self, topic_name: str, name: str, *, why: str = "deleted") -> Subscription:
+        """Remove it; links still reading from it are detached with amqp:not-found, as Service Bus does."""
+        topic = self.topic(topic_name)
+        sub = topic.subscriptions.pop(_key(name), None)
+        if sub is None:
+            raise BrokerError(NOT_FOUND, f"The subscription '{name}' could not be found.", 404)
+        links = sub.receivers_of()
+        sub.waiters.clear()
+        sub.receivers.clear()
+        for session in sub.sessions.values():
+            session.owner = None
+        for link in links:
+            gone = getattr(link, "entity_deleted", None)
+            if gone is not None:
+                gone(f"The messaging entity '{sub.path}' was {why}.")
+        self.deleted_subscriptions.append((topic.path, sub.name, why))
         return sub
 
     def create_rule(self, topic_name: str, subscription: str, rule: Rule) -> Rule:
@@ -739,3 +777,9 @@ class Broker:
         for holder in (*self.queues.values(), *self.topics.values()):
             if holder.dedup is not None:
                 holder.dedup.tick(now)
+        for topic in self.topics.values():
+            for sub in list(topic.subscriptions.values()):
+                if sub.in_use():
+                    sub.last_active = now
+                elif sub.auto_delete_on_idle is not None and now - sub.last_active >= sub.auto_delete_on_idle:
+                    self.delete_subscription(topic.path, sub.name, why="deleted after AutoDeleteOnIdle")
