@@ -16,12 +16,17 @@ before, up to :data:`MAX_LOCKOUT_SECONDS`. Attempts while locked are refused unc
 counted: a locked account costs the server nothing and an attacker cannot extend the lock). A successful
 sign-in resets the count; failures are forgotten :data:`FORGET_FAILURES_AFTER` seconds after the last one.
 
+A password that is right but fails today's policy (:mod:`identity.passwords`: set before it, e.g. by an
+older version) still signs in; the account is flagged ``password_change_required`` until it is changed.
+
 State (persisted after every turn that changes it): ``failures``, ``last_failure``, ``locked_until``
 (UNIX seconds). A successful sign-in of an email without failures writes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import time
 import weakref
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from identity.messages import Attempt, LoginOutcome
-from identity.passwords import Passwords
+from identity.passwords import Passwords, check_password_policy
 from identity.repository import Repository, User
 from runtime.actors import Actor, ActorRef, ActorSystem, Turn, handles
 from runtime.store import utcnow
@@ -76,6 +81,8 @@ _contexts: weakref.WeakKeyDictionary[ActorSystem, LoginContext] = weakref.WeakKe
 
 def install(system: ActorSystem, context: LoginContext) -> None:
     _contexts[system] = context
+    # the repository's outbox rows (revocation announcements) leave at once, like the actors' messages
+    context.repo.wake_outbox = system.on_outbox
     system.register(LoginActor)
 
 
@@ -116,7 +123,7 @@ class LoginActor(Actor):
             if self.state != _INITIAL:
                 self.state = dict(_INITIAL)
             await self._upgrade_hash(ctx, user, msg.password)
-            return LoginOutcome(user)
+            return LoginOutcome(await self._flag_weak_password(ctx, user, msg.password))
         # A disabled account counts like a wrong password: the same answer and the same counting.
         return LoginOutcome(None, locked_for=self._count_failure(ctx.policy, now))
 
@@ -128,6 +135,17 @@ class LoginActor(Actor):
         lock = policy.lock_for(failures)
         self.state = {"failures": failures, "last_failure": now, "locked_until": now + lock if lock else 0.0}
         return lock
+
+    @staticmethod
+    async def _flag_weak_password(ctx: LoginContext, user: User, password: str) -> User:
+        """A password set before today's policy (or by an older one) keeps working, but when it fails the policy
+        the account is flagged ``password_change_required`` (shown in the token response and userinfo) until
+        it is changed. zxcvbn takes milliseconds: it runs off the event loop."""
+        weak = await asyncio.to_thread(check_password_policy, password, user.email, user.name) is not None
+        if weak != user.password_change_required:
+            await ctx.repo.update_user(user.id, utcnow(), password_change_required=weak)
+            user = dataclasses.replace(user, password_change_required=weak)
+        return user
 
     @staticmethod
     async def _upgrade_hash(ctx: LoginContext, user: User, password: str) -> None:

@@ -9,7 +9,8 @@
     POST /connect/introspect                 describe a token, confidential clients only (RFC 7662)
     GET|POST /connect/userinfo               claims of the token's user (OIDC)
     GET  /connect/endsession                 sign out: revoke the user's refresh tokens for the client
-    POST /api/identity/users                 register a customer
+    POST /api/identity/users                 register a customer (202 whether or not the email is taken)
+    PUT  /api/identity/users/me/password     change one's password (clears password_change_required)
     GET  /api/identity/users                 list accounts (admin)
 
 The three form-encoded OAuth endpoints answer errors in RFC 6749 form (``{"error", "error_description"}``);
@@ -19,7 +20,12 @@ every other error is problem+json from the shared host. Every token-bearing answ
 from __future__ import annotations
 
 import functools
+import ipaddress
+import math
+import time
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +33,7 @@ from aiohttp_apispec import docs, request_schema, response_schema
 from marshmallow import Schema, fields, validate
 from multidict import MultiDict
 
-from identity.accounts import normalize_email, register_user
+from identity.accounts import change_password, normalize_email, register_customer
 from identity.core import IDENTITY, Identity
 from identity.oauth import (
     NO_STORE,
@@ -51,9 +57,8 @@ from identity.pages import (
     set_csrf_cookie,
     signed_out_page,
 )
-from identity.repository import EmailTaken
 from runtime.auth import InvalidToken, authenticate, check_access, optional_principal, require
-from runtime.errors import BadRequest, Conflict, Problem
+from runtime.errors import BadRequest, Problem, TooManyRequests, ValidationProblem
 from runtime.host import json_response, problem_response
 from runtime.store import utcnow
 
@@ -193,7 +198,12 @@ async def userinfo(request: web.Request) -> web.Response:
     user = await _identity(request).repo.user_by_id(p.sub)
     if user is None or user.disabled:
         raise InvalidToken("The token's account no longer exists or is locked.")
-    claims = {"sub": user.id, **claims_for_scopes(user, p.scopes), "roles": list(user.roles)}
+    claims: dict[str, Any] = {"sub": user.id, **claims_for_scopes(user, p.scopes)}
+    client = await _identity(request).repo.client(p.client_id) if p.client_id else None
+    if client is not None and client.roles_allowed:  # roles only to the clients allowed to carry them
+        claims["roles"] = list(user.roles)
+    if user.password_change_required:
+        claims["password_change_required"] = True
     return json_response(claims, headers=NO_STORE)
 
 
@@ -212,7 +222,8 @@ async def endsession(request: web.Request) -> web.Response:
     if target is not None and (client is None or target not in client.post_logout_redirect_uris):
         raise BadRequest("post_logout_redirect_uri is not registered for this client.", slug="invalid-logout-request")
     if sub is not None and client is not None:
-        await identity.repo.revoke_user_tokens(sub, utcnow(), client_id=client.client_id)
+        # revokes the refresh tokens and announces AccessRevoked (same transaction): access tokens end now too
+        await identity.repo.revoke_user_tokens(sub, utcnow(), client_id=client.client_id, reason="signed_out")
     if target:
         response = redirect(redirect_location(target, {"state": q.get("state")}), status=302)
     else:
@@ -250,7 +261,12 @@ class RegistrationSchema(Schema):
         required=True, metadata={"description": "normalised: trimmed, lower-cased", "example": "ann@example.com"}
     )
     password = fields.String(
-        required=True, load_only=True, metadata={"description": "at least 10 characters of two kinds"}
+        required=True,
+        load_only=True,
+        metadata={
+            "description": "8 to 1024 characters that are hard to guess (zxcvbn score 3 or more; not built from "
+            "the email, the name or the shop's name)"
+        },
     )
     name = fields.String(required=True, metadata={"example": "Ann Smith"})
 
@@ -274,24 +290,161 @@ class PageQuerySchema(Schema):
     page_size = fields.Integer(load_default=20, validate=validate.Range(min=1, max=200))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Registration rate limits (identity's own, tighter than the gateway's general limit)
+
+
+@dataclass(slots=True)
+class TokenBuckets:
+    """Token buckets in memory, one per key: ``capacity`` requests at once, refilled at ``per_minute``/60 per
+    second. Buckets that have refilled completely are forgotten, so memory follows recent traffic only; past
+    ``max_keys`` live buckets the least recently touched go first."""
+
+    per_minute: float
+    capacity: float
+    max_keys: int = 100_000
+    clock: Callable[[], float] = time.monotonic
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # key -> (tokens, at)
+
+    def take(self, key: str) -> float:
+        """0 when a request for ``key`` may go ahead (a token is taken), else seconds until one is there."""
+        now = self.clock()
+        rate = self.per_minute / 60.0
+        tokens, at = self._buckets.pop(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / rate
+        self._buckets[key] = (tokens - 1.0, now)  # re-inserted last: the dict is in order of last use
+        if len(self._buckets) > self.max_keys:
+            self._forget(now, rate)
+        return 0.0
+
+    def _forget(self, now: float, rate: float) -> None:
+        full_after = self.capacity / rate
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+        while len(self._buckets) > self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+
+
+@dataclass(slots=True)
+class RegistrationLimits:
+    """5 registrations a minute per email, 20 per client address (each a burst of as many)."""
+
+    per_email: TokenBuckets = field(default_factory=lambda: TokenBuckets(5, 5))
+    per_address: TokenBuckets = field(default_factory=lambda: TokenBuckets(20, 20))
+
+    def check(self, address: str, email: str) -> None:
+        wait = self.per_address.take(address)
+        if wait:
+            raise TooManyRequests(
+                f"Too many registrations from your address; try again in {math.ceil(wait)} seconds.", wait
+            )
+        wait = self.per_email.take(email) if email else 0.0
+        if wait:
+            raise TooManyRequests(
+                f"Too many registrations for this email; try again in {math.ceil(wait)} seconds.", wait
+            )
+
+
+_limits: weakref.WeakKeyDictionary[web.Application, RegistrationLimits] = weakref.WeakKeyDictionary()
+
+
+def registration_limits(app: web.Application) -> RegistrationLimits:
+    """The registration limits of one identity application (one set per process and app)."""
+    limits = _limits.get(app)
+    if limits is None:
+        limits = _limits[app] = RegistrationLimits()
+    return limits
+
+
+def client_address(request: web.Request) -> str:
+    """The caller's address. Behind the gateway (a peer on the loopback or a private network) it is the last
+    ``X-Forwarded-For`` entry, the one the gateway added; a client's own X-Forwarded-For is never trusted."""
+    remote = request.remote or "-"
+    try:
+        peer = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if peer.is_loopback or peer.is_private:
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        if forwarded:
+            last = forwarded[-1].split(",")[-1].strip()
+            if last:
+                return last
+    return remote
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration and password change
+
+
+class RegistrationAcceptedSchema(Schema):
+    status = fields.String(metadata={"example": "accepted"})
+    detail = fields.String()
+
+
+class PasswordChangeSchema(Schema):
+    current_password = fields.String(required=True, load_only=True)
+    new_password = fields.String(required=True, load_only=True)
+
+
+REGISTRATION_ACCEPTED = {
+    "status": "accepted",
+    "detail": "If this email address was not registered yet, its account is ready: sign in with it. "
+    "If it was, nothing changed and the account's owner is told of this attempt.",
+}
+
+
 @routes.post("/api/identity/users")
 @docs(
     tags=["identity"],
     summary="Register a customer account",
-    responses={409: {"description": "the email is taken"}, 422: {"description": "a field is invalid (named)"}},
+    description="The answer is the same whether or not the email already has an account (nothing is created then, "
+    "and the owner is told): registration does not reveal which emails are registered.",
+    responses={
+        202: {"description": "accepted (the same answer for a new and a taken email)"},
+        422: {"description": "a field is invalid (named: email, password or name)"},
+        429: {"description": "too many registrations from this address or for this email; see Retry-After"},
+    },
 )
 @request_schema(RegistrationSchema)
-@response_schema(UserSchema, 201)
+@response_schema(RegistrationAcceptedSchema, 202)
 async def register(request: web.Request) -> web.Response:
     identity = _identity(request)
     data: dict[str, Any] = request["data"]
-    try:
-        user = await register_user(
-            identity.repo, identity.passwords, email=data["email"], password=data["password"], name=data["name"]
-        )
-    except EmailTaken:
-        raise Conflict("An account with this email already exists; sign in instead.", slug="email-taken") from None
-    return json_response(user.public(), status=201)
+    limits = registration_limits(request.app)
+    limits.check(client_address(request), normalize_email(data["email"]) if isinstance(data["email"], str) else "")
+    await register_customer(
+        identity.repo, identity.passwords, email=data["email"], password=data["password"], name=data["name"]
+    )
+    return json_response(REGISTRATION_ACCEPTED, status=202, headers=NO_STORE)
+
+
+@routes.put("/api/identity/users/me/password")
+@docs(
+    tags=["identity"],
+    summary="Change your password (clears password_change_required)",
+    responses={
+        204: {"description": "changed"},
+        401: {"description": "no valid token"},
+        422: {"description": "current_password is wrong or new_password is refused (named)"},
+    },
+)
+@request_schema(PasswordChangeSchema)
+async def change_own_password(request: web.Request) -> web.Response:
+    identity = _identity(request)
+    p = await authenticate(request)
+    user = await identity.repo.user_by_id(p.sub)
+    if user is None or user.disabled:
+        raise InvalidToken("The token's account no longer exists or is locked.")
+    data: dict[str, Any] = request["data"]
+    # through the login throttle of the account's email: guesses of the current password are counted and locked
+    outcome = await identity.login(user.email, data["current_password"])
+    if outcome.user is None or outcome.user.id != user.id:
+        raise ValidationProblem.field("current_password", login_failure(outcome).replace("email or password", "password"))
+    await change_password(identity.repo, identity.passwords, user, data["new_password"])
+    return web.Response(status=204, headers=NO_STORE)
 
 
 @routes.get("/api/identity/users")

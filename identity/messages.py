@@ -2,13 +2,20 @@
 
 :class:`Attempt` goes to the :class:`identity.actor.LoginActor` of one normalised email address; the reply is
 a :class:`LoginOutcome`.
+
+:class:`RegistrationAttempted` is the one event identity publishes about accounts (through its outbox): someone
+tried to register an email that already has an account. The registration answer does not say so (it reads the
+same either way); a mailer subscribed to this event tells the owner.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
 
-from identity.repository import User
+if TYPE_CHECKING:  # identity.repository imports this module (RegistrationAttempted)
+    from identity.repository import User
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,3 +40,12 @@ class LoginOutcome:
     @property
     def ok(self) -> bool:
         return self.user is not None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationAttempted:
+    """A registration was attempted with the email of the existing account ``user_id`` (nothing was created)."""
+
+    user_id: str
+    email: str
+    attempted_at: datetime

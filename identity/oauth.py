@@ -47,10 +47,11 @@ from multidict import MultiMapping
 from config import Settings
 from identity.accounts import normalize_email
 from identity.messages import LoginOutcome
-from identity.repository import AuthorizationCode, Client, RefreshToken, Repository, User
+from identity.repository import FIRST_PARTY_CLIENTS, AuthorizationCode, Client, RefreshToken, Repository, User
 from identity.tokens import TokenIssuer, hash_token, new_opaque_token, token_matches
 from runtime.auth import InvalidToken, TokenVerifier
 from runtime.errors import BadRequest
+from runtime.revocation import AccessRevoked
 
 log = logging.getLogger(__name__)
 
@@ -258,10 +259,15 @@ def build_client(
     grant_types: tuple[str, ...] | None = None,
     scopes: tuple[str, ...] | None = None,
     roles: tuple[str, ...] = (),
+    roles_allowed: bool | None = None,
 ) -> tuple[Client, str | None]:
     """A checked client record and, for a confidential client, its generated secret (shown once; only its
     SHA-256 is stored: 256 random bits need no slow hash, and client_credentials stays fast).
-    ValueError says what is wrong."""
+
+    ``scopes``: what the client may ask for (default: every scope for a public client, ``ecom`` for a
+    confidential one). ``roles_allowed``: whether its tokens carry the signed-in user's roles; default true for
+    the first-party clients (:data:`identity.repository.FIRST_PARTY_CLIENTS`) only — a third-party client gets
+    roles only when an admin registers it so. ValueError says what is wrong."""
     if not _CLIENT_ID.match(client_id):
         raise ValueError("client_id: 1-64 letters, digits, '.', '_' or '-'")
     if client_id == audience:
@@ -296,6 +302,7 @@ def build_client(
         grant_types=tuple(grant_types),
         scopes=tuple(sorted(set(scopes))),
         roles=tuple(sorted(set(roles))),
+        roles_allowed=client_id in FIRST_PARTY_CLIENTS if roles_allowed is None else bool(roles_allowed),
     )
     return client, secret
 
@@ -444,6 +451,28 @@ class TokenService:
         self.login = login
         self.settings = settings
         self.clock = clock
+        # Revocations (sign-out, lock, revoked family) are announced by the repository in the transaction of
+        # the change; identity's own verifier applies them here at once (other processes hear them on the bus).
+        repo.revocation_ttl = settings.auth.access_token_ttl + settings.auth.leeway
+        repo.on_revoked.append(self.apply_revocation)
+        self._revoked_at: dict[str, tuple[float, float]] = {}  # sub -> (not_before, until), this process's
+
+    def apply_revocation(self, event: AccessRevoked) -> None:
+        """Refuse ``event.sub``'s tokens issued before ``event.not_before`` in identity's own verifier, and make
+        sure tokens issued from now on are not caught by it (see :meth:`_not_before`)."""
+        not_before, until = event.not_before.timestamp(), event.until.timestamp()
+        now = self.clock()
+        self._revoked_at = {s: v for s, v in self._revoked_at.items() if v[1] > now}
+        self._revoked_at[event.sub] = (not_before, until)
+        deny = getattr(self.verifier, "deny_subject", None)
+        if deny is not None:
+            deny(event.sub, not_before, until)
+
+    def _not_before(self, sub: str) -> float | None:
+        """A revocation announced in the current second would refuse a token issued in the same second (``iat``
+        has whole seconds): the new token's ``iat`` is the next second then."""
+        entry = self._revoked_at.get(sub)
+        return entry[0] if entry is not None and entry[1] > self.clock() else None
 
     @property
     def grant_types(self) -> tuple[str, ...]:
@@ -513,7 +542,7 @@ class TokenService:
 
     async def _code_replayed(self, record: AuthorizationCode) -> NoReturn:
         if record.family is not None:
-            revoked = await self.repo.revoke_family(record.family, _dt(self.clock()))
+            revoked = await self.repo.revoke_family(record.family, _dt(self.clock()), reason="code_replayed")
             log.warning("code replayed (client %s): %d refresh token(s) revoked", record.client_id, revoked)
         raise OAuthError("invalid_grant", _BAD_CODE)
 
@@ -557,7 +586,7 @@ class TokenService:
     async def _refresh_replayed(self, record: RefreshToken, how: str) -> NoReturn:
         """Reuse of a rotated token means two parties hold it: one is a thief. Nobody can tell which, so the
         whole family (the sign-in it came from) is revoked and the user signs in again."""
-        revoked = await self.repo.revoke_family(record.family, _dt(self.clock()))
+        revoked = await self.repo.revoke_family(record.family, _dt(self.clock()), reason="refresh_token_replayed")
         log.warning(
             "refresh token %s: family %s of user %s revoked (%d tokens)", how, record.family, record.user_id, revoked
         )
@@ -567,7 +596,7 @@ class TokenService:
         user = await self.repo.user_by_id(user_id)
         if user is None or user.disabled:
             if family is not None:
-                await self.repo.revoke_family(family, _dt(self.clock()))
+                await self.repo.revoke_family(family, _dt(self.clock()), reason="locked")
             raise OAuthError("invalid_grant", message)
         return user
 
@@ -599,7 +628,12 @@ class TokenService:
         auth_time: datetime,
         nonce: str | None = None,
     ) -> dict[str, Any]:
-        access, expires_in = self.issuer.issue_access_token(user.id, client.client_id, scopes, user.roles)
+        # The user's roles go only to clients allowed to carry them: a third-party app signed in as an admin
+        # must not hold an admin token.
+        roles = user.roles if client.roles_allowed else ()
+        access, expires_in = self.issuer.issue_access_token(
+            user.id, client.client_id, scopes, roles, not_before=self._not_before(user.id)
+        )
         body: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
@@ -608,6 +642,9 @@ class TokenService:
         }
         if refresh is not None:
             body["refresh_token"] = refresh
+        if user.password_change_required:
+            # the password was right but fails today's policy: the app should ask for a new one now
+            body["password_change_required"] = True
         if "openid" in scopes:
             body["id_token"] = self.issuer.issue_id_token(
                 user.id,
@@ -628,7 +665,7 @@ class TokenService:
         client = await authenticate_client(request, form, self.repo)
         record = await self.repo.refresh_token(hash_token(required(form, "token")))
         if record is not None and record.client_id == client.client_id:
-            await self.repo.revoke_family(record.family, _dt(self.clock()))
+            await self.repo.revoke_family(record.family, _dt(self.clock()), reason="signed_out")
 
     async def introspect(self, request: web.Request) -> dict[str, Any]:
         form = await read_form(request)

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection, inspect
 from sqlalchemy import (
     Boolean,
     Column,
@@ -42,20 +43,26 @@ from sqlalchemy import (
     Text,
     and_,
     delete,
+    false,
     func,
     insert,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from identity.keys import SigningKey
-from runtime.store import actor_state, as_utc
+from identity.messages import RegistrationAttempted
+from runtime import migrate
+from runtime.revocation import AccessRevoked, announcement
+from runtime.messages import envelope
+from runtime.store import actor_state, as_utc, outbox
 
 # aiosqlite logs every statement *with its parameters* at DEBUG: with ECOM_LOG_LEVEL=DEBUG that would write
 # private signing keys and password hashes into the log. Identity never lets it log below INFO.
 logging.getLogger("aiosqlite").setLevel(logging.INFO)
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
@@ -70,6 +77,8 @@ users = Table(
     Column("disabled", Boolean, nullable=False, default=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # set at sign-in when the (correct) password fails today's policy; cleared when it is changed (schema v2)
+    Column("password_change_required", Boolean, nullable=False, default=False, server_default=false()),
 )
 
 clients = Table(
@@ -84,6 +93,8 @@ clients = Table(
     Column("scopes", Text, nullable=False),
     Column("roles", Text, nullable=False),  # roles of client_credentials tokens
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # may this client's tokens carry the user's roles? First-party clients yes, others only if an admin says so
+    Column("roles_allowed", Boolean, nullable=False, default=False, server_default=false()),  # schema v2
 )
 
 signing_keys = Table(
@@ -133,6 +144,33 @@ authorization_codes = Table(
 
 TABLES = (users, clients, signing_keys, refresh_tokens, authorization_codes)
 
+# First-party clients: their tokens carry the user's roles and they may ask for every scope.
+FIRST_PARTY_CLIENTS = ("storefront", "admin-console")
+
+
+def _v2_scopes_and_roles(op: Any, conn: Connection) -> None:
+    """Add ``users.password_change_required`` and ``clients.roles_allowed`` (true for the first-party clients).
+    Idempotent: a database made by step 1 from today's table definitions has the columns already."""
+    have = {t: {c["name"] for c in inspect(conn).get_columns(t)} for t in ("users", "clients")}
+    if "password_change_required" not in have["users"]:
+        with op.batch_alter_table("users") as batch:
+            batch.add_column(Column("password_change_required", Boolean, nullable=False, server_default=false()))
+    if "roles_allowed" not in have["clients"]:
+        with op.batch_alter_table("clients") as batch:
+            batch.add_column(Column("roles_allowed", Boolean, nullable=False, server_default=false()))
+    conn.execute(update(clients).where(clients.c.client_id.in_(FIRST_PARTY_CLIENTS)).values(roles_allowed=True))
+
+
+# Identity's schema steps (``identity.service.SCHEMA`` is the component made of them).
+MIGRATIONS: list[migrate.Migration] = [
+    migrate.Migration(
+        1, "users, clients, signing keys, refresh tokens, authorization codes", migrate.create_tables(*TABLES)
+    ),
+    migrate.Migration(
+        2, "users.password_change_required, clients.roles_allowed (first-party clients: true)", _v2_scopes_and_roles
+    ),
+]
+
 
 # ---------------------------------------------------------------------------------------------------
 # Records
@@ -171,6 +209,7 @@ class User:
     roles: tuple[str, ...]
     disabled: bool
     created_at: datetime
+    password_change_required: bool = False
 
     def public(self) -> dict[str, Any]:
         """What the API shows of an account (never the hash)."""
@@ -186,6 +225,7 @@ class User:
             roles=_load_list(row.roles),
             disabled=bool(row.disabled),
             created_at=as_utc(row.created_at),
+            password_change_required=bool(row.password_change_required),
         )
 
 
@@ -199,6 +239,7 @@ class Client:
     grant_types: tuple[str, ...]
     scopes: tuple[str, ...]
     roles: tuple[str, ...]
+    roles_allowed: bool = False  # the user's roles go into this client's tokens (first-party, or granted by an admin)
 
     @property
     def is_public(self) -> bool:
@@ -215,6 +256,7 @@ class Client:
             grant_types=_load_list(row.grant_types),
             scopes=_load_list(row.scopes),
             roles=_load_list(row.roles),
+            roles_allowed=bool(row.roles_allowed),
         )
 
     def values(self, now: datetime) -> dict[str, Any]:
@@ -227,6 +269,7 @@ class Client:
             "grant_types": _dump_list(self.grant_types),
             "scopes": _dump_list(self.scopes),
             "roles": _dump_list(self.roles),
+            "roles_allowed": self.roles_allowed,
             "created_at": now,
         }
 
@@ -335,6 +378,51 @@ class Repository:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # Revocation announcements (runtime.revocation.AccessRevoked) are written to the outbox in the same
+        # transaction as the change. ``revocation_ttl``: how long after an announcement tokens issued before it
+        # can still be alive (access-token lifetime + leeway; TokenService sets it from the settings, the
+        # default is generous: a longer deny entry refuses nothing more). ``on_revoked`` run after the commit
+        # (identity's own verifier applies the event at once); ``wake_outbox`` wakes the outbox relay.
+        self.revocation_ttl: float = 24 * 3600.0
+        self.on_revoked: list[Callable[[AccessRevoked], None]] = []
+        self.wake_outbox: Callable[[], None] | None = None
+
+    # -- the outbox: revocation announcements and account events ---------------------------------
+
+    def access_revoked(self, sub: str, now: datetime, reason: str) -> AccessRevoked:
+        return AccessRevoked(sub, not_before=now, until=now + timedelta(seconds=self.revocation_ttl), reason=reason)
+
+    @staticmethod
+    async def _to_outbox(conn: AsyncConnection, env: Any, now: datetime) -> None:
+        await conn.execute(
+            insert(outbox).values(
+                message_id=env.message_id, kind="publish", destination="", envelope=env.encode().decode(), created_at=now
+            )
+        )
+
+    async def _announce(self, conn: AsyncConnection, events: Sequence[AccessRevoked], now: datetime) -> None:
+        for event in events:
+            await self._to_outbox(conn, announcement(event), now)
+
+    def _after_commit(self, events: Sequence[AccessRevoked]) -> None:
+        for event in events:
+            log.info("access of %s revoked (%s): announced", event.sub, event.reason)
+            for hook in self.on_revoked:
+                try:
+                    hook(event)
+                except Exception:
+                    log.exception("revocation hook failed")
+        if events and self.wake_outbox is not None:
+            self.wake_outbox()
+
+    async def record_registration_attempt(self, user_id: str, email: str, now: datetime) -> None:
+        """Someone tried to register an email that has an account: an event for the owner to be told (a mailer
+        subscribes to :class:`identity.messages.RegistrationAttempted`), written to the outbox."""
+        event = RegistrationAttempted(user_id=user_id, email=email, attempted_at=now)
+        async with self.engine.begin() as conn:
+            await self._to_outbox(conn, envelope(event, session_id=user_id), now)
+        if self.wake_outbox is not None:
+            self.wake_outbox()
 
     # -- users ----------------------------------------------------------------------------------
 
@@ -375,12 +463,24 @@ class Repository:
             rows = await conn.execute(page)
             return [User.from_row(r) for r in rows], int(total)
 
-    async def update_user(self, user_id: str, now: datetime, **values: Any) -> bool:
-        """Set ``roles`` (a list), ``disabled`` or ``password_hash`` of one user; False if there is no such user."""
+    async def update_user(self, user_id: str, now: datetime, *, revoke: str | None = None, **values: Any) -> bool:
+        """Set ``roles`` (a list), ``disabled``, ``password_hash`` or ``password_change_required`` of one user;
+        False if there is no such user. With ``revoke`` (a reason such as ``"locked"``), in the same transaction:
+        every refresh token of the user is revoked and :class:`AccessRevoked` is announced through the outbox."""
         if "roles" in values:
             values["roles"] = _dump_list(values["roles"])
+        events: list[AccessRevoked] = []
         async with self.engine.begin() as conn:
             result = await conn.execute(update(users).where(users.c.id == user_id).values(updated_at=now, **values))
+            if result.rowcount == 1 and revoke is not None:
+                await conn.execute(
+                    update(refresh_tokens)
+                    .where(refresh_tokens.c.user_id == user_id, refresh_tokens.c.revoked_at.is_(None))
+                    .values(revoked_at=now)
+                )
+                events.append(self.access_revoked(user_id, now, revoke))
+                await self._announce(conn, events, now)
+        self._after_commit(events)
         return result.rowcount == 1
 
     # -- clients --------------------------------------------------------------------------------
@@ -396,6 +496,15 @@ class Repository:
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(clients).where(clients.c.client_id == client_id))).first()
         return None if row is None else Client.from_row(row)
+
+    async def set_roles_allowed(self, client_id: str, allowed: bool) -> bool:
+        """Let the tokens of a client carry the user's roles (an admin's decision for a third-party client);
+        False if there is no such client."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(clients).where(clients.c.client_id == client_id).values(roles_allowed=bool(allowed))
+            )
+        return result.rowcount == 1
 
     async def set_redirect_uris(self, client_id: str, uris: Sequence[str]) -> bool:
         async with self.engine.begin() as conn:
@@ -507,21 +616,41 @@ class Repository:
             await conn.execute(insert(refresh_tokens).values(**new.values()))
         return True
 
-    async def revoke_family(self, family: str, now: datetime) -> int:
-        return await self._revoke(refresh_tokens.c.family == family, now)
+    async def revoke_family(self, family: str, now: datetime, *, reason: str = "family_revoked") -> int:
+        """Revoke a refresh-token family (one sign-in). When it revokes anything, the user's access tokens issued
+        until now are revoked too (:class:`AccessRevoked`, announced in the same transaction)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(refresh_tokens)
+                .where(refresh_tokens.c.family == family, refresh_tokens.c.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            events: list[AccessRevoked] = []
+            if result.rowcount:
+                subs = await conn.execute(
+                    select(refresh_tokens.c.user_id).where(refresh_tokens.c.family == family).distinct()
+                )
+                events = [self.access_revoked(sub, now, reason) for sub in subs.scalars()]
+                await self._announce(conn, events, now)
+        self._after_commit(events)
+        return result.rowcount
 
-    async def revoke_user_tokens(self, user_id: str, now: datetime, client_id: str | None = None) -> int:
-        """Revoke every refresh token of a user (of one client when given): sign-out, account lock."""
+    async def revoke_user_tokens(
+        self, user_id: str, now: datetime, client_id: str | None = None, *, reason: str | None = None
+    ) -> int:
+        """Revoke every refresh token of a user (of one client when given): sign-out, account lock. With a
+        ``reason`` (``"signed_out"``) the user's access tokens are revoked as well, announced in the same
+        transaction, whether or not there was a refresh token."""
         where = refresh_tokens.c.user_id == user_id
         if client_id is not None:
             where = and_(where, refresh_tokens.c.client_id == client_id)
-        return await self._revoke(where, now)
-
-    async def _revoke(self, where: Any, now: datetime) -> int:
+        events = [self.access_revoked(user_id, now, reason)] if reason is not None else []
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 update(refresh_tokens).where(where, refresh_tokens.c.revoked_at.is_(None)).values(revoked_at=now)
             )
+            await self._announce(conn, events, now)
+        self._after_commit(events)
         return result.rowcount
 
     # -- housekeeping ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -72,8 +73,14 @@ class TokenIssuer:
         scopes: Collection[str],
         roles: Collection[str],
         extra: Mapping[str, Any] | None = None,
+        *,
+        not_before: float | None = None,
     ) -> tuple[str, int]:
-        """A signed access token and its lifetime in seconds (``expires_in``)."""
+        """A signed access token and its lifetime in seconds (``expires_in``).
+
+        ``not_before``: the subject's access was revoked at this instant (a deny entry refuses ``iat`` before
+        it); ``iat`` is whole seconds, so a token issued in the same second after the revocation gets ``iat`` =
+        the next second (less than a second ahead: within every verifier's leeway)."""
         if not sub:
             raise ValueError("sub is required")
         if isinstance(scopes, str) or isinstance(roles, str):
@@ -84,6 +91,9 @@ class TokenIssuer:
         now = self.clock()
         key, imported = self.keyring.signing_key(now)
         iat = int(now)
+        nbf = iat
+        if not_before is not None and iat < not_before <= now + 1:
+            iat = math.ceil(not_before)
         claims: dict[str, Any] = {}
         if extra:
             clash = RESERVED_CLAIMS.intersection(extra)
@@ -94,9 +104,9 @@ class TokenIssuer:
             iss=self.issuer,
             sub=sub,
             aud=self.audience,
-            exp=iat + self.access_token_ttl,
+            exp=nbf + self.access_token_ttl,
             iat=iat,
-            nbf=iat,
+            nbf=nbf,
             jti=secrets.token_urlsafe(16),
             scope=" ".join(sorted(set(scopes))),
             roles=sorted(set(roles)),
