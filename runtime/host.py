@@ -223,7 +223,7 @@ class ServiceRuntime:
             await self.system.start()
         if self.relay is not None:
             self.relay.start()
-        if self.bus is not None and self.verifier is not None and hasattr(self.bus, "broadcast"):
+        if self.bus is not None and self.verifier is not None:
             from runtime import revocation
 
             # Every process hears identity's revocations, so a revoked key or signed-out user stops here too.
@@ -382,11 +382,19 @@ async def schema_validation_middleware(
     """aiohttp-apispec's validation, only for routes that declare schemas: its own middleware takes an
     exception path on every other request, which costs the gateway's proxy route dearly."""
     route_handler = request.match_info.handler
-    if hasattr(route_handler, "__schemas__") or isinstance(route_handler, type):
-        if request.can_read_body and request.content_type in ("application/json", "") and request.method not in ("GET", "HEAD"):
-            body = await request.read()  # aiohttp keeps it: the validator reads it again
-            if body:
-                parse_json_body(body)  # before webargs' stdlib parser can recurse into a 10,000-deep body
+    schemas = getattr(route_handler, "__schemas__", None)
+    if schemas is not None or isinstance(route_handler, type):
+        if schemas and request.can_read_body and request.method not in ("GET", "HEAD"):
+            if any(s["locations"] in (None, ["json"]) for s in schemas):
+                if request.content_type not in ("application/json", "application/octet-stream"):
+                    # aiohttp's multipart reader raises on a form without a boundary: refuse what is not JSON first
+                    raise Problem(
+                        f"the body must be application/json, not {request.content_type}", status=415, slug="unsupported-media-type",
+                        title="Unsupported Media Type",
+                    )
+                body = await request.read()  # aiohttp keeps it: the validator reads it again
+                if body:
+                    parse_json_body(body)  # before webargs' stdlib parser can recurse into a 10,000-deep body
         return await validation_middleware(request, handler)
     return await handler(request)
 

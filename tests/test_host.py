@@ -260,3 +260,9 @@ async def test_form_with_invalid_utf8_is_400(make_client):
     )
     assert resp.status == 400, await resp.text()
     assert "UTF-8" in (await resp.json())["detail"]
+
+
+async def test_a_json_route_refuses_other_media_types_with_415(make_client):
+    client = await make_client()
+    resp = await client.post("/api/test/counters/c", data=b'{"amount": 1}', headers={"Content-Type": "multipart/form-data"})
+    assert resp.status == 415 and resp.content_type == "application/problem+json"
