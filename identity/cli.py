@@ -7,12 +7,16 @@
     ecom keys rotate [--alg ES256|Ed25519|RS256] [--immediately]
     ecom keys list
     ecom keys revoke KID
+    ecom keys rekey
     ecom clients add CLIENT_ID [--public] [--name N] [--redirect-uri URI ...] [--scope S ...] [--role R ...]
     ecom clients list
     ecom clients set-redirect-uris CLIENT_ID URI [URI ...]
 
 Each command works on identity's database (``ECOM_IDENTITY_DATABASE_URL`` or ``<data_dir>/identity.db``), migrating
-it first. A running identity service picks key changes up within a minute. Passwords are read from a terminal
+it first. A running identity service picks key changes up within a minute; a revocation is announced to every
+verifier through identity's outbox at once (the running service's relay sends it within a second or so). The
+private keys are stored encrypted under the key-encryption key file (``<data_dir>/identity.kek`` or
+``ECOM_IDENTITY_KEK_FILE``), which the commands need as well; ``ecom keys rekey`` replaces it. Passwords are read from a terminal
 prompt or ``--password-stdin``, never from the command line (it shows in process lists and shell history);
 without either, a strong one is generated and printed once. Secrets and private keys are never printed
 except a new client's secret, once.
@@ -196,7 +200,20 @@ def keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
             raise CliError(str(exc.args[0])) from None
         except KeyConflict:
             raise CliError("another process changed the keys at the same moment; run the command again") from None
-        print(f"key {args.kid} revoked: gone from the JWKS; tokens it signed stop verifying when verifiers refetch")
+        print(f"key {args.kid} revoked: gone from the JWKS; the revocation is announced to every verifier through "
+              "identity's outbox (sent by the running identity service)")
+        return 0
+
+    return _run(settings, work)
+
+
+def keys_rekey(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(repo: Repository) -> int:
+        keys = KeyManager.from_settings(repo, settings)
+        old, new, count = await keys.rekey()
+        was = ", ".join(old) or "none"
+        print(f"key-encryption key {keys.kek.path} replaced: {was} -> {new}; {count} signing key(s) re-encrypted; "
+              "the old key-encryption key is gone from the file")
         return 0
 
     return _run(settings, work)
@@ -293,6 +310,9 @@ def register(subparsers: Any) -> None:
     p = keys.add_parser("revoke", help="remove a compromised key from the JWKS now")
     p.add_argument("kid")
     p.set_defaults(handler=keys_revoke)
+    keys.add_parser(
+        "rekey", help="replace the key-encryption key (identity.kek) and re-encrypt every signing key under it"
+    ).set_defaults(handler=keys_rekey)
 
     clients_parser = subparsers.add_parser("clients", help="OAuth clients")
     clients = clients_parser.add_subparsers(dest="clients_command", required=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +22,8 @@ from identity.tokens import TokenIssuer
 from runtime.actors import ActorSystem
 from runtime.auth import TokenVerifier
 
+log = logging.getLogger(__name__)
+
 
 class KeyRingVerifier(TokenVerifier):
     """Identity's verifier of its own tokens (userinfo, introspection, admin endpoints).
@@ -32,10 +36,32 @@ class KeyRingVerifier(TokenVerifier):
     def __init__(self, keys: KeyManager, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._key_manager = keys
+        self._reloading: set[asyncio.Task[None]] = set()
 
     async def _fetch(self) -> None:  # the one key-source hook of TokenVerifier (see the report on runtime/auth)
         self._last_fetch_attempt = self._clock()
         await self._key_manager.load()  # calls set_jwks through KeyManager.on_change
+
+    def revoke_key(self, kid: str) -> int:
+        """A revocation announced on the bus (``ecom keys revoke`` in another process, or another identity
+        instance): stop trusting the key here and reload the ring at once, so this process stops *signing* with
+        it too instead of waiting for the periodic reload."""
+        dropped = super().revoke_key(kid)
+        if self._key_manager.ring.get(kid) is not None and not self._reloading:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return dropped
+            task = loop.create_task(self._reload(), name="identity-key-reload")
+            self._reloading.add(task)
+            task.add_done_callback(self._reloading.discard)
+        return dropped
+
+    async def _reload(self) -> None:
+        try:
+            await self._key_manager.load()
+        except Exception:
+            log.warning("reloading the signing keys after a revocation failed; the periodic job retries", exc_info=True)
 
 
 @dataclass(slots=True)

@@ -3,20 +3,29 @@
 Plain HTML, no script, every value escaped. Pages are sent with a strict Content-Security-Policy, no caching
 and ``frame-ancestors 'none'`` (no click-jacking of the password form).
 
-CSRF: double-submit cookie. ``GET /connect/authorize`` sets a random token in an ``HttpOnly``,
-``SameSite=Strict`` cookie scoped to the authorize path and puts the same token in a hidden form field; the
-``POST`` must carry both, equal. A cross-site page can neither read the cookie nor make the browser send it
-(SameSite), so it cannot forge the post — and so cannot sign a victim into the attacker's account (login
-CSRF). An ``Origin`` header, when the browser sends one, must be the issuer's origin as well.
+CSRF: a server-issued token, bound to the browser and to the authorization request. ``GET /connect/authorize``
+sets a random browser nonce in an ``HttpOnly``, ``SameSite=Strict`` cookie scoped to the authorize path and puts
+a token ``<expiry>.<nonce>.<mac>`` in a hidden form field, where ``mac`` is an HMAC-SHA256, under a secret derived
+from identity's key-encryption key (never in the database), of the expiry, the nonce and a hash of the request's
+``client_id``, ``redirect_uri``, ``state`` and ``code_challenge``. The ``POST`` must carry the cookie and a token
+whose MAC verifies for that cookie and the posted request, issued at most :data:`CSRF_TTL` seconds ago. So an
+invented token (or cookie) fails, a token taken from another request (another ``state`` or challenge) fails,
+and a cross-site page can neither read the cookie nor make the browser send it (SameSite) — so it cannot sign a
+victim into the attacker's account (login CSRF). An ``Origin`` header, when the browser sends one, must be the
+issuer's origin as well. Failures are 403 problems (``/csrf``).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import html
+import json
 import re
 import secrets
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -26,7 +35,54 @@ from runtime.errors import Forbidden
 CSRF_COOKIE = "ecom_csrf"
 CSRF_FIELD = "csrf_token"
 CSRF_PATH = "/connect/authorize"
-_CSRF_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")
+CSRF_TTL = 600  # seconds a sign-in form may be posted after it was served
+_CSRF_NONCE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_CSRF_TOKEN = re.compile(r"^([0-9]{1,12})\.([A-Za-z0-9_-]{43})\.([A-Za-z0-9_-]{43})$")
+_BOUND_PARAMS = ("client_id", "redirect_uri", "state", "code_challenge")
+_POSTED = "ecom_csrf_posted"  # request key: the checked form, so a re-rendered form is bound to the same request
+
+
+class CsrfTokens:
+    """Issues and checks the sign-in form's tokens. ``secrets`` returns the HMAC secrets, current first (older
+    ones still verify: a rekey of identity's KEK does not void forms already on screen)."""
+
+    def __init__(self, secrets_fn: Callable[[], Sequence[bytes]], *, ttl: int = CSRF_TTL,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._secrets = secrets_fn
+        self.ttl = ttl
+        self.clock = clock
+
+    @staticmethod
+    def binding(params: Mapping[str, str]) -> bytes:
+        values = [params.get(name) for name in _BOUND_PARAMS]
+        return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).digest()
+
+    @staticmethod
+    def _mac(secret: bytes, expires: str, nonce: str, binding: bytes) -> str:
+        msg = b"ecom-csrf:v1:" + expires.encode() + b":" + nonce.encode() + b":" + binding
+        return _b64(hmac.new(secret, msg, hashlib.sha256).digest())
+
+    def issue(self, nonce: str, params: Mapping[str, str]) -> str:
+        expires = str(int(self.clock()) + self.ttl)
+        return f"{expires}.{nonce}.{self._mac(self._secrets()[0], expires, nonce, self.binding(params))}"
+
+    def valid(self, token: str, nonce: str, params: Mapping[str, str]) -> bool:
+        m = _CSRF_TOKEN.match(token)
+        if m is None or not _CSRF_NONCE.match(nonce):
+            return False
+        expires, token_nonce, mac = m.groups()
+        now = self.clock()
+        if not (now < int(expires) <= now + self.ttl + 5) or not hmac.compare_digest(token_nonce, nonce):
+            return False
+        binding = self.binding(params)
+        return any(hmac.compare_digest(mac, self._mac(s, expires, nonce, binding)) for s in self._secrets())
+
+
+CSRF_TOKENS: web.AppKey[CsrfTokens] = web.AppKey("identity_csrf", CsrfTokens)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -89,13 +145,19 @@ def signed_out_page() -> str:
 
 
 def csrf_token_for(request: web.Request) -> str:
-    """The browser's current CSRF token (kept across tabs), or a new one."""
+    """A new form token for the authorization request being shown (the query of the GET, or the form that was
+    posted and checked), bound to the browser's nonce cookie (kept across tabs, or a new one)."""
     existing = request.cookies.get(CSRF_COOKIE, "")
-    return existing if _CSRF_TOKEN.match(existing) else secrets.token_urlsafe(32)
+    nonce = existing if _CSRF_NONCE.match(existing) else secrets.token_urlsafe(32)
+    params = request.get(_POSTED) or request.query
+    return request.config_dict[CSRF_TOKENS].issue(nonce, params)
 
 
 def set_csrf_cookie(response: web.StreamResponse, token: str, *, secure: bool) -> None:
-    response.set_cookie(CSRF_COOKIE, token, path=CSRF_PATH, httponly=True, samesite="Strict", secure=secure)
+    """The cookie holds the browser nonce the form token was issued for."""
+    m = _CSRF_TOKEN.match(token)
+    nonce = m.group(2) if m else token
+    response.set_cookie(CSRF_COOKIE, nonce, path=CSRF_PATH, httponly=True, samesite="Strict", secure=secure)
 
 
 def clear_csrf_cookie(response: web.StreamResponse) -> None:
@@ -103,18 +165,20 @@ def clear_csrf_cookie(response: web.StreamResponse) -> None:
 
 
 def check_csrf(request: web.Request, form: Mapping[str, str], issuer: str) -> None:
-    """403 unless the form's token equals the cookie's and any Origin header is the issuer's origin."""
+    """403 unless the form's token was issued by this server, within :data:`CSRF_TTL`, for this browser's cookie
+    and this authorization request; and any Origin header is the issuer's origin."""
     origin = request.headers.get("Origin")
     if origin is not None and origin != _origin(issuer):
         raise Forbidden("The sign-in form was posted from another site.", slug="csrf")
     cookie = request.cookies.get(CSRF_COOKIE, "")
     posted = form.get(CSRF_FIELD, "")
-    if not (_CSRF_TOKEN.match(cookie) and hmac.compare_digest(cookie, posted)):
+    if not request.config_dict[CSRF_TOKENS].valid(posted, cookie, form):
         raise Forbidden(
             "The sign-in form has expired or did not come from this site; "
             "go back to the application and sign in again.",
             slug="csrf",
         )
+    request[_POSTED] = dict(form)
 
 
 def _origin(url: str) -> str:

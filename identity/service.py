@@ -28,6 +28,7 @@ from identity.actor import LoginActor, LoginContext, LoginPolicy, install, login
 from identity.core import IDENTITY, Identity, KeyRingVerifier
 from identity.keystore import CHECK_INTERVAL, KeyManager
 from identity.oauth import STOREFRONT, SCOPES, TokenService, build_client
+from identity.pages import CSRF_TOKENS, CsrfTokens
 from identity.passwords import Passwords, default_passwords
 from identity.repository import TABLES, ClientExists, EmailTaken, Repository
 from identity.tokens import TokenIssuer
@@ -71,6 +72,9 @@ def create_app(
             refetch_interval=settings.auth.jwks_refetch_interval,
         )
     keys.on_change = runtime.verifier.set_jwks
+    keys.on_revoke = runtime.verifier.revoke_key  # this process refuses the key at once (others: the outbox)
+    if runtime.relay is not None:
+        keys.on_outbox = runtime.relay.notify  # the announcement leaves now, not at the next poll
     passwords = password_hasher or default_passwords()
     system = runtime.system
     assert system is not None
@@ -83,6 +87,7 @@ def create_app(
     _add_lifecycle(runtime, identity)
     app = create_host_app(runtime, routes=api.routes, title="EcomGateway identity (OAuth 2.0 / OpenID Connect)")
     app[IDENTITY] = identity
+    app[CSRF_TOKENS] = CsrfTokens(functools.partial(keys.kek.hmac_secrets, "csrf"))
     return app
 
 

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Every file the shop creates (databases, their -wal/-shm, the identity KEK) is private to its user.
+    os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

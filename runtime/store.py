@@ -16,7 +16,10 @@ All types are portable SQLAlchemy types so the same statements run on SQLite, Po
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -167,7 +170,7 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
             # One shared connection, or every checkout would see its own empty database.
             engine = create_async_engine(url, echo=echo, poolclass=StaticPool)
         else:
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(Path(database))
             engine = create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size)
         _tune_sqlite(engine, in_memory=in_memory)
         return engine
@@ -183,6 +186,45 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
             url, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True, fast_executemany=True
         )
     raise ValueError(f"unsupported database URL {url!r}: expected sqlite+aiosqlite, postgresql+asyncpg or mssql+aioodbc")
+
+
+def _private_sqlite_file(db: Path) -> None:
+    """The data folder 0700 and the database file 0600 (SQLite gives its -wal and -shm files the database file's
+    mode). A data folder or file that is more open is tightened, with a warning; a folder shared with others
+    (not ours, sticky like /tmp, the home or working directory) is left alone, with a warning."""
+    folder = db.parent
+    if not folder.exists():
+        missing = [folder, *(p for p in folder.parents if not p.exists())]
+        for path in reversed(missing):  # every folder made here is 0700, whatever the umask
+            with contextlib.suppress(FileExistsError):
+                path.mkdir(mode=0o700)
+                os.chmod(path, 0o700)
+    else:
+        st = folder.stat()
+        if st.st_mode & 0o077:
+            resolved = folder.resolve()
+            shared = (
+                st.st_uid != os.getuid()
+                or st.st_mode & stat.S_ISVTX
+                or resolved in (Path.home().resolve(), Path.cwd().resolve(), Path(resolved.anchor))
+            )
+            if shared:
+                log.warning("the database %s is in %s, which others can enter (mode %o): keep it in a private data "
+                            "folder", db, folder, st.st_mode & 0o777)
+            else:
+                log.warning("data folder %s was open to others (mode %o); made 0700", folder, st.st_mode & 0o777)
+                os.chmod(folder, 0o700)
+    if not db.exists():
+        with contextlib.suppress(FileExistsError):  # an empty file is an empty database to SQLite
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077 and path.stat().st_uid == os.getuid():
+            log.warning("database file %s was readable by others (mode %o); made 0600", path, mode & 0o777)
+            os.chmod(path, 0o600)
 
 
 def _tune_sqlite(engine: AsyncEngine, *, in_memory: bool) -> None:

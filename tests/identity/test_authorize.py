@@ -112,7 +112,15 @@ async def test_posted_request_is_validated_again(idsrv: IdentityServer) -> None:
         data={**fields, "redirect_uri": "https://evil.example/cb", "email": "bob@example.com", "password": PASSWORD},
         allow_redirects=False,
     )
-    assert resp.status == 400 and "Location" not in resp.headers
+    # the CSRF token is bound to the redirect URI (and client, state, challenge): refused before anything else
+    assert resp.status == 403 and "Location" not in resp.headers
+    # a parameter outside the binding is validated again: an unknown scope goes back to the client as an error
+    resp = await idsrv.client.post(
+        "/connect/authorize",
+        data={**fields, "scope": "openid no-such-scope", "email": "bob@example.com", "password": PASSWORD},
+        allow_redirects=False,
+    )
+    assert resp.status in (302, 303) and "error=" in resp.headers["Location"]
     # empty credentials re-show the form instead of counting a failure
     resp = await idsrv.client.post("/connect/authorize", data={**fields, "email": "", "password": ""}, allow_redirects=False)
     assert resp.status == 200 and "Enter your email and password." in await resp.text()

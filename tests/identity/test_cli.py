@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from config import ConfigError, Settings, load_settings
+from identity.keystore import KeyManager
 from identity.service import open_repository, seed
 from identity.tokens import hash_token
 from runtime.cli import build_parser
@@ -79,7 +80,7 @@ async def test_keys_commands(settings: Settings, capsys: Any) -> None:
     states = [line.split()[2] for line in lines[1:]]
     assert sorted(states) == ["active", "pending"]
     async with open_repository(settings) as repo:
-        stored = await repo.signing_keys()
+        stored = await KeyManager.from_settings(repo, settings).stored_keys()
     assert all(s.key.private_jwk["d"] not in "\n".join(lines) for s in stored), "no key material printed"
 
     active = next(line.split()[0] for line in lines[1:] if line.split()[2] == "active")
@@ -122,7 +123,7 @@ async def test_seed_creates_everything_once(settings: Settings, capsys: Any) -> 
     async with open_repository(settings) as repo:
         admin = await repo.user_by_email("admin@example.com")
         storefront = await repo.client("storefront")
-        keys = await repo.signing_keys()
+        keys = await KeyManager.from_settings(repo, settings).stored_keys()
     assert admin is not None and admin.roles == ("admin",)
     assert CHEAP_PASSWORDS.hasher.verify(admin.password_hash, password)
     assert storefront is not None and storefront.is_public and "password" in storefront.grant_types

@@ -81,7 +81,9 @@ async def test_key_lifecycle_in_time(idsrv: IdentityServer) -> None:
     repo = idsrv.identity.repo
     async with repo.engine.begin() as conn:
         await conn.execute(signing_keys.delete())
-    keys = KeyManager(repo, max_token_lifetime=900, clock_skew=60, key_max_age=7200, clock=clock)
+    keys = KeyManager(
+        repo, max_token_lifetime=900, clock_skew=60, key_max_age=7200, clock=clock, kek=idsrv.identity.keys.kek
+    )
     first = await keys.ensure_active()
     assert first is not None and keys.ring.active_key().kid == first.kid
     assert await keys.ensure_active() is None, "nothing twice"
@@ -102,7 +104,7 @@ async def test_key_lifecycle_in_time(idsrv: IdentityServer) -> None:
     clock.now = second.not_before + 900 + 61
     await keys.check()
     assert [k["kid"] for k in keys.jwks()["keys"]] == [second.kid]
-    assert [s.key.kid for s in await repo.signing_keys()] == [second.kid], "the expired private key is deleted"
+    assert [s.key.kid for s in await keys.stored_keys()] == [second.kid], "the expired private key is deleted"
 
 
 async def test_concurrent_rotations_one_wins(idsrv: IdentityServer) -> None:
@@ -117,8 +119,8 @@ async def test_concurrent_rotations_one_wins(idsrv: IdentityServer) -> None:
     newest = scratch.rotate()
     changed = [StoredKey(k, b._revisions[k.kid]) for k in scratch.keys() if k.kid != newest.kid]
     with pytest.raises(KeyConflict):
-        await repo.save_keys([newest], changed, utcnow())
-    assert len(await repo.signing_keys()) == 2
+        await b.save_keys([newest], changed, utcnow())
+    assert len(await a.stored_keys()) == 2
 
 
 async def test_private_keys_never_logged_nor_published(idsrv: IdentityServer, caplog: Any) -> None:
@@ -138,3 +140,106 @@ async def test_first_run_generates_a_key_without_seed(db_url: str, tmp_path: Any
     client = await aiohttp_client(create_app(settings, database_url=db_url, password_hasher=CHEAP_PASSWORDS))
     jwks = await (await client.get("/.well-known/jwks.json")).json()
     assert len(jwks["keys"]) == 1 and jwks["keys"][0]["alg"] == "ES256"
+
+
+# ---------------------------------------------------------------------------------------------------
+# `ecom keys revoke` takes effect everywhere within seconds (issue 12)
+
+
+@pytest.fixture
+async def identity_on_bus(db_url: str, tmp_path: Any, aiohttp_client: Any) -> Any:
+    """An embedded identity on the shared runtime with a memory bus (its outbox relay polls every 0.2 s)."""
+    from aiohttp.test_utils import TestServer, unused_port
+
+    from bus.memory import MemoryBus
+    from identity.service import seed
+    from tests.identity.conftest import ADMIN_PASSWORD
+
+    bus = MemoryBus()
+    await bus.start()
+    port = unused_port()
+    settings = load_settings(
+        {"ECOM_DATA_DIR": str(tmp_path), "ECOM_IDENTITY_PORT": str(port), "ECOM_ADMIN_PASSWORD": ADMIN_PASSWORD,
+         "ECOM_BUS_OUTBOX_POLL_INTERVAL": "0.2"}
+    )
+    await seed(settings, db_url, password_hasher=CHEAP_PASSWORDS)
+    app = create_app(settings, bus=bus, database_url=db_url, password_hasher=CHEAP_PASSWORDS)
+    client = await aiohttp_client(TestServer(app, host="127.0.0.1", port=port))
+    yield IdentityServer(client, settings, db_url), bus
+    await bus.close()
+
+
+async def test_revoke_in_another_process_is_refused_everywhere_within_seconds(identity_on_bus: Any, make_shop: Any) -> None:
+    import asyncio
+
+    from sqlalchemy import select
+
+    from bus.envelope import Envelope
+    from runtime import revocation
+    from runtime.store import outbox
+
+    idsrv, bus = identity_on_bus
+    shop = await make_shop(idsrv)  # a second service: JWKS over HTTP, revocations from the bus
+    consumer = await revocation.listen(bus, shop.verifier)
+    try:
+        await idsrv.register("ann@example.com")
+        _, tokens = await idsrv.password_grant("ann@example.com")
+        token = tokens["access_token"]
+        kid = kid_of(token)
+        assert (await shop.me(token))[0] == 200  # verified once: cached by the shop
+        assert shop.verifier.verify_cached(token) is not None
+
+        # `ecom keys revoke KID`: another process, its own engine, no bus; only the outbox row leaves it
+        engine = create_engine(idsrv.db_url)
+        try:
+            cli = KeyManager.from_settings(Repository(engine), idsrv.settings)
+            await cli.revoke(kid)
+            async with engine.connect() as conn:
+                envs = [Envelope.decode(r.envelope) for r in await conn.execute(select(outbox.c.envelope))]
+        finally:
+            await engine.dispose()
+        assert [e.body["kid"] for e in envs if e.type == "SigningKeyRevoked"] == [kid]
+
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while (await shop.me(token))[0] != 401:
+            assert loop.time() - start < 5.0, "the shop still accepts a token of the revoked key"
+            await asyncio.sleep(0.05)
+        # identity's own verifier refuses it too, and identity no longer signs with the key
+        resp = await idsrv.client.get("/connect/userinfo", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 401
+        while kid in await jwks_kids(idsrv):
+            assert loop.time() - start < 5.0, "identity still publishes the revoked key"
+            await asyncio.sleep(0.05)
+        _, fresh = await idsrv.password_grant("ann@example.com")
+        assert kid_of(fresh["access_token"]) != kid
+        assert (await shop.me(fresh["access_token"]))[0] == 200
+    finally:
+        await consumer.stop()
+
+
+async def test_revoke_in_the_service_announces_in_its_transaction(identity_on_bus: Any, make_shop: Any) -> None:
+    import asyncio
+
+    from runtime import revocation
+
+    idsrv, bus = identity_on_bus
+    shop = await make_shop(idsrv)
+    consumer = await revocation.listen(bus, shop.verifier)
+    try:
+        await idsrv.register("bob@example.com")
+        _, tokens = await idsrv.password_grant("bob@example.com")
+        token = tokens["access_token"]
+        assert (await shop.me(token))[0] == 200
+        await idsrv.identity.keys.revoke(kid_of(token))
+        # identity's own verifier at once (no bus hop), the shop after the relay's wake-up
+        resp = await idsrv.client.get("/connect/userinfo", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status == 401
+        for _ in range(100):
+            if (await shop.me(token))[0] == 401:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the shop still accepts the token")
+    finally:
+        await consumer.stop()
