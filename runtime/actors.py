@@ -748,9 +748,15 @@ class ActorSystem:
         """One actor's state and version: live if active, else as stored. None if it never existed."""
         act = self._activations.get((type_name, actor_id))
         if act is not None and act.loaded:
-            info = self._describe(act, time.monotonic(), time.time())
-            info.update(type=type_name, active=True, state=orjson.loads(act.committed))
-            return info
+            if self.exclusive or self.store is None or await self.store.version(type_name, actor_id) == act.version:
+                info = self._describe(act, time.monotonic(), time.time())
+                info.update(type=type_name, active=True, state=orjson.loads(act.committed))
+                return info
+            # Another process wrote since this copy was loaded: answer what is stored, and let the copy go (if
+            # idle) so the next message loads the newest state instead of failing its fence first.
+            self.stats["stale_reads"] += 1
+            if not act.running and not act.depth:
+                self._forget(act)
         if type_name not in self._types:
             return None
         if self.store is None:

@@ -208,3 +208,13 @@ async def test_a_process_keeps_no_copy_of_an_entity_it_does_not_own(two_processe
     assert await p1.ref(BasketActor, "w").ask(Show()) == ["a", "b"]
     info = await p1.inspect("basket", "w")
     assert info is not None and info["owner"] == "http://elsewhere"
+
+
+async def test_inspect_never_answers_an_older_copy_than_the_database(two_processes):
+    """The order API and the admin endpoints read through ``inspect`` (no turn): it must be fenced too."""
+    p1, p2 = two_processes
+    await p1.ref(BasketActor, "v").ask(Add("a"))
+    await p2.ref(BasketActor, "v").ask(Add("b"))  # p1's live copy is now one version behind
+    info = await p1.inspect("basket", "v")
+    assert info is not None and info["state"] == {"items": ["a", "b"]} and info["version"] == 2
+    assert p1.stats["stale_reads"] == 1
