@@ -236,6 +236,7 @@ def clients_add(settings: Settings, args: argparse.Namespace) -> int:
                 grant_types=tuple(args.grant) if args.grant else None,
                 scopes=tuple(args.scope) if args.scope else None,
                 roles=tuple(args.role or ()),
+                roles_allowed=True if args.roles_allowed else None,
             )
             await repo.create_client(client, utcnow())
         except ValueError as exc:
@@ -260,6 +261,16 @@ def clients_list(settings: Settings, args: argparse.Namespace) -> int:
             for c in await repo.list_clients()
         ]
         _table(rows, ["CLIENT", "TYPE", "GRANTS", "SCOPES", "ROLES", "REDIRECT URIS"])
+        return 0
+
+    return _run(settings, work)
+
+
+def clients_set_roles_allowed(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(repo: Repository) -> int:
+        if not await repo.set_roles_allowed(args.client_id, not args.off):
+            raise CliError(f"no client {args.client_id!r}")
+        print(f"{args.client_id}: user roles {'not ' if args.off else ''}carried in its tokens")
         return 0
 
     return _run(settings, work)
@@ -325,7 +336,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--grant", action="append", choices=GRANT_TYPES)
     p.add_argument("--scope", action="append", choices=SCOPES)
     p.add_argument("--role", action="append", help="roles of its client_credentials tokens, e.g. service")
+    p.add_argument(
+        "--roles-allowed", action="store_true", help="let its tokens carry the signed-in user's roles (first-party apps only)"
+    )
     p.set_defaults(handler=clients_add)
+    p = clients.add_parser("set-roles-allowed", help="let a client's tokens carry users' roles, or stop it (--off)")
+    p.add_argument("client_id")
+    p.add_argument("--off", action="store_true")
+    p.set_defaults(handler=clients_set_roles_allowed)
     clients.add_parser("list", help="list clients").set_defaults(handler=clients_list)
     p = clients.add_parser("set-redirect-uris", help="replace a client's redirect URIs")
     p.add_argument("client_id")

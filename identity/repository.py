@@ -520,32 +520,7 @@ class Repository:
 
     # -- signing keys ---------------------------------------------------------------------------
 
-    async def signing_keys(self) -> list[StoredKey]:
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(select(signing_keys.c.record, signing_keys.c.revision))
-            return [StoredKey(SigningKey.from_record(json.loads(r.record)), r.revision) for r in rows]
-
-    async def save_keys(self, new: Sequence[SigningKey], changed: Sequence[StoredKey], now: datetime) -> None:
-        """Insert ``new`` keys and update ``changed`` ones (each from the revision it was read at), all or
-        nothing. :class:`KeyConflict` if any changed row was modified meanwhile or a new kid exists."""
-        try:
-            async with self.engine.begin() as conn:
-                for stored in changed:
-                    result = await conn.execute(
-                        update(signing_keys)
-                        .where(signing_keys.c.kid == stored.key.kid, signing_keys.c.revision == stored.revision)
-                        .values(record=json.dumps(stored.key.to_record()), revision=stored.revision + 1)
-                    )
-                    if result.rowcount != 1:
-                        raise KeyConflict(stored.key.kid)
-                for key in new:
-                    await conn.execute(
-                        insert(signing_keys).values(
-                            kid=key.kid, alg=key.alg, record=json.dumps(key.to_record()), revision=1, created_at=now
-                        )
-                    )
-        except IntegrityError:
-            raise KeyConflict("a key with that kid exists") from None
+    # Reading and writing key rows is the key manager's (identity/keystore.py): they are encrypted at rest.
 
     async def delete_keys(self, kids: Sequence[str]) -> None:
         if not kids:

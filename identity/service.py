@@ -30,7 +30,8 @@ from identity.keystore import CHECK_INTERVAL, KeyManager
 from identity.oauth import STOREFRONT, SCOPES, TokenService, build_client
 from identity.pages import CSRF_TOKENS, CsrfTokens
 from identity.passwords import Passwords, default_passwords
-from identity.repository import TABLES, ClientExists, EmailTaken, Repository
+from identity import repository
+from identity.repository import ClientExists, EmailTaken, Repository
 from identity.tokens import TokenIssuer
 from runtime import migrate
 from runtime.errors import ValidationProblem
@@ -40,14 +41,7 @@ from runtime.store import create_engine, utcnow
 
 log = logging.getLogger(__name__)
 
-SCHEMA = migrate.Component(
-    "identity",
-    [
-        migrate.Migration(
-            1, "users, clients, signing keys, refresh tokens, authorization codes", migrate.create_tables(*TABLES)
-        )
-    ],
-)
+SCHEMA = migrate.Component("identity", repository.MIGRATIONS)
 
 
 def create_app(

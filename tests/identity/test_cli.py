@@ -111,6 +111,16 @@ async def test_clients_commands(settings: Settings, capsys: Any) -> None:
     assert await ecom(settings, "clients", "list") == 0
     listing = capsys.readouterr().out
     assert "https://shop.example/cb2 http://localhost:3000/cb" in listing and secret not in listing
+    # a third-party app's tokens carry no user roles until an admin allows it, and that can be taken back
+    async with open_repository(settings) as repo:
+        assert (await repo.client("spa")).roles_allowed is False
+    assert await ecom(settings, "clients", "set-roles-allowed", "spa") == 0
+    async with open_repository(settings) as repo:
+        assert (await repo.client("spa")).roles_allowed is True
+    assert await ecom(settings, "clients", "set-roles-allowed", "spa", "--off") == 0
+    assert await ecom(settings, "clients", "set-roles-allowed", "nobody") == 1
+    async with open_repository(settings) as repo:
+        assert (await repo.client("spa")).roles_allowed is False
 
 
 async def test_seed_creates_everything_once(settings: Settings, capsys: Any) -> None:
