@@ -266,3 +266,37 @@ async def test_a_json_route_refuses_other_media_types_with_415(make_client):
     client = await make_client()
     resp = await client.post("/api/test/counters/c", data=b'{"amount": 1}', headers={"Content-Type": "multipart/form-data"})
     assert resp.status == 415 and resp.content_type == "application/problem+json"
+
+
+async def test_every_service_hears_revocations_on_the_bus(aiohttp_client, tmp_path, test_identity):
+    """A service on a bus drops a signed-out user's cached token, then a revoked key, within a second."""
+    from datetime import UTC, datetime, timedelta
+
+    from bus.memory import MemoryBus
+    from runtime.revocation import AccessRevoked, SigningKeyRevoked, announcement
+
+    bus = MemoryBus()
+    settings = load_settings({"ECOM_DATA_DIR": str(tmp_path)})
+    runtime = ServiceRuntime.with_database("test", settings, bus=bus, owns_bus=True, verifier=test_identity.verifier())
+    await migrate.upgrade(runtime.engine, [migrate.RUNTIME])
+    runtime.system.register(CounterActor)
+    client = await aiohttp_client(create_app(runtime, routes=_routes))
+    admin = test_identity.token("admin-1", roles=("admin",))
+    other = test_identity.token("admin-2", roles=("admin",))
+    for token in (admin, other):
+        assert (await client.get("/api/test/admin/actors", headers=test_identity.headers(token))).status == 200
+
+    now = datetime.now(UTC)
+    await bus.publish(announcement(AccessRevoked("admin-1", now + timedelta(seconds=1), now + timedelta(seconds=900), "signed_out")))
+    deadline = asyncio.get_running_loop().time() + 1.0
+    while (await client.get("/api/test/admin/actors", headers=test_identity.headers(admin))).status != 401:
+        assert asyncio.get_running_loop().time() < deadline, "the signed-out user's cached token still works"
+        await asyncio.sleep(0.02)
+    assert (await client.get("/api/test/admin/actors", headers=test_identity.headers(other))).status == 200
+
+    kid = test_identity.ring.keys()[0].kid
+    await bus.publish(announcement(SigningKeyRevoked(kid, now)))
+    deadline = asyncio.get_running_loop().time() + 1.0
+    while (await client.get("/api/test/admin/actors", headers=test_identity.headers(other))).status != 401:
+        assert asyncio.get_running_loop().time() < deadline, "a token signed with the revoked key still works"
+        await asyncio.sleep(0.02)
