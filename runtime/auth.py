@@ -45,13 +45,14 @@ from joserfc.errors import (
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 from joserfc.jwt import JWTClaimsRegistry
 
-from runtime.errors import Forbidden, Unauthorized
+from runtime.errors import Forbidden, ServiceUnavailable, Unauthorized
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "InsufficientScope",
     "InvalidToken",
     "JWKSUnavailable",
+    "KeySetUnavailable",
     "MissingToken",
     "Principal",
     "TokenVerifier",
@@ -149,6 +150,21 @@ class InvalidToken(Unauthorized):
     def __init__(self, detail: str) -> None:
         self.www_authenticate = _challenge("invalid_token", detail)
         super().__init__(detail, headers={"WWW-Authenticate": self.www_authenticate})
+
+
+class KeySetUnavailable(ServiceUnavailable):
+    """A token names a key this verifier does not know and identity's key set cannot be fetched right now: the
+    token is neither accepted nor called invalid; the client retries (503 + Retry-After)."""
+
+    slug = "key-set-unavailable"
+    title = "Token keys unavailable"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(
+            "The token is signed with a key this service does not know yet, and the key set could not be "
+            "fetched from the identity service; retry shortly.",
+            retry_after=retry_after,
+        )
 
 
 class InsufficientScope(Forbidden):
@@ -373,6 +389,10 @@ class TokenVerifier:
         """Fetch the JWKS now (not rate limited). Raises :class:`JWKSUnavailable`; the old keys stay."""
         await self._single_flight_fetch()
 
+    def _retry_in(self) -> float:
+        waited = self._clock() - (self._last_fetch_attempt or self._clock())
+        return max(1.0, 2.0 ** max(self._failed_in_a_row - 1, 0) - waited)
+
     def _may_refetch(self) -> bool:
         if self._fetch_task is not None and not self._fetch_task.done():
             return True  # join the fetch in flight
@@ -391,12 +411,18 @@ class TokenVerifier:
         if key is not None:
             self._maybe_refresh_in_background()
             return key
+        if kid in self._revoked_kids:
+            raise InvalidToken("The token is signed with a revoked key.")
         if self._closed or not self._may_refetch():
+            if self._failed_in_a_row and not self._closed:
+                # The key set cannot be fetched (identity restarting): the token may well be good, so "try again
+                # shortly" rather than "your token is bad" — a client would otherwise drop a valid token.
+                raise KeySetUnavailable(self._retry_in())
             raise InvalidToken("The token is signed with an unknown key.")
         try:
             await self._single_flight_fetch()
         except JWKSUnavailable:
-            raise InvalidToken("The token is signed with an unknown key and the key set could not be fetched.")
+            raise KeySetUnavailable(self._retry_in()) from None
         key = self._keys.get(kid)
         if key is None:
             raise InvalidToken("The token is signed with an unknown key.")

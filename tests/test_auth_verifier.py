@@ -23,6 +23,7 @@ from runtime.auth import (
     VERIFIER_KEY,
     InsufficientScope,
     InvalidToken,
+    KeySetUnavailable,
     MissingToken,
     Principal,
     TokenVerifier,
@@ -199,6 +200,16 @@ async def test_optional_claims_default(idp: IdP, verifier: TokenVerifier, clock:
 
 # ---------------------------------------------------------------------------------------------------
 # Refusing
+
+
+async def expect_unavailable(verifier: TokenVerifier, token: str) -> KeySetUnavailable:
+    """A token with a key the verifier cannot look up now (identity unreachable): 503 + Retry-After, not 401."""
+    with pytest.raises(KeySetUnavailable) as info:
+        await verifier.verify(token)
+    exc = info.value
+    assert exc.status == 503 and int(exc.headers["Retry-After"]) >= 1
+    assert "could not be fetched" in exc.detail and "503" not in exc.detail  # no internals to the client
+    return exc
 
 
 async def expect_invalid(verifier: TokenVerifier, token: str, fragment: str = "") -> InvalidToken:
@@ -529,8 +540,7 @@ async def test_fetch_failure_keeps_last_good_keys(idp: IdP, verifier: TokenVerif
     idp.fail = True
     idp.keys = [k1, k2]
     clock.advance(31)
-    exc = await expect_invalid(verifier, sign(k2, claims_for(idp.issuer, clock)), "could not be fetched")
-    assert "503" not in exc.detail  # no internals to the client
+    await expect_unavailable(verifier, sign(k2, claims_for(idp.issuer, clock)))
     assert verifier.fetch_failures == 1
     verifier.clear_cache()
     assert (await verifier.verify(t1)).sub  # the last good key set still works
@@ -547,11 +557,11 @@ async def test_identity_down_at_start(clock: Clock, es_key: SigningKey, unused_t
     issuer = f"http://127.0.0.1:{unused_tcp_port}"
     v = TokenVerifier(issuer=issuer, audience=AUDIENCE, clock=clock, fetch_timeout=2)
     try:
-        await expect_invalid(v, sign(es_key, claims_for(issuer, clock)), "could not be fetched")
+        await expect_unavailable(v, sign(es_key, claims_for(issuer, clock)))
         assert v.fetch_failures == 1
         # without any key set the retry comes sooner than refetch_interval (identity may start after us)
         clock.advance(1)
-        await expect_invalid(v, sign(es_key, claims_for(issuer, clock)), "could not be fetched")
+        await expect_unavailable(v, sign(es_key, claims_for(issuer, clock)))
         assert v.fetch_failures == 2
     finally:
         await v.close()
@@ -751,11 +761,11 @@ async def test_after_a_failed_fetch_a_new_key_is_retried_within_seconds(idp: IdP
     idp.keys = [k1, k2]
     clock.advance(31)
     t2 = sign(k2, claims_for(idp.issuer, clock))
-    await expect_invalid(verifier, t2, "could not be fetched")
+    await expect_unavailable(verifier, t2)
     clock.advance(1)
-    await expect_invalid(verifier, t2, "could not be fetched")  # retried after 1 s
+    await expect_unavailable(verifier, t2)  # retried after 1 s
     assert verifier.fetch_failures == 2
-    await expect_invalid(verifier, t2, "unknown key")  # but not at once again: the next wait is 2 s
+    await expect_unavailable(verifier, t2)  # not fetched at once again (the next wait is 2 s), still "retry"
     assert verifier.fetch_failures == 2
     idp.fail = False
     clock.advance(2)
