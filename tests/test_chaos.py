@@ -34,15 +34,12 @@ What happens, in order (every loop is bounded in count and time; all traffic is 
 
 Every failed invariant is reported with its count and examples; the numbers (purchases, paid, cancelled, probes,
 kill-to-recovery times) are printed (``pytest -s``).
-
-Enabled with ECOM_CHAOS=1 until the cluster fixes (fencing, placement, forwarding, saga back-off) land.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import random
 import time
 import uuid
@@ -72,7 +69,6 @@ from tests.support.cluster import (
     with_retries,
 )
 
-pytestmark = pytest.mark.skipif(os.environ.get("ECOM_CHAOS") != "1", reason="enabled once the cluster fixes land")
 
 BUYERS = 20
 TARGET_PURCHASES = 320  # accepted checkouts (202)

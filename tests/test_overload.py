@@ -18,7 +18,7 @@ several times what it can sustain, for 60 s.
 * every refused checkout got 503 with a Retry-After header (no other 5xx, no timeout, no dropped connection), and
   the orders in the saga never went far past the admission limit (<= limit + one in-flight checkout per buyer).
 
-Numbers are printed (``pytest -s``). Enabled with ECOM_OVERLOAD=1 until admission control lands.
+Numbers are printed (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ from tests.support.cluster import (
     retry_after_of,
 )
 
-pytestmark = pytest.mark.skipif(os.environ.get("ECOM_OVERLOAD") != "1", reason="enabled once checkout admission control lands")
 
 BUYERS = 64
 BURST_SECONDS = 60.0
