@@ -36,7 +36,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -392,9 +392,6 @@ def forwarding_middleware(key_of: KeyOf) -> Any:
 
     return forward
 
-
-def members_of(addresses: Sequence[str]) -> list[str]:
-    return [normalise(a) for a in addresses]
 
 
 def route_key_of(service: str) -> KeyOf:
