@@ -16,6 +16,9 @@ A progress line is printed while it runs; at the end, per operation: requests, t
 and latency percentiles. ``--proxy-get PATH`` instead sends one plain GET as fast as it can from
 ``--concurrency`` connections, so the gateway's own cost shows next to a direct call of the upstream.
 
+All the shoppers come from one address, so run the shop with its per-address limits off for a load test:
+``ECOM_GATEWAY_RATE_LIMIT=0 ECOM_AUTH_REGISTRATIONS_PER_ADDRESS=0 ecom run``.
+
 It only ever talks to 127.0.0.1: it is a load generator for your own machine, not for anyone else's.
 HTTP goes through the gateway's own lean client (gateway/client.py), so the generator costs little CPU next
 to what it measures.

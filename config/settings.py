@@ -187,6 +187,8 @@ class AuthSettings:
     lockout_seconds: float = 30.0  # first lock-out; doubles with every further failure
     jwks_refetch_interval: float = 30.0  # an unknown kid refetches JWKS at most this often
     leeway: float = 30.0  # clock skew allowed on exp/nbf
+    registrations_per_email: int = 5  # registrations a minute per email, in identity; 0 turns the limit off
+    registrations_per_address: int = 20  # registrations a minute per client address, in identity; 0: off
 
     def validate(self) -> None:
         _check(self.access_token_ttl >= 30, "access_token_ttl", "expected at least 30 seconds")
@@ -197,6 +199,8 @@ class AuthSettings:
         _check(self.lockout_seconds > 0, "lockout_seconds", "expected a positive number of seconds")
         _check(self.jwks_refetch_interval > 0, "jwks_refetch_interval", "expected a positive number of seconds")
         _check(0 <= self.leeway <= 300, "leeway", "expected 0 to 300 seconds")
+        for name in ("registrations_per_email", "registrations_per_address"):
+            _check(getattr(self, name) >= 0, name, "expected 0 (no limit) or more")
 
 
 @dataclass(frozen=True, slots=True)

@@ -329,18 +329,26 @@ class TokenBuckets:
 
 @dataclass(slots=True)
 class RegistrationLimits:
-    """5 registrations a minute per email, 20 per client address (each a burst of as many)."""
+    """Registrations a minute per email and per client address (each a burst of as many); None: no limit.
+    Defaults 5 and 20: ``ECOM_AUTH_REGISTRATIONS_PER_EMAIL`` / ``ECOM_AUTH_REGISTRATIONS_PER_ADDRESS``."""
 
-    per_email: TokenBuckets = field(default_factory=lambda: TokenBuckets(5, 5))
-    per_address: TokenBuckets = field(default_factory=lambda: TokenBuckets(20, 20))
+    per_email: TokenBuckets | None = field(default_factory=lambda: TokenBuckets(5, 5))
+    per_address: TokenBuckets | None = field(default_factory=lambda: TokenBuckets(20, 20))
+
+    @classmethod
+    def of(cls, per_email: int, per_address: int) -> RegistrationLimits:
+        return cls(
+            TokenBuckets(per_email, per_email) if per_email > 0 else None,
+            TokenBuckets(per_address, per_address) if per_address > 0 else None,
+        )
 
     def check(self, address: str, email: str) -> None:
-        wait = self.per_address.take(address)
+        wait = self.per_address.take(address) if self.per_address is not None else 0.0
         if wait:
             raise TooManyRequests(
                 f"Too many registrations from your address; try again in {math.ceil(wait)} seconds.", wait
             )
-        wait = self.per_email.take(email) if email else 0.0
+        wait = self.per_email.take(email) if email and self.per_email is not None else 0.0
         if wait:
             raise TooManyRequests(
                 f"Too many registrations for this email; try again in {math.ceil(wait)} seconds.", wait
@@ -354,7 +362,8 @@ def registration_limits(app: web.Application) -> RegistrationLimits:
     """The registration limits of one identity application (one set per process and app)."""
     limits = _limits.get(app)
     if limits is None:
-        limits = _limits[app] = RegistrationLimits()
+        auth = app[IDENTITY].settings.auth
+        limits = _limits[app] = RegistrationLimits.of(auth.registrations_per_email, auth.registrations_per_address)
     return limits
 
 

@@ -413,8 +413,10 @@ class TokenVerifier:
             return key
         if kid in self._revoked_kids:
             raise InvalidToken("The token is signed with a revoked key.")
+        # Keys handed over in-process (set_jwks: identity itself, tests) have no remote source to wait for.
+        remote = self._keys_from_remote or not self._keys_loaded
         if self._closed or not self._may_refetch():
-            if self._failed_in_a_row and not self._closed:
+            if self._failed_in_a_row and not self._closed and remote:
                 # The key set cannot be fetched (identity restarting): the token may well be good, so "try again
                 # shortly" rather than "your token is bad" — a client would otherwise drop a valid token.
                 raise KeySetUnavailable(self._retry_in())
@@ -422,6 +424,8 @@ class TokenVerifier:
         try:
             await self._single_flight_fetch()
         except JWKSUnavailable:
+            if not remote:
+                raise InvalidToken("The token is signed with an unknown key and the key set could not be fetched.") from None
             raise KeySetUnavailable(self._retry_in()) from None
         key = self._keys.get(kid)
         if key is None:
