@@ -86,7 +86,7 @@ class Identity:
         self.tokens = TokenIssuer(self.ring, self.issuer, self.audience)
 
     def headers(self, sub: str, roles: tuple[str, ...] = ("customer",)) -> dict[str, str]:
-        token, _ = self.tokens.issue_access_token(sub, "storefront", ["openid"], list(roles))
+        token, _ = self.tokens.issue_access_token(sub, "storefront", ["openid", "ecom"], list(roles))
         return {"Authorization": f"Bearer {token}"}
 
     def verifier(self) -> TokenVerifier:
