@@ -30,11 +30,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import orjson
 
+from runtime import jsonutil
 from runtime.errors import Problem, ServiceUnavailable
 from runtime.store import (
     CommitOutcome,
@@ -126,16 +126,13 @@ def handles(message_type: type) -> Callable[[Callable[..., Any]], Callable[..., 
     return mark
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    raise TypeError(f"cannot store {type(value).__name__} in actor state")
+_json_default = jsonutil.default  # the runtime's one encoder (runtime/jsonutil.py)
 
 
 def encode_json(value: Any) -> str:
-    return orjson.dumps(value, default=_json_default).decode()
+    """Actor state and reminder payloads as JSON text; datetimes keep orjson's plain form (``wire=False``),
+    as they have always been stored."""
+    return jsonutil.dumps_text(value, wire=False)
 
 
 class Actor:

@@ -26,6 +26,7 @@ from bus.base import MalformedMessage
 from bus.envelope import Envelope
 from runtime.actors import Actor, ActorRef, ActorSystem, DuplicateMessage
 from runtime.cluster import is_forwarded
+from runtime.jsonutil import to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,11 @@ T = TypeVar("T")
 
 
 def to_body(message: Any) -> dict[str, Any]:
-    """A dataclass message as a JSON-compatible dict."""
-    return {f.name: _encode(getattr(message, f.name)) for f in dataclasses.fields(message)}
+    """A dataclass message as a JSON-compatible dict (:func:`runtime.jsonutil.to_jsonable`)."""
+    return {f.name: to_jsonable(getattr(message, f.name)) for f in dataclasses.fields(message)}
 
 
-def _encode(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_body(value)
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_encode(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _encode(v) for k, v in value.items()}
-    return value
+_encode = to_jsonable  # the old name of the encoder, kept for any caller of it
 
 
 @cache

@@ -1,0 +1,162 @@
+"""The middlewares every service runs: request id, errors as problem+json, authorize-first, and schema
+validation with its body guards (media type, depth)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from aiohttp_apispec import validation_middleware
+from marshmallow import ValidationError
+
+from runtime.errors import BadRequest, Problem, ValidationProblem
+from runtime.web.responses import parse_json_body, problem_response
+
+__all__ = [
+    "authorize_first_middleware",
+    "error_middleware",
+    "request_id_middleware",
+    "request_id_var",
+    "schema_validation_middleware",
+    "validation_error_callback",
+]
+
+log = logging.getLogger("runtime.host")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_rng = random.Random()  # request ids need uniqueness, not secrecy
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-Id", "")
+    # 128 random bits as hex: as unique as a uuid4 without its system call and object per request.
+    rid = incoming if incoming and _REQUEST_ID_OK.match(incoming) else "%032x" % _rng.getrandbits(128)
+    request["request_id"] = rid
+    token = request_id_var.set(rid)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers["X-Request-Id"] = rid
+        raise
+    finally:
+        request_id_var.reset(token)
+    response.headers["X-Request-Id"] = rid
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem_response(problem, request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(exc.status, "http-error")
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 404:
+            detail = f"no resource at {request.path}"
+        elif exc.status == 405:
+            detail = f"{request.method} is not allowed on {request.path}"
+        if exc.status == 400 and exc.text and '"json"' in exc.text and "Invalid JSON" in exc.text:
+            # webargs' answer to an unparsable body: say it plainly, like read_json does.
+            slug, detail = "bad-request", "the body is not valid JSON"
+        problem = Problem(detail, status=exc.status, slug=slug, title=exc.reason)
+        response = problem_response(problem, request)
+        for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except asyncio.CancelledError:
+        raise
+    except (UnicodeDecodeError, RecursionError) as exc:
+        # Bytes no parser accepts (0xFF in a form, a body nested past any limit): the client's fault, never a 500.
+        what = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "nested too deeply"
+        return problem_response(BadRequest(f"the request body is {what}"), request)
+    except Exception:
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request.get("request_id"))
+        problem = Problem(
+            f"an unexpected error occurred; quote request id {request.get('request_id', '-')} when reporting it",
+            status=500,
+            slug="internal",
+            title="Internal error",
+        )
+        return problem_response(problem, request)
+
+
+@web.middleware
+async def authorize_first_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Run a route's ``@require`` check before its input is validated, so an anonymous caller gets 401
+    rather than a 422 that describes what a valid request looks like."""
+    needs = getattr(request.match_info.handler, "__auth_requirements__", None)
+    if needs:
+        from runtime.auth import authenticate, check_access
+
+        check_access(await authenticate(request), **needs)
+    return await handler(request)
+
+
+@web.middleware
+async def schema_validation_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp-apispec's validation, only for routes that declare schemas: its own middleware takes an
+    exception path on every other request, which costs the gateway's proxy route dearly."""
+    route_handler = request.match_info.handler
+    schemas = getattr(route_handler, "__schemas__", None)
+    if schemas is not None or isinstance(route_handler, type):
+        if schemas and request.can_read_body and request.method not in ("GET", "HEAD"):
+            if any(s["locations"] in (None, ["json"]) for s in schemas):
+                if request.content_type not in ("application/json", "application/octet-stream"):
+                    # aiohttp's multipart reader raises on a form without a boundary: refuse what is not JSON first
+                    raise Problem(
+                        f"the body must be application/json, not {request.content_type}", status=415, slug="unsupported-media-type",
+                        title="Unsupported Media Type",
+                    )
+                body = await request.read()  # aiohttp keeps it: the validator reads it again
+                if body:
+                    parse_json_body(body)  # before webargs' stdlib parser can recurse into a 10,000-deep body
+        return await validation_middleware(request, handler)
+    return await handler(request)
+
+
+def _flatten(messages: Any, prefix: str = "") -> dict[str, str]:
+    """marshmallow's nested error dict -> {"lines.0.quantity": "Must be greater than 0."}."""
+    out: dict[str, str] = {}
+    if isinstance(messages, Mapping):
+        for key, value in messages.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(messages, (list, tuple)) and messages and all(isinstance(m, str) for m in messages):
+        out[prefix or "body"] = " ".join(messages)
+    elif isinstance(messages, (list, tuple)):
+        for i, value in enumerate(messages):
+            out.update(_flatten(value, f"{prefix}.{i}" if prefix else str(i)))
+    else:
+        out[prefix or "body"] = str(messages)
+    return out
+
+
+_LOCATIONS = ("json", "query", "match_info", "path", "headers", "form", "querystring")
+
+
+def validation_error_callback(error: ValidationError, *_args: Any, **_kwargs: Any) -> None:
+    """webargs' hook for schema failures: raise a 422 problem that names each field."""
+    messages = error.messages
+    # webargs nests messages under the location ("json", "query"): the field name is what matters.
+    if isinstance(messages, Mapping) and set(messages) <= set(_LOCATIONS):
+        merged: dict[str, Any] = {}
+        for value in messages.values():
+            if isinstance(value, Mapping):
+                merged.update(value)
+        messages = merged or messages
+    raise ValidationProblem(_flatten(messages) or {"body": "invalid"})

@@ -1,0 +1,160 @@
+"""Startup unwinds: each part of a ServiceRuntime is its own cleanup context, so when one fails to start
+(here a service's on_start hook) everything started before it stops, and a normal start/stop leaves no
+background task behind."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bus.memory import MemoryBus
+from config import load_settings
+from runtime import migrate
+from runtime.host import ServiceRuntime, create_app
+
+
+class StartFailed(RuntimeError):
+    pass
+
+
+def _runtime_task_names(runtime: ServiceRuntime) -> set[str]:
+    """The names of the background tasks the runtime's parts start."""
+    name = runtime.system.name if runtime.system is not None else runtime.name
+    return {f"{name}-idle-sweeper", f"{name}-reminders", f"{name}-inbox-purge", "outbox-relay", "cluster-heartbeat"}
+
+
+def _running_runtime_tasks(runtime: ServiceRuntime) -> list[str]:
+    names = _runtime_task_names(runtime)
+    return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name() in names and not t.done())
+
+
+@pytest.fixture
+def disposed(monkeypatch: pytest.MonkeyPatch) -> list[AsyncEngine]:
+    """Every engine disposed during the test."""
+    seen: list[AsyncEngine] = []
+    original = AsyncEngine.dispose
+
+    async def dispose(self: AsyncEngine, close: bool = True) -> None:
+        seen.append(self)
+        await original(self, close)
+
+    monkeypatch.setattr(AsyncEngine, "dispose", dispose)
+    return seen
+
+
+async def _runtime(tmp_path: Any, events: list[str]) -> ServiceRuntime:
+    settings = load_settings({"ECOM_DATA_DIR": str(tmp_path)})
+    runtime = ServiceRuntime.with_database("unwind", settings, bus=MemoryBus(), owns_bus=True)
+    assert runtime.engine is not None and runtime.relay is not None and runtime.system is not None
+    await migrate.upgrade(runtime.engine, [migrate.RUNTIME])
+
+    async def first_hook() -> None:
+        events.append("first hook started")
+
+    async def on_stop() -> None:
+        events.append("stop hook ran")
+
+    runtime.on_start.append(first_hook)
+    runtime.on_stop.append(on_stop)
+    return runtime
+
+
+def _fail_on_start(runtime: ServiceRuntime, events: list[str]) -> None:
+    async def failing_hook() -> None:
+        # Everything before the hooks runs by now: the actors' loops, the relay, the revocation listener.
+        events.append("running before the failure: " + ",".join(_running_runtime_tasks(runtime)))
+        assert runtime._revocations is not None
+        raise StartFailed("the service cannot start")
+
+    runtime.on_start.append(failing_hook)
+
+
+async def test_a_failing_start_hook_fails_startup_and_stops_everything_started_before_it(tmp_path, disposed) -> None:
+    events: list[str] = []
+    runtime = await _runtime(tmp_path, events)
+    _fail_on_start(runtime, events)
+    relay = runtime.relay
+    runner = web.AppRunner(create_app(runtime), handle_signals=False)
+
+    with pytest.raises(StartFailed, match="cannot start"):
+        await runner.setup()
+    # What web.run_app does after a failed setup: the runner's cleanup stops what did start.
+    await runner.cleanup()
+
+    assert events[0] == "first hook started"
+    assert events[1] == "running before the failure: outbox-relay,unwind-idle-sweeper,unwind-inbox-purge,unwind-reminders"
+    assert events[2:] == ["stop hook ran"]
+    assert _running_runtime_tasks(runtime) == []
+    assert relay._task is None  # the relay was stopped
+    assert runtime._revocations is None  # the revocation listener too
+    assert runtime.engine in disposed
+    assert runtime.bus._closed
+
+
+async def test_service_runtime_start_unwinds_by_itself(tmp_path, disposed) -> None:
+    """Outside aiohttp, ServiceRuntime.start() stops what it started before raising."""
+    events: list[str] = []
+    runtime = await _runtime(tmp_path, events)
+    _fail_on_start(runtime, events)
+
+    with pytest.raises(StartFailed):
+        await runtime.start()
+
+    assert events[-1] == "stop hook ran"
+    assert _running_runtime_tasks(runtime) == []
+    assert runtime.relay._task is None
+    assert runtime.engine in disposed
+    await runtime.stop()  # nothing left to stop: harmless
+
+
+async def test_a_normal_start_and_stop_leaves_no_task_behind(tmp_path, disposed) -> None:
+    events: list[str] = []
+    runtime = await _runtime(tmp_path, events)
+    before = asyncio.all_tasks()
+    runner = web.AppRunner(create_app(runtime), handle_signals=False)
+
+    await runner.setup()
+    assert _running_runtime_tasks(runtime) == sorted(_runtime_task_names(runtime) - {"cluster-heartbeat"})
+    assert set(runtime.ready_checks) >= {"database", "bus"}
+    await runner.cleanup()
+
+    assert events == ["first hook started", "stop hook ran"]
+    assert _running_runtime_tasks(runtime) == []
+    await asyncio.sleep(0)
+    leftover = [t.get_name() for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    assert leftover == []
+    assert runtime.relay._task is None
+    assert runtime.engine in disposed
+
+
+async def test_parts_stop_in_reverse_dependency_order(tmp_path) -> None:
+    """Hooks, then the revocation listener, the relay, the actors, the bus, the verifier, the engine."""
+    runtime = await _runtime(tmp_path, [])
+    order: list[str] = []
+
+    def spy(obj: Any, method: str, label: str) -> None:
+        original = getattr(obj, method)
+
+        async def wrapped(*args: Any, **kwargs: Any) -> Any:
+            order.append(label)
+            return await original(*args, **kwargs)
+
+        setattr(obj, method, wrapped)
+
+    spy(runtime.relay, "stop", "relay")
+    spy(runtime.system, "stop", "actors")
+    spy(runtime.bus, "close", "bus")
+    spy(runtime.verifier, "close", "verifier")
+
+    async def hook_stop() -> None:
+        order.append("hooks")
+
+    runtime.on_stop.append(hook_stop)
+    runner = web.AppRunner(create_app(runtime), handle_signals=False)
+    await runner.setup()
+    await runner.cleanup()
+    assert order == ["hooks", "relay", "actors", "bus", "verifier"]
