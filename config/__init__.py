@@ -13,6 +13,7 @@ from config.settings import (
     ServiceSettings,
     Settings,
     ShopSettings,
+    StartupError,
     load_settings,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "ServiceSettings",
     "ShopSettings",
     "Settings",
+    "StartupError",
     "load_settings",
 ]

@@ -14,6 +14,7 @@ with something a person can act on instead of a traceback.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 import types
@@ -31,6 +32,11 @@ BUS_BACKENDS = ("memory", "rabbitmq", "azure")
 
 class ConfigError(ValueError):
     """A setting has a value the program cannot use; the message names the setting."""
+
+
+class StartupError(Exception):
+    """Start-up cannot go on for a reason the user can fix (a port in use, a database or broker that does not
+    answer); the message is one line naming the cause. ``ecom`` prints it and exits with status 1."""
 
 
 class _Invalid(ValueError):
@@ -73,6 +79,9 @@ class ServiceSettings:
 
     def validate(self) -> None:
         _check(0 < self.port < 65536, "port", "expected a TCP port between 1 and 65535")
+        if self.database_url:
+            problem = database_url_problem(self.database_url)
+            _check(problem is None, "database_url", problem or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +252,27 @@ class ClusterSettings:
         return self.enabled == "true" or (self.enabled == "auto" and bus_backend != "memory")
 
 
+DATABASE_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg", "mssql": "aioodbc"}
+
+
+def database_url_problem(url: str) -> str | None:
+    """None if ``url`` is a database URL the runtime can open, else why not (one line, no password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    expected = "expected sqlite+aiosqlite:///<file>, postgresql+asyncpg://<user>@<host>/<db> or mssql+aioodbc://…"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return f"not a database URL: {expected}"
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend not in DATABASE_DRIVERS:
+        return f"unsupported database {backend!r}: {expected}"
+    if driver != DATABASE_DRIVERS[backend]:
+        return f"{backend} needs the async driver: use {backend}+{DATABASE_DRIVERS[backend]}://"
+    return None
+
+
 def _default_services() -> dict[str, ServiceSettings]:
     return {
         name: (GatewaySettings if name == "gateway" else ServiceSettings)(port=port) for name, port in DEFAULT_PORTS.items()
@@ -352,13 +382,62 @@ def _build(cls: type, section: str, base: Any, toml: Mapping[str, Any], env: Map
     except _Invalid as exc:
         var = env_name(section, exc.field)
         where = var if var in env else f"[{section}] {exc.field}"
-        raise ConfigError(f"{where}: {exc}, got {getattr(result, exc.field)!r}") from None
+        got = getattr(result, exc.field)
+        if exc.field == "database_url":
+            got = _hide_password(got)
+        raise ConfigError(f"{where}: {exc}, got {got!r}") from None
     return result
+
+
+def _hide_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not parseable: show only the scheme
+        return url.partition("://")[0] + "://…" if "://" in url else url
+
+
+SECTIONS: dict[str, type] = {
+    "general": GeneralSettings,
+    "bus": BusSettings,
+    "actors": ActorSettings,
+    "auth": AuthSettings,
+    "shop": ShopSettings,
+    "cluster": ClusterSettings,
+    **{name: GatewaySettings if name == "gateway" else ServiceSettings for name in SERVICES},
+}
+
+# ECOM_* variables read outside the settings: the TOML file, identity's key-encryption key file, the chaos
+# switch of the fault tests; ``ECOM_TEST_*`` variables belong to the test suite (tests/conftest.py).
+OTHER_VARIABLES = frozenset({"ECOM_CONFIG", "ECOM_IDENTITY_KEK_FILE", "ECOM_CHAOS"})
+OTHER_PREFIXES = ("ECOM_TEST_",)
+
+
+def setting_variables() -> frozenset[str]:
+    """Every ``ECOM_*`` variable a setting reads (built from the dataclasses)."""
+    return frozenset(env_name(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls))
+
+
+def known_variables() -> frozenset[str]:
+    return setting_variables() | OTHER_VARIABLES
+
+
+def check_variables(env: Mapping[str, str]) -> None:
+    """Raise :class:`ConfigError` naming the first ``ECOM_*`` variable nothing reads (with the closest valid name)."""
+    known = known_variables()
+    for var in sorted(env):
+        if not var.startswith("ECOM_") or var in known or var.startswith(OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else "; see the settings table in README.md"
+        raise ConfigError(f"{var}: unknown setting{hint}")
 
 
 def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.PathLike[str] | None = None) -> Settings:
     """Load settings; raise :class:`ConfigError` (one line, names the setting) on any bad value."""
     env = os.environ if env is None else env
+    check_variables(env)
     path = config_file if config_file is not None else env.get("ECOM_CONFIG")
     toml: dict[str, Any] = {}
     if path:
@@ -369,9 +448,8 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
             raise ConfigError(f"ECOM_CONFIG: file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"ECOM_CONFIG: {path} is not valid TOML: {exc}") from None
-    known = {"general", "bus", "actors", "auth", "shop", "cluster", *SERVICES}
     for key in toml:
-        if key not in known or not isinstance(toml[key], dict):
+        if key not in SECTIONS or not isinstance(toml[key], dict):
             raise ConfigError(f"ECOM_CONFIG: unknown section [{key}] in {path}")
     defaults = Settings()
     general = _build(GeneralSettings, "general", defaults.general, toml.get("general", {}), env)

@@ -4,6 +4,7 @@
     ecom users list
     ecom users set-role EMAIL ROLE [ROLE ...]
     ecom users lock EMAIL [--unlock]
+    ecom users set-password EMAIL [--password-stdin]
     ecom keys rotate [--alg ES256|Ed25519|RS256] [--immediately]
     ecom keys list
     ecom keys revoke KID
@@ -33,7 +34,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from config import Settings
-from identity.accounts import ROLES, generate_password, normalize_email, register_user, set_disabled, set_roles
+from identity.accounts import (
+    ROLES,
+    change_password,
+    generate_password,
+    normalize_email,
+    register_user,
+    set_disabled,
+    set_roles,
+)
 from identity.keys import SIGNING_ALGORITHMS
 from identity.keystore import KeyManager
 from identity.oauth import GRANT_TYPES, SCOPES, build_client, check_redirect_uri
@@ -55,8 +64,10 @@ def _run(settings: Settings, work: Work) -> int:
         async with open_repository(settings) as repo:
             return await work(repo)
 
+    from runtime.cli import with_database
+
     try:
-        return asyncio.run(main())
+        return asyncio.run(with_database(settings, "identity", main()))
     except CliError as exc:
         print(f"ecom: {exc}", file=sys.stderr)
         return 1
@@ -106,6 +117,28 @@ def users_add(settings: Settings, args: argparse.Namespace) -> int:
         print(f"created {user.email} ({user.id}) with roles {', '.join(user.roles)}")
         if generated:
             print(f"generated password (shown only now): {password}")
+        return 0
+
+    return _run(settings, work)
+
+
+def users_set_password(settings: Settings, args: argparse.Namespace) -> int:
+    """Set an account's password (the admin's, say, when the generated one is lost): prompted for, or read from
+    ``--password-stdin``; the same password policy as registration, with the account's email and name."""
+
+    async def work(repo: Repository) -> int:
+        user = await repo.user_by_email(normalize_email(args.email))
+        if user is None:
+            raise CliError(f"no account has the email {normalize_email(args.email)}")
+        if not args.password_stdin and not sys.stdin.isatty():
+            raise CliError("set-password: give the new password on standard input with --password-stdin, "
+                           "or run it in a terminal to be prompted")
+        password, _ = _read_password(args)
+        try:
+            await change_password(repo, default_passwords(), user, password, field="password")
+        except ValidationProblem as exc:
+            raise CliError("; ".join(f"{f}: {m}" for f, m in exc.errors.items())) from None
+        print(f"{user.email}: password changed (sign in again with it; existing tokens stay valid until they expire)")
         return 0
 
     return _run(settings, work)
@@ -303,6 +336,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     p.set_defaults(handler=users_add)
     users.add_parser("list", help="list accounts").set_defaults(handler=users_list)
+    p = users.add_parser("set-password", help="set an account's password (prompted, or --password-stdin)")
+    p.add_argument("email")
+    p.add_argument("--password-stdin", action="store_true", help="read the new password from standard input")
+    p.set_defaults(handler=users_set_password)
     p = users.add_parser("set-role", help="replace an account's roles")
     p.add_argument("email")
     p.add_argument("roles", nargs="+", choices=ROLES)

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import importlib
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
 from aiohttp import web
 
-from config import ConfigError, Settings, load_settings
+from config import ConfigError, Settings, StartupError, load_settings
 from runtime import migrate, services
 from runtime.host import request_id_var
 from runtime.store import create_engine
@@ -31,6 +35,122 @@ from runtime.store import create_engine
 log = logging.getLogger("ecom")
 
 EXTRA_COMMANDS = ("identity.cli", "bus.azure")
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Start-up failures a user can cause, each turned into one line naming the cause
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, one-line reason for a failed connection (no traceback, no password)."""
+    root = _root_cause(exc)
+    if isinstance(root, ConnectionRefusedError):
+        return "connection refused (is the server running and listening there?)"
+    if isinstance(root, socket.gaierror):
+        return "unknown host name"
+    if isinstance(root, TimeoutError):
+        return "no answer in time"
+    text = " ".join(str(root).split()) or type(root).__name__
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(root).__name__}: {text}" if not str(root).startswith(type(root).__name__) else text
+
+
+def safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL: nothing to hide that we can find
+        return url.partition("://")[0] + "://…" if "://" in url else url
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    errors: list[type[BaseException]] = [OSError, TimeoutError, SQLAlchemyError]
+    try:
+        import asyncpg
+
+        errors.append(asyncpg.PostgresError)
+    except ImportError:  # pragma: no cover - asyncpg is a dependency
+        pass
+    return tuple(errors)
+
+
+async def with_database(settings: Settings, service: str, work: Awaitable[T]) -> T:
+    """Await ``work`` on ``service``'s database; a database that cannot be reached is a :class:`StartupError`."""
+    url = settings.database_url(service)
+    try:
+        return await work
+    except _database_errors() as exc:
+        raise StartupError(f"{service}: cannot use the database {safe_url(url)}: {describe_error(exc)}") from exc
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Somebody listens on ``host:port`` (checked the way the server binds: SO_REUSEADDR)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # the real bind will say what is wrong with the host
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def port_taken_message(host: str, port: int, service: str) -> str:
+    return (
+        f"port {port} on {host} ({service}) is already in use: is another `ecom run` or `make run` going? "
+        f"Stop it, or choose another port with ECOM_{service.upper()}_PORT"
+    )
+
+
+def check_ports(settings: Settings, ports: Sequence[tuple[str, int]]) -> None:
+    """Stop before any work when a port we are about to listen on is taken."""
+    for service, port in ports:
+        if port_in_use(settings.general.host, port):
+            raise StartupError(port_taken_message(settings.general.host, port, service))
+
+
+async def start_bus(settings: Settings):  # -> bus.base.Bus, started
+    """Make and start the configured bus; a broker that cannot be reached is a :class:`StartupError`."""
+    bus = make_bus(settings)
+    # The client library logs each failed attempt as an ERROR with its own wording; the one line below says it.
+    amqp_log = logging.getLogger("aiormq.connection")
+    level = amqp_log.level
+    amqp_log.setLevel(logging.CRITICAL)
+    try:
+        await bus.start()
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raises, the user sees one line
+        with contextlib.suppress(Exception):
+            await bus.close()
+        backend = settings.bus.backend
+        detail = str(exc).splitlines()[0] if str(exc) else describe_error(exc)
+        if "cannot connect" not in detail:
+            detail = f"cannot connect to the {backend} broker at {safe_url(settings.bus.url or '(default)')}: {describe_error(exc)}"
+        raise StartupError(f"bus ({backend}): {detail}; set ECOM_BUS_URL, or ECOM_BUS=memory for one process") from exc
+    finally:
+        amqp_log.setLevel(level)
+    return bus
 
 
 class _RequestIdFilter(logging.Filter):
@@ -85,7 +205,7 @@ async def upgrade(settings: Settings, names: Sequence[str] = ()) -> None:
     for service in services.available():
         if names and service.name not in names:
             continue
-        result = await services.upgrade_database(settings, service)
+        result = await with_database(settings, service.name, services.upgrade_database(settings, service))
         if result is None:
             continue
         for component, (before, after) in result.items():
@@ -99,7 +219,7 @@ async def status(settings: Settings) -> None:
             continue
         engine = create_engine(settings.database_url(service.name))
         try:
-            versions = await migrate.current_versions(engine)
+            versions = await with_database(settings, service.name, migrate.current_versions(engine))
         finally:
             await engine.dispose()
         heads = {"runtime": migrate.RUNTIME.head, service.name: service.schema.head}
@@ -116,33 +236,45 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
     if not chosen:
         print("no services are built yet; nothing to run", file=sys.stderr)
         return
-    for service in chosen:
-        await services.upgrade_database(settings, service)
-        await service.seed(settings)
+    # What a user can get wrong is checked before any work, each failure one line: the ports, the broker, the
+    # databases (their URLs were checked with the settings).
+    check_ports(settings, [(s.name, settings.services[s.name].port) for s in chosen])
     # One bus for the whole process: in embedded mode that is what connects the services.
-    bus = make_bus(settings)
-    await bus.start()
+    bus = await start_bus(settings)
     runners: list[web.AppRunner] = []
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except NotImplementedError:  # pragma: no cover - Windows
-            pass
     try:
+        # Every database is migrated before any is seeded: one that cannot be reached stops start-up before
+        # anything else happens (the first-run seed creates keys and prints the admin password).
+        for service in chosen:
+            await with_database(settings, service.name, services.upgrade_database(settings, service))
+        for service in chosen:
+            await with_database(settings, service.name, service.seed(settings))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except NotImplementedError:  # pragma: no cover - Windows
+                pass
         for service in chosen:
             app = service.create_app(settings, bus=bus)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             runners.append(runner)
             port = settings.services[service.name].port
-            await web.TCPSite(runner, settings.general.host, port, backlog=1024, reuse_address=True).start()
+            try:
+                await web.TCPSite(runner, settings.general.host, port, backlog=1024, reuse_address=True).start()
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise StartupError(port_taken_message(settings.general.host, port, service.name)) from None
+                raise StartupError(f"cannot listen on {settings.general.host}:{port} ({service.name}): "
+                                   f"{exc.strerror or exc}") from None
             log.info("%s listening on http://%s:%d", service.name, settings.general.host, port)
         print(f"EcomGateway running: {', '.join(s.name for s in chosen)} (Ctrl-C to stop)", flush=True)
         await stop.wait()
     finally:
-        log.info("stopping")
+        if runners:
+            log.info("stopping")
         for runner in reversed(runners):
             await runner.cleanup()
         await bus.close()
@@ -188,6 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ecom: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.general.log_level)
+    if not (args.command == "db" and args.db_command == "upgrade") and settings.general.log_level.upper() != "DEBUG":
+        # Migrations are applied by every command that opens a database; only `ecom db upgrade` reports them
+        # (it prints one line per component as well), the others keep quiet about them.
+        logging.getLogger("runtime.migrate").setLevel(logging.WARNING)
+    if settings.general.log_level.upper() != "DEBUG":
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl SQLiteImpl." and the like
     install_uvloop()
     try:
         if args.command == "run" and args.processes:
@@ -208,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ecom: configuration error: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"ecom: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

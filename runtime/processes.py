@@ -57,13 +57,29 @@ def check_shareable(settings: Settings) -> None:
             )
 
 
+def planned_ports(settings: Settings, procs: list[tuple[str, dict[str, str]]]) -> list[tuple[str, int]]:
+    """(service, port) of every process of the plan."""
+    return [
+        (name, int(extra.get(f"ECOM_{name.upper()}_PORT", settings.services[name].port))) for name, extra in procs
+    ]
+
+
 async def run_processes(settings: Settings, instances: Mapping[str, int]) -> int:
+    from runtime.cli import check_ports, start_bus, with_database
+
     check_shareable(settings)
+    procs = plan(settings, instances)
+    # Failures a user can cause stop the parent with one line before any child starts: a port in use, a broker
+    # or a database that does not answer.
+    check_ports(settings, planned_ports(settings, procs))
+    bus = await start_bus(settings)
+    await bus.close()
     for service in services.available():
-        await services.upgrade_database(settings, service)
-        await service.seed(settings)
+        await with_database(settings, service.name, services.upgrade_database(settings, service))
+    for service in services.available():
+        await with_database(settings, service.name, service.seed(settings))
     children: list[tuple[str, asyncio.subprocess.Process]] = []
-    for name, extra in plan(settings, instances):
+    for name, extra in procs:
         env = {**os.environ, **extra}
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "runtime.cli", "serve", name, env=env)
         children.append((name, proc))

@@ -160,3 +160,41 @@ def test_ecom_users_command_in_a_subprocess(tmp_path: Any) -> None:
             return await repo.user_by_email("dan@example.com")
 
     assert asyncio.run(stored()) is not None
+
+
+async def test_users_set_password(settings: Settings, capsys: Any, monkeypatch: Any) -> None:
+    assert await ecom(settings, "users", "add", "eve@example.com", "--password-stdin", stdin="Correct-Horse-9\n",
+                      monkeypatch=monkeypatch) == 0
+    new = "plum tractor velvet 83 orbit"
+    assert await ecom(settings, "users", "set-password", "EVE@example.com", "--password-stdin", stdin=new + "\n",
+                      monkeypatch=monkeypatch) == 0
+    out = capsys.readouterr().out
+    assert "eve@example.com: password changed" in out and new not in out
+    async with open_repository(settings) as repo:
+        eve = await repo.user_by_email("eve@example.com")
+    assert eve is not None and CHEAP_PASSWORDS.hasher.verify(eve.password_hash, new)
+    assert not eve.password_change_required
+    # the registration policy applies; unknown accounts and a missing password are one-line errors
+    assert await ecom(settings, "users", "set-password", "eve@example.com", "--password-stdin", stdin="password1\n",
+                      monkeypatch=monkeypatch) == 1
+    assert capsys.readouterr().err.startswith("ecom: password: ")
+    assert await ecom(settings, "users", "set-password", "nobody@example.com", "--password-stdin", stdin=new + "\n",
+                      monkeypatch=monkeypatch) == 1
+    assert "no account has the email nobody@example.com" in capsys.readouterr().err
+    # no terminal and no --password-stdin: nothing is generated for an existing account
+    assert await ecom(settings, "users", "set-password", "eve@example.com", stdin="", monkeypatch=monkeypatch) == 1
+    assert "--password-stdin" in capsys.readouterr().err
+    async with open_repository(settings) as repo:
+        assert CHEAP_PASSWORDS.hasher.verify((await repo.user_by_email("eve@example.com")).password_hash, new)
+
+
+def test_ecom_users_set_password_in_a_subprocess(tmp_path: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECOM_")}
+    env.update(ECOM_DATA_DIR=str(tmp_path), ECOM_LOG_LEVEL="WARNING")
+    cmd = [sys.executable, "-m", "runtime.cli", "users"]
+    run = lambda *argv, stdin="": subprocess.run([*cmd, *argv], input=stdin, env=env, capture_output=True,  # noqa: E731
+                                                 text=True, timeout=60)
+    assert run("add", "admin@example.com", "--role", "admin").returncode == 0
+    changed = run("set-password", "admin@example.com", "--password-stdin", stdin="plum tractor velvet 83 orbit\n")
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stderr == "" and "password changed" in changed.stdout
