@@ -300,3 +300,30 @@ async def test_every_service_hears_revocations_on_the_bus(aiohttp_client, tmp_pa
     while (await client.get("/api/test/admin/actors", headers=test_identity.headers(other))).status != 401:
         assert asyncio.get_running_loop().time() < deadline, "a token signed with the revoked key still works"
         await asyncio.sleep(0.02)
+
+
+def test_one_json_encoder_for_the_runtime() -> None:
+    """Host responses, actor state and bus message bodies share runtime/jsonutil.py's rules."""
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from runtime import jsonutil
+    from runtime.actors import encode_json
+    from runtime.host import dumps, isoformat
+    from runtime.messages import to_body
+
+    when = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert dumps({"price": Decimal("9.90"), "tags": {"b", "a"}, "at": when}) == b'{"price":"9.90","tags":["a","b"],"at":"2024-05-01T12:00:00Z"}'
+    assert dumps({"at": datetime(2024, 5, 1, 12, 0)}) == b'{"at":"2024-05-01T12:00:00Z"}'  # naive: UTC
+    assert isoformat(when) == jsonutil.isoformat(when) == "2024-05-01T12:00:00Z"
+    assert encode_json({"price": Decimal("1.50"), "ids": frozenset({"y", "x"})}) == '{"price":"1.50","ids":["x","y"]}'
+
+    @dataclass(frozen=True)
+    class Priced:
+        price: Decimal
+        at: datetime
+        ids: frozenset[str]
+
+    assert to_body(Priced(Decimal("2.00"), when, frozenset({"b", "a"}))) == {"price": "2.00", "at": "2024-05-01T12:00:00Z", "ids": ["a", "b"]}
+    with pytest.raises(TypeError):
+        dumps({"x": object()})
