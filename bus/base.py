@@ -16,6 +16,8 @@ Delivery is at-least-once: consumers dedupe on ``message_id`` (the inbox table),
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -25,7 +27,9 @@ if TYPE_CHECKING:
     # would be circular. ``bus`` re-exports both, so callers never notice.
     from bus.envelope import Envelope
 
-__all__ = ["Bus", "BusError", "Consumer", "DeadLetter", "Handler", "MalformedMessage"]
+__all__ = ["Bus", "BusError", "Consumer", "DeadLetter", "Handler", "MalformedMessage", "retry_then_drop"]
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[["Envelope"], Awaitable[None]]
 
@@ -116,3 +120,39 @@ def subscription_types(event_types: Collection[str]) -> frozenset[str]:
     if not types:
         raise ValueError("event_types must not be empty")
     return types
+
+
+BROADCAST_ATTEMPTS = 4  # handler calls per broadcast event before it is dropped with a warning
+BROADCAST_RETRY_DELAY = 0.2  # seconds before the first retry, doubled per retry...
+BROADCAST_MAX_RETRY_DELAY = 5.0  # ...up to this
+
+
+def retry_then_drop(handler: Handler, label: str, attempts: int, first_delay: float) -> Handler:
+    """``handler`` for a broadcast stream (every backend's ``broadcast``): a failure is retried in place
+    (holding the stream, so order holds) after ``first_delay`` seconds, doubling up to
+    BROADCAST_MAX_RETRY_DELAY; after ``attempts`` failed calls the event is dropped with a warning.
+    Announcements are idempotent and nobody could act on a dead letter of a per-process queue or
+    subscription (it goes with the process), so the stream goes on instead of stalling."""
+
+    async def handle(envelope: Envelope) -> None:
+        delay = first_delay
+        for attempt in range(1, attempts + 1):
+            try:
+                await handler(envelope)
+                return
+            except Exception as exc:  # logged; the stream must go on
+                reason = f"{type(exc).__name__}: {exc}"
+                if attempt >= attempts:
+                    log.warning(
+                        "%s: dropping %s %s after %d failed attempts: %s",
+                        label, envelope.type, envelope.message_id, attempt, reason, exc_info=exc,
+                    )  # fmt: skip
+                    return
+                log.warning(
+                    "%s: %s %s failed (attempt %d of %d), retrying in %.2fs: %s",
+                    label, envelope.type, envelope.message_id, attempt, attempts, delay, reason,
+                )  # fmt: skip
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BROADCAST_MAX_RETRY_DELAY)
+
+    return handle

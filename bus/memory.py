@@ -1,30 +1,31 @@
 """In-process bus for the embedded mode and tests.
 
-Layout per queue (a service queue or a topic subscription):
-
-- ``sessions``: session id -> deque of pending messages; an entry exists only while the session has
-  messages or is held, so idle sessions cost nothing;
-- ``ready``: FIFO of sessions that have messages and are not held by anyone;
-- ``held``: sessions that are in ``ready`` or being handled / waiting for redelivery. A session is
-  held by at most one worker, which gives "one handler call per session" across all consumers.
-
-Workers are tasks of a consumer, spawned only while there is ready work (up to the consumer's
-``max_concurrent_sessions``) and exiting when ``ready`` runs dry: no polling, no idle tasks. A worker
-handles one message of a session, then puts the session at the back of ``ready`` so long sessions
-cannot starve others.
+Every queue (a service queue or a topic subscription) is a :class:`bus.sessions.SessionScheduler`
+shared by all its consumers: per-session FIFOs, the sessions ready to be handled, and the sessions held
+by a worker, which gives "one handler call per session" across all consumers. Each consumer is a
+:class:`bus.sessions.WorkerPool` of up to ``max_concurrent_sessions`` workers, spawned only while there
+is ready work (in the consumer with the most free slots) and exiting when there is none.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from bus.base import BusError, DeadLetter, Handler, check_name, subscription_types
+from bus.base import (
+    BROADCAST_ATTEMPTS,
+    BROADCAST_RETRY_DELAY,
+    BusError,
+    DeadLetter,
+    Handler,
+    check_name,
+    retry_then_drop,
+    subscription_types,
+)
 from bus.envelope import Envelope, utc_now
+from bus.sessions import SessionScheduler, WorkerPool, note_failure, run_handler
 
 __all__ = ["MemoryBus", "MemoryConsumer"]
 
@@ -38,19 +39,14 @@ class _Pending:
     failures: int = 0
 
 
-class _Queue:
-    __slots__ = (
-        "bus", "name", "label", "sessions", "ready", "held", "consumers", "dead",
-        "pending", "in_flight", "delivered", "completed",
-    )  # fmt: skip
+class _Queue(SessionScheduler[_Pending]):
+    """A service queue or a topic subscription: its sessions, dead letters and counters."""
 
     def __init__(self, bus: MemoryBus, name: str, label: str) -> None:
+        super().__init__()
         self.bus = bus
         self.name = name
         self.label = label  # key in stats(); subscriptions and queues may share a name
-        self.sessions: dict[str, deque[_Pending]] = {}
-        self.ready: deque[str] = deque()
-        self.held: set[str] = set()
         self.consumers: list[MemoryConsumer] = []
         self.dead: list[DeadLetter] = []
         self.pending = 0
@@ -58,40 +54,9 @@ class _Queue:
         self.delivered = 0
         self.completed = 0
 
-    def put(self, envelope: Envelope) -> None:
-        queue = self.sessions.get(envelope.session_id)
-        if queue is None:
-            queue = self.sessions[envelope.session_id] = deque()
-        queue.append(_Pending(envelope))
+    def put_message(self, envelope: Envelope) -> None:
         self.pending += 1
-        if envelope.session_id not in self.held:
-            self.held.add(envelope.session_id)
-            self.ready.append(envelope.session_id)
-            self.dispatch()
-
-    def release(self, session: str, *, dispatch: bool) -> None:
-        """Un-hold a session; it goes back to ``ready`` if it still has messages.
-
-        A worker that keeps looping passes ``dispatch=False``: it will take from ``ready`` itself,
-        and waking another worker for the same item would only churn tasks.
-        """
-        if self.sessions.get(session):
-            self.ready.append(session)
-            if dispatch:
-                self.dispatch()
-        else:
-            self.sessions.pop(session, None)
-            self.held.discard(session)
-
-    def dispatch(self) -> None:
-        """Start workers for ready sessions that no running or starting worker will pick up."""
-        starting = sum(len(c.starting) for c in self.consumers)
-        while len(self.ready) > starting:
-            consumer = max(self.consumers, key=MemoryConsumer.free, default=None)
-            if consumer is None or consumer.free() <= 0:
-                return  # every consumer is at its limit; a finishing worker will loop to it
-            consumer.spawn()
-            starting += 1
+        self.put(envelope.session_id, _Pending(envelope))
 
     def stats(self) -> dict[str, int]:
         return {
@@ -116,23 +81,14 @@ class _BroadcastConsumer:
 
 
 class MemoryConsumer:
-    """One consumer of one queue; stop() behaves like its process dying."""
+    """One consumer of one queue (a pool of workers on the queue's scheduler); stop() behaves like
+    its process dying."""
 
     def __init__(self, queue: _Queue, handler: Handler, max_concurrent_sessions: int) -> None:
         self._queue = queue
         self._handler = handler
-        self._limit = max_concurrent_sessions
-        self._workers: set[asyncio.Task[None]] = set()
-        self.starting: set[asyncio.Task[None]] = set()  # spawned, not yet running
+        self._pool = WorkerPool(queue, self._turn, max_concurrent_sessions, f"bus:{queue.label}", self._crashed)
         self._stopped = False
-
-    def free(self) -> int:
-        return self._limit - len(self._workers)
-
-    def spawn(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._work(), name=f"bus:{self._queue.label}")
-        self._workers.add(task)
-        self.starting.add(task)
 
     async def stop(self) -> None:
         if self._stopped:
@@ -141,97 +97,57 @@ class MemoryConsumer:
         queue = self._queue
         if self in queue.consumers:
             queue.consumers.remove(self)
-        # A handler may stop its own consumer: don't cancel/await ourselves, the loop sees _stopped.
-        current = asyncio.current_task()
-        tasks = [t for t in self._workers if t is not current]
-        for task in tasks:
-            task.cancel()
+        self._pool.detach()
+        # A handler may stop its own consumer: don't cancel/await ourselves, the loop sees it stopped.
+        tasks = self._pool.cancel(keep=asyncio.current_task())
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.starting.clear()
         queue.dispatch()  # sessions handed back (or left in ready) go to the remaining consumers
 
-    async def _work(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.starting.discard(task)
-        queue = self._queue
-        try:
-            while queue.ready and not self._stopped:
-                await self._turn(queue.ready.popleft())
-        except asyncio.CancelledError:
-            pass  # stop(): _turn already handed the message back
-        except BaseException:  # a bug here would silently stall sessions: make it loud
-            log.exception("bus worker for %s crashed", queue.label)
-            raise
-        finally:
-            self._workers.discard(task)
-            # Normally we only exit once ready is empty; when stopped mid-loop, hand leftovers on.
-            if queue.ready:
-                queue.dispatch()
+    def _crashed(self, exc: Exception) -> None:
+        log.error("bus worker for %s crashed", self._queue.label, exc_info=exc)
 
     async def _turn(self, session: str) -> None:
         queue = self._queue
         bus = queue.bus
-        pending = queue.sessions[session]
-        item = pending.popleft()
+        item = queue.take(session)
+        if item is None:
+            queue.release(session, dispatch=False)
+            return
         queue.pending -= 1
         item.deliveries += 1
         envelope = item.envelope.with_headers(**{"delivery-count": str(item.deliveries)})
         queue.in_flight += 1
         queue.delivered += 1
         try:
-            await self._handler(envelope)
-        except Exception as exc:
-            queue.in_flight -= 1
-            self._failed(session, item, exc)
-        except BaseException as exc:
-            queue.in_flight -= 1
-            task = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling():
-                # The handler leaked a CancelledError of its own (nobody cancelled us): count it as
-                # a failure, or it would be redelivered forever without ever reaching max_attempts.
-                self._failed(session, item, exc)
-                return
+            failure = await run_handler(self._handler, envelope)
+        except BaseException:
             # Stop/close (or interpreter exit) mid-message: unsettled, so it goes back to the head
             # of its session for the next consumer. Not a failed attempt: the handler never finished.
-            pending.appendleft(item)
+            queue.in_flight -= 1
+            queue.hand_back(session, item)
             queue.pending += 1
             queue.release(session, dispatch=True)
             raise
-        else:
-            queue.in_flight -= 1
-            queue.completed += 1
-            queue.release(session, dispatch=False)
-            bus._settled()
+        queue.in_flight -= 1
+        if failure is not None:
+            self._failed(session, item, failure)
+            return
+        queue.completed += 1
+        queue.release(session, dispatch=False)
+        bus._settled()
 
     def _failed(self, session: str, item: _Pending, exc: BaseException) -> None:
         queue = self._queue
         bus = queue.bus
         item.failures += 1
-        reason = f"{type(exc).__name__}: {exc}"
-        if item.failures >= bus.max_attempts:
-            log.error(
-                "dead-lettering %s %s (session %s) from %s after %d attempts: %s",
-                item.envelope.type, item.envelope.message_id, session, queue.label,
-                item.failures, reason, exc_info=exc,
-            )  # fmt: skip
+        dead, reason = note_failure(log, item.envelope, session, queue.label, item.failures, bus.max_attempts, exc)
+        if dead:
             queue.dead.append(DeadLetter(queue.name, item.envelope, reason, item.failures, utc_now()))
             queue.release(session, dispatch=False)
             bus._settled()
             return
-        log.warning(
-            "redelivering %s %s (session %s) on %s, attempt %d failed: %s",
-            item.envelope.type, item.envelope.message_id, session, queue.label, item.failures, reason,
-        )  # fmt: skip
-        # Back to the head and the session stays held: later messages of it must wait (ordering).
-        queue.sessions[session].appendleft(item)
         queue.pending += 1
-        if bus.redelivery_delay > 0:
-            asyncio.get_running_loop().call_later(
-                bus.redelivery_delay, functools.partial(queue.release, session, dispatch=True)
-            )
-        else:
-            queue.release(session, dispatch=False)
+        queue.retry(session, item, bus.redelivery_delay)
 
 
 class MemoryBus:
@@ -255,6 +171,8 @@ class MemoryBus:
         self._subscriptions: dict[str, _Queue] = {}
         self._filters: dict[str, frozenset[str]] = {}
         self._broadcasts = 0  # per-caller broadcast subscriptions made so far (their names)
+        self.broadcast_attempts = BROADCAST_ATTEMPTS
+        self.broadcast_retry_delay = BROADCAST_RETRY_DELAY
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._started = False
         self._closed = False
@@ -272,6 +190,8 @@ class MemoryBus:
         for queue in self._all_queues():
             # Detach all first so messages handed back by one stopping consumer are not
             # dispatched to another that is about to stop too.
+            for consumer in queue.consumers:
+                consumer._pool.detach()
             consumers += queue.consumers
             queue.consumers = []
         await asyncio.gather(*(c.stop() for c in consumers))
@@ -290,7 +210,7 @@ class MemoryBus:
     async def send(self, queue: str, message: Envelope) -> None:
         self._check_open()
         check_name("queue", queue)
-        self._queue(queue).put(_as_on_the_wire(message))
+        self._queue(queue).put_message(_as_on_the_wire(message))
 
     async def publish(self, event: Envelope) -> None:
         self._check_open()
@@ -298,7 +218,7 @@ class MemoryBus:
         # Topic semantics: no matching subscription yet means nobody receives it.
         for name, types in self._filters.items():
             if copy.type in types:
-                self._subscriptions[name].put(copy)
+                self._subscriptions[name].put_message(copy)
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -328,11 +248,14 @@ class MemoryBus:
         return self._attach(sub, handler, max_concurrent_sessions)
 
     async def broadcast(self, event_types: Collection[str], handler: Handler) -> _BroadcastConsumer:
-        """Every caller gets every event of these types (one subscription per caller, gone when stopped)."""
+        """Every caller gets every event of these types (one subscription per caller, gone when stopped).
+        A failing handler is retried ``broadcast_attempts`` times with back-off, then the event is
+        dropped (like every backend: see :func:`bus.base.retry_then_drop`), never dead-lettered."""
         self._check_open()
         self._broadcasts += 1
         name = f"broadcast-{self._broadcasts}"
-        consumer = await self.subscribe(name, event_types, handler, max_concurrent_sessions=1)
+        wrapped = retry_then_drop(handler, f"broadcast {name}", self.broadcast_attempts, self.broadcast_retry_delay)
+        consumer = await self.subscribe(name, event_types, wrapped, max_concurrent_sessions=1)
         return _BroadcastConsumer(self, name, consumer)
 
     def _attach(self, queue: _Queue, handler: Handler, limit: int | None) -> MemoryConsumer:
@@ -409,5 +332,3 @@ def _as_on_the_wire(message: Envelope) -> Envelope:
     if not isinstance(message, Envelope):
         raise TypeError(f"expected an Envelope, got {type(message).__name__}")
     return Envelope.decode(message.encode())
-
-

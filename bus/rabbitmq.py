@@ -86,7 +86,6 @@ import logging
 import random
 import time
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator, Collection, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -98,8 +97,19 @@ import aiormq.abc
 from aiormq import spec
 from yarl import URL
 
-from bus.base import BusError, DeadLetter, Handler, MalformedMessage, check_name, subscription_types
+from bus.base import (
+    BROADCAST_ATTEMPTS,
+    BROADCAST_RETRY_DELAY,
+    BusError,
+    DeadLetter,
+    Handler,
+    MalformedMessage,
+    check_name,
+    retry_then_drop,
+    subscription_types,
+)
 from bus.envelope import Envelope, utc_now
+from bus.sessions import SessionScheduler, WorkerPool, note_failure, run_handler
 
 __all__ = [
     "DEFAULT_URL",
@@ -123,9 +133,6 @@ DEAD_LETTER_READ_LIMIT = 10_000  # dead_letters() returns at most this many per 
 MAX_REASON = 4000  # characters of the error text kept with a dead letter
 DEFAULT_RECONNECT_INTERVAL = 1.0  # first recovery delay (seconds), doubled per failed attempt...
 DEFAULT_RECONNECT_MAX_INTERVAL = 30.0  # ...up to this; also how long a link must stay up to reset it
-BROADCAST_ATTEMPTS = 4  # handler calls per broadcast event before it is dropped with a warning
-BROADCAST_RETRY_DELAY = 0.2  # seconds before the first retry, doubled per retry...
-BROADCAST_MAX_RETRY_DELAY = 5.0  # ...up to this
 BROADCAST_PREFETCH = 64
 BROADCAST_QUEUE_EXPIRES_MS = 60_000  # a broadcast queue left unused (no consumer) this long is deleted
 BROADCAST_QUEUE_ARGUMENTS: dict[str, Any] = {"x-queue-type": "classic", "x-expires": BROADCAST_QUEUE_EXPIRES_MS}
@@ -230,18 +237,14 @@ class RabbitConsumer:
         self._bus = bus
         self._target = target
         self._handler = handler
-        self._limit = limit
         self._prefetch = prefetch
         # The channel deliveries are accepted from. A delivery is only handled and acked while its
         # channel is still this one: after a loss the broker owns (and redelivers) the old ones.
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._subscribed: aiormq.abc.AbstractChannel | None = None  # the channel once on every partition
-        self._sessions: dict[str, deque[_Pending]] = {}
-        self._ready: deque[str] = deque()
-        self._held: set[str] = set()
-        self._workers: set[asyncio.Task[None]] = set()
-        self._starting: set[asyncio.Task[None]] = set()
-        self._timers: set[asyncio.TimerHandle] = set()
+        # Deliveries split into per-session FIFOs, handled by up to ``limit`` workers (bus/sessions.py).
+        self._scheduler: SessionScheduler[_Pending] = SessionScheduler()
+        self._pool = WorkerPool(self._scheduler, self._turn, limit, f"bus:rabbitmq:{target.name}", self._crashed)
         self._stopped = False
         # counters, for benchmarks and debugging
         self.delivered = 0  # handler calls
@@ -252,6 +255,10 @@ class RabbitConsumer:
     @property
     def name(self) -> str:
         return self._target.name
+
+    @property
+    def _workers(self) -> set[asyncio.Task[None]]:
+        return self._pool.workers
 
     @property
     def is_consuming(self) -> bool:
@@ -329,6 +336,7 @@ class RabbitConsumer:
         if self._stopped:
             return
         self._stopped = True
+        self._pool.detach()
         self._bus._consumers.discard(self)
         current = asyncio.current_task()
         own = current is not None and current in self._workers
@@ -360,17 +368,8 @@ class RabbitConsumer:
     def _reset(self, keep: asyncio.Task[Any] | None = None) -> list[asyncio.Task[None]]:
         """Forget every delivery held in memory and cancel the handlers working on them (all of them
         are unacked: the broker has them again once the channel is gone)."""
-        for handle in self._timers:
-            handle.cancel()
-        self._timers.clear()
-        self._sessions.clear()
-        self._ready.clear()
-        self._held.clear()
-        self._starting.clear()
-        tasks = [t for t in self._workers if t is not keep]
-        for task in tasks:
-            task.cancel()
-        return tasks
+        self._scheduler.clear()
+        return self._pool.cancel(keep)
 
     def _on_channel_closed(self, channel: aiormq.abc.AbstractChannel, closing: asyncio.Future[Any]) -> None:
         # A plain done-callback (not a task): nothing here can end up as an unretrieved exception.
@@ -418,15 +417,7 @@ class RabbitConsumer:
         except MalformedMessage as exc:
             envelope, error = None, f"MalformedMessage: {exc}"
             session = f"\x00malformed:{id(message)}"  # a session of its own: nothing to order it with
-        item = _Pending(message, envelope, error, _int(headers.get("x-delivery-count")))
-        pending = self._sessions.get(session)
-        if pending is None:
-            pending = self._sessions[session] = deque()
-        pending.append(item)
-        if session not in self._held:
-            self._held.add(session)
-            self._ready.append(session)
-            self._dispatch()
+        self._scheduler.put(session, _Pending(message, envelope, error, _int(headers.get("x-delivery-count"))))
 
     def _session_of(self, envelope: Envelope) -> str:
         """The in-process FIFO a delivery joins: its session (one handler call per session at a time)."""
@@ -438,51 +429,17 @@ class RabbitConsumer:
         channel = item.message.channel
         return not self._stopped and channel is self._channel and not channel.is_closed
 
-    def _dispatch(self) -> None:
-        if self._stopped:
-            return
-        loop = asyncio.get_running_loop()
-        while len(self._ready) > len(self._starting) and len(self._workers) < self._limit:
-            task = loop.create_task(self._work(), name=f"bus:rabbitmq:{self.name}")
-            self._workers.add(task)
-            self._starting.add(task)
-            task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._workers.discard(task)
-        self._starting.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved (_work logs its own failures): never "never retrieved"
-        if self._ready and not self._stopped:
-            # A worker cancelled before it ran (lost channel) never reaches _work's finally; its slot
-            # is free only now, and ready sessions must not wait for the next delivery to be picked up.
-            self._dispatch()
-
-    async def _work(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._starting.discard(task)
-        try:
-            while self._ready and not self._stopped:
-                await self._turn(self._ready.popleft())
-        except asyncio.CancelledError:
-            pass  # stop() or a lost channel: the message stays unacked and is redelivered
-        except Exception:
-            # A bug here would silently stall the session it held. Make it loud, and start over from
-            # the broker's state: recycling the channel returns every unacked message, in order.
-            log.exception("bus worker for %s crashed; recycling its channel", self.name)
-            self._recycle("a worker crashed")
-        finally:
-            self._workers.discard(task)
-            if self._ready:
-                self._dispatch()
+    def _crashed(self, exc: Exception) -> None:
+        # A bug in a worker would silently stall the session it held. Make it loud, and start over from
+        # the broker's state: recycling the channel returns every unacked message, in order.
+        log.error("bus worker for %s crashed; recycling its channel", self.name, exc_info=exc)
+        self._recycle("a worker crashed")
 
     async def _turn(self, session: str) -> None:
-        pending = self._sessions.get(session)
-        if not pending:
+        item = self._scheduler.take(session)
+        if item is None:
             self._release(session, dispatch=False)
             return
-        item = pending.popleft()
         if not self._ours(item):
             # Delivered on a channel that is gone (reconnection): the broker redelivers it.
             self._release(session, dispatch=False)
@@ -495,49 +452,30 @@ class RabbitConsumer:
         attempt = item.failures + 1
         envelope = item.envelope.with_headers(**{"delivery-count": str(item.redeliveries + attempt)})
         self.delivered += 1
-        try:
-            await self._handler(envelope)
-        except Exception as exc:
-            await self._failed(session, item, exc)
-        except BaseException as exc:
-            task = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling():
-                # The handler leaked a CancelledError of its own (nobody cancelled us): a failure,
-                # or it would be retried forever without ever reaching max_attempts.
-                await self._failed(session, item, exc)
-                return
-            raise  # stop()/close()/lost channel mid-message: unsettled, redelivered by the broker
-        else:
-            await self._ack(item)
-            self.completed += 1
-            self._release(session, dispatch=False)
+        # A real cancellation (stop()/close()/lost channel mid-message) propagates: the message stays
+        # unsettled and the broker redelivers it.
+        failure = await run_handler(self._handler, envelope)
+        if failure is not None:
+            await self._failed(session, item, failure)
+            return
+        await self._ack(item)
+        self.completed += 1
+        self._release(session, dispatch=False)
 
     async def _failed(self, session: str, item: _Pending, exc: BaseException) -> None:
         bus = self._bus
         item.failures += 1
-        reason = f"{type(exc).__name__}: {exc}"
         envelope = item.envelope
         assert envelope is not None
-        if item.failures >= bus.max_attempts:
-            log.error(
-                "dead-lettering %s %s (session %s) from %s after %d attempts: %s",
-                envelope.type, envelope.message_id, session, self.name, item.failures, reason, exc_info=exc,
-            )  # fmt: skip
+        dead, reason = note_failure(log, envelope, session, self.name, item.failures, bus.max_attempts, exc, retry="retrying")
+        if dead:
             await self._dead_letter(item, reason, item.failures)
             self._release(session, dispatch=False)
             return
-        log.warning(
-            "retrying %s %s (session %s) on %s, attempt %d failed: %s",
-            envelope.type, envelope.message_id, session, self.name, item.failures, reason,
-        )  # fmt: skip
         if not self._ours(item):
             return  # the broker redelivers it (in order) to the next active consumer
         # Back to the head, the session stays held: its later messages wait (ordering).
-        self._sessions.setdefault(session, deque()).appendleft(item)
-        if bus.redelivery_delay > 0:
-            self._release_later(session, bus.redelivery_delay)
-        else:
-            self._release(session, dispatch=False)
+        self._scheduler.retry(session, item, bus.redelivery_delay)
 
     async def _dead_letter(self, item: _Pending, reason: str, attempts: int) -> None:
         """Publish to the DLQ (confirmed), then ack. Retries while the delivery is still ours."""
@@ -565,54 +503,7 @@ class RabbitConsumer:
             log.info("ack on %s lost (%s: %s); the message will be redelivered", self.name, type(exc).__name__, exc)
 
     def _release(self, session: str, *, dispatch: bool) -> None:
-        if self._sessions.get(session):
-            self._ready.append(session)
-            if dispatch:
-                self._dispatch()
-        else:
-            self._sessions.pop(session, None)
-            self._held.discard(session)
-
-    def _release_later(self, session: str, delay: float) -> None:
-        handle: asyncio.TimerHandle | None = None
-
-        def fire() -> None:
-            self._timers.discard(handle)  # type: ignore[arg-type]
-            if not self._stopped:
-                self._release(session, dispatch=True)
-
-        handle = asyncio.get_running_loop().call_later(delay, fire)
-        self._timers.add(handle)
-
-
-def announcement_handler(handler: Handler, label: str, attempts: int, first_delay: float) -> Handler:
-    """``handler`` for a broadcast stream: a failure is retried in place (holding the stream, so order
-    holds) after ``first_delay`` seconds, doubling up to BROADCAST_MAX_RETRY_DELAY; after ``attempts``
-    failed calls the event is dropped with a warning. Announcements are idempotent and nobody could act
-    on a dead letter of a per-process queue, so the stream goes on instead of stalling."""
-
-    async def handle(envelope: Envelope) -> None:
-        delay = first_delay
-        for attempt in range(1, attempts + 1):
-            try:
-                await handler(envelope)
-                return
-            except Exception as exc:  # noqa: BLE001 - logged; the stream must go on
-                reason = f"{type(exc).__name__}: {exc}"
-                if attempt >= attempts:
-                    log.warning(
-                        "%s: dropping %s %s after %d failed attempts: %s",
-                        label, envelope.type, envelope.message_id, attempt, reason, exc_info=exc,
-                    )  # fmt: skip
-                    return
-                log.warning(
-                    "%s: %s %s failed (attempt %d of %d), retrying in %.2fs: %s",
-                    label, envelope.type, envelope.message_id, attempt, attempts, delay, reason,
-                )  # fmt: skip
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BROADCAST_MAX_RETRY_DELAY)
-
-    return handle
+        self._scheduler.release(session, dispatch=dispatch)
 
 
 class RabbitBroadcast(RabbitConsumer):
@@ -627,7 +518,7 @@ class RabbitBroadcast(RabbitConsumer):
 
     def __init__(self, bus: RabbitBus, event_types: list[str], handler: Handler) -> None:
         label = f"broadcast({','.join(event_types)})"
-        wrapped = announcement_handler(handler, label, bus.broadcast_attempts, bus.broadcast_retry_delay)
+        wrapped = retry_then_drop(handler, label, bus.broadcast_attempts, bus.broadcast_retry_delay)
         super().__init__(bus, _Target(label, (), ""), wrapped, 1, BROADCAST_PREFETCH)
         self.event_types = tuple(event_types)
         self.queue: str | None = None  # the current server-named queue

@@ -7,6 +7,10 @@ next start: delivery is at-least-once and consumers deduplicate by ``message_id`
 
 The relay wakes at once when a turn commits messages (``notify``) and otherwise polls, so rows left by a
 previous process are picked up too. Sent rows are kept for ``retention`` seconds for inspection.
+
+It lives in ``runtime`` (it reads the runtime's ``outbox`` table) and only uses the bus through the
+:class:`bus.base.Bus` protocol: ``runtime`` depends on ``bus``, never the other way round.
+``bus.outbox`` still re-exports :class:`OutboxRelay` for older imports.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bus.base import Bus
 from bus.envelope import Envelope
 from runtime.store import outbox, utcnow
+
+__all__ = ["OutboxRelay"]
 
 log = logging.getLogger(__name__)
 
