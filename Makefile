@@ -1,10 +1,10 @@
-# Two entry points for a new user: `make run` and `make test`.
+# Entry points for a new user: `make run`, `make test`, and `make shell` (a shell where `ecom` is on the PATH).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench install clean
+.PHONY: run test bench install shell clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# A shell with the virtual environment active: `ecom ...` as written in README.md; `exit` leaves it.
+shell: $(STAMP)
+	@echo "ecom is on the PATH in this shell ($(abspath $(BIN))); type exit to leave it"
+	@VIRTUAL_ENV="$(abspath $(VENV))" PATH="$(abspath $(BIN)):$$PATH" exec "$${SHELL:-/bin/sh}" -i
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.actors
