@@ -85,15 +85,11 @@ def default_queues() -> list[str]:
 
 
 def declared_subscriptions() -> dict[str, list[str]]:
-    """Event types services declare in ``BUS_SUBSCRIPTIONS`` of their service module, if any."""
-    from runtime import services
+    """The services' subscriptions and their event types: ``contracts.queues.SUBSCRIPTIONS``, the list the
+    services subscribe with (tests/test_contracts.py holds them to it)."""
+    from contracts.queues import SUBSCRIPTIONS
 
-    found: dict[str, list[str]] = {}
-    for service in services.available():
-        types = getattr(service.module, "BUS_SUBSCRIPTIONS", None)
-        if types:
-            found[service.name] = sorted(types)
-    return found
+    return {name: sorted(types) for name, types in SUBSCRIPTIONS.items() if types}
 
 
 async def provision(
@@ -167,7 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--subscription",
         action="append",
         metavar="SERVICE=Type1,Type2",
-        help="a subscription and its event types (repeatable; default: the services' BUS_SUBSCRIPTIONS)",
+        help="a subscription and its event types (repeatable; default: contracts.queues.SUBSCRIPTIONS)",
     )
     prov.set_defaults(handler=_cli_bus)
 

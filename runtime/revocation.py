@@ -3,7 +3,7 @@
 Access tokens are stateless and cached by every verifier until they expire, so ending access early needs a
 message. Identity publishes these events in the same transaction as the change (through its outbox); every
 process receives every one of them on a per-process broadcast subscription (:meth:`bus.base.Bus.broadcast`)
-and applies it to its :class:`runtime.auth.TokenVerifier`:
+and applies it to its :class:`runtime.auth.TokenVerifier`. The events are bus contracts (:mod:`contracts.identity`):
 
 - :class:`SigningKeyRevoked`: the key is dropped and every cached verification made with it; a JWKS fetched
   later cannot bring it back.
@@ -19,31 +19,15 @@ made before it started; those end at the tokens' expiry (at most the access-toke
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from bus.envelope import Envelope
+from contracts.identity import IDENTITY_SESSION, AccessRevoked, SigningKeyRevoked
 from runtime.messages import envelope, from_body
 
 log = logging.getLogger(__name__)
 
-IDENTITY_SESSION = "identity"  # session id of the announcements: one stream, in order
-
-
-@dataclass(frozen=True, slots=True)
-class SigningKeyRevoked:
-    kid: str
-    revoked_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class AccessRevoked:
-    sub: str
-    not_before: datetime  # tokens issued (iat) before this are refused
-    until: datetime  # when the last such token expires anyway: the deny entry may go then
-    reason: str  # "signed_out", "locked", "family_revoked", ...
-
+__all__ = ["EVENTS", "EVENT_TYPES", "IDENTITY_SESSION", "AccessRevoked", "SigningKeyRevoked", "announcement", "apply", "listen"]
 
 EVENTS: tuple[type, ...] = (SigningKeyRevoked, AccessRevoked)
 EVENT_TYPES: tuple[str, ...] = tuple(cls.__name__ for cls in EVENTS)

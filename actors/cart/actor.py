@@ -40,17 +40,11 @@ import orjson
 
 from actors.cart import repository
 from actors.cart.messages import (
-    ORDER_QUEUE,
-    Address,
     Checkout,
     CheckoutAccepted,
-    CheckoutLine,
-    CheckoutRequested,
     ClearCart,
     GetCart,
     NoEarlierCheckout,
-    OrderStarted,
-    PaymentDetails,
     PriceChange,
     PricesChanged,
     ProductQuote,
@@ -58,7 +52,15 @@ from actors.cart.messages import (
     RemoveLine,
     SetQuantity,
 )
-from actors.catalog.messages import ProductPriceChanged
+from contracts.catalog import ProductPriceChanged
+from contracts.checkout import (
+    Address,
+    CheckoutLine,
+    CheckoutRequested,
+    OrderStarted,
+    PaymentDetails,
+)
+from contracts.queues import ORDER_QUEUE
 from runtime.actors import Actor, ReminderFired, Turn, handles
 from runtime.errors import Conflict, IdempotencyKeyReused, ValidationProblem
 from runtime.messages import envelope, from_body, to_body

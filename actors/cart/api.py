@@ -24,18 +24,17 @@ from actors.cart.actor import MAX_LINE_QUANTITY, CartActor, PricesChangedProblem
 from actors.cart.admission import Admission, CheckoutOverloaded
 from actors.cart.catalog import CatalogClient
 from actors.cart.messages import (
-    Address,
     Checkout,
     CheckoutAccepted,
     ClearCart,
     GetCart,
-    PaymentDetails,
     PricesChanged,
     ProductQuote,
     QuotesNeeded,
     RemoveLine,
     SetQuantity,
 )
+from contracts.checkout import Address, PaymentDetails
 from runtime.actors import ActorRef, ActorSystem
 from runtime.auth import principal, require
 from runtime.errors import Conflict, NotFound, ValidationProblem

@@ -1,12 +1,12 @@
-"""Messages of the cart service: the checkout contract with the order service, and the cart's own commands.
+"""Messages of the cart service: the cart's own commands and replies.
 
-Bus contract (the order service imports these classes from here):
+Bus contract (:mod:`contracts`; both sides import the classes from there):
 
-* on checkout the :class:`~actors.cart.actor.CartActor` sends :class:`CheckoutRequested` to the queue ``"order"``
-  with ``session_id`` = the new order id (a uuid4 the cart makes), through its outbox;
-* the order service publishes ``OrderStarted`` once the order exists; the cart then removes what was ordered.
-  The order service owns that event; :class:`OrderStarted` below is only the cart's decoding of it;
-* the catalog publishes ``ProductPriceChanged`` (``actors.catalog.messages``); every cart holding the product
+* on checkout the :class:`~actors.cart.actor.CartActor` sends :class:`~contracts.checkout.CheckoutRequested` to
+  the queue ``"order"`` with ``session_id`` = the new order id (a uuid4 the cart makes), through its outbox;
+* the order service publishes :class:`~contracts.checkout.OrderStarted` once the order exists; the cart then
+  removes what was ordered;
+* the catalog publishes :class:`~contracts.catalog.ProductPriceChanged`; every cart holding the product
   takes the new price and shows the customer a note.
 
 Commands (:class:`GetCart`, :class:`SetQuantity`, :class:`RemoveLine`, :class:`ClearCart`, :class:`Checkout`)
@@ -18,73 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal
 
-ORDER_QUEUE = "order"
-CART_SUBSCRIPTION = "cart"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Cart -> order (queue "order", session = order id)
-
-
-@dataclass(frozen=True, slots=True)
-class CheckoutLine:
-    product_id: str
-    name: str
-    unit_price: Decimal
-    quantity: int
-    picture_url: str
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    name: str
-    street: str
-    city: str
-    postal_code: str
-    country: str
-    state: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class PaymentDetails:
-    """A payment provider's token for the buyer's means of payment, never a card number.
-
-    The order service's payment simulator: ``tok_visa`` approves, ``tok_decline`` declines, ``tok_timeout``
-    never completes, ``tok_flaky`` fails transiently."""
-
-    method: str
-    token: str
-
-
-@dataclass(frozen=True, slots=True)
-class CheckoutRequested:
-    order_id: str
-    buyer_id: str
-    cart_id: str
-    lines: tuple[CheckoutLine, ...]
-    shipping_address: Address
-    payment: PaymentDetails
-    total: Decimal
-    currency: str
-    requested_at: datetime
-
-
-# ---------------------------------------------------------------------------------------------------
-# Order -> cart (published)
-
-
-@dataclass(frozen=True, slots=True)
-class OrderStarted:
-    """Owned by the order service (``actors/order/messages.py``); this copy only decodes it, so the cart does
-    not import a package that is built separately. Keep the fields in step with the order service's class."""
-
-    order_id: str
-    buyer_id: str
-    cart_id: str
-
+# The checkout contract with the order service lives in ``contracts``; re-exported here for older imports.
+from contracts.checkout import (  # noqa: F401
+    Address,
+    CheckoutLine,
+    CheckoutRequested,
+    OrderStarted,
+    PaymentDetails,
+)
+from contracts.queues import CART_SUBSCRIPTION, ORDER_QUEUE  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------
 # Commands from the HTTP API (in-process)

@@ -22,11 +22,12 @@ from actors.cart import api, repository
 from actors.cart.actor import CartActor
 from actors.cart.admission import Admission
 from actors.cart.catalog import CatalogClient
-from actors.cart.messages import CART_SUBSCRIPTION, OrderStarted
 from actors.cart.upstream import Upstream, service_urls
-from actors.catalog.messages import ProductPriceChanged
 from bus.envelope import Envelope
 from config import Settings
+from contracts.catalog import ProductPriceChanged
+from contracts.checkout import OrderStarted
+from contracts.queues import CART_SUBSCRIPTION
 from runtime import host
 from runtime.host import ServiceRuntime
 from runtime.messages import BusBinding, deliver, from_body

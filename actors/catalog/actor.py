@@ -25,20 +25,20 @@ from typing import Any
 
 from actors.catalog import repository
 from actors.catalog.messages import (
-    ORDER_QUEUE,
-    CommitReservation,
     CreateProduct,
     DeleteProduct,
-    ProductDeleted,
-    ProductLowStock,
-    ProductPriceChanged,
+    RestockProduct,
+    UpdateProduct,
+)
+from contracts.catalog import ProductDeleted, ProductLowStock, ProductPriceChanged
+from contracts.queues import ORDER_QUEUE
+from contracts.stock import (
+    CommitReservation,
     RejectReason,
     ReleaseStock,
     ReserveStock,
-    RestockProduct,
     StockRejected,
     StockReserved,
-    UpdateProduct,
 )
 from runtime.actors import Actor, Turn, handles
 from runtime.errors import Conflict, NotFound, ValidationProblem

@@ -1,15 +1,15 @@
-"""Messages of the catalog service: commands, events and replies as frozen dataclasses.
+"""Messages of the catalog service: its admin commands as frozen dataclasses.
 
-Bus contract (other services import these classes from here):
+Bus contract (:mod:`contracts`; both sides import the classes from there):
 
-* the order service sends :class:`ReserveStock`, :class:`ReleaseStock` and :class:`CommitReservation` to the
-  queue ``"catalog"`` with ``session_id`` = the product id, so every message of one product reaches its one
+* the order service sends :class:`~contracts.stock.ReserveStock`, ``ReleaseStock`` and ``CommitReservation`` to
+  the queue ``"catalog"`` with ``session_id`` = the product id, so every message of one product reaches its one
   :class:`~actors.catalog.actor.ProductActor` in order;
-* the ProductActor answers a reservation with :class:`StockReserved` or :class:`StockRejected` on the queue
-  ``"order"`` with ``session_id`` = ``correlation_id`` = the order id. A repeated reservation for the same
+* the ProductActor answers a reservation with :class:`~contracts.stock.StockReserved` or ``StockRejected`` on the
+  queue ``"order"`` with ``session_id`` = ``correlation_id`` = the order id. A repeated reservation for the same
   order gets the same answer again (the first answer may be what was lost) and has no second effect;
-* events are published with ``session_id`` = the product id: :class:`ProductPriceChanged` (the cart
-  refreshes its prices), :class:`ProductLowStock`, :class:`ProductDeleted`.
+* events are published with ``session_id`` = the product id: :class:`~contracts.catalog.ProductPriceChanged`
+  (the cart refreshes its prices), ``ProductLowStock``, ``ProductDeleted``.
 
 Admin commands (:class:`CreateProduct`, :class:`UpdateProduct`, :class:`RestockProduct`,
 :class:`DeleteProduct`) come from the HTTP API in-process and never travel on the bus.
@@ -22,91 +22,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-CATALOG_QUEUE = "catalog"
-ORDER_QUEUE = "order"
-
-
-class RejectReason:
-    """Why a reservation was refused (``StockRejected.reason``); stable strings, part of the contract."""
-
-    INSUFFICIENT_STOCK = "insufficient_stock"
-    UNKNOWN_PRODUCT = "unknown_product"
-    PRODUCT_DELETED = "product_deleted"
-    INVALID_QUANTITY = "invalid_quantity"
-    ALREADY_RELEASED = "already_released"  # the order released this reservation before asking again
-
-
-# ---------------------------------------------------------------------------------------------------
-# Commands from the order service (queue "catalog", session = product id)
-
-
-@dataclass(frozen=True, slots=True)
-class ReserveStock:
-    order_id: str
-    product_id: str
-    quantity: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReleaseStock:
-    """Give the order's reserved units back to the stock (order cancelled). Unknown or released: no-op."""
-
-    order_id: str
-    product_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class CommitReservation:
-    """The order is paid: its reserved units leave the reservations for good; the stock stays decremented."""
-
-    order_id: str
-    product_id: str
-
-
-# ---------------------------------------------------------------------------------------------------
-# Replies to the order service (queue "order", session = order id)
-
-
-@dataclass(frozen=True, slots=True)
-class StockReserved:
-    order_id: str
-    product_id: str
-    quantity: int
-    unit_price: Decimal  # the price when the units were reserved: what the order charges
-
-
-@dataclass(frozen=True, slots=True)
-class StockRejected:
-    order_id: str
-    product_id: str
-    requested: int
-    available: int
-    reason: str  # a RejectReason value
-
-
-# ---------------------------------------------------------------------------------------------------
-# Events (published, session = product id)
-
-
-@dataclass(frozen=True, slots=True)
-class ProductPriceChanged:
-    product_id: str
-    old_price: Decimal
-    new_price: Decimal
-    currency: str
-
-
-@dataclass(frozen=True, slots=True)
-class ProductLowStock:
-    product_id: str
-    available_stock: int
-    restock_threshold: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProductDeleted:
-    product_id: str
-
+# The stock protocol with the order service and the published events live in ``contracts``; re-exported here
+# for older imports.
+from contracts.catalog import ProductDeleted, ProductLowStock, ProductPriceChanged  # noqa: F401
+from contracts.queues import CATALOG_QUEUE, ORDER_QUEUE  # noqa: F401
+from contracts.stock import (  # noqa: F401
+    CommitReservation,
+    RejectReason,
+    ReleaseStock,
+    ReserveStock,
+    StockRejected,
+    StockReserved,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Admin commands (in-process, from the HTTP API)

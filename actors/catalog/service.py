@@ -15,14 +15,10 @@ from sqlalchemy import func, select
 from actors.catalog import api
 from actors.catalog import repository as repo
 from actors.catalog.actor import ProductActor
-from actors.catalog.messages import (
-    CATALOG_QUEUE,
-    CommitReservation,
-    CreateProduct,
-    ReleaseStock,
-    ReserveStock,
-)
+from actors.catalog.messages import CreateProduct
 from config import Settings
+from contracts.queues import CATALOG_QUEUE
+from contracts.stock import CommitReservation, ReleaseStock, ReserveStock
 from runtime import host
 from runtime.actors import ActorSystem
 from runtime.errors import Conflict

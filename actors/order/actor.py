@@ -63,30 +63,33 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
 
-from actors.cart.messages import Address, CheckoutLine, CheckoutRequested
-from actors.catalog.messages import (
-    CATALOG_QUEUE,
-    CommitReservation,
-    RejectReason,
-    ReleaseStock,
-    ReserveStock,
-    StockRejected,
-    StockReserved,
-)
 from actors.order import repository
 from actors.order.messages import (
-    ORDER_QUEUE,
     CancelOrder,
     CommandResult,
-    OrderStarted,
-    OrderStatus,
-    OrderStatusChanged,
     PaymentFailed,
     PaymentReversed,
     PaymentSucceeded,
     ProcessPayment,
     ReversePayment,
     ShipOrder,
+)
+from contracts.checkout import (
+    Address,
+    CheckoutLine,
+    CheckoutRequested,
+    OrderStarted,
+    OrderStatus,
+    OrderStatusChanged,
+)
+from contracts.queues import CATALOG_QUEUE, ORDER_QUEUE
+from contracts.stock import (
+    CommitReservation,
+    RejectReason,
+    ReleaseStock,
+    ReserveStock,
+    StockRejected,
+    StockReserved,
 )
 from runtime.actors import Actor, ReminderFired, Turn, handles
 from runtime.errors import Conflict, IdempotencyKeyReused, NotFound

@@ -27,8 +27,9 @@ from marshmallow import Schema, fields, validate
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from actors.order.actor import OrderActor, load_order, order_view
-from actors.order.messages import CancelOrder, CommandResult, OrderStatus, ShipOrder
+from actors.order.messages import CancelOrder, CommandResult, ShipOrder
 from actors.order.repository import OrderSummary, SagaLoad, list_orders, saga_load
+from contracts.checkout import OrderStatus
 from runtime.actors import ActorRef, ActorSystem
 from runtime.auth import Principal, principal, require
 from runtime.errors import NotFound, ValidationProblem

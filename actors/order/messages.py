@@ -1,14 +1,14 @@
-"""Messages of the order service: the events it publishes, its own saga messages, and HTTP commands.
+"""Messages of the order service: its own saga (payment) messages and HTTP commands.
 
-Bus contract:
+Bus contract (:mod:`contracts`; both sides import the classes from there):
 
-* in: :class:`~actors.cart.messages.CheckoutRequested` (cart) and the catalog's
-  :class:`~actors.catalog.messages.StockReserved` / :class:`~actors.catalog.messages.StockRejected` arrive on the
+* in: :class:`~contracts.checkout.CheckoutRequested` (cart) and the catalog's
+  :class:`~contracts.stock.StockReserved` / :class:`~contracts.stock.StockRejected` arrive on the
   queue ``"order"`` with ``session_id`` = the order id;
-* out: :class:`~actors.catalog.messages.ReserveStock`, ``ReleaseStock`` and ``CommitReservation`` to the queue
+* out: :class:`~contracts.stock.ReserveStock`, ``ReleaseStock`` and ``CommitReservation`` to the queue
   ``"catalog"`` with ``session_id`` = the product id;
-* published with ``session_id`` = the order id: :class:`OrderStarted` (the order exists: the cart removes what
-  was ordered) and :class:`OrderStatusChanged` (every later transition, with its reason).
+* published with ``session_id`` = the order id: :class:`~contracts.checkout.OrderStarted` (the order exists: the
+  cart removes what was ordered) and :class:`~contracts.checkout.OrderStatusChanged` (every later transition).
 
 The payment step talks to itself through the order queue so that it is durable and runs outside actor turns:
 the turn that confirms the stock sends :class:`ProcessPayment` through its outbox; the order service's consumer
@@ -27,45 +27,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-ORDER_QUEUE = "order"
-
-
-class OrderStatus:
-    """The statuses of an order; stable strings, part of the public API."""
-
-    SUBMITTED = "submitted"
-    AWAITING_VALIDATION = "awaiting_validation"
-    STOCK_CONFIRMED = "stock_confirmed"
-    PAID = "paid"
-    SHIPPED = "shipped"
-    CANCELLED = "cancelled"
-
-    OPEN = frozenset({SUBMITTED, AWAITING_VALIDATION, STOCK_CONFIRMED})  # the buyer may still cancel
-    ALL = (SUBMITTED, AWAITING_VALIDATION, STOCK_CONFIRMED, PAID, SHIPPED, CANCELLED)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Events (published, session = order id)
-
-
-@dataclass(frozen=True, slots=True)
-class OrderStarted:
-    """The order exists (status ``submitted``); the cart removes the ordered quantities."""
-
-    order_id: str
-    buyer_id: str
-    cart_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class OrderStatusChanged:
-    order_id: str
-    buyer_id: str
-    old_status: str
-    new_status: str
-    reason: str
-    at: datetime
-
+# The events the order service publishes live in ``contracts``; re-exported here for older imports.
+from contracts.checkout import OrderStarted, OrderStatus, OrderStatusChanged  # noqa: F401
+from contracts.queues import ORDER_QUEUE  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------
 # The payment step (queue "order", session = order id; results are asked of the actor directly)

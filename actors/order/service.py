@@ -17,11 +17,9 @@ from aiohttp import web
 from alembic.operations import Operations
 from sqlalchemy import Connection
 
-from actors.cart.messages import CheckoutRequested
-from actors.catalog.messages import StockRejected, StockReserved
 from actors.order import api, repository
 from actors.order.actor import OrderActor, SagaTimings
-from actors.order.messages import ORDER_QUEUE, ProcessPayment, ReversePayment
+from actors.order.messages import ProcessPayment, ReversePayment
 from actors.order.payment import (
     Deliver,
     PaymentProcessor,
@@ -31,6 +29,9 @@ from actors.order.payment import (
 )
 from bus.envelope import Envelope
 from config import Settings
+from contracts.checkout import CheckoutRequested
+from contracts.queues import ORDER_QUEUE
+from contracts.stock import StockRejected, StockReserved
 from runtime import host
 from runtime.actors import ActorSystem, DuplicateMessage
 from runtime.host import ServiceRuntime

@@ -23,10 +23,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import func, select
 
 from actors.cart import service as cart_service
-from actors.cart.messages import ORDER_QUEUE, CheckoutRequested
 from actors.catalog import service as catalog_service
 from bus import Envelope, MemoryBus
 from config import Settings, load_settings
+from contracts.checkout import CheckoutRequested
+from contracts.queues import ORDER_QUEUE
 from runtime.host import AppKeyRuntime
 from runtime.messages import envelope, from_body
 from runtime.migrate import RUNTIME, Component, upgrade

@@ -8,7 +8,7 @@ import dataclasses
 from aiohttp.test_utils import TestClient, TestServer
 
 from actors.cart import service as cart_service
-from actors.cart.messages import OrderStarted
+from contracts.checkout import OrderStarted
 from runtime.host import AppKeyRuntime
 from tests.cart.conftest import ADDRESS, PAYMENT, Shop, eventually, migrate
 from tests.support.cluster import free_base_port

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from actors.cart import repository
 from actors.cart.actor import EXPIRY_REMINDER, CartActor
-from actors.catalog.messages import ProductPriceChanged
+from contracts.catalog import ProductPriceChanged
 from runtime.host import AppKeyRuntime
 from tests.cart.conftest import eventually
 

@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 
 from actors.cart.actor import MAX_CHECKOUTS
-from actors.cart.messages import Address, CheckoutLine, OrderStarted, PaymentDetails
-from actors.catalog.messages import ProductPriceChanged
+from contracts.catalog import ProductPriceChanged
+from contracts.checkout import Address, CheckoutLine, OrderStarted, PaymentDetails
 from tests.cart.conftest import ADDRESS, PAYMENT
 
 

@@ -17,14 +17,14 @@ from aiohttp.test_utils import TestClient
 
 from actors.catalog import service
 from actors.catalog.actor import ProductActor
-from actors.catalog.messages import (
-    ORDER_QUEUE,
+from bus import Envelope, MemoryBus
+from config import load_settings
+from contracts.catalog import (
     ProductDeleted,
     ProductLowStock,
     ProductPriceChanged,
 )
-from bus import Envelope, MemoryBus
-from config import load_settings
+from contracts.queues import ORDER_QUEUE
 from runtime.actors import ActorSystem
 from runtime.host import AppKeyRuntime
 from runtime.migrate import RUNTIME, upgrade

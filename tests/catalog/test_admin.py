@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from actors.catalog.messages import (
+from contracts.stock import (
     ReleaseStock,
     ReserveStock,
     StockRejected,

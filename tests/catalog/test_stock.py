@@ -9,14 +9,14 @@ from decimal import Decimal
 from sqlalchemy import select
 
 from actors.catalog import repository as repo
-from actors.catalog.messages import (
-    CATALOG_QUEUE,
+from actors.catalog.messages import UpdateProduct
+from contracts.queues import CATALOG_QUEUE
+from contracts.stock import (
     CommitReservation,
     ReleaseStock,
     ReserveStock,
     StockRejected,
     StockReserved,
-    UpdateProduct,
 )
 from runtime.messages import envelope, from_body
 

@@ -25,14 +25,21 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select
 
-from actors.cart.messages import (
+from actors.order import api, service
+from actors.order.actor import OrderActor, SagaTimings
+from actors.order.payment import PaymentProcessor, RetryPolicy, SimulatedPaymentProvider
+from bus import Envelope, MemoryBus
+from config import Settings, load_settings
+from contracts.checkout import (
     Address,
     CheckoutLine,
     CheckoutRequested,
+    OrderStarted,
+    OrderStatusChanged,
     PaymentDetails,
 )
-from actors.catalog.messages import (
-    CATALOG_QUEUE,
+from contracts.queues import CATALOG_QUEUE, ORDER_QUEUE
+from contracts.stock import (
     CommitReservation,
     RejectReason,
     ReleaseStock,
@@ -40,12 +47,6 @@ from actors.catalog.messages import (
     StockRejected,
     StockReserved,
 )
-from actors.order import api, service
-from actors.order.actor import OrderActor, SagaTimings
-from actors.order.messages import ORDER_QUEUE, OrderStarted, OrderStatusChanged
-from actors.order.payment import PaymentProcessor, RetryPolicy, SimulatedPaymentProvider
-from bus import Envelope, MemoryBus
-from config import Settings, load_settings
 from runtime.host import AppKeyRuntime
 from runtime.messages import envelope, from_body
 from runtime.migrate import RUNTIME, Component, upgrade

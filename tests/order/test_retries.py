@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from actors.catalog.messages import ReleaseStock, ReserveStock
 from actors.order.actor import SagaTimings, backoff, outbox_bound
 from actors.order.service import timings_from
 from config import load_settings
+from contracts.stock import ReleaseStock, ReserveStock
 from tests.order.conftest import eventually, outbox_of, service_env
 
 # Fast enough that every re-send happens well within the deadline, even on a slow CI database.

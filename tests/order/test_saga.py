@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 from decimal import Decimal
 
-from actors.catalog.messages import (
+from actors.order.actor import SagaTimings
+from actors.order.messages import PaymentSucceeded
+from actors.order.payment import ChargeRequest, RetryPolicy, SimulatedPaymentProvider
+from actors.order.repository import count_by_status
+from contracts.checkout import OrderStarted
+from contracts.queues import ORDER_QUEUE
+from contracts.stock import (
     CommitReservation,
     ReleaseStock,
     ReserveStock,
     StockRejected,
     StockReserved,
 )
-from actors.order.actor import SagaTimings
-from actors.order.messages import ORDER_QUEUE, OrderStarted, PaymentSucceeded
-from actors.order.payment import ChargeRequest, RetryPolicy, SimulatedPaymentProvider
-from actors.order.repository import count_by_status
 from runtime.messages import envelope
 from tests.order.conftest import checkout_request, eventually, stop_bounded
 
