@@ -587,15 +587,9 @@ class ActorSystem:
                         self.stats["stale_reads"] += 1
                         self._rollback(act)
                         attempts += 1
-                        if attempts > self.conflict_retries:
-                            _fail(fut, VersionConflictError(f"{act.key[0]} {act.key[1]} kept changing concurrently; retry"))
-                            return
-                        try:
-                            await self._load(act)
-                        except Exception as exc:
-                            _fail(fut, ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be reloaded: {type(exc).__name__}"))
-                            return
-                        continue
+                        if await self._reloaded(act, fut, attempts):
+                            continue
+                        return
                 act.committed = encoded
                 act.handled += 1
                 self.stats["handled"] += 1
@@ -641,14 +635,21 @@ class ActorSystem:
             # Conflict: another writer moved the entity on. Reload and run the turn again on fresh state.
             self.stats["conflicts"] += 1
             attempts += 1
-            if attempts > self.conflict_retries:
-                _fail(fut, VersionConflictError(f"{act.key[0]} {act.key[1]} kept changing concurrently; retry"))
+            if not await self._reloaded(act, fut, attempts):
                 return
-            try:
-                await self._load(act)
-            except Exception as exc:
-                _fail(fut, ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be reloaded: {type(exc).__name__}"))
-                return
+
+    async def _reloaded(self, act: _Activation, fut: asyncio.Future[Any] | None, attempts: int) -> bool:
+        """Load the newest state for another try of the turn; False (the asker told why) past the retry bound or
+        when the state cannot be loaded."""
+        if attempts > self.conflict_retries:
+            _fail(fut, VersionConflictError(f"{act.key[0]} {act.key[1]} kept changing concurrently; retry"))
+            return False
+        try:
+            await self._load(act)
+        except Exception as exc:
+            _fail(fut, ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be reloaded: {type(exc).__name__}"))
+            return False
+        return True
 
     # -- background -----------------------------------------------------------------------------
 
