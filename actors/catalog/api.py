@@ -7,6 +7,7 @@ Writes are admin-only and go through the product's :class:`~actors.catalog.actor
     GET    /api/catalog/products/batch?ids=a,b,c       {"items": [...]}, unknown ids left out
     GET    /api/catalog/products/{id}
     GET    /api/catalog/brands, /api/catalog/types      {"items": [{id, name}], "total": n}
+    GET    /api/catalog/pictures/{slug}.svg             a product picture (image/svg+xml; see pictures.py)
     POST   /api/catalog/products                        admin: create (201)
     PATCH  /api/catalog/products/{id}                   admin: change any field, price and stock included
     POST   /api/catalog/products/{id}/restock           admin: add units up to max_stock
@@ -37,6 +38,7 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from actors.catalog import pictures
 from actors.catalog import repository as repo
 from actors.catalog.actor import ProductActor
 from actors.catalog.messages import (
@@ -208,7 +210,7 @@ def product_json(row: Row[Any]) -> dict[str, Any]:
         "brand": row.brand,
         "type_id": row.type_id,
         "type": row.type,
-        "picture_url": row.picture_url,
+        "picture_url": pictures.current_url(row.picture_url),
         "available_stock": row.available_stock,
         "restock_threshold": row.restock_threshold,
         "max_stock": row.max_stock,
@@ -360,6 +362,22 @@ def _named_list(table: Table) -> Callable[[web.Request], Awaitable[web.Response]
     return response_schema(NamedListSchema, 200)(docs(tags=["catalog"], summary=f"All {_LIST_PATH[table.name]}")(handler))
 
 
+@docs(tags=["catalog"], summary="A product picture (SVG), as named by a product's picture_url")
+async def get_picture(request: web.Request) -> web.Response:
+    found = pictures.get(request.match_info["name"])
+    if found is None:
+        raise NotFound("no such picture")
+    headers = {
+        "ETag": found.etag,
+        "Cache-Control": pictures.CACHE_CONTROL,
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'",  # an SVG opened on its own runs nothing
+    }
+    if _etag_matches(request.headers.get("If-None-Match"), found.etag):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=found.body, headers=headers, content_type=pictures.CONTENT_TYPE)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Admin writes (through the ProductActor)
 
@@ -465,6 +483,7 @@ def setup(app: web.Application) -> None:
     app.router.add_patch(f"{PREFIX}/products/{{id}}", update_product)
     app.router.add_delete(f"{PREFIX}/products/{{id}}", delete_product)
     app.router.add_post(f"{PREFIX}/products/{{id}}/restock", restock_product)
+    app.router.add_get(f"{pictures.PICTURES_PATH}/{{name}}", get_picture)
     for table in (repo.brands, repo.product_types):
         path = f"{PREFIX}/{_LIST_PATH[table.name]}"
         app.router.add_get(path, _named_list(table))
