@@ -3,7 +3,8 @@
 Each routed service's ``/api/docs/swagger.json`` is fetched from one of its instances (available ones first);
 its paths under the prefixes the gateway routes to that service are kept (the host's ``/health`` and
 ``/metrics`` are not public through the gateway), schema definitions are merged (a name two services define
-differently is renamed ``<Service><Name>`` in the second one, references included) and tags are joined.
+differently is renamed ``<Service><Name>`` in the second one, references included) and tags are joined. A GET's
+HEAD twin (aiohttp routes HEAD for every GET) is not listed.
 
 The result is cached for ``ttl`` seconds (concurrent requests share one refresh). A service that cannot be
 reached is left out, named in ``info.description`` and in ``x-services``, and the document is refreshed sooner
@@ -113,6 +114,14 @@ def _rewrite_refs(node: Any, old_to_new: dict[str, str]) -> Any:
     return node
 
 
+def _without_head_twin(item: Any) -> Any:
+    """A path item without the ``head`` operation that only repeats its ``get`` (aiohttp adds a HEAD route for
+    every GET; a service that still documents it must not make the merged document list each GET twice)."""
+    if isinstance(item, dict) and "get" in item and "head" in item:
+        return {method: op for method, op in item.items() if method != "head"}
+    return item
+
+
 def merge(title: str, routes: Sequence[Route], docs: Sequence[tuple[str, dict[str, Any] | str]]) -> dict[str, Any]:
     """Merge ``(service, document or reason)`` pairs into one document (the first document's version)."""
     first = next((d for _, d in docs if isinstance(d, dict)), {"swagger": "2.0"})
@@ -159,7 +168,7 @@ def merge(title: str, routes: Sequence[Route], docs: Sequence[tuple[str, dict[st
         prefixes = [r.prefix for r in routes if r.service == service]
         for path, item in doc.get("paths", {}).items():
             if any(path == p or path.startswith(p + "/") for p in prefixes):
-                out["paths"].setdefault(path, item)
+                out["paths"].setdefault(path, _without_head_twin(item))
         for tag in doc.get("tags", []):
             if isinstance(tag, dict) and tag.get("name") not in tag_names:
                 tag_names.add(tag.get("name"))

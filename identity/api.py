@@ -166,14 +166,62 @@ def oauth_endpoint(handler: Handler) -> Handler:
 
 
 @routes.post("/connect/token")
-@docs(tags=["oidc"], summary="Token endpoint: authorization_code, password, client_credentials, refresh_token")
+@docs(
+    tags=["oidc"],
+    summary="Token endpoint: authorization_code, password, client_credentials, refresh_token",
+    description=(
+        "Form-encoded (RFC 6749). Which fields each grant_type uses: **authorization_code**: code, redirect_uri,"
+        " code_verifier (PKCE S256); **password** (storefront client only, when enabled): username, password,"
+        " scope; **client_credentials** (confidential clients): scope; **refresh_token**: refresh_token, scope"
+        " (a subset of the granted scopes). Every grant authenticates the client: client_id (public clients) or"
+        " client_id + client_secret, or HTTP Basic instead of the two."
+    ),
+    consumes=["application/x-www-form-urlencoded"],
+    parameters=[
+        {"in": "formData", "name": "grant_type", "type": "string", "required": True, "enum": ["authorization_code", "refresh_token", "password", "client_credentials"],
+         "description": "The grant."},
+        {"in": "formData", "name": "code", "type": "string", "required": False,
+         "description": "authorization_code: the code from the authorization redirect."},
+        {"in": "formData", "name": "redirect_uri", "type": "string", "required": False,
+         "description": "authorization_code: the redirect_uri of the authorization request."},
+        {"in": "formData", "name": "code_verifier", "type": "string", "required": False,
+         "description": "authorization_code: the PKCE verifier of the code_challenge."},
+        {"in": "formData", "name": "client_id", "type": "string", "required": False,
+         "description": "The client (or HTTP Basic authentication instead of client_id/client_secret)."},
+        {"in": "formData", "name": "client_secret", "type": "string", "format": "password", "required": False,
+         "description": "Confidential clients: the client's secret (or HTTP Basic)."},
+        {"in": "formData", "name": "username", "type": "string", "required": False,
+         "description": "password: the account's email."},
+        {"in": "formData", "name": "password", "type": "string", "format": "password", "required": False,
+         "description": "password: the account's password."},
+        {"in": "formData", "name": "scope", "type": "string", "required": False,
+         "description": "password, client_credentials, refresh_token: space-separated scopes (default: the client's, or the granted ones)."},
+        {"in": "formData", "name": "refresh_token", "type": "string", "required": False,
+         "description": "refresh_token: the refresh token to rotate."},
+    ],
+)
 @oauth_endpoint
 async def token(request: web.Request) -> web.Response:
     return oauth_json(await _identity(request).tokens.token(request))
 
 
 @routes.post("/connect/revocation")
-@docs(tags=["oidc"], summary="Revoke a refresh token and its family (RFC 7009)")
+@docs(
+    tags=["oidc"],
+    summary="Revoke a refresh token and its family (RFC 7009)",
+    description="Form-encoded. Answers 200 whether or not the token was valid.",
+    consumes=["application/x-www-form-urlencoded"],
+    parameters=[
+        {"in": "formData", "name": "token", "type": "string", "required": True,
+         "description": "The refresh token to revoke."},
+        {"in": "formData", "name": "token_type_hint", "type": "string", "required": False, "enum": ["refresh_token", "access_token"],
+         "description": "Optional hint (RFC 7009)."},
+        {"in": "formData", "name": "client_id", "type": "string", "required": False,
+         "description": "The client (or HTTP Basic authentication instead of client_id/client_secret)."},
+        {"in": "formData", "name": "client_secret", "type": "string", "format": "password", "required": False,
+         "description": "Confidential clients: the client's secret (or HTTP Basic)."},
+    ],
+)
 @oauth_endpoint
 async def revocation(request: web.Request) -> web.Response:
     await _identity(request).tokens.revoke(request)
@@ -181,7 +229,22 @@ async def revocation(request: web.Request) -> web.Response:
 
 
 @routes.post("/connect/introspect")
-@docs(tags=["oidc"], summary="Token introspection for confidential clients (RFC 7662)")
+@docs(
+    tags=["oidc"],
+    summary="Token introspection for confidential clients (RFC 7662)",
+    description="Form-encoded. The client must be confidential (client_secret or HTTP Basic).",
+    consumes=["application/x-www-form-urlencoded"],
+    parameters=[
+        {"in": "formData", "name": "token", "type": "string", "required": True,
+         "description": "The access or refresh token to describe."},
+        {"in": "formData", "name": "token_type_hint", "type": "string", "required": False, "enum": ["access_token", "refresh_token"],
+         "description": "Which kind to look up first."},
+        {"in": "formData", "name": "client_id", "type": "string", "required": False,
+         "description": "The client (or HTTP Basic authentication instead of client_id/client_secret)."},
+        {"in": "formData", "name": "client_secret", "type": "string", "format": "password", "required": False,
+         "description": "Confidential clients: the client's secret (or HTTP Basic)."},
+    ],
+)
 @oauth_endpoint
 async def introspect(request: web.Request) -> web.Response:
     return oauth_json(await _identity(request).tokens.introspect(request))

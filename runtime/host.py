@@ -8,7 +8,8 @@
 - problem+json for every error: :class:`runtime.errors.Problem`, aiohttp's HTTP errors, request-schema
   validation failures (field named), malformed JSON; anything else is logged and answered as a plain
   500 problem, never with a stack trace,
-- OpenAPI docs from aiohttp-apispec at ``/api/docs`` (spec at ``/api/docs/swagger.json``),
+- OpenAPI docs from aiohttp-apispec at ``/api/docs`` (spec at ``/api/docs/swagger.json``, GETs without their
+  HEAD twins),
 - the admin actor endpoints ``/api/<service>/admin/actors[/{type}/{id}]``, open only to the admin role
   (or to anyone when ``ECOM_ADMIN_OPEN=true``, for a local single-user setup),
 - each part of the :class:`ServiceRuntime` (engine, verifier, bus, cluster membership, actor system, outbox
@@ -26,13 +27,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
-from aiohttp_apispec import setup_aiohttp_apispec
 
 from runtime.jsonutil import default as _json_default
 from runtime.jsonutil import dumps, isoformat
 from runtime.web.admin import _int_query, add_admin_routes, require_admin
 from runtime.web.admin import admin_actor as _admin_actor
 from runtime.web.admin import admin_actors as _admin_actors
+from runtime.web.apidocs import setup_api_docs
 from runtime.web.health import live as _live
 from runtime.web.health import ready as _ready
 from runtime.web.metrics import METRICS_KEY as _METRICS
@@ -150,15 +151,7 @@ def create_app(
         routes(app)
     else:
         app.router.add_routes(routes)
-    setup_aiohttp_apispec(
-        app,
-        title=title or f"EcomGateway {runtime.name} API",
-        version="v1",
-        url="/api/docs/swagger.json",
-        swagger_path="/api/docs",
-        static_path="/api/docs/static",
-        error_callback=validation_error_callback,
-    )
+    setup_api_docs(app, title=title or f"EcomGateway {runtime.name} API", error_callback=validation_error_callback)
     # One cleanup context per part, in dependency order: aiohttp starts them in turn and, when one fails,
     # the runner's cleanup stops the ones already started, in reverse.
     for _name, context in runtime.cleanup_contexts():
