@@ -286,7 +286,6 @@ async def bench_database(label: str, url: str, n_seq: int, n_conc: int) -> None:
 async def _pg_url(admin_url: str) -> tuple[str, Callable[[], Awaitable[None]]] | None:
     try:
         import asyncpg
-
         from sqlalchemy.engine import make_url
 
         u = make_url(admin_url)
@@ -338,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-cores", action="store_true", help="do not pin the process to one core")
     args = parser.parse_args(argv)
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     try:
         import uvloop
 

@@ -234,7 +234,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
             if backend == "memory":
                 make: Callable[[], Awaitable[BusPair]] = _memory_pair
             else:
-                make = lambda: _rabbit_pair(args.url, args.partitions)  # noqa: E731
+                make = lambda: _rabbit_pair(args.url, args.partitions)
             result = await _run_one(backend, make, sessions, messages, samples, args.producers, args.phase_timeout)
             _print(result)
             results.append(result)
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and args.phase_timeout == 120.0:
         args.phase_timeout = 30.0
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if not args.no_uvloop:
         try:
             import uvloop

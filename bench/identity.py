@@ -29,7 +29,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bench.actors import _pg_url as pg_database  # a throw-away database on the server, dropped after
+from bench.actors import (
+    _pg_url as pg_database,  # a throw-away database on the server, dropped after
+)
 from config import Settings, load_settings
 from identity.accounts import register_user
 from identity.core import IDENTITY

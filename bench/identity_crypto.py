@@ -56,7 +56,7 @@ def bench_jwt(seconds: float) -> list[tuple[str, float, float, float, int]]:
     for alg in ALGORITHMS:
         ring = KeyRing()
         ring.rotate(alg)
-        key, imported = ring.signing_key()
+        _key, _imported = ring.signing_key()
         issuer = TokenIssuer(ring, ISSUER, AUDIENCE)
         token, _ = issuer.issue_access_token(
             "3f1c2a9e-5b7d-4e0f-9a61-2c8d7e4b1a05", "storefront", ["openid", "cart", "orders"], ["customer"]

@@ -49,7 +49,12 @@ from bus.servicebus.azurebus import AzureBus
 from bus.servicebus.broadcast import AzureBroadcast
 from bus.servicebus.connection import _config_error, _connection_args
 from bus.servicebus.management import _Provisioner, rule_name
-from bus.servicebus.messages import DEFAULT_DUPLICATE_WINDOW, TOPIC, _check_name, to_message
+from bus.servicebus.messages import (
+    DEFAULT_DUPLICATE_WINDOW,
+    TOPIC,
+    _check_name,
+    to_message,
+)
 from bus.servicebus.receiving import AzureConsumer
 
 if TYPE_CHECKING:

@@ -28,8 +28,8 @@ __all__ = [
     "GatewaySettings",
     "GeneralSettings",
     "ServiceSettings",
-    "ShopSettings",
     "Settings",
+    "ShopSettings",
     "StartupError",
     "load_settings",
 ]

@@ -362,7 +362,7 @@ def _build(cls: type, section: str, base: Any, toml: Mapping[str, Any], env: Map
     types_ = _field_types(cls)
     unknown = set(toml) - set(types_)
     if unknown:
-        raise ConfigError(f"[{section}] {sorted(unknown)[0]}: unknown setting")
+        raise ConfigError(f"[{section}] {min(unknown)}: unknown setting")
     for name, kind in types_.items():
         var = env_name(section, name)
         source, raw = None, None

@@ -28,8 +28,8 @@ import aiohttp
 
 from config import ConfigError, Settings
 from gateway.client import Pool
-from runtime.cluster import normalise, score
 from gateway.options import GatewayOptions
+from runtime.cluster import normalise, score
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class Instance:
     """One upstream process of a service."""
 
     __slots__ = (
+        "address",
         "breaker",
         "errors",
         "failed_checks",
@@ -101,7 +102,6 @@ class Instance:
         "requests",
         "service",
         "url",
-        "address",
     )  # fmt: skip
 
     def __init__(self, service: str, url: str, options: GatewayOptions) -> None:

@@ -57,7 +57,13 @@ from identity.pages import (
     set_csrf_cookie,
     signed_out_page,
 )
-from runtime.auth import InvalidToken, authenticate, check_access, optional_principal, require
+from runtime.auth import (
+    InvalidToken,
+    authenticate,
+    check_access,
+    optional_principal,
+    require,
+)
 from runtime.errors import BadRequest, Problem, TooManyRequests, ValidationProblem
 from runtime.host import json_response, problem_response
 from runtime.store import utcnow
@@ -165,6 +171,18 @@ def oauth_endpoint(handler: Handler) -> Handler:
     return wrapper
 
 
+def _form(name: str, description: str, *, required: bool = False, **schema: Any) -> dict[str, Any]:
+    """One documented field of a form-encoded OAuth endpoint (documentation only: the handlers read the form)."""
+    return {"in": "formData", "name": name, "type": "string", "required": required, "description": description, **schema}
+
+
+# Client authentication of the token, revocation and introspection endpoints.
+CLIENT_AUTH_FORM = (
+    _form("client_id", "The client (or HTTP Basic authentication instead of client_id/client_secret)."),
+    _form("client_secret", "Confidential clients: the client's secret (or HTTP Basic).", format="password"),
+)
+
+
 @routes.post("/connect/token")
 @docs(
     tags=["oidc"],
@@ -178,26 +196,15 @@ def oauth_endpoint(handler: Handler) -> Handler:
     ),
     consumes=["application/x-www-form-urlencoded"],
     parameters=[
-        {"in": "formData", "name": "grant_type", "type": "string", "required": True, "enum": ["authorization_code", "refresh_token", "password", "client_credentials"],
-         "description": "The grant."},
-        {"in": "formData", "name": "code", "type": "string", "required": False,
-         "description": "authorization_code: the code from the authorization redirect."},
-        {"in": "formData", "name": "redirect_uri", "type": "string", "required": False,
-         "description": "authorization_code: the redirect_uri of the authorization request."},
-        {"in": "formData", "name": "code_verifier", "type": "string", "required": False,
-         "description": "authorization_code: the PKCE verifier of the code_challenge."},
-        {"in": "formData", "name": "client_id", "type": "string", "required": False,
-         "description": "The client (or HTTP Basic authentication instead of client_id/client_secret)."},
-        {"in": "formData", "name": "client_secret", "type": "string", "format": "password", "required": False,
-         "description": "Confidential clients: the client's secret (or HTTP Basic)."},
-        {"in": "formData", "name": "username", "type": "string", "required": False,
-         "description": "password: the account's email."},
-        {"in": "formData", "name": "password", "type": "string", "format": "password", "required": False,
-         "description": "password: the account's password."},
-        {"in": "formData", "name": "scope", "type": "string", "required": False,
-         "description": "password, client_credentials, refresh_token: space-separated scopes (default: the client's, or the granted ones)."},
-        {"in": "formData", "name": "refresh_token", "type": "string", "required": False,
-         "description": "refresh_token: the refresh token to rotate."},
+        _form("grant_type", "The grant.", required=True, enum=["authorization_code", "refresh_token", "password", "client_credentials"]),
+        _form("code", "authorization_code: the code from the authorization redirect."),
+        _form("redirect_uri", "authorization_code: the redirect_uri of the authorization request."),
+        _form("code_verifier", "authorization_code: the PKCE verifier of the code_challenge."),
+        *CLIENT_AUTH_FORM,
+        _form("username", "password: the account's email."),
+        _form("password", "password: the account's password.", format="password"),
+        _form("scope", "password, client_credentials, refresh_token: space-separated scopes (default: the client's, or the granted ones)."),
+        _form("refresh_token", "refresh_token: the refresh token to rotate."),
     ],
 )
 @oauth_endpoint
@@ -212,14 +219,9 @@ async def token(request: web.Request) -> web.Response:
     description="Form-encoded. Answers 200 whether or not the token was valid.",
     consumes=["application/x-www-form-urlencoded"],
     parameters=[
-        {"in": "formData", "name": "token", "type": "string", "required": True,
-         "description": "The refresh token to revoke."},
-        {"in": "formData", "name": "token_type_hint", "type": "string", "required": False, "enum": ["refresh_token", "access_token"],
-         "description": "Optional hint (RFC 7009)."},
-        {"in": "formData", "name": "client_id", "type": "string", "required": False,
-         "description": "The client (or HTTP Basic authentication instead of client_id/client_secret)."},
-        {"in": "formData", "name": "client_secret", "type": "string", "format": "password", "required": False,
-         "description": "Confidential clients: the client's secret (or HTTP Basic)."},
+        _form("token", "The refresh token to revoke.", required=True),
+        _form("token_type_hint", "Optional hint (RFC 7009).", enum=["refresh_token", "access_token"]),
+        *CLIENT_AUTH_FORM,
     ],
 )
 @oauth_endpoint
@@ -235,14 +237,9 @@ async def revocation(request: web.Request) -> web.Response:
     description="Form-encoded. The client must be confidential (client_secret or HTTP Basic).",
     consumes=["application/x-www-form-urlencoded"],
     parameters=[
-        {"in": "formData", "name": "token", "type": "string", "required": True,
-         "description": "The access or refresh token to describe."},
-        {"in": "formData", "name": "token_type_hint", "type": "string", "required": False, "enum": ["access_token", "refresh_token"],
-         "description": "Which kind to look up first."},
-        {"in": "formData", "name": "client_id", "type": "string", "required": False,
-         "description": "The client (or HTTP Basic authentication instead of client_id/client_secret)."},
-        {"in": "formData", "name": "client_secret", "type": "string", "format": "password", "required": False,
-         "description": "Confidential clients: the client's secret (or HTTP Basic)."},
+        _form("token", "The access or refresh token to describe.", required=True),
+        _form("token_type_hint", "Which kind to look up first.", enum=["access_token", "refresh_token"]),
+        *CLIENT_AUTH_FORM,
     ],
 )
 @oauth_endpoint

@@ -148,7 +148,7 @@ def generate_key(
     if alg not in SIGNING_ALGORITHMS:
         raise ValueError(f"unsupported signing algorithm {alg!r}; use one of {', '.join(SIGNING_ALGORITHMS)}")
     now = time.time() if now is None else now
-    kty, param = SIGNING_ALGORITHMS[alg]
+    kty, _param = SIGNING_ALGORITHMS[alg]
     if kty == "RSA":
         if rsa_bits < 2048:
             raise ValueError("RSA signing keys need at least 2048 bits")

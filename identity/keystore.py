@@ -362,7 +362,7 @@ class KeyManager:
                 "retired_at": k.retired_at,
                 "expires_at": k.expires_at,
             }
-            for k in self.ring.keys()
+            for k in self.ring
         ]
 
     # -- changing -------------------------------------------------------------------------------
@@ -419,11 +419,11 @@ class KeyManager:
         announce: Sequence[Any] = (),
         now: datetime | None = None,
     ) -> None:
-        before = {k.kid: k for k in self.ring.keys()}
+        before = {k.kid: k for k in self.ring}
         new_kids = {k.kid for k in new}
         changed = [
             StoredKey(k, self._revisions[k.kid])
-            for k in scratch.keys()
+            for k in scratch
             if k.kid not in new_kids and k.kid in self._revisions and k != before.get(k.kid)
         ]
         try:

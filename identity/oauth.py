@@ -47,7 +47,14 @@ from multidict import MultiMapping
 from config import Settings
 from identity.accounts import normalize_email
 from identity.messages import LoginOutcome
-from identity.repository import FIRST_PARTY_CLIENTS, AuthorizationCode, Client, RefreshToken, Repository, User
+from identity.repository import (
+    FIRST_PARTY_CLIENTS,
+    AuthorizationCode,
+    Client,
+    RefreshToken,
+    Repository,
+    User,
+)
 from identity.tokens import TokenIssuer, hash_token, new_opaque_token, token_matches
 from runtime.auth import InvalidToken, TokenVerifier
 from runtime.errors import BadRequest
@@ -276,7 +283,7 @@ def build_client(
         grant_types = ("authorization_code", "refresh_token") if public else ("client_credentials",)
     unknown = set(grant_types) - set(GRANT_TYPES)
     if unknown:
-        raise ValueError(f"unknown grant type {sorted(unknown)[0]!r}")
+        raise ValueError(f"unknown grant type {min(unknown)!r}")
     if "password" in grant_types and client_id != STOREFRONT:
         raise ValueError(f"only the first-party client {STOREFRONT!r} may use the password grant")
     if public and "client_credentials" in grant_types:
@@ -291,7 +298,7 @@ def build_client(
         scopes = SCOPES if public else (API_SCOPE,)
     unknown = set(scopes) - set(SCOPES)
     if unknown:
-        raise ValueError(f"unknown scope {sorted(unknown)[0]!r}; scopes are {' '.join(SCOPES)}")
+        raise ValueError(f"unknown scope {min(unknown)!r}; scopes are {' '.join(SCOPES)}")
     secret, secret_hash = (None, None) if public else new_opaque_token()
     client = Client(
         client_id=client_id,

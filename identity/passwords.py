@@ -27,10 +27,9 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 
-from argon2 import PasswordHasher, Type, profiles
 from argon2 import Parameters as Argon2Parameters
+from argon2 import PasswordHasher, Type, profiles
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-
 from zxcvbn import zxcvbn
 
 from runtime.errors import ValidationProblem

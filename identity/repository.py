@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, inspect
 from sqlalchemy import (
     Boolean,
     Column,
+    Connection,
     DateTime,
     Index,
     Integer,
@@ -46,6 +46,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -55,8 +56,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from identity.keys import SigningKey
 from identity.messages import RegistrationAttempted
 from runtime import migrate
-from runtime.revocation import AccessRevoked, announcement
 from runtime.messages import envelope
+from runtime.revocation import AccessRevoked, announcement
 from runtime.store import actor_state, as_utc, outbox
 
 # aiosqlite logs every statement *with its parameters* at DEBUG: with ECOM_LOG_LEVEL=DEBUG that would write

@@ -22,15 +22,14 @@ from typing import Any
 from aiohttp import web
 
 from config import ConfigError, Settings
-from identity import api
+from identity import api, repository
 from identity.accounts import ADMIN_EMAIL, generate_password, register_user
 from identity.actor import LoginActor, LoginContext, LoginPolicy, install, login
 from identity.core import IDENTITY, Identity, KeyRingVerifier
 from identity.keystore import CHECK_INTERVAL, KeyManager
-from identity.oauth import STOREFRONT, SCOPES, TokenService, build_client
+from identity.oauth import SCOPES, STOREFRONT, TokenService, build_client
 from identity.pages import CSRF_TOKENS, CsrfTokens
 from identity.passwords import Passwords, default_passwords
-from identity import repository
 from identity.repository import ClientExists, EmailTaken, Repository
 from identity.tokens import TokenIssuer
 from runtime import migrate

@@ -196,7 +196,7 @@ class Actor:
 class Turn:
     """What a handler may do besides changing state; all of it is committed with the turn or not at all."""
 
-    __slots__ = ("actor", "message_id", "outbox", "reminders", "hooks", "fired", "now")
+    __slots__ = ("actor", "fired", "hooks", "message_id", "now", "outbox", "reminders")
 
     def __init__(self, actor: Actor, message_id: str | None) -> None:
         self.actor = actor
@@ -252,14 +252,14 @@ class Turn:
 class _Activation:
     __slots__ = (
         "actor",
-        "mailbox",
-        "running",
-        "loaded",
-        "version",
         "committed",
         "handled",
-        "last_activity",
         "key",
+        "last_activity",
+        "loaded",
+        "mailbox",
+        "running",
+        "version",
     )
 
     def __init__(self, key: tuple[str, str], actor: Actor) -> None:
@@ -281,7 +281,7 @@ class _Activation:
 class ActorRef:
     """An address of one actor. Cheap to create, valid forever; the actor activates on demand."""
 
-    __slots__ = ("_system", "actor_class", "id", "_key")
+    __slots__ = ("_key", "_system", "actor_class", "id")
 
     def __init__(self, system: ActorSystem, actor_class: type[Actor], actor_id: str) -> None:
         self._system = system

@@ -49,6 +49,8 @@ from runtime.errors import Forbidden, ServiceUnavailable, Unauthorized
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
+    "PRINCIPAL",
+    "VERIFIER_KEY",
     "InsufficientScope",
     "InvalidToken",
     "JWKSUnavailable",
@@ -56,8 +58,6 @@ __all__ = [
     "MissingToken",
     "Principal",
     "TokenVerifier",
-    "PRINCIPAL",
-    "VERIFIER_KEY",
     "authenticate",
     "bearer_token",
     "check_access",
@@ -342,7 +342,7 @@ class TokenVerifier:
                 body = await resp.content.read(_MAX_JWKS_BYTES + 1)
                 if len(body) > _MAX_JWKS_BYTES:
                     raise JWKSUnavailable(f"GET {url}: document too large")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise JWKSUnavailable(f"GET {url} failed: {exc!r}") from exc
         try:
             return orjson.loads(body)

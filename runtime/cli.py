@@ -140,7 +140,7 @@ async def start_bus(settings: Settings):  # -> bus.base.Bus, started
     amqp_log.setLevel(logging.CRITICAL)
     try:
         await bus.start()
-    except Exception as exc:  # noqa: BLE001 - whatever the backend raises, the user sees one line
+    except Exception as exc:
         with contextlib.suppress(Exception):
             await bus.close()
         backend = settings.bus.backend

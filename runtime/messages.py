@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from bus.base import MalformedMessage
 from bus.envelope import Envelope
 from runtime.actors import Actor, ActorRef, ActorSystem, DuplicateMessage
-from runtime.cluster import is_forwarded
+from runtime.cluster import Cluster, is_forwarded
 from runtime.jsonutil import to_jsonable
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def _decode(kind: Any, value: Any) -> Any:
     return value
 
 
-def _cluster_of(system: ActorSystem) -> Any:
-    from runtime.cluster import Cluster
-
+def _cluster_of(system: ActorSystem) -> Cluster | None:
     placement = system.placement
     return placement if isinstance(placement, Cluster) else None
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, Table, inspect, insert, select, update
+from sqlalchemy import Connection, Table, insert, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runtime import store

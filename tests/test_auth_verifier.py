@@ -269,7 +269,7 @@ async def test_alg_must_match_key_type(
     await expect_invalid(verifier, sign(rs_key, c, kid=es_key.kid), "signature")
     # an Ed25519 signature presented as ES256 for the Ed25519 key
     t = sign(ed_key, c)
-    h, p, s = t.split(".")
+    _h, p, s = t.split(".")
     forged_header = b64(json.dumps({"alg": "ES256", "kid": ed_key.kid}).encode())
     await expect_invalid(verifier, f"{forged_header}.{p}.{s}", "signature")
 

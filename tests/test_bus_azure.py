@@ -28,7 +28,6 @@ from bus.azure import TOPIC, AzureBroadcast, AzureBus, create_bus, provision, re
 from config import ConfigError, load_settings
 from tests.amqp_peer import AmqpPeer
 from tests.bus_contract import *  # the contract tests and the fixtures they use
-from tests.test_bus_faults import Trouble, trouble  # noqa: F401  (the fixture too)
 from tests.bus_contract import (
     MAX_ATTEMPTS,
     BusFactory,
@@ -38,6 +37,7 @@ from tests.bus_contract import (
     msg,
     unique,
 )
+from tests.test_bus_faults import Trouble, trouble  # noqa: F401  (the fixture too)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bus import Bus, BusError, Envelope, MemoryBus
-from tests.bus_contract import *  # noqa: F403  (the contract tests and their fixtures)
+from tests.bus_contract import *
 from tests.bus_contract import MAX_ATTEMPTS, BusFactory, Log, bounded, msg, unique
 
 

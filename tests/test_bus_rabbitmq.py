@@ -33,7 +33,7 @@ from bus.rabbitmq import (
     partition_queue_arguments,
 )
 from config.settings import BusSettings, Settings
-from tests.bus_contract import *  # noqa: F403  (the contract tests and their fixtures)
+from tests.bus_contract import *
 from tests.bus_contract import MAX_ATTEMPTS, Log, bounded, eventually, msg, unique
 from tests.conftest import require_server
 

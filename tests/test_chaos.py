@@ -69,7 +69,6 @@ from tests.support.cluster import (
     with_retries,
 )
 
-
 BUYERS = 20
 TARGET_PURCHASES = 320  # accepted checkouts (202)
 PER_BUYER_MAX = 18  # the cart remembers its last 20 checkouts: stay under it so every checkout can be checked
@@ -700,7 +699,7 @@ async def _check_databases(
 
     # -- what the probes saw -----------------------------------------------------------------------
     for kind in sorted(rec.counts):
-        if kind.startswith("stale read") or kind.startswith("cart differs") or kind.startswith("admin PATCH answer"):
+        if kind.startswith(("stale read", "cart differs", "admin PATCH answer")):
             problems.append(f"- {kind}: {rec.counts[kind]}; e.g. " + " | ".join(rec.examples[kind]))
     for kind in (
         "cart empty at checkout though the buyer's writes were acknowledged",

@@ -14,7 +14,13 @@ from config import load_settings
 from runtime import migrate
 from runtime.actors import Actor, Turn, handles
 from runtime.errors import Conflict
-from runtime.host import AppKeyRuntime, ServiceRuntime, create_app, json_response, read_json
+from runtime.host import (
+    AppKeyRuntime,
+    ServiceRuntime,
+    create_app,
+    json_response,
+    read_json,
+)
 from runtime.store import create_engine, ping
 
 

@@ -215,7 +215,7 @@ def test_keyring_from_records() -> None:
     ring.rotate("RS256")
     clock.advance(10)
     ring.rotate("ES256")
-    records = [k.to_record() for k in ring.keys()]
+    records = [k.to_record() for k in ring]
     again = KeyRing((SigningKey.from_record(r) for r in records), clock=clock)
     assert again.jwks() == ring.jwks()
     assert again.active_key() == ring.active_key()

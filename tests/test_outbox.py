@@ -99,7 +99,7 @@ async def _seen(target: ActorSystem) -> list[int]:
 
 
 async def test_committed_messages_reach_the_other_service_in_order(pipeline):
-    bus, relay, producer, target = pipeline
+    _bus, relay, producer, target = pipeline
     relay.start()
     for n in range(20):
         await producer.ref(ProducerActor, "p1").ask(Produce(n))
@@ -124,7 +124,7 @@ async def test_rows_written_while_the_relay_is_down_are_sent_later(pipeline):
 
 
 async def test_redelivered_message_has_no_second_effect(pipeline):
-    bus, relay, producer, target = pipeline
+    bus, _relay, _producer, target = pipeline
     env = envelope(Ping(7), session_id="t1")
     await bus.send("target", env)
     await bus.send("target", env)  # the same message id again, as after a relay crash
@@ -134,7 +134,7 @@ async def test_redelivered_message_has_no_second_effect(pipeline):
 
 
 async def test_unroutable_message_is_dead_lettered_not_lost(pipeline):
-    bus, relay, producer, target = pipeline
+    bus, _relay, _producer, _target = pipeline
     await bus.send("target", envelope(Produce(1), session_id="t1"))
     await bus.wait_idle()
     dead = await bus.dead_letters("target")

@@ -58,7 +58,6 @@ from tests.support.cluster import (
     retry_after_of,
 )
 
-
 BUYERS = 64
 BURST_SECONDS = 60.0
 MAX_OPEN_ORDERS = 200
@@ -239,7 +238,7 @@ async def _run(e: Embedded) -> None:
             f"(bound {memory_bound:.0f} MB, waited {memory_wait:.0f}s)"
         )
     for kind in sorted(tally.counts):
-        if kind.startswith("refused without 503") or kind.startswith("503 without Retry-After"):
+        if kind.startswith(("refused without 503", "503 without Retry-After")):
             problems.append(f"- checkout {kind}: {tally.counts[kind]}; e.g. " + " | ".join(tally.examples[kind]))
     peak_open = max((s["open"] for s in samples), default=0)
     if peak_open > MAX_OPEN_ORDERS + BUYERS:
@@ -336,7 +335,7 @@ async def _attempt(http: aiohttp.ClientSession, method: str, url: str, headers: 
             except orjson.JSONDecodeError:
                 parsed = text
             return resp.status, parsed, resp.headers
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return type(exc).__name__, str(exc), None
 
 

@@ -12,7 +12,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.support.cluster import ADDRESS, ProcessCluster, bearer, new_email, process_cluster, register
+from tests.support.cluster import (
+    ADDRESS,
+    ProcessCluster,
+    bearer,
+    new_email,
+    process_cluster,
+    register,
+)
 
 
 @pytest.fixture

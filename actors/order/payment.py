@@ -240,7 +240,7 @@ class SimulatedPaymentProvider:
                                 idempotency_key=idempotency_key, order_id=idempotency_key, amount=None, currency=None,
                                 status=DECLINED, charge_id="", decline_code=VOIDED, message=reason[:255],
                                 attempts=0, created_at=now, updated_at=now,
-                            )  # fmt: skip
+                            )
                         )
                         return ReverseResult(refunded=False)
                     if row.status in (DECLINED, REFUNDED):
@@ -276,7 +276,7 @@ class SimulatedPaymentProvider:
                                 idempotency_key=request.idempotency_key, order_id=request.idempotency_key,
                                 amount=str(request.amount), currency=request.currency, status=PENDING, charge_id="",
                                 decline_code="", message="", attempts=1, created_at=now, updated_at=now,
-                            )  # fmt: skip
+                            )
                         )
                     row = (await conn.execute(select(table).where(key))).one()
                 return _record(row)

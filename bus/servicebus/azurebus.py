@@ -43,9 +43,19 @@ from bus.base import (
     subscription_types,
 )
 from bus.envelope import Envelope, utc_now
-from bus.servicebus.broadcast import BROADCAST_AUTO_DELETE, AzureBroadcast, _broadcast_name
+from bus.servicebus.broadcast import (
+    BROADCAST_AUTO_DELETE,
+    AzureBroadcast,
+    _broadcast_name,
+)
 from bus.servicebus.management import _Provisioner
-from bus.servicebus.messages import DEFAULT_DUPLICATE_WINDOW, TOPIC, _body, _check_name, to_message
+from bus.servicebus.messages import (
+    DEFAULT_DUPLICATE_WINDOW,
+    TOPIC,
+    _body,
+    _check_name,
+    to_message,
+)
 from bus.servicebus.receiving import AzureConsumer
 from bus.servicebus.sending import _Outbox
 

@@ -41,7 +41,7 @@ _rng = random.Random()  # request ids need uniqueness, not secrecy
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
     # 128 random bits as hex: as unique as a uuid4 without its system call and object per request.
-    rid = incoming if incoming and _REQUEST_ID_OK.match(incoming) else "%032x" % _rng.getrandbits(128)
+    rid = incoming if incoming and _REQUEST_ID_OK.match(incoming) else f"{_rng.getrandbits(128):032x}"
     request["request_id"] = rid
     token = request_id_var.set(rid)
     try:

@@ -9,7 +9,13 @@ import uuid
 import pytest
 
 from actors.cart import api
-from actors.cart.upstream import Instance, InstanceFailed, NoInstance, Upstream, parse_urls
+from actors.cart.upstream import (
+    Instance,
+    InstanceFailed,
+    NoInstance,
+    Upstream,
+    parse_urls,
+)
 from tests.cart.fake_catalog import FakeCatalog
 
 

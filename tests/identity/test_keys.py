@@ -10,9 +10,9 @@ import pytest
 from joserfc import jws
 from sqlalchemy import func, select
 
+from config import load_settings
 from identity.keystore import PUBLISH_AHEAD, KeyManager
 from identity.repository import KeyConflict, Repository, StoredKey, signing_keys
-from config import load_settings
 from identity.service import create_app, housekeep, open_repository
 from runtime.store import create_engine, utcnow
 from tests.identity.conftest import CHEAP_PASSWORDS, IdentityServer, Shop
@@ -118,7 +118,7 @@ async def test_concurrent_rotations_one_wins(idsrv: IdentityServer) -> None:
     # b decided on stale data: its write is a compare-and-set on the active key's row and must fail
     scratch = b._scratch()
     newest = scratch.rotate()
-    changed = [StoredKey(k, b._revisions[k.kid]) for k in scratch.keys() if k.kid != newest.kid]
+    changed = [StoredKey(k, b._revisions[k.kid]) for k in scratch if k.kid != newest.kid]
     with pytest.raises(KeyConflict):
         await b.save_keys([newest], changed, utcnow())
     assert len(await a.stored_keys()) == 2

@@ -51,7 +51,7 @@ async def test_the_database_holds_no_private_key_material(idsrv: IdentityServer)
     if idsrv.db_url.startswith("sqlite"):
         # what a local user reading the files would see
         data = raw_bytes(sqlite_file(idsrv.db_url))
-        for k in keys.ring.keys():
+        for k in keys.ring:
             assert k.private_jwk["d"].encode() not in data
     # and the service signs and verifies with what it opened
     await idsrv.register("ann@example.com")

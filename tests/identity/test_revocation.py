@@ -21,7 +21,13 @@ from identity.repository import Repository
 from identity.service import create_app, seed
 from runtime import revocation
 from runtime.store import create_engine, outbox
-from tests.identity.conftest import ADMIN_PASSWORD, CHEAP_PASSWORDS, PASSWORD, IdentityServer, Shop
+from tests.identity.conftest import (
+    ADMIN_PASSWORD,
+    CHEAP_PASSWORDS,
+    PASSWORD,
+    IdentityServer,
+    Shop,
+)
 
 WITHIN = 5.0  # seconds: relay latency plus one bus hop, with a wide margin
 

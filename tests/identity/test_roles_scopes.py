@@ -14,7 +14,14 @@ from identity.passwords import Passwords
 from identity.repository import MIGRATIONS, clients, users
 from runtime import migrate
 from runtime.store import create_engine, utcnow
-from tests.identity.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, PASSWORD, IdentityServer, pkce_pair, query_of
+from tests.identity.conftest import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    PASSWORD,
+    IdentityServer,
+    pkce_pair,
+    query_of,
+)
 
 THIRD_PARTY_REDIRECT = "https://app.example/cb"
 

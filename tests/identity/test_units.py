@@ -6,7 +6,14 @@ import pytest
 
 from identity.actor import MAX_LOCKOUT_SECONDS, LoginPolicy
 from identity.keys import KeyRing
-from identity.oauth import OAuthError, check_redirect_uri, decode_id_token_hint, parse_scope, pkce_matches, s256
+from identity.oauth import (
+    OAuthError,
+    check_redirect_uri,
+    decode_id_token_hint,
+    parse_scope,
+    pkce_matches,
+    s256,
+)
 from identity.tokens import TokenIssuer
 from tests.identity.conftest import pkce_pair
 

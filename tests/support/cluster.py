@@ -384,7 +384,7 @@ async def with_retries(
     while True:
         try:
             return await attempt()
-        except (Retry, aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as exc:
+        except (TimeoutError, Retry, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             if on_failure is not None:
                 on_failure(exc)
             wait = exc.retry_after if isinstance(exc, Retry) and exc.retry_after is not None else delay
