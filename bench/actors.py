@@ -166,7 +166,11 @@ _BARE_INSERT = insert(actor_state).values(
 )
 _BARE_UPDATE = (
     update(actor_state)
-    .where(actor_state.c.actor_type == "bare", actor_state.c.actor_id == bindparam("i"), actor_state.c.version == bindparam("v"))
+    .where(
+        actor_state.c.actor_type == "bare",
+        actor_state.c.actor_id == bindparam("i"),
+        actor_state.c.version == bindparam("v"),
+    )
     .values(version=bindparam("nv"), state=bindparam("s"), updated_at=bindparam("now"))
 )
 
@@ -211,7 +215,10 @@ async def persisted_turns(
     if instances == 1:
         systems = [ActorSystem(store, mailbox_size=n + 10, exclusive=True)]
     else:
-        systems = [ActorSystem(StateStore(engine, group_commit=group_commit), mailbox_size=n + 10, placement=_Half(i)) for i in (0, 1)]
+        systems = [
+            ActorSystem(StateStore(engine, group_commit=group_commit), mailbox_size=n + 10, placement=_Half(i))
+            for i in (0, 1)
+        ]
         store = systems[0].store
     ids = [f"doc-{uuid.uuid4().hex}" for _ in range(concurrency)]
     refs = []
@@ -229,7 +236,9 @@ async def persisted_turns(
     elapsed = time.perf_counter() - start
     # Check what was measured really happened.
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(actor_state.c.version).where(actor_state.c.actor_id.in_([r.id for r in refs])))).all()
+        rows = (
+            await conn.execute(select(actor_state.c.version).where(actor_state.c.actor_id.in_([r.id for r in refs])))
+        ).all()
     assert sorted(r.version for r in rows) == [per] * concurrency, "every turn was persisted"
     commits = sum(s.store.commits for s in systems if s.store is not None)
     turns = sum(s.store.turns_committed for s in systems if s.store is not None)
@@ -267,18 +276,24 @@ async def bench_database(label: str, url: str, n_seq: int, n_conc: int) -> None:
             plain, _ = await persisted_turns(engine, n, conc, group_commit=False)
             grouped, per_txn = await persisted_turns(engine, n, conc, group_commit=True)
             mode = "sequential" if conc == 1 else f"{conc} concurrent entities"
-            print(f"  {label:10} {mode:24} bare upsert {base:8.0f}/s | turns {plain:8.0f}/s ({plain / base:4.2f}x) "
-                  f"| group commit {grouped:8.0f}/s ({grouped / base:4.2f}x, {per_txn:.1f} turns/txn)")
+            print(
+                f"  {label:10} {mode:24} bare upsert {base:8.0f}/s | turns {plain:8.0f}/s ({plain / base:4.2f}x) "
+                f"| group commit {grouped:8.0f}/s ({grouped / base:4.2f}x, {per_txn:.1f} turns/txn)"
+            )
         # The cluster's costs, side by side with one process in the same run (64 entities, group commit).
         one, _ = await persisted_turns(engine, n_conc, 64, group_commit=True)
         two, _ = await persisted_turns(engine, n_conc, 64, group_commit=True, instances=2)
         wrong, _ = await persisted_turns(engine, n_conc // 4, 64, group_commit=True, instances=2, misrouted=True)
-        print(f"  {label:10} cluster, 64 entities      one process {one:8.0f}/s | two instances, owners asked "
-              f"{two:8.0f}/s ({two / one:4.2f}x) | non-owners asked {wrong:8.0f}/s ({wrong / one:4.2f}x)")
+        print(
+            f"  {label:10} cluster, 64 entities      one process {one:8.0f}/s | two instances, owners asked "
+            f"{two:8.0f}/s ({two / one:4.2f}x) | non-owners asked {wrong:8.0f}/s ({wrong / one:4.2f}x)"
+        )
         trusted = await reads(engine, n_conc * 4, 64, exclusive=True)
         checked = await reads(engine, n_conc * 4, 64, exclusive=False)
-        print(f"  {label:10} reads, 64 entities        exclusive {trusted:8.0f}/s | cluster (version checked) "
-              f"{checked:8.0f}/s ({checked / trusted:4.2f}x)")
+        print(
+            f"  {label:10} reads, 64 entities        exclusive {trusted:8.0f}/s | cluster (version checked) "
+            f"{checked:8.0f}/s ({checked / trusted:4.2f}x)"
+        )
     finally:
         await engine.dispose()
 
@@ -311,11 +326,15 @@ async def run(args: argparse.Namespace) -> None:
     for actors in (1, 10_000):
         tells = await bench_tells(actors, int(400_000 * scale))
         asks = await bench_asks(actors, int(200_000 * scale))
-        print(f"  {actors:>6} actor(s): tell {tells:10.0f}/s ({tells / 100_000:4.2f}x target) | "
-              f"ask {asks:10.0f}/s ({asks / 30_000:4.2f}x target)")
+        print(
+            f"  {actors:>6} actor(s): tell {tells:10.0f}/s ({tells / 100_000:4.2f}x target) | "
+            f"ask {asks:10.0f}/s ({asks / 30_000:4.2f}x target)"
+        )
     per, overhead, tasks = await bench_activation_memory(int(20_000 * scale))
-    print(f"  memory per idle activation: {per:.0f} B total, {overhead:.0f} B runtime overhead "
-          f"({overhead / 2048:4.2f}x of the 2 KB budget); tasks alive with all actors idle: {tasks}")
+    print(
+        f"  memory per idle activation: {per:.0f} B total, {overhead:.0f} B runtime overhead "
+        f"({overhead / 2048:4.2f}x of the 2 KB budget); tasks alive with all actors idle: {tasks}"
+    )
     print("persisted turns (1 KB JSON state; ratio = vs bare upsert measured in this run)")
     with tempfile.TemporaryDirectory() as tmp:
         await bench_database("sqlite", f"sqlite+aiosqlite:///{tmp}/bench.db", int(2000 * scale), int(4000 * scale))
@@ -330,7 +349,9 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.actors", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench.actors", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a fifth of the work, for a smoke run")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--pg-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/test")

@@ -242,7 +242,9 @@ async def run(args: argparse.Namespace) -> list[Result]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.bus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench.bus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer messages, for a smoke run (~10-20 s)")
     parser.add_argument("--backend", choices=["memory", "rabbitmq", "all"], default="all")
     parser.add_argument("--url", default=os.environ.get("ECOM_BUS_URL") or DEFAULT_URL, help="RabbitMQ AMQP URL")

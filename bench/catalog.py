@@ -178,13 +178,17 @@ async def read_scenarios(engine: AsyncEngine) -> dict[str, Callable[[int], str]]
     products = "/api/catalog/products"
     return {
         "list: page 1-50, by name": lambda i: f"{products}?{urlencode({'page': rng.randint(1, pages)})}",
-        "list: brand, by price": lambda i: f"{products}?{urlencode({'brand': brands[i % len(brands)], 'sort': 'price'})}",
+        "list: brand, by price": lambda i: (
+            f"{products}?{urlencode({'brand': brands[i % len(brands)], 'sort': 'price'})}"
+        ),
         "list: search 1-2 words": lambda i: f"{products}?{urlencode({'q': queries[i % len(queries)]})}",
         "detail": lambda i: f"{products}/{ids[i % len(ids)]}",
     }
 
 
-async def bench_reads(label: str, url: str, engine: AsyncEngine, budget: Budget, cores: tuple[int | None, int | None]) -> None:
+async def bench_reads(
+    label: str, url: str, engine: AsyncEngine, budget: Budget, cores: tuple[int | None, int | None]
+) -> None:
     async with engine.connect() as conn:
         total = (await conn.execute(select(func.count()).select_from(repo.products))).scalar_one()
     scenarios = await read_scenarios(engine)
@@ -192,7 +196,9 @@ async def bench_reads(label: str, url: str, engine: AsyncEngine, budget: Budget,
         for name, next_path in scenarios.items():
             rate, p50, p99, failures = await measure(base, next_path, budget)
             note = f"  ({failures} non-200!)" if failures else ""
-            print(f"  {label:10} {total:>7} products  {name:26} {rate:8.0f} req/s   p50 {p50:6.1f} ms   p99 {p99:6.1f} ms{note}")
+            print(
+                f"  {label:10} {total:>7} products  {name:26} {rate:8.0f} req/s   p50 {p50:6.1f} ms   p99 {p99:6.1f} ms{note}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,7 +304,9 @@ async def _create_products(system: ActorSystem, engine: AsyncEngine, count: int,
     await asyncio.gather(
         *(
             system.ref(ProductActor, pid).ask(
-                CreateProduct(pid, f"Bench item {pid[:8]}", "", Decimal("9.99"), "USD", brand, kind, None, stock, 0, stock)
+                CreateProduct(
+                    pid, f"Bench item {pid[:8]}", "", Decimal("9.99"), "USD", brand, kind, None, stock, 0, stock
+                )
             )
             for pid in ids
         )
@@ -306,7 +314,9 @@ async def _create_products(system: ActorSystem, engine: AsyncEngine, count: int,
     return ids
 
 
-async def reserve_all(system: ActorSystem, product_ids: list[str], count: int, window: int, seconds: float) -> tuple[float, int, int]:
+async def reserve_all(
+    system: ActorSystem, product_ids: list[str], count: int, window: int, seconds: float
+) -> tuple[float, int, int]:
     """Up to ``count`` one-unit reservations from distinct orders, round-robin over the products, at most
     ``window`` in flight, no new window after ``seconds``; returns (reservations/s, made, reserved)."""
     reserved = made = 0
@@ -323,7 +333,9 @@ async def reserve_all(system: ActorSystem, product_ids: list[str], count: int, w
 
 async def bench_reservations(label: str, engine: AsyncEngine, budget: Budget) -> None:
     store = StateStore(engine)
-    system = ActorSystem(store, mailbox_size=budget.hot + 10, ask_timeout=120, max_activations=budget.spread_products + 100)
+    system = ActorSystem(
+        store, mailbox_size=budget.hot + 10, ask_timeout=120, max_activations=budget.spread_products + 100
+    )
     system.register(ProductActor)
     await system.start()
     try:
@@ -379,7 +391,9 @@ async def run(args: argparse.Namespace) -> None:
         _pin(cores[1])
         if len(available) == 1:
             print("note: one core only: the load generator shares it with the service")
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work on this machine skews every number)")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work on this machine skews every number)"
+    )
     print(f"catalog reads over HTTP (service on core {cores[0]}, load generator on core {cores[1]}, "
           f"{budget.concurrency} connections, up to {budget.requests} requests or {budget.seconds:g}s per line)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -396,7 +410,9 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.catalog", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bench.catalog", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a quarter of the work, for a smoke run")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
     parser.add_argument("--pg-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/test")

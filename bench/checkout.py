@@ -276,7 +276,7 @@ async def verify(system: System, databases: dict[str, str], carts: list[Any], pr
         by_status = await count_by_status(engine)
     finally:
         await engine.dispose()
-    ordered = {p: 0 for p in products}
+    ordered = dict.fromkeys(products, 0)
     for _, lines in carts:
         for product_id, units in lines.items():
             ordered[product_id] += units

@@ -164,7 +164,7 @@ def wait_http(url: str, timeout: float = 30.0, headers: dict[str, str] | None = 
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as resp:
                 if resp.status < 500:
                     return
-        except Exception as exc:  # noqa: BLE001 - anything means "not yet"
+        except Exception as exc:
             last = exc
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up: {last}")

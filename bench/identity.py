@@ -84,8 +84,13 @@ class Server:
 
     async def password_grant(self, email: str) -> dict[str, Any]:
         return await self.token(
-            {"grant_type": "password", "client_id": "storefront", "username": email, "password": PASSWORD,
-             "scope": "offline_access ecom"}
+            {
+                "grant_type": "password",
+                "client_id": "storefront",
+                "username": email,
+                "password": PASSWORD,
+                "scope": "offline_access ecom",
+            }
         )
 
     async def refresh(self, refresh_token: str) -> dict[str, Any]:
@@ -197,8 +202,10 @@ async def run(args: argparse.Namespace) -> None:
     rounds = 5 if args.quick else 20
     argon2_rate = argon2_verify_rate(rounds)
     p = DEFAULT_PARAMETERS
-    print(f"argon2id m={p.memory_cost // 1024} MiB t={p.time_cost} p={p.parallelism}: {argon2_rate:.1f} verifies/s "
-          f"({1000 / argon2_rate:.0f} ms each) on one thread")
+    print(
+        f"argon2id m={p.memory_cost // 1024} MiB t={p.time_cost} p={p.parallelism}: {argon2_rate:.1f} verifies/s "
+        f"({1000 / argon2_rate:.0f} ms each) on one thread"
+    )
     print("identity over HTTP on 127.0.0.1 (4 users, concurrent)")
     with tempfile.TemporaryDirectory() as tmp:
         await bench_database("sqlite", f"sqlite+aiosqlite:///{tmp}/identity.db", args, argon2_rate)

@@ -192,9 +192,7 @@ def _cli_bus(settings: Settings, args: argparse.Namespace) -> int:
     subscriptions = _parse_subscriptions(args.subscription)
     try:
         options = {"connection_verify": args.ca_file} if args.ca_file else None
-        report = asyncio.run(
-            provision(settings, queues=args.queue, subscriptions=subscriptions, admin_options=options)
-        )
+        report = asyncio.run(provision(settings, queues=args.queue, subscriptions=subscriptions, admin_options=options))
     except ValueError as exc:
         raise _config_error(str(exc)) from exc
     except (HttpResponseError, ClientAuthenticationError) as exc:

@@ -188,8 +188,6 @@ def _int(value: Any, default: int = 0) -> int:
         return default
 
 
-
-
 PERSISTENT = 2  # AMQP delivery mode
 
 
@@ -386,7 +384,9 @@ class RabbitConsumer:
             return
         self._channel = None
         self.channels_lost += 1
-        log.warning("consumer channel of %s closed (%s); dropping in-memory deliveries, resubscribing", self.name, reason)
+        log.warning(
+            "consumer channel of %s closed (%s); dropping in-memory deliveries, resubscribing", self.name, reason
+        )
         self._reset()
 
     def _recycle(self, why: str) -> None:
@@ -467,7 +467,9 @@ class RabbitConsumer:
         item.failures += 1
         envelope = item.envelope
         assert envelope is not None
-        dead, reason = note_failure(log, envelope, session, self.name, item.failures, bus.max_attempts, exc, retry="retrying")
+        dead, reason = note_failure(
+            log, envelope, session, self.name, item.failures, bus.max_attempts, exc, retry="retrying"
+        )
         if dead:
             await self._dead_letter(item, reason, item.failures)
             self._release(session, dispatch=False)
@@ -883,7 +885,9 @@ class RabbitBus:
                 except BusError:
                     raise
                 except Exception as exc:
-                    raise BusError(f"cannot declare exchange {self.exchange_name!r}: {type(exc).__name__}: {exc}") from exc
+                    raise BusError(
+                        f"cannot declare exchange {self.exchange_name!r}: {type(exc).__name__}: {exc}"
+                    ) from exc
                 self.declared_exchanges.add(self.exchange_name)
                 self._exchange_declared = True
         return self.exchange_name
@@ -936,7 +940,12 @@ class RabbitBus:
                     except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
                         if isinstance(exc, aiormq.exceptions.ChannelClosed) and not channel.connection.is_closed:
                             raise  # the broker closed the channel over this publish (e.g. no such exchange)
-                        log.info("publish to %r interrupted (%s: %s); retrying once recovered", routing_key, type(exc).__name__, exc)
+                        log.info(
+                            "publish to %r interrupted (%s: %s); retrying once recovered",
+                            routing_key,
+                            type(exc).__name__,
+                            exc,
+                        )
                         if not channel.is_closed:
                             await asyncio.sleep(0.05)  # an error that did not close anything: no hot loop
         except BusError:

@@ -141,8 +141,6 @@ class GatewaySettings(ServiceSettings):
         return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class BusSettings:
     backend: str = "memory"
@@ -245,7 +243,9 @@ class ClusterSettings:
         _check(self.enabled in ("auto", "true", "false"), "enabled", "expected auto, true or false")
         _check(self.heartbeat_interval > 0, "heartbeat_interval", "expected a positive number of seconds")
         _check(
-            self.member_timeout >= 2 * self.heartbeat_interval, "member_timeout", "expected at least two heartbeat intervals"
+            self.member_timeout >= 2 * self.heartbeat_interval,
+            "member_timeout",
+            "expected at least two heartbeat intervals",
         )
 
     def active(self, bus_backend: str) -> bool:
@@ -275,7 +275,8 @@ def database_url_problem(url: str) -> str | None:
 
 def _default_services() -> dict[str, ServiceSettings]:
     return {
-        name: (GatewaySettings if name == "gateway" else ServiceSettings)(port=port) for name, port in DEFAULT_PORTS.items()
+        name: (GatewaySettings if name == "gateway" else ServiceSettings)(port=port)
+        for name, port in DEFAULT_PORTS.items()
     }
 
 
@@ -468,5 +469,11 @@ def load_settings(env: Mapping[str, str] | None = None, config_file: str | os.Pa
             raise ConfigError(f"{env_name(name, 'port')}: port {svc.port} is already used by {ports[svc.port]}")
         ports[svc.port] = name
     return Settings(
-        general=general, bus=bus, actors=actors, auth=auth, shop=shop, cluster=cluster, services=types.MappingProxyType(services)
+        general=general,
+        bus=bus,
+        actors=actors,
+        auth=auth,
+        shop=shop,
+        cluster=cluster,
+        services=types.MappingProxyType(services),
     )

@@ -208,7 +208,9 @@ class Connection(asyncio.Protocol):
         except Exception as exc:  # httptools.HttpParserError (a callback's own error is its __context__)
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             if self._done:  # a whole response, then bytes that do not belong to it
-                log.warning("upstream %s sent bytes past the response (%s); closing the connection", self.pool.name, cause)
+                log.warning(
+                    "upstream %s sent bytes past the response (%s); closing the connection", self.pool.name, cause
+                )
                 self._keep_alive = False
             else:
                 self._protocol_error(f"malformed response: {cause}")

@@ -167,7 +167,9 @@ async def register_user(
     return user
 
 
-async def register_customer(repo: Repository, passwords: Passwords, *, email: str, password: str, name: str) -> User | None:
+async def register_customer(
+    repo: Repository, passwords: Passwords, *, email: str, password: str, name: str
+) -> User | None:
     """Registration through the API: the new account, or None when the email already has one. Nothing tells the
     caller which (the answer is the same and costs the same argon2 hash): the attempt is logged and recorded as
     :class:`identity.messages.RegistrationAttempted` in the outbox, for a mailer to tell the owner."""
@@ -176,7 +178,9 @@ async def register_customer(repo: Repository, passwords: Passwords, *, email: st
     except EmailTaken as taken:
         existing = await repo.user_by_email(str(taken))
         if existing is not None:
-            log.warning("registration attempt for existing account %s: nothing created, owner to be notified", existing.id)
+            log.warning(
+                "registration attempt for existing account %s: nothing created, owner to be notified", existing.id
+            )
             await repo.record_registration_attempt(existing.id, existing.email, utcnow())
         return None
 

@@ -173,7 +173,14 @@ def oauth_endpoint(handler: Handler) -> Handler:
 
 def _form(name: str, description: str, *, required: bool = False, **schema: Any) -> dict[str, Any]:
     """One documented field of a form-encoded OAuth endpoint (documentation only: the handlers read the form)."""
-    return {"in": "formData", "name": name, "type": "string", "required": required, "description": description, **schema}
+    return {
+        "in": "formData",
+        "name": name,
+        "type": "string",
+        "required": required,
+        "description": description,
+        **schema,
+    }
 
 
 # Client authentication of the token, revocation and introspection endpoints.
@@ -196,14 +203,22 @@ CLIENT_AUTH_FORM = (
     ),
     consumes=["application/x-www-form-urlencoded"],
     parameters=[
-        _form("grant_type", "The grant.", required=True, enum=["authorization_code", "refresh_token", "password", "client_credentials"]),
+        _form(
+            "grant_type",
+            "The grant.",
+            required=True,
+            enum=["authorization_code", "refresh_token", "password", "client_credentials"],
+        ),
         _form("code", "authorization_code: the code from the authorization redirect."),
         _form("redirect_uri", "authorization_code: the redirect_uri of the authorization request."),
         _form("code_verifier", "authorization_code: the PKCE verifier of the code_challenge."),
         *CLIENT_AUTH_FORM,
         _form("username", "password: the account's email."),
         _form("password", "password: the account's password.", format="password"),
-        _form("scope", "password, client_credentials, refresh_token: space-separated scopes (default: the client's, or the granted ones)."),
+        _form(
+            "scope",
+            "password, client_credentials, refresh_token: space-separated scopes (default: the client's, or the granted ones).",
+        ),
         _form("refresh_token", "refresh_token: the refresh token to rotate."),
     ],
 )
@@ -511,7 +526,9 @@ async def change_own_password(request: web.Request) -> web.Response:
     # through the login throttle of the account's email: guesses of the current password are counted and locked
     outcome = await identity.login(user.email, data["current_password"])
     if outcome.user is None or outcome.user.id != user.id:
-        raise ValidationProblem.field("current_password", login_failure(outcome).replace("email or password", "password"))
+        raise ValidationProblem.field(
+            "current_password", login_failure(outcome).replace("email or password", "password")
+        )
     await change_password(identity.repo, identity.passwords, user, data["new_password"])
     return web.Response(status=204, headers=NO_STORE)
 

@@ -131,8 +131,10 @@ def users_set_password(settings: Settings, args: argparse.Namespace) -> int:
         if user is None:
             raise CliError(f"no account has the email {normalize_email(args.email)}")
         if not args.password_stdin and not sys.stdin.isatty():
-            raise CliError("set-password: give the new password on standard input with --password-stdin, "
-                           "or run it in a terminal to be prompted")
+            raise CliError(
+                "set-password: give the new password on standard input with --password-stdin, "
+                "or run it in a terminal to be prompted"
+            )
         password, _ = _read_password(args)
         try:
             await change_password(repo, default_passwords(), user, password, field="password")
@@ -182,8 +184,10 @@ def users_lock(settings: Settings, args: argparse.Namespace) -> int:
         if args.unlock:
             print(f"{user.email}: unlocked")
         else:
-            print(f"{user.email}: locked; its refresh tokens are revoked, access tokens expire within "
-                  f"{settings.auth.access_token_ttl} s")
+            print(
+                f"{user.email}: locked; its refresh tokens are revoked, access tokens expire within "
+                f"{settings.auth.access_token_ttl} s"
+            )
         return 0
 
     return _run(settings, work)
@@ -233,8 +237,10 @@ def keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
             raise CliError(str(exc.args[0])) from None
         except KeyConflict:
             raise CliError("another process changed the keys at the same moment; run the command again") from None
-        print(f"key {args.kid} revoked: gone from the JWKS; the revocation is announced to every verifier through "
-              "identity's outbox (sent by the running identity service)")
+        print(
+            f"key {args.kid} revoked: gone from the JWKS; the revocation is announced to every verifier through "
+            "identity's outbox (sent by the running identity service)"
+        )
         return 0
 
     return _run(settings, work)
@@ -245,8 +251,10 @@ def keys_rekey(settings: Settings, args: argparse.Namespace) -> int:
         keys = KeyManager.from_settings(repo, settings)
         old, new, count = await keys.rekey()
         was = ", ".join(old) or "none"
-        print(f"key-encryption key {keys.kek.path} replaced: {was} -> {new}; {count} signing key(s) re-encrypted; "
-              "the old key-encryption key is gone from the file")
+        print(
+            f"key-encryption key {keys.kek.path} replaced: {was} -> {new}; {count} signing key(s) re-encrypted; "
+            "the old key-encryption key is gone from the file"
+        )
         return 0
 
     return _run(settings, work)
@@ -289,8 +297,14 @@ def clients_add(settings: Settings, args: argparse.Namespace) -> int:
 def clients_list(settings: Settings, args: argparse.Namespace) -> int:
     async def work(repo: Repository) -> int:
         rows = [
-            [c.client_id, "public" if c.is_public else "confidential", ",".join(c.grant_types), " ".join(c.scopes),
-             ",".join(c.roles) or "-", " ".join(c.redirect_uris) or "-"]
+            [
+                c.client_id,
+                "public" if c.is_public else "confidential",
+                ",".join(c.grant_types),
+                " ".join(c.scopes),
+                ",".join(c.roles) or "-",
+                " ".join(c.redirect_uris) or "-",
+            ]
             for c in await repo.list_clients()
         ]
         _table(rows, ["CLIENT", "TYPE", "GRANTS", "SCOPES", "ROLES", "REDIRECT URIS"])
@@ -374,7 +388,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--scope", action="append", choices=SCOPES)
     p.add_argument("--role", action="append", help="roles of its client_credentials tokens, e.g. service")
     p.add_argument(
-        "--roles-allowed", action="store_true", help="let its tokens carry the signed-in user's roles (first-party apps only)"
+        "--roles-allowed",
+        action="store_true",
+        help="let its tokens carry the signed-in user's roles (first-party apps only)",
     )
     p.set_defaults(handler=clients_add)
     p = clients.add_parser("set-roles-allowed", help="let a client's tokens carry users' roles, or stop it (--off)")

@@ -100,7 +100,17 @@ class Identity:
             "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
             "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
             "claims_supported": [
-                "sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "email", "email_verified", "name", "roles",
+                "sub",
+                "iss",
+                "aud",
+                "exp",
+                "iat",
+                "auth_time",
+                "nonce",
+                "email",
+                "email_verified",
+                "name",
+                "roles",
             ],
             "authorization_response_iss_parameter_supported": True,
         }

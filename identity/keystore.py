@@ -221,8 +221,11 @@ class KeyEncryptionKeys:
         finally:
             tmp.unlink(missing_ok=True)
         self._sync_folder()
-        log.warning("created the identity key-encryption key file %s: back it up; without it the signing keys "
-                    "in the database cannot be read", self.path)
+        log.warning(
+            "created the identity key-encryption key file %s: back it up; without it the signing keys "
+            "in the database cannot be read",
+            self.path,
+        )
 
     def replace(self, keys: Sequence[tuple[str, bytes]]) -> None:
         """Write the file anew (atomically: a crash leaves the old or the new file, never a mix)."""
@@ -247,7 +250,7 @@ class KeyEncryptionKeys:
         return f"{SEALED_PREFIX}{kek_id}:{_b64e(nonce + sealed)}"
 
     def unseal(self, kid: str, value: str, *, extra: Mapping[str, bytes] | None = None) -> bytes:
-        kek_id, _, data = value[len(SEALED_PREFIX):].partition(":")
+        kek_id, _, data = value[len(SEALED_PREFIX) :].partition(":")
         key = (extra or {}).get(kek_id) or self.get(kek_id)
         if key is None:
             if not self.exists():
@@ -450,7 +453,6 @@ class KeyManager:
         gone = [s.key.kid for s in stored if not s.key.is_published(now)]
         await self.repo.delete_keys(gone)
         return gone
-
 
     # -- the table, sealed -----------------------------------------------------------------------
 

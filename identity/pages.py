@@ -46,8 +46,9 @@ class CsrfTokens:
     """Issues and checks the sign-in form's tokens. ``secrets`` returns the HMAC secrets, current first (older
     ones still verify: a rekey of identity's KEK does not void forms already on screen)."""
 
-    def __init__(self, secrets_fn: Callable[[], Sequence[bytes]], *, ttl: int = CSRF_TTL,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, secrets_fn: Callable[[], Sequence[bytes]], *, ttl: int = CSRF_TTL, clock: Callable[[], float] = time.time
+    ) -> None:
         self._secrets = secrets_fn
         self.ttl = ttl
         self.clock = clock
@@ -83,6 +84,7 @@ CSRF_TOKENS: web.AppKey[CsrfTokens] = web.AppKey("identity_csrf", CsrfTokens)
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
 
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",

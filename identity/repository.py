@@ -397,7 +397,11 @@ class Repository:
     async def _to_outbox(conn: AsyncConnection, env: Any, now: datetime) -> None:
         await conn.execute(
             insert(outbox).values(
-                message_id=env.message_id, kind="publish", destination="", envelope=env.encode().decode(), created_at=now
+                message_id=env.message_id,
+                kind="publish",
+                destination="",
+                envelope=env.encode().decode(),
+                created_at=now,
             )
         )
 

@@ -226,7 +226,13 @@ class Turn:
         self.outbox.append(OutboxMessage("publish", "", envelope.message_id, envelope.encode().decode()))
 
     def set_reminder(
-        self, name: str, *, due_in: float | None = None, due_at: datetime | None = None, period: float | None = None, payload: Any = None
+        self,
+        name: str,
+        *,
+        due_in: float | None = None,
+        due_at: datetime | None = None,
+        period: float | None = None,
+        payload: Any = None,
     ) -> None:
         """Wake this actor with :class:`ReminderFired` later, even across restarts. Replaces one of the same name."""
         self._require_persistent("reminders")
@@ -439,9 +445,7 @@ class ActorSystem:
             box = act.mailbox = deque()
         elif len(box) >= self.mailbox_size:
             self.stats["rejected"] += 1
-            raise MailboxFull(
-                f"{ref._key[0]} {ref.id} has {len(box)} messages waiting; retry shortly", retry_after=1
-            )
+            raise MailboxFull(f"{ref._key[0]} {ref.id} has {len(box)} messages waiting; retry shortly", retry_after=1)
         box.append((message, fut, message_id))
         if not act.running:
             act.running = True
@@ -542,7 +546,9 @@ class ActorSystem:
                 self.stats["dropped_not_owned"] += 1
                 self._forget(act)
 
-    async def _turn(self, act: _Activation, message: Any, fut: asyncio.Future[Any] | None, message_id: str | None) -> None:
+    async def _turn(
+        self, act: _Activation, message: Any, fut: asyncio.Future[Any] | None, message_id: str | None
+    ) -> None:
         actor = act.actor
         entry = type(actor).resolve(type(message))
         if entry is None:
@@ -581,7 +587,10 @@ class ActorSystem:
                     try:
                         current = await self.store.version(*act.key)  # type: ignore[union-attr]
                     except Exception as exc:
-                        _fail(fut, ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be checked: {type(exc).__name__}"))
+                        _fail(
+                            fut,
+                            ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be checked: {type(exc).__name__}"),
+                        )
                         return
                     if current != act.version:
                         self.stats["stale_reads"] += 1

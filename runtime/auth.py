@@ -425,7 +425,9 @@ class TokenVerifier:
             await self._single_flight_fetch()
         except JWKSUnavailable:
             if not remote:
-                raise InvalidToken("The token is signed with an unknown key and the key set could not be fetched.") from None
+                raise InvalidToken(
+                    "The token is signed with an unknown key and the key set could not be fetched."
+                ) from None
             raise KeySetUnavailable(self._retry_in()) from None
         key = self._keys.get(kid)
         if key is None:
@@ -677,9 +679,7 @@ def check_access(
     """Raise :class:`InsufficientScope` unless ``p`` has every scope and one (``any_role``) or all roles."""
     missing_scopes = set(scopes) - p.scopes
     if missing_scopes:
-        raise InsufficientScope(
-            f"The token lacks the scope(s): {', '.join(sorted(missing_scopes))}.", scopes=scopes
-        )
+        raise InsufficientScope(f"The token lacks the scope(s): {', '.join(sorted(missing_scopes))}.", scopes=scopes)
     if roles:
         wanted = set(roles)
         ok = bool(wanted & p.roles) if any_role else wanted <= p.roles

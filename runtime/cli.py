@@ -267,8 +267,9 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise StartupError(port_taken_message(settings.general.host, port, service.name)) from None
-                raise StartupError(f"cannot listen on {settings.general.host}:{port} ({service.name}): "
-                                   f"{exc.strerror or exc}") from None
+                raise StartupError(
+                    f"cannot listen on {settings.general.host}:{port} ({service.name}): {exc.strerror or exc}"
+                ) from None
             log.info("%s listening on http://%s:%d", service.name, settings.general.host, port)
         print(f"EcomGateway running: {', '.join(s.name for s in chosen)} (Ctrl-C to stop)", flush=True)
         await stop.wait()

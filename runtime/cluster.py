@@ -239,7 +239,9 @@ class Cluster:
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
-                    select(cluster_members).where(cluster_members.c.status == "active").order_by(cluster_members.c.address)
+                    select(cluster_members)
+                    .where(cluster_members.c.status == "active")
+                    .order_by(cluster_members.c.address)
                 )
             ).all()
         members = tuple(Member(r.member_id, normalise(r.address), int(r.incarnation), r.token) for r in rows)
@@ -257,7 +259,9 @@ class Cluster:
         return {
             "self": self.address,
             "member_id": self.member_id,
-            "members": [{"address": m.address, "member_id": m.member_id, "incarnation": m.incarnation} for m in self._members],
+            "members": [
+                {"address": m.address, "member_id": m.member_id, "incarnation": m.incarnation} for m in self._members
+            ],
             "view_changes": self.view_changes,
             "forwarded": dict(self.forwarded),
         }
@@ -322,10 +326,18 @@ class Cluster:
         headers[FORWARDED_HEADER] = self.address
         try:
             async with self._session().request(
-                request.method, owner + request.path_qs, data=await request.read(), headers=headers, allow_redirects=False
+                request.method,
+                owner + request.path_qs,
+                data=await request.read(),
+                headers=headers,
+                allow_redirects=False,
             ) as resp:
                 body = await resp.read()
-                out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length"}
+                out = {
+                    k: v
+                    for k, v in resp.headers.items()
+                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length"
+                }
                 self.forwarded["http"] += 1
                 return web.Response(status=resp.status, body=body, headers=out)
         except aiohttp.ClientConnectionError as exc:
@@ -339,7 +351,17 @@ class ForwardFailed(Exception):
 
 
 _HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host"}
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
 )
 
 
@@ -377,7 +399,9 @@ def forwarding_middleware(key_of: KeyOf) -> Any:
     entity (None: the request is not about one entity). A request forwarded once is served where it lands."""
 
     @web.middleware
-    async def forward(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def forward(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         cluster = request.app.get(AppKeyCluster)
         if cluster is None or FORWARDED_HEADER in request.headers or len(cluster.addresses) < 2:
             return await handler(request)
@@ -391,7 +415,6 @@ def forwarding_middleware(key_of: KeyOf) -> Any:
         return response if response is not None else await handler(request)
 
     return forward
-
 
 
 def route_key_of(service: str) -> KeyOf:

@@ -110,10 +110,18 @@ def _cluster_of(system: ActorSystem) -> Cluster | None:
     return placement if isinstance(placement, Cluster) else None
 
 
-def envelope(message: Any, *, session_id: str, correlation_id: str | None = None, message_id: str | None = None) -> Envelope:
+def envelope(
+    message: Any, *, session_id: str, correlation_id: str | None = None, message_id: str | None = None
+) -> Envelope:
     """Wrap a dataclass message for the bus; ``type`` is the class name."""
     extra = {"message_id": message_id} if message_id else {}
-    return Envelope(type=type(message).__name__, session_id=session_id, body=to_body(message), correlation_id=correlation_id, **extra)
+    return Envelope(
+        type=type(message).__name__,
+        session_id=session_id,
+        body=to_body(message),
+        correlation_id=correlation_id,
+        **extra,
+    )
 
 
 Route = Callable[[Envelope], Awaitable[None]]

@@ -88,7 +88,9 @@ def _upgrade_sync(conn: Connection, components: Sequence[Component]) -> dict[str
                 row = True  # type: ignore[assignment]
             else:
                 conn.execute(
-                    update(store.schema_version).where(store.schema_version.c.component == component.name).values(**values)
+                    update(store.schema_version)
+                    .where(store.schema_version.c.component == component.name)
+                    .values(**values)
                 )
             current = migration.version
         done[component.name] = (start, current)

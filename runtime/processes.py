@@ -59,9 +59,7 @@ def check_shareable(settings: Settings) -> None:
 
 def planned_ports(settings: Settings, procs: list[tuple[str, dict[str, str]]]) -> list[tuple[str, int]]:
     """(service, port) of every process of the plan."""
-    return [
-        (name, int(extra.get(f"ECOM_{name.upper()}_PORT", settings.services[name].port))) for name, extra in procs
-    ]
+    return [(name, int(extra.get(f"ECOM_{name.upper()}_PORT", settings.services[name].port))) for name, extra in procs]
 
 
 async def run_processes(settings: Settings, instances: Mapping[str, int]) -> int:

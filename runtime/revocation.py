@@ -27,7 +27,16 @@ from runtime.messages import envelope, from_body
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVENTS", "EVENT_TYPES", "IDENTITY_SESSION", "AccessRevoked", "SigningKeyRevoked", "announcement", "apply", "listen"]
+__all__ = [
+    "EVENTS",
+    "EVENT_TYPES",
+    "IDENTITY_SESSION",
+    "AccessRevoked",
+    "SigningKeyRevoked",
+    "announcement",
+    "apply",
+    "listen",
+]
 
 EVENTS: tuple[type, ...] = (SigningKeyRevoked, AccessRevoked)
 EVENT_TYPES: tuple[str, ...] = tuple(cls.__name__ for cls in EVENTS)

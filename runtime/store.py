@@ -128,7 +128,9 @@ schema_version = Table(
 _LOAD = select(actor_state.c.version, actor_state.c.state, actor_state.c.updated_at).where(
     actor_state.c.actor_type == bindparam("t"), actor_state.c.actor_id == bindparam("i")
 )
-_EXISTS = select(actor_state.c.version).where(actor_state.c.actor_type == bindparam("t"), actor_state.c.actor_id == bindparam("i"))
+_EXISTS = select(actor_state.c.version).where(
+    actor_state.c.actor_type == bindparam("t"), actor_state.c.actor_id == bindparam("i")
+)
 _INSERT_STATE = insert(actor_state).values(
     actor_type=bindparam("t"), actor_id=bindparam("i"), version=1, state=bindparam("s"), updated_at=bindparam("now")
 )
@@ -185,7 +187,9 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
         return create_async_engine(
             url, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True, fast_executemany=True
         )
-    raise ValueError(f"unsupported database URL {url!r}: expected sqlite+aiosqlite, postgresql+asyncpg or mssql+aioodbc")
+    raise ValueError(
+        f"unsupported database URL {url!r}: expected sqlite+aiosqlite, postgresql+asyncpg or mssql+aioodbc"
+    )
 
 
 def _private_sqlite_file(db: Path) -> None:
@@ -209,8 +213,12 @@ def _private_sqlite_file(db: Path) -> None:
                 or resolved in (Path.home().resolve(), Path.cwd().resolve(), Path(resolved.anchor))
             )
             if shared:
-                log.warning("the database %s is in %s, which others can enter (mode %o): keep it in a private data "
-                            "folder", db, folder, st.st_mode & 0o777)
+                log.warning(
+                    "the database %s is in %s, which others can enter (mode %o): keep it in a private data folder",
+                    db,
+                    folder,
+                    st.st_mode & 0o777,
+                )
             else:
                 log.warning("data folder %s was open to others (mode %o); made 0700", folder, st.st_mode & 0o777)
                 os.chmod(folder, 0o700)
@@ -338,7 +346,9 @@ class StateStore:
     batch transaction fails as a whole, every turn in it is retried alone in its own transaction.
     """
 
-    def __init__(self, engine: AsyncEngine, *, group_commit: bool = True, max_batch: int = 256, flushers: int | None = None):
+    def __init__(
+        self, engine: AsyncEngine, *, group_commit: bool = True, max_batch: int = 256, flushers: int | None = None
+    ):
         self.engine = engine
         self.group_commit = group_commit
         self.max_batch = max_batch
@@ -386,7 +396,8 @@ class StateStore:
                         for actor_type, ids in by_type.items():
                             for start in range(0, len(ids), 500):
                                 stmt = select(actor_state.c.actor_id, actor_state.c.version).where(
-                                    actor_state.c.actor_type == actor_type, actor_state.c.actor_id.in_(ids[start : start + 500])
+                                    actor_state.c.actor_type == actor_type,
+                                    actor_state.c.actor_id.in_(ids[start : start + 500]),
                                 )
                                 for row in await conn.execute(stmt):
                                     found[(actor_type, row.actor_id)] = int(row.version)

@@ -278,9 +278,7 @@ async def test_bus_failed_message_is_redelivered_before_later_ones(bus_factory: 
     assert await bus.dead_letters(queue) == []
 
 
-async def test_bus_poison_message_is_dead_lettered_and_session_continues(
-    bus_factory: BusFactory, keep: Any
-) -> None:
+async def test_bus_poison_message_is_dead_lettered_and_session_continues(bus_factory: BusFactory, keep: Any) -> None:
     bus = await bus_factory()
     queue = unique("poison")
     session = unique("s")
@@ -346,9 +344,7 @@ async def test_bus_stopped_consumer_hands_over_unsettled_messages(bus_factory: B
     release.set()
 
     keep(await p2.consume(queue, survivor))
-    await completed.wait_for(
-        lambda items: all((s, n - 1) in items for s, n in counts.items())
-    )
+    await completed.wait_for(lambda items: all((s, n - 1) in items for s, n in counts.items()))
     for session, count in counts.items():
         done = [i for s, i in completed.items if s == session]
         # At-least-once may repeat a message whose settlement was lost, but never go backwards.
@@ -378,12 +374,17 @@ async def test_bus_publish_fans_out_by_event_type(bus_factory: BusFactory, keep:
     await p1.publish(msg(session, type=paid, n=0))
 
     for name, types in subscriptions.items():
+
         async def handler(env: Envelope, log: Log = logs[name]) -> None:
             await log.add((env.type, env.body["n"]))
 
         keep(await p1.subscribe(names[name], types, handler))
     # A second process of the billing service competes for the same subscription: still one copy.
-    keep(await p2.subscribe(names["billing"], subscriptions["billing"], lambda env: logs["billing"].add((env.type, env.body["n"]))))
+    keep(
+        await p2.subscribe(
+            names["billing"], subscriptions["billing"], lambda env: logs["billing"].add((env.type, env.body["n"]))
+        )
+    )
 
     events = [(paid, 1), (unrelated, 2), (shipped, 3), (cleared, 4), (paid, 5), (done, 6)]
     for type_, n in events:

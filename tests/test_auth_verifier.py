@@ -154,7 +154,9 @@ def raw_token(header: Mapping[str, Any], claims: Mapping[str, Any], signature: b
 
 
 @pytest.mark.parametrize("alg", ["ES256", "Ed25519", "RS256"])
-async def test_valid_token_gives_principal(alg: str, idp: IdP, verifier: TokenVerifier, clock: Clock, request: Any) -> None:
+async def test_valid_token_gives_principal(
+    alg: str, idp: IdP, verifier: TokenVerifier, clock: Clock, request: Any
+) -> None:
     key = request.getfixturevalue({"ES256": "es_key", "Ed25519": "ed_key", "RS256": "rs_key"}[alg])
     idp.keys = [key]
     c = claims_for(idp.issuer, clock, roles=["admin", "customer"])
@@ -185,7 +187,9 @@ async def test_token_from_token_issuer_verifies(idp: IdP, verifier: TokenVerifie
     assert not p.is_admin
 
 
-async def test_audience_list_containing_ours(idp: IdP, verifier: TokenVerifier, clock: Clock, es_key: SigningKey) -> None:
+async def test_audience_list_containing_ours(
+    idp: IdP, verifier: TokenVerifier, clock: Clock, es_key: SigningKey
+) -> None:
     idp.keys = [es_key]
     p = await verifier.verify(sign(es_key, claims_for(idp.issuer, clock, aud=["other", AUDIENCE])))
     assert p.sub == "user-1"
@@ -326,7 +330,9 @@ async def test_expired_and_not_yet_valid_with_leeway(
     idp.keys = [es_key]
     now = int(clock.now)
     # expired 10 s ago: inside the 30 s leeway
-    assert (await verifier.verify(sign(es_key, claims_for(idp.issuer, clock, iat=now - 910, nbf=now - 910, exp=now - 10)))).sub
+    assert (
+        await verifier.verify(sign(es_key, claims_for(idp.issuer, clock, iat=now - 910, nbf=now - 910, exp=now - 10)))
+    ).sub
     # expired 40 s ago: refused
     await expect_invalid(
         verifier, sign(es_key, claims_for(idp.issuer, clock, iat=now - 940, nbf=now - 940, exp=now - 40)), "expired"
@@ -379,7 +385,9 @@ async def test_non_object_payload_and_extensions_refused(
     await expect_invalid(verifier, not_object, "object")
     not_json = jws.serialize_compact({"alg": "ES256", "kid": es_key.kid}, b"hello", k, algorithms=["ES256"])
     await expect_invalid(verifier, not_json, "json")
-    await expect_invalid(verifier, sign(es_key, claims_for(idp.issuer, clock), typ="JOSE+secevent"), "not an access token")
+    await expect_invalid(
+        verifier, sign(es_key, claims_for(idp.issuer, clock), typ="JOSE+secevent"), "not an access token"
+    )
     # RFC 7797 unencoded payload (b64=false, crit) is not accepted for access tokens
     payload = json.dumps(claims_for(idp.issuer, clock)).encode()
     unencoded = jws.serialize_compact(
@@ -686,7 +694,15 @@ async def test_require_missing_token_401(client: Any) -> None:
 
 @pytest.mark.parametrize(
     "header",
-    ["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "Bearer a b", "Bearer not\"a token", "Token abc", "Bearer garbage.token.here"],
+    [
+        "Bearer",
+        "Bearer ",
+        "Basic dXNlcjpwYXNz",
+        "Bearer a b",
+        'Bearer not"a token',
+        "Token abc",
+        "Bearer garbage.token.here",
+    ],
 )
 async def test_require_bad_header_or_token_401(client: Any, header: str) -> None:
     r = await client.get("/me", headers={"Authorization": header})
@@ -751,7 +767,9 @@ def test_error_classes() -> None:
     assert h.count('"') == 6 and "\n" not in h and "\\" not in h
 
 
-async def test_after_a_failed_fetch_a_new_key_is_retried_within_seconds(idp: IdP, verifier: TokenVerifier, clock: Clock) -> None:
+async def test_after_a_failed_fetch_a_new_key_is_retried_within_seconds(
+    idp: IdP, verifier: TokenVerifier, clock: Clock
+) -> None:
     """Identity restarting (or busy) when a new kid first shows up must not lock that key out for a whole
     refetch interval: retries back off from 1 s, doubling, up to the interval."""
     k1, k2 = generate_key("ES256"), generate_key("ES256")

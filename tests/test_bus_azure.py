@@ -89,7 +89,6 @@ def broadcast_exists(peer: AmqpPeer) -> Any:
 # -- Azure Service Bus specifics ----------------------------------------------------------------
 
 
-
 @pytest.fixture
 async def buses(peer: AmqpPeer) -> AsyncIterator[Any]:
     """Make AzureBus instances with test options; all closed (consumers first) at teardown."""
@@ -477,7 +476,16 @@ async def test_azure_cli_bus_provision(peer: AmqpPeer, capsys: pytest.CaptureFix
     parser = argparse.ArgumentParser(prog="ecom")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(
-        ["bus", "provision", "--queue", "order", "--subscription", "cart=OrderStarted,OrderPaid", "--ca-file", str(peer.ca_file)]
+        [
+            "bus",
+            "provision",
+            "--queue",
+            "order",
+            "--subscription",
+            "cart=OrderStarted,OrderPaid",
+            "--ca-file",
+            str(peer.ca_file),
+        ]
     )
     settings = load_settings(env={"ECOM_BUS": "azure", "ECOM_BUS_URL": peer.connection_string})
     # The command runs its own event loop (like `ecom` does), so off this test's loop.
@@ -556,7 +564,10 @@ async def test_azure_broadcast_subscription_rules_auto_delete_and_recreation(pee
     assert isinstance(consumer, AzureBroadcast) and len(consumer.subscription) <= 50
     sub = peer.broker.subscription(TOPIC, consumer.subscription)
     # Exactly the types (no $Default rule matching everything), per process, gone when idle.
-    assert {name: rule.correlation.get("subject") for name, rule in sub.rules.items()} == {revoked: revoked, locked: locked}
+    assert {name: rule.correlation.get("subject") for name, rule in sub.rules.items()} == {
+        revoked: revoked,
+        locked: locked,
+    }
     assert sub.requires_session and sub.auto_delete_on_idle == 1.0
 
     # Deleted under a running process (AutoDeleteOnIdle while it was suspended, an operator): re-created.

@@ -61,7 +61,9 @@ async def ctl(*args: str) -> str:
         await process.wait()
         raise AssertionError(f"rabbitmqctl {' '.join(args)} did not finish in 30 s") from None
     if process.returncode:
-        raise AssertionError(f"rabbitmqctl {' '.join(args)} failed ({process.returncode}): {err.decode()}{out.decode()}")
+        raise AssertionError(
+            f"rabbitmqctl {' '.join(args)} failed ({process.returncode}): {err.decode()}{out.decode()}"
+        )
     return out.decode()
 
 

@@ -159,7 +159,11 @@ async def _drain(bus: RabbitBus, queue: str) -> list[Envelope]:
 
 def test_rabbit_bus_satisfies_protocol_and_factory_reads_settings() -> None:
     bus = create_bus(
-        Settings(bus=BusSettings(backend="rabbitmq", max_attempts=7, max_concurrent_sessions=5, partitions=3, redelivery_delay=0.5))
+        Settings(
+            bus=BusSettings(
+                backend="rabbitmq", max_attempts=7, max_concurrent_sessions=5, partitions=3, redelivery_delay=0.5
+            )
+        )
     )
     assert isinstance(bus, Bus) and bus.name == "rabbitmq"
     assert (bus.url, bus.max_attempts, bus.max_concurrent_sessions, bus.partitions, bus.redelivery_delay) == (

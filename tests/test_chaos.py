@@ -212,7 +212,9 @@ async def _run_chaos(cluster: ProcessCluster) -> None:
     problems = await _check_databases(cluster, buyers, purchases, purchase_ids, initial, load.admin_writes, rec)
     problems += _check_liveness(cluster, load, purchases, final_states)
     _report(cluster, rec, load, purchases, final_states, load_seconds, settle_seconds, problems)
-    assert not problems, "chaos invariants violated:\n" + "\n".join(problems) + "\n--- log tail ---\n" + cluster.log_tail(3000)
+    assert not problems, (
+        "chaos invariants violated:\n" + "\n".join(problems) + "\n--- log tail ---\n" + cluster.log_tail(3000)
+    )
 
 
 async def _prepare_catalog(
@@ -288,7 +290,9 @@ class Load:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, *, token: str, budget: float = REQUEST_BUDGET, **kwargs: Any) -> tuple[int, Any, Any]:
+    async def _call(
+        self, method: str, path: str, *, token: str, budget: float = REQUEST_BUDGET, **kwargs: Any
+    ) -> tuple[int, Any, Any]:
         """One logical request: 5xx and connection errors retried with back-off (bounded); any other answer returned."""
 
         def failed(exc: BaseException) -> None:
@@ -319,7 +323,9 @@ class Load:
         products = rng.sample(self.purchase_ids, rng.choice((1, 1, 2)))
         for product_id in products:
             quantity = rng.choice((1, 1, 2))
-            status, body, _ = await self._call("PUT", f"/api/cart/items/{product_id}", token=buyer.token, json={"quantity": quantity})
+            status, body, _ = await self._call(
+                "PUT", f"/api/cart/items/{product_id}", token=buyer.token, json={"quantity": quantity}
+            )
             if status == 200:
                 buyer.expected[product_id] = quantity
             elif status == 409:
@@ -335,8 +341,16 @@ class Load:
         self.attempted += 1
         status, answer, _ = await self._checkout(buyer, body, key)
         if status != 202:
-            if status == 409 and isinstance(answer, dict) and "empty" in str(answer.get("type", "")) and not buyer.unsure:
-                self.rec.bad("cart empty at checkout though the buyer's writes were acknowledged", f"buyer {buyer.index}: expected {buyer.expected}")
+            if (
+                status == 409
+                and isinstance(answer, dict)
+                and "empty" in str(answer.get("type", ""))
+                and not buyer.unsure
+            ):
+                self.rec.bad(
+                    "cart empty at checkout though the buyer's writes were acknowledged",
+                    f"buyer {buyer.index}: expected {buyer.expected}",
+                )
             else:
                 self.rec.counts[f"checkout refused ({status})"] += 1
             # Start from an empty cart again (whatever the cart held, the buyer knows what it is after this).
@@ -353,7 +367,10 @@ class Load:
         purchase.seen_status = status_now
         if status_now not in FINAL:
             # Its OrderStarted may still be on its way: what the cart holds is no longer known to the buyer.
-            buyer.unsure = buyer.unsure or f"order {purchase.order_id} not ended after {ORDER_WAIT:g}s ({status_now or 'not found'})"
+            buyer.unsure = (
+                buyer.unsure
+                or f"order {purchase.order_id} not ended after {ORDER_WAIT:g}s ({status_now or 'not found'})"
+            )
             return
         try:
             if status_now == "paid":
@@ -404,7 +421,10 @@ class Load:
         while time.monotonic() < end:
             try:
                 code, body, _ = await self._call(
-                    "GET", f"/api/orders/{purchase.order_id}", token=buyer.token, budget=max(1.0, end - time.monotonic())
+                    "GET",
+                    f"/api/orders/{purchase.order_id}",
+                    token=buyer.token,
+                    budget=max(1.0, end - time.monotonic()),
                 )
             except GaveUp:
                 break
@@ -454,7 +474,9 @@ class Load:
             self.rec.bad("reads given up (retry budget spent) or refused", f"buyer {buyer.index}: {exc}")
             return
         if lines.get(product_id) != 1:
-            self.rec.bad("stale read: re-added line missing from the next GET", f"PUT {product_id}=1, GET showed {lines}")
+            self.rec.bad(
+                "stale read: re-added line missing from the next GET", f"PUT {product_id}=1, GET showed {lines}"
+            )
 
     # -- the admin ---------------------------------------------------------------------------------
 
@@ -464,7 +486,9 @@ class Load:
         while not self.done.is_set():
             product_id = self.admin_ids[n % len(self.admin_ids)]
             n += 1
-            write = AdminWrite(product_id, f"{rng.randrange(1000, 9999) / 100:.2f}", rng.randrange(1, INITIAL_STOCK), False)
+            write = AdminWrite(
+                product_id, f"{rng.randrange(1000, 9999) / 100:.2f}", rng.randrange(1, INITIAL_STOCK), False
+            )
             self.admin_writes.append(write)
             try:
                 status, body, _ = await self._call(
@@ -482,7 +506,10 @@ class Load:
                 continue
             write.acknowledged = True
             if (body["price"], body["available_stock"]) != (write.price, write.stock):
-                self.rec.bad("admin PATCH answer does not show the write", f"wrote {write.price}/{write.stock}, got {body['price']}/{body['available_stock']}")
+                self.rec.bad(
+                    "admin PATCH answer does not show the write",
+                    f"wrote {write.price}/{write.stock}, got {body['price']}/{body['available_stock']}",
+                )
             self.probes["admin PATCH then GET"] += 1
             try:
                 status, body, _ = await self._call("GET", f"/api/catalog/products/{product_id}", token=self.admin)
@@ -576,11 +603,19 @@ async def _check_databases(
     check("lost orders (202 given, no order in the order database)", [o for o in by_id if o not in orders])
     check(
         "stuck orders (not paid/cancelled within the deadline + 60 s)",
-        [f"{o} {orders[o]['status']} ({_last_reason(orders[o])})" for o in by_id if o in orders and orders[o]["status"] not in FINAL],
+        [
+            f"{o} {orders[o]['status']} ({_last_reason(orders[o])})"
+            for o in by_id
+            if o in orders and orders[o]["status"] not in FINAL
+        ],
     )
     check(
         "phantom orders (in the order database, no 202 for them)",
-        [f"{oid} buyer {s['buyer_id']} {s['status']}" for oid, s in orders.items() if s.get("buyer_id") in subs and oid not in by_id],
+        [
+            f"{oid} buyer {s['buyer_id']} {s['status']}"
+            for oid, s in orders.items()
+            if s.get("buyer_id") in subs and oid not in by_id
+        ],
     )
     check(
         "orders whose lines differ from the buyer's cart at checkout",
@@ -592,12 +627,20 @@ async def _check_databases(
     )
     check(
         "declined/timed-out payments that ended paid",
-        [f"{o} {p.payment}" for o, p in by_id.items() if p.payment != "tok_visa" and orders.get(o, {}).get("status") == "paid"],
+        [
+            f"{o} {p.payment}"
+            for o, p in by_id.items()
+            if p.payment != "tok_visa" and orders.get(o, {}).get("status") == "paid"
+        ],
     )
     summaries = await _query(dbs["order"], "SELECT id, status FROM orders")
     check(
         "orders query row disagrees with the order's state",
-        [f"{oid}: row {st}, state {orders[oid]['status']}" for oid, st in summaries if oid in orders and orders[oid]["status"] != st],
+        [
+            f"{oid}: row {st}, state {orders[oid]['status']}"
+            for oid, st in summaries
+            if oid in orders and orders[oid]["status"] != st
+        ],
     )
 
     # -- carts -------------------------------------------------------------------------------------
@@ -613,13 +656,17 @@ async def _check_databases(
             if order_id not in orders:
                 unknown_checkout.append(f"cart {buyer.sub} checkout {order_id} never reached the order service")
             elif not record.get("started"):
-                not_started.append(f"cart {buyer.sub}: OrderStarted of {order_id} ({orders[order_id]['status']}) not applied")
+                not_started.append(
+                    f"cart {buyer.sub}: OrderStarted of {order_id} ({orders[order_id]['status']}) not applied"
+                )
         for p in buyer.purchases:
             if p.order_id not in remembered and len(buyer.purchases) <= 20:
                 unknown_checkout.append(f"cart {buyer.sub} forgot checkout {p.order_id} (key {p.key})")
         lines = {pid: line["quantity"] for pid, line in cart.get("lines", {}).items()}
         if not buyer.unsure and lines != buyer.expected:
-            cart_model.append(f"buyer {buyer.index}: cart holds {lines}, buyer's acknowledged writes say {buyer.expected}")
+            cart_model.append(
+                f"buyer {buyer.index}: cart holds {lines}, buyer's acknowledged writes say {buyer.expected}"
+            )
     check("checkouts the cart remembers that the order service never got (or forgotten ones)", unknown_checkout)
     check("OrderStarted not applied to the cart (ordered lines not removed)", not_started)
     check("final cart differs from the buyer's acknowledged writes", cart_model)
@@ -662,7 +709,10 @@ async def _check_databases(
 
     # -- admin writes ------------------------------------------------------------------------------
     lost = []
-    prices = {pid: (str(price), stock) for pid, price, stock in await _query(dbs["catalog"], "SELECT id, price, available_stock FROM products")}
+    prices = {
+        pid: (str(price), stock)
+        for pid, price, stock in await _query(dbs["catalog"], "SELECT id, price, available_stock FROM products")
+    }
     for pid in {w.product_id for w in admin_writes}:
         writes = [w for w in admin_writes if w.product_id == pid]
         last_ack = max((i for i, w in enumerate(writes) if w.acknowledged), default=-1)
@@ -674,7 +724,9 @@ async def _check_databases(
         in_row = (f"{Decimal(prices[pid][0]):.2f}", prices[pid][1])
         if in_state not in allowed or in_row not in allowed:
             last = writes[last_ack]
-            lost.append(f"product {pid[:8]}: last acknowledged {last.price}/{last.stock}, state {in_state}, row {in_row}")
+            lost.append(
+                f"product {pid[:8]}: last acknowledged {last.price}/{last.stock}, state {in_state}, row {in_row}"
+            )
     check("lost admin writes", lost)
 
     # -- charges -----------------------------------------------------------------------------------
@@ -687,10 +739,17 @@ async def _check_databases(
         for order_id, status in charges:
             if status == "approved":
                 approved[order_id].append(status)
-        check("double charges (more than one approved charge for an order)", [f"{o}: {len(v)}" for o, v in approved.items() if len(v) > 1])
+        check(
+            "double charges (more than one approved charge for an order)",
+            [f"{o}: {len(v)}" for o, v in approved.items() if len(v) > 1],
+        )
         check(
             "approved charges of orders that are not paid (and not refunded)",
-            [f"{o} ({orders.get(o, {}).get('status', 'no order')})" for o in approved if orders.get(o, {}).get("status") not in ("paid", "shipped")],
+            [
+                f"{o} ({orders.get(o, {}).get('status', 'no order')})"
+                for o in approved
+                if orders.get(o, {}).get("status") not in ("paid", "shipped")
+            ],
         )
         check(
             "paid orders without an approved charge",
@@ -716,7 +775,9 @@ async def _check_databases(
 CHAOS_WINDOW_BEFORE, CHAOS_WINDOW_AFTER = 10.0, 15.0  # seconds around a kill (after: from the restart's end)
 
 
-def _check_liveness(cluster: ProcessCluster, load: Load, purchases: list[Purchase], orders: dict[str, dict[str, Any]]) -> list[str]:
+def _check_liveness(
+    cluster: ProcessCluster, load: Load, purchases: list[Purchase], orders: dict[str, dict[str, Any]]
+) -> list[str]:
     """The system recovers: away from the kills a tok_visa payment completes, no message is dead-lettered, and the
     probes ran often enough to mean something."""
     problems: list[str] = []
@@ -840,9 +901,13 @@ def _report(
     statuses = collections.Counter(orders.get(p.order_id, {}).get("status", "missing") for p in purchases)
     by_token = collections.Counter((p.payment, orders.get(p.order_id, {}).get("status", "missing")) for p in purchases)
     reasons = collections.Counter(
-        _last_reason(orders[p.order_id]).split(":")[0][:40] for p in purchases if orders.get(p.order_id, {}).get("status") == "cancelled"
+        _last_reason(orders[p.order_id]).split(":")[0][:40]
+        for p in purchases
+        if orders.get(p.order_id, {}).get("status") == "cancelled"
     )
-    print(f"[chaos] load {load_seconds:.1f}s, settle {settle_seconds:.1f}s; checkouts attempted {load.attempted}, accepted {len(purchases)}")
+    print(
+        f"[chaos] load {load_seconds:.1f}s, settle {settle_seconds:.1f}s; checkouts attempted {load.attempted}, accepted {len(purchases)}"
+    )
     print(f"[chaos] orders: {dict(statuses)}; by payment token: {dict(sorted(by_token.items()))}")
     print(f"[chaos] purchases compared line by line with the buyer's cart: {sum(p.model_ok for p in purchases)}")
     print(f"[chaos] cancel reasons: {dict(reasons.most_common(6))}")
@@ -864,8 +929,10 @@ def _report(
 
 def _dead_letters(cluster: ProcessCluster) -> dict[str, int]:
     try:
-        out = rabbitmqctl("list_queues", "-p", cluster.vhost, "name", "messages", "--no-table-headers", "--quiet", timeout=30)
-    except Exception as exc:  # noqa: BLE001 - diagnostics only
+        out = rabbitmqctl(
+            "list_queues", "-p", cluster.vhost, "name", "messages", "--no-table-headers", "--quiet", timeout=30
+        )
+    except Exception as exc:
         return {"<rabbitmqctl failed>": 0, str(exc)[:100]: 0}
     found = {}
     for line in out.splitlines():

@@ -47,7 +47,9 @@ def test_run_starts_every_built_service_and_stops_cleanly_on_ctrl_c(tmp_path):
     # Output goes to a file, not a pipe nobody reads while waiting: a full pipe would block the server.
     log_path = tmp_path / "run.log"
     log_file = open(log_path, "w")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True
+    )
     built = services.available()
     try:
         if not built:

@@ -61,7 +61,12 @@ def _owners(clusters: list[Cluster], key: str) -> list[str]:
 async def test_members_join_and_agree_on_one_owner_per_entity(members):
     a, b, c = [await members(f"http://127.0.0.1:{p}") for p in (20001, 20002, 20003)]
     await _settle(a, b, c)
-    assert a.addresses == b.addresses == c.addresses == ("http://127.0.0.1:20001", "http://127.0.0.1:20002", "http://127.0.0.1:20003")
+    assert (
+        a.addresses
+        == b.addresses
+        == c.addresses
+        == ("http://127.0.0.1:20001", "http://127.0.0.1:20002", "http://127.0.0.1:20003")
+    )
     counts = {x.address: 0 for x in (a, b, c)}
     for key in KEYS:
         owners = _owners([a, b, c], key)
@@ -101,7 +106,9 @@ async def test_a_silent_member_is_declared_dead_and_its_entities_move(members, e
     moved_after = time.monotonic() - started
     assert moved_after >= 0.4, "declared dead before its timeout"
     async with engine.connect() as conn:
-        status = (await conn.execute(select(cluster_members.c.status).where(cluster_members.c.member_id == b.member_id))).scalar_one()
+        status = (
+            await conn.execute(select(cluster_members.c.status).where(cluster_members.c.member_id == b.member_id))
+        ).scalar_one()
     assert status == "dead"
 
     # b was only paused: its next heartbeat finds it declared dead; it drops its copies and joins again anew.
@@ -150,7 +157,9 @@ class CounterActor(Actor):
 async def _serve(engine, port: int):
     system = ActorSystem(StateStore(engine), name=f"p{port}")
     system.register(CounterActor)
-    cluster = Cluster(engine, f"http://127.0.0.1:{port}", heartbeat_interval=0.1, member_timeout=0.5, on_change=system.rebalance)
+    cluster = Cluster(
+        engine, f"http://127.0.0.1:{port}", heartbeat_interval=0.1, member_timeout=0.5, on_change=system.rebalance
+    )
     system.placement = cluster
     binding = BusBinding(system)
     binding.to_actor(Bump, CounterActor)
@@ -206,9 +215,8 @@ async def test_requests_and_bus_messages_reach_the_owner(engine):
 
         # The owner is gone without a word: member 1 serves the entity itself (fenced), nothing is refused.
         await close2()
-        async with ClientSession() as http:
-            async with http.post(f"http://127.0.0.1:{base}/counters/{key}") as resp:
-                body = await resp.json()
+        async with ClientSession() as http, http.post(f"http://127.0.0.1:{base}/counters/{key}") as resp:
+            body = await resp.json()
         assert resp.status == 200 and body["n"] == 6 and body["served_by"] == c1.address
     finally:
         await close1()

@@ -14,7 +14,13 @@ from config import ConfigError, load_settings
 def test_defaults_are_the_embedded_setup():
     s = load_settings({})
     assert s.bus.backend == "memory"
-    assert [s.services[n].port for n in ("gateway", "identity", "catalog", "cart", "order")] == [8000, 8001, 8002, 8003, 8004]
+    assert [s.services[n].port for n in ("gateway", "identity", "catalog", "cart", "order")] == [
+        8000,
+        8001,
+        8002,
+        8003,
+        8004,
+    ]
     assert s.database_url("cart") == "sqlite+aiosqlite:///var/cart.db"
     assert s.general.admin_open is False
 
@@ -79,7 +85,9 @@ def test_unknown_variables_are_named_with_the_closest_valid_one():
     with pytest.raises(ConfigError) as info:
         load_settings({"ECOM_CATLOG_PORT": "9002"})
     assert str(info.value) == "ECOM_CATLOG_PORT: unknown setting; did you mean ECOM_CATALOG_PORT?"
-    with pytest.raises(ConfigError, match=r"^ECOM_GATEWAY_RATELIMIT: unknown setting; did you mean ECOM_GATEWAY_RATE_LIMIT\?"):
+    with pytest.raises(
+        ConfigError, match=r"^ECOM_GATEWAY_RATELIMIT: unknown setting; did you mean ECOM_GATEWAY_RATE_LIMIT\?"
+    ):
         load_settings({"ECOM_GATEWAY_RATELIMIT": "5"})
     with pytest.raises(ConfigError, match=r"^ECOM_WHATEVER: unknown setting; see the settings table"):
         load_settings({"ECOM_WHATEVER": "1"})
@@ -89,10 +97,17 @@ def test_every_setting_and_the_directly_read_variables_are_known():
     from config.settings import SECTIONS, env_name, setting_variables
 
     names = setting_variables()
-    assert {"ECOM_CATALOG_PORT", "ECOM_BUS", "ECOM_BUS_URL", "ECOM_LOG_LEVEL", "ECOM_GATEWAY_REDIS_URL",
-            "ECOM_CLUSTER_ADVERTISE_URL", "ECOM_AUTH_REGISTRATIONS_PER_EMAIL"} <= names
+    assert {
+        "ECOM_CATALOG_PORT",
+        "ECOM_BUS",
+        "ECOM_BUS_URL",
+        "ECOM_LOG_LEVEL",
+        "ECOM_GATEWAY_REDIS_URL",
+        "ECOM_CLUSTER_ADVERTISE_URL",
+        "ECOM_AUTH_REGISTRATIONS_PER_EMAIL",
+    } <= names
     assert len(names) == sum(len(dataclasses.fields(cls)) for cls in SECTIONS.values())
-    env = {name: "" for name in ("ECOM_CONFIG", "ECOM_IDENTITY_KEK_FILE", "ECOM_CHAOS", "ECOM_TEST_PG_HOST", "ECOM_TEST_X")}
+    env = dict.fromkeys(("ECOM_CONFIG", "ECOM_IDENTITY_KEK_FILE", "ECOM_CHAOS", "ECOM_TEST_PG_HOST", "ECOM_TEST_X"), "")
     env["ECOM_CONFIG"] = ""  # empty: no file
     load_settings(env)  # none of them is refused
     assert env_name("general", "log_level") == "ECOM_LOG_LEVEL"
@@ -115,6 +130,9 @@ def test_bad_database_urls_are_refused_with_the_settings(url, message):
 
 
 def test_good_database_urls_pass():
-    for url in ("sqlite+aiosqlite:///var/cart.db", "postgresql+asyncpg://u:pw@127.0.0.1:5432/cart",
-                "mssql+aioodbc://u:pw@sql.example/cart?driver=ODBC+Driver+18+for+SQL+Server"):
+    for url in (
+        "sqlite+aiosqlite:///var/cart.db",
+        "postgresql+asyncpg://u:pw@127.0.0.1:5432/cart",
+        "mssql+aioodbc://u:pw@sql.example/cart?driver=ODBC+Driver+18+for+SQL+Server",
+    ):
         assert load_settings({"ECOM_CART_DATABASE_URL": url}).database_url("cart") == url

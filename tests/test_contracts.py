@@ -117,7 +117,10 @@ def _bus_calls(path: Path) -> list[tuple[str, ast.expr]]:
         and node.func.attr in BUS_CALLS
         and node.args
         and isinstance(node.func.value, ast.Name | ast.Attribute)
-        and (getattr(node.func.value, "id", None) == "turn" or getattr(node.func.value, "attr", getattr(node.func.value, "id", "")) == "bus")
+        and (
+            getattr(node.func.value, "id", None) == "turn"
+            or getattr(node.func.value, "attr", getattr(node.func.value, "id", "")) == "bus"
+        )
     ]
 
 
@@ -220,9 +223,16 @@ async def services_on_a_bus(tmp_path, aiohttp_client, test_identity) -> Recordin
     nowhere = "http://127.0.0.1:9"  # the cart's upstreams are not called while starting
     factories = {
         "cart": lambda url: cart_service.create_app(
-            settings, bus=bus, database_url=url, verifier=test_identity.verifier(), catalog_url=nowhere, order_url=nowhere
+            settings,
+            bus=bus,
+            database_url=url,
+            verifier=test_identity.verifier(),
+            catalog_url=nowhere,
+            order_url=nowhere,
         ),
-        "order": lambda url: order_service.create_app(settings, bus=bus, database_url=url, verifier=test_identity.verifier()),
+        "order": lambda url: order_service.create_app(
+            settings, bus=bus, database_url=url, verifier=test_identity.verifier()
+        ),
         "catalog": lambda url: catalog_service.create_app(
             settings, bus=bus, database_url=url, verifier=test_identity.verifier()
         ),

@@ -43,7 +43,10 @@ async def _count(store: StateStore, stmt) -> int:
 async def _prepare(store: StateStore) -> object:
     """Actor ``a`` at version 2 with a due reminder set at version 1; returns the reminder's due time."""
     due = (utcnow() - timedelta(seconds=1)).replace(microsecond=0)
-    assert await store.commit(TurnWrite("t", "a", 0, _state(1), reminders=[ReminderChange("wake", due)])) == CommitOutcome.OK
+    assert (
+        await store.commit(TurnWrite("t", "a", 0, _state(1), reminders=[ReminderChange("wake", due)]))
+        == CommitOutcome.OK
+    )
     assert await store.commit(TurnWrite("t", "a", 1, _state(2))) == CommitOutcome.OK
     return due
 
@@ -77,11 +80,18 @@ async def test_stale_turns_write_nothing_in_group_and_single_commit(store_factor
     if group_commit:
         assert store.commits == commits_before + 1, "the five turns were meant to share one transaction"
     assert await _count(store, select(func.count()).select_from(reminders).where(reminders.c.name == "wake")) == 1
-    assert await _count(store, select(func.count()).select_from(inbox).where(inbox.c.message_id == "consumed-by-stale-copy")) == 0
+    assert (
+        await _count(
+            store, select(func.count()).select_from(inbox).where(inbox.c.message_id == "consumed-by-stale-copy")
+        )
+        == 0
+    )
     assert await _count(store, select(func.count()).select_from(inbox).where(inbox.c.message_id == "from-hook")) == 0
     assert hook_calls == []
     assert await _count(store, select(func.count()).select_from(outbox)) == 0
-    assert await _count(store, select(func.count()).select_from(inbox).where(inbox.c.message_id == "fresh-message")) == 1
+    assert (
+        await _count(store, select(func.count()).select_from(inbox).where(inbox.c.message_id == "fresh-message")) == 1
+    )
     a = await store.load("t", "a")
     assert a is not None and (a.version, orjson.loads(a.state)) == (2, {"n": 2})
 

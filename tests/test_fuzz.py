@@ -39,7 +39,9 @@ async def shop(tmp_path):
     env = embedded_env(base, tmp_path / "var", ECOM_GATEWAY_RATE_LIMIT="0", ECOM_LOG_LEVEL="WARNING")
     log_path = tmp_path / "shop.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     gateway = f"http://127.0.0.1:{base + PORT_OFFSET['gateway']}"
     try:
         deadline = time.monotonic() + 60
@@ -88,7 +90,11 @@ async def test_no_generated_request_gives_a_server_error(shop, tmp_path, authent
     failures = []
     for service in ("gateway", "identity", "catalog", "cart", "order"):
         url = f"http://127.0.0.1:{base + PORT_OFFSET[service]}"
-        result = await asyncio.to_thread(_schemathesis, url, token if authenticated else None, tmp_path / f"{service}.xml")
+        result = await asyncio.to_thread(
+            _schemathesis, url, token if authenticated else None, tmp_path / f"{service}.xml"
+        )
         if result.returncode != 0:
-            failures.append(f"--- {service} ({url}) exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-1000:]}")
+            failures.append(
+                f"--- {service} ({url}) exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-1000:]}"
+            )
     assert not failures, "\n".join(failures) + "\n--- shop log tail\n" + log_path.read_text()[-3000:]

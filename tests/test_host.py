@@ -229,7 +229,9 @@ async def test_admin_endpoints_need_the_admin_role(make_client, test_identity):
     assert resp.status == 401 and "Bearer" in resp.headers["WWW-Authenticate"]
     resp = await client.get("/api/test/admin/actors", headers=test_identity.headers(test_identity.token("u1")))
     assert resp.status == 403 and resp.content_type == "application/problem+json"
-    resp = await client.get("/api/test/admin/actors/counter/a1", headers=test_identity.headers(test_identity.admin_token()))
+    resp = await client.get(
+        "/api/test/admin/actors/counter/a1", headers=test_identity.headers(test_identity.admin_token())
+    )
     assert resp.status == 200 and (await resp.json())["state"] == {"total": 4}
 
 
@@ -262,7 +264,9 @@ async def test_hostile_bodies_are_400_not_500(make_client, path, body):
 async def test_form_with_invalid_utf8_is_400(make_client):
     client = await make_client()
     resp = await client.post(
-        "/api/test/form", data=b"grant_type=password&username=\xff\xfe", headers={"Content-Type": "application/x-www-form-urlencoded"}
+        "/api/test/form",
+        data=b"grant_type=password&username=\xff\xfe",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert resp.status == 400, await resp.text()
     assert "UTF-8" in (await resp.json())["detail"]
@@ -270,7 +274,9 @@ async def test_form_with_invalid_utf8_is_400(make_client):
 
 async def test_a_json_route_refuses_other_media_types_with_415(make_client):
     client = await make_client()
-    resp = await client.post("/api/test/counters/c", data=b'{"amount": 1}', headers={"Content-Type": "multipart/form-data"})
+    resp = await client.post(
+        "/api/test/counters/c", data=b'{"amount": 1}', headers={"Content-Type": "multipart/form-data"}
+    )
     assert resp.status == 415 and resp.content_type == "application/problem+json"
 
 
@@ -293,7 +299,9 @@ async def test_every_service_hears_revocations_on_the_bus(aiohttp_client, tmp_pa
         assert (await client.get("/api/test/admin/actors", headers=test_identity.headers(token))).status == 200
 
     now = datetime.now(UTC)
-    await bus.publish(announcement(AccessRevoked("admin-1", now + timedelta(seconds=1), now + timedelta(seconds=900), "signed_out")))
+    await bus.publish(
+        announcement(AccessRevoked("admin-1", now + timedelta(seconds=1), now + timedelta(seconds=900), "signed_out"))
+    )
     deadline = asyncio.get_running_loop().time() + 1.0
     while (await client.get("/api/test/admin/actors", headers=test_identity.headers(admin))).status != 401:
         assert asyncio.get_running_loop().time() < deadline, "the signed-out user's cached token still works"
@@ -319,7 +327,10 @@ def test_one_json_encoder_for_the_runtime() -> None:
     from runtime.messages import to_body
 
     when = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-    assert dumps({"price": Decimal("9.90"), "tags": {"b", "a"}, "at": when}) == b'{"price":"9.90","tags":["a","b"],"at":"2024-05-01T12:00:00Z"}'
+    assert (
+        dumps({"price": Decimal("9.90"), "tags": {"b", "a"}, "at": when})
+        == b'{"price":"9.90","tags":["a","b"],"at":"2024-05-01T12:00:00Z"}'
+    )
     assert dumps({"at": datetime(2024, 5, 1, 12, 0)}) == b'{"at":"2024-05-01T12:00:00Z"}'  # naive: UTC
     assert isoformat(when) == jsonutil.isoformat(when) == "2024-05-01T12:00:00Z"
     assert encode_json({"price": Decimal("1.50"), "ids": frozenset({"y", "x"})}) == '{"price":"1.50","ids":["x","y"]}'
@@ -330,6 +341,10 @@ def test_one_json_encoder_for_the_runtime() -> None:
         at: datetime
         ids: frozenset[str]
 
-    assert to_body(Priced(Decimal("2.00"), when, frozenset({"b", "a"}))) == {"price": "2.00", "at": "2024-05-01T12:00:00Z", "ids": ["a", "b"]}
+    assert to_body(Priced(Decimal("2.00"), when, frozenset({"b", "a"}))) == {
+        "price": "2.00",
+        "at": "2024-05-01T12:00:00Z",
+        "ids": ["a", "b"],
+    }
     with pytest.raises(TypeError):
         dumps({"x": object()})

@@ -149,7 +149,12 @@ async def test_token_revocation_and_introspection_document_their_form_fields(mak
         "refresh_token",
     }
     assert fields["grant_type"]["required"] is True
-    assert set(fields["grant_type"]["enum"]) == {"authorization_code", "refresh_token", "password", "client_credentials"}
+    assert set(fields["grant_type"]["enum"]) == {
+        "authorization_code",
+        "refresh_token",
+        "password",
+        "client_credentials",
+    }
     # which grant uses which field
     assert fields["code_verifier"]["description"].startswith("authorization_code")
     assert fields["username"]["description"].startswith("password")

@@ -191,7 +191,9 @@ async def _run(e: Embedded) -> None:
         burst_end = time.monotonic() + BURST_SECONDS
         sampler = asyncio.create_task(_sample(e, samples, burst_end))
         started = time.monotonic()
-        await asyncio.gather(*(_buyer(http, gateway, token, products, burst_end, tally, i) for i, token in enumerate(tokens)))
+        await asyncio.gather(
+            *(_buyer(http, gateway, token, products, burst_end, tally, i) for i, token in enumerate(tokens))
+        )
         burst_seconds = time.monotonic() - started
         await sampler
 
@@ -215,12 +217,18 @@ async def _run(e: Embedded) -> None:
         f"orders not paid/cancelled within {SETTLE_LIMIT:g}s after the burst",
         [f"{o} {states[o]}" for o in accepted if o in states and states[o] not in FINAL],
     )
-    check("paid orders with a declined/timed-out payment token", [o for o, t in accepted.items() if t != "tok_visa" and states.get(o) == "paid"])
+    check(
+        "paid orders with a declined/timed-out payment token",
+        [o for o, t in accepted.items() if t != "tok_visa" and states.get(o) == "paid"],
+    )
     totals = {o: sum(kinds.values()) for o, kinds in outbox.items()}
     over = sorted(((n, o) for o, n in totals.items() if n > _row_bound(lines.get(o, 0))), reverse=True)
     check(
         "orders with more outbox rows than the stated bound for their lines",
-        [f"{o} ({states.get(o)}, {lines.get(o, 0)} lines, bound {_row_bound(lines.get(o, 0))}): {n} {dict(outbox[o])}" for n, o in over],
+        [
+            f"{o} ({states.get(o)}, {lines.get(o, 0)} lines, bound {_row_bound(lines.get(o, 0))}): {n} {dict(outbox[o])}"
+            for n, o in over
+        ],
     )
     sends = 1 + MAX_RESENDS
     check(
@@ -249,7 +257,9 @@ async def _run(e: Embedded) -> None:
 
     statuses = collections.Counter(states.get(o, "missing") for o in accepted)
     print(f"\n[overload] embedded on {gateway}; {BUYERS} buyers for {burst_seconds:.0f}s; settle {settle_seconds:.1f}s")
-    print(f"[overload] checkouts accepted {len(accepted)} ({len(accepted) / burst_seconds:.1f}/s); orders {dict(statuses)}")
+    print(
+        f"[overload] checkouts accepted {len(accepted)} ({len(accepted) / burst_seconds:.1f}/s); orders {dict(statuses)}"
+    )
     print(f"[overload] answers: {dict(sorted(tally.counts.items()))}")
     print(f"[overload] orders in the saga: peak {peak_open:.0f} (limit {MAX_OPEN_ORDERS}); unsent outbox rows: peak "
           f"{max((s['backlog'] for s in samples), default=0):.0f} (limit {MAX_OUTBOX_BACKLOG})")  # fmt: skip
@@ -262,7 +272,9 @@ async def _run(e: Embedded) -> None:
           f"(bound {memory_bound:.0f} MB, settled after {memory_wait:.0f}s)")  # fmt: skip
     print(f"[overload] {len(problems)} problem(s)" + (":\n" + "\n".join(problems) if problems else ""))
     assert len(accepted) > 0, "no checkout was accepted at all"
-    assert not problems, "overload invariants violated:\n" + "\n".join(problems) + "\n--- log tail ---\n" + e.log_tail(3000)
+    assert not problems, (
+        "overload invariants violated:\n" + "\n".join(problems) + "\n--- log tail ---\n" + e.log_tail(3000)
+    )
 
 
 async def _stock_products(http: aiohttp.ClientSession, gateway: str, admin: str) -> list[str]:
@@ -302,7 +314,9 @@ async def _buyer(
 
     while time.monotonic() < end:
         for product_id in rng.sample(products, rng.choice((1, 2))):
-            status, body, resp_headers = await _attempt(http, "PUT", f"{gateway}/api/cart/items/{product_id}", headers, {"quantity": 1})
+            status, body, resp_headers = await _attempt(
+                http, "PUT", f"{gateway}/api/cart/items/{product_id}", headers, {"quantity": 1}
+            )
             if status != 200:
                 if isinstance(status, int) and status < 500:
                     tally.note(f"PUT {status}")
@@ -325,7 +339,9 @@ async def _buyer(
             await refused(status, resp_headers, "checkout", answer)
 
 
-async def _attempt(http: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str], body: Any) -> tuple[Any, Any, Any]:
+async def _attempt(
+    http: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str], body: Any
+) -> tuple[Any, Any, Any]:
     """(status, body, headers); a timeout or a dropped connection comes back as the exception's name."""
     try:
         async with http.request(method, url, json=body, headers=headers) as resp:
@@ -373,7 +389,9 @@ async def _settle(e: Embedded, wanted: set[str]) -> dict[str, str]:
     """Order id -> status from the order actors' stored state, once every wanted order ended (or the limit passed)."""
     end = time.monotonic() + SETTLE_LIMIT
     while True:
-        rows = await asyncio.to_thread(_sqlite, e.db("order"), "SELECT actor_id, state FROM actor_state WHERE actor_type = 'order'")
+        rows = await asyncio.to_thread(
+            _sqlite, e.db("order"), "SELECT actor_id, state FROM actor_state WHERE actor_type = 'order'"
+        )
         states = {actor_id: orjson.loads(state).get("status", "") for actor_id, state in rows}
         if all(states.get(o) in FINAL for o in wanted) or time.monotonic() > end:
             return states

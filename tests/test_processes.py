@@ -38,7 +38,9 @@ async def test_orders_survive_an_order_process_killed_mid_saga(cluster: ProcessC
 
         async def buy(token: str) -> str:
             headers = bearer(token)
-            async with http.put(f"{gateway}/api/cart/items/{product['id']}", json={"quantity": 1}, headers=headers) as r:
+            async with http.put(
+                f"{gateway}/api/cart/items/{product['id']}", json={"quantity": 1}, headers=headers
+            ) as r:
                 assert r.status == 200, await r.text()
             body = {"shipping_address": ADDRESS, "payment": {"method": "card", "token": "tok_visa"}}
             async with http.post(f"{gateway}/api/cart/checkout", json=body, headers=headers) as r:

@@ -15,7 +15,9 @@ from runtime.store import actor_state, inbox, outbox, reminders
 
 def test_every_runtime_table_creates_on_sql_server():
     ddl: list[str] = []
-    engine = create_mock_engine("mssql+pyodbc://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect))))
+    engine = create_mock_engine(
+        "mssql+pyodbc://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect)))
+    )
     store.metadata.create_all(engine, checkfirst=False)
     text = "\n".join(ddl)
     for table in ("actor_state", "outbox", "inbox", "reminders", "schema_version"):
@@ -33,7 +35,9 @@ def _compile(stmt) -> str:
 def test_turn_statements_compile_for_sql_server():
     now = datetime.now(UTC)
     statements = [
-        select(actor_state.c.version, actor_state.c.state).where(actor_state.c.actor_type == "cart", actor_state.c.actor_id == "1"),
+        select(actor_state.c.version, actor_state.c.state).where(
+            actor_state.c.actor_type == "cart", actor_state.c.actor_id == "1"
+        ),
         update(actor_state)
         .where(actor_state.c.actor_type == "cart", actor_state.c.actor_id == "1", actor_state.c.version == 3)
         .values(version=4, state="{}", updated_at=now),
@@ -42,7 +46,10 @@ def test_turn_statements_compile_for_sql_server():
         select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_(["a", "b"])),
         insert(outbox).values(message_id="m", kind="send", destination="order", envelope="{}", created_at=now),
         select(outbox.c.id, outbox.c.envelope).where(outbox.c.sent_at.is_(None)).order_by(outbox.c.id).limit(500),
-        select(reminders).where(reminders.c.actor_type.in_(["cart"]), reminders.c.due_at <= now).order_by(reminders.c.due_at).limit(500),
+        select(reminders)
+        .where(reminders.c.actor_type.in_(["cart"]), reminders.c.due_at <= now)
+        .order_by(reminders.c.due_at)
+        .limit(500),
         delete(reminders).where(and_(reminders.c.actor_type == "cart", reminders.c.due_at == now)),
     ]
     compiled = [_compile(s) for s in statements]
@@ -64,7 +71,9 @@ def test_engine_factory_builds_the_sql_server_engine():
     assert engine.dialect.name == "mssql" and engine.dialect.driver == "aioodbc"
 
 
-@pytest.mark.parametrize("url", ["sqlite:///x.db", "postgresql://u@h/db", "mysql+aiomysql://u@h/db", "mssql+pyodbc://u@h/db"])
+@pytest.mark.parametrize(
+    "url", ["sqlite:///x.db", "postgresql://u@h/db", "mysql+aiomysql://u@h/db", "mssql+pyodbc://u@h/db"]
+)
 def test_engine_factory_refuses_sync_or_unknown_drivers(url):
     with pytest.raises(ValueError, match="async driver|unsupported"):
         store.create_engine(url)

@@ -64,7 +64,11 @@ def test_port_already_taken(tmp_path: Path) -> None:
 
 def test_port_taken_with_processes_stops_before_any_child(tmp_path: Path) -> None:
     url = f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/x"
-    env = _env(tmp_path, ECOM_BUS="rabbitmq", **{f"ECOM_{s.upper()}_DATABASE_URL": url for s in ("identity", "catalog", "cart", "order")})
+    env = _env(
+        tmp_path,
+        ECOM_BUS="rabbitmq",
+        **{f"ECOM_{s.upper()}_DATABASE_URL": url for s in ("identity", "catalog", "cart", "order")},
+    )
     port = int(env["ECOM_GATEWAY_PORT"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))

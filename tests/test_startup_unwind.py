@@ -86,7 +86,9 @@ async def test_a_failing_start_hook_fails_startup_and_stops_everything_started_b
     await runner.cleanup()
 
     assert events[0] == "first hook started"
-    assert events[1] == "running before the failure: outbox-relay,unwind-idle-sweeper,unwind-inbox-purge,unwind-reminders"
+    assert (
+        events[1] == "running before the failure: outbox-relay,unwind-idle-sweeper,unwind-inbox-purge,unwind-reminders"
+    )
     assert events[2:] == ["stop hook ran"]
     assert _running_runtime_tasks(runtime) == []
     assert relay._task is None  # the relay was stopped

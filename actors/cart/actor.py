@@ -114,7 +114,12 @@ class PricesChangedProblem(Conflict):
             f"prices changed since you last saw them ({changes}); the cart shows the new prices, "
             "check out again to confirm",
             price_changes=[
-                {"product_id": c.product_id, "name": c.name, "old_price": money(c.old_price), "new_price": money(c.new_price)}
+                {
+                    "product_id": c.product_id,
+                    "name": c.name,
+                    "old_price": money(c.old_price),
+                    "new_price": money(c.new_price),
+                }
                 for c in reply.changes
             ],
         )
@@ -204,7 +209,9 @@ class CartActor(Actor):
             raise ValueError("cart expiry must be a positive number of seconds")
         if seconds == cls.expiry_seconds:
             return cls
-        return type(cls.__name__, (cls,), {"type_name": cls.type_name, "expiry_seconds": seconds, "__module__": __name__})
+        return type(
+            cls.__name__, (cls,), {"type_name": cls.type_name, "expiry_seconds": seconds, "__module__": __name__}
+        )
 
     # -- state (Decimals and datetimes as strings) -------------------------------------------------
 
@@ -268,7 +275,9 @@ class CartActor(Actor):
         return self.shown()  # checkouts are kept: a retried checkout still finds its order
 
     @handles(Checkout)
-    def checkout(self, msg: Checkout, turn: Turn) -> CheckoutAccepted | QuotesNeeded | PricesChanged | NoEarlierCheckout:
+    def checkout(
+        self, msg: Checkout, turn: Turn
+    ) -> CheckoutAccepted | QuotesNeeded | PricesChanged | NoEarlierCheckout:
         state = self.state
         fingerprint = _fingerprint(msg.shipping_address, msg.payment)
         earlier = self._checkout_with_key(msg.idempotency_key)
@@ -302,7 +311,13 @@ class CartActor(Actor):
         order_id = str(uuid.uuid4())
         turn.send(ORDER_QUEUE, envelope(self._order_request(order_id, msg, turn.now), session_id=order_id))
         state.checkouts.append(
-            CheckoutRecord(order_id, msg.idempotency_key, fingerprint, {p: line.quantity for p, line in state.lines.items()}, turn.now)
+            CheckoutRecord(
+                order_id,
+                msg.idempotency_key,
+                fingerprint,
+                {p: line.quantity for p, line in state.lines.items()},
+                turn.now,
+            )
         )
         del state.checkouts[:-MAX_CHECKOUTS]
         self._changed(turn)

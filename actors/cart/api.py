@@ -98,7 +98,10 @@ def _not_a_card_number(token: str) -> None:
 
 
 class PaymentSchema(Schema):
-    method = fields.String(required=True, validate=validate.Regexp(r"^[a-z][a-z_]{0,31}$", error="must be a payment method name such as card"))
+    method = fields.String(
+        required=True,
+        validate=validate.Regexp(r"^[a-z][a-z_]{0,31}$", error="must be a payment method name such as card"),
+    )
     token = fields.String(
         required=True,
         validate=[
@@ -183,7 +186,11 @@ async def _quote(request: web.Request, product_id: str) -> ProductQuote:
 # Routes
 
 
-@docs(tags=["cart"], summary="Your cart", description="Lines, totals (decimal strings), item count and price-change notes.")
+@docs(
+    tags=["cart"],
+    summary="Your cart",
+    description="Lines, totals (decimal strings), item count and price-change notes.",
+)
 @response_schema(CartSchema, 200)
 @require(roles=CUSTOMER)
 async def get_cart(request: web.Request) -> web.Response:

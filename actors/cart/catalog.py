@@ -152,7 +152,12 @@ class CatalogClient:
                 if resp.status >= 500:
                     raise InstanceFailed(f"answered {resp.status}")
                 if resp.status != 200:
-                    log.warning("catalog batch lookup at %s answered %s: %s", instance.url, resp.status, (await resp.text())[:300])
+                    log.warning(
+                        "catalog batch lookup at %s answered %s: %s",
+                        instance.url,
+                        resp.status,
+                        (await resp.text())[:300],
+                    )
                     raise BadGateway(f"the catalog refused the product lookup ({resp.status})")
                 return await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -34,7 +34,9 @@ def reindex(cart_id: str, *, added: Set[str], removed: Set[str]) -> SqlHook:
     rows = [{"cart_id": cart_id, "product_id": product_id} for product_id in sorted(added)]
 
     async def hook(conn: AsyncConnection) -> None:
-        await conn.execute(delete(cart_lines).where(cart_lines.c.cart_id == cart_id, cart_lines.c.product_id.in_(changed)))
+        await conn.execute(
+            delete(cart_lines).where(cart_lines.c.cart_id == cart_id, cart_lines.c.product_id.in_(changed))
+        )
         if rows:
             await conn.execute(insert(cart_lines), rows)
 

@@ -35,7 +35,9 @@ from runtime.migrate import Component, Migration, create_tables
 
 log = logging.getLogger(__name__)
 
-SCHEMA = Component("cart", [Migration(1, "cart_lines: which carts hold a product", create_tables(repository.cart_lines))])
+SCHEMA = Component(
+    "cart", [Migration(1, "cart_lines: which carts hold a product", create_tables(repository.cart_lines))]
+)
 
 FAN_OUT_CONCURRENCY = 32  # carts updated at once for one price change
 
@@ -64,7 +66,9 @@ def create_app(
     runtime.on_start.append(catalog.start)
     runtime.on_stop.append(catalog.close)
     # ``order_url``: like ``catalog_url``, every order instance whose load checkout admission reads.
-    admission = Admission(runtime.engine, Upstream("order", order_url or service_urls(settings, "order")), settings.shop)
+    admission = Admission(
+        runtime.engine, Upstream("order", order_url or service_urls(settings, "order")), settings.shop
+    )
     runtime.on_start.append(admission.start)
     runtime.on_stop.append(admission.close)
     if bus is not None:
@@ -101,7 +105,12 @@ def _subscribe_on_start(
         results = await asyncio.gather(*(one(cart_id) for cart_id in cart_ids), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
-            log.warning("price change of %s reached %d of %d carts; will be redelivered", event.product_id, len(cart_ids) - len(failed), len(cart_ids))
+            log.warning(
+                "price change of %s reached %d of %d carts; will be redelivered",
+                event.product_id,
+                len(cart_ids) - len(failed),
+                len(cart_ids),
+            )
             raise failed[0]
 
     async def subscribe() -> None:

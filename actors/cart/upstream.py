@@ -98,7 +98,9 @@ class Upstream:
         if not parsed:
             raise ValueError(f"{service}: at least one instance URL is needed")
         if cooldown <= 0 or max_cooldown < cooldown or max_attempts < 1 or retry_backoff < 0:
-            raise ValueError("cooldown > 0, max_cooldown >= cooldown, max_attempts >= 1 and retry_backoff >= 0 are needed")
+            raise ValueError(
+                "cooldown > 0, max_cooldown >= cooldown, max_attempts >= 1 and retry_backoff >= 0 are needed"
+            )
         self.service = service
         self.instances = [Instance(url) for url in parsed]
         self.cooldown = cooldown
@@ -150,7 +152,12 @@ class Upstream:
         instance.down_until = max(instance.down_until, now + pause)
         instance.marked_at = now
         log.warning(
-            "%s instance %s failed (%s, %d in a row): left alone for %.2fs", self.service, instance.url, reason, instance.failures, pause
+            "%s instance %s failed (%s, %d in a row): left alone for %.2fs",
+            self.service,
+            instance.url,
+            reason,
+            instance.failures,
+            pause,
         )
         return pause
 

@@ -118,7 +118,9 @@ class ProductCreateSchema(ProductFieldsSchema):
     name = fields.String(required=True, validate=validate.Length(min=1, max=repo.NAME_MAX))
     description = fields.String(load_default="", validate=validate.Length(max=4000))
     price = MoneyField(required=True, metadata={"type": "string", "example": "19.99"})
-    currency = fields.String(load_default="USD", validate=validate.Regexp(r"^[A-Z]{3}$", error="must be a 3-letter ISO 4217 code"))
+    currency = fields.String(
+        load_default="USD", validate=validate.Regexp(r"^[A-Z]{3}$", error="must be a 3-letter ISO 4217 code")
+    )
     brand = fields.String(required=True, validate=validate.Length(min=1, max=100))
     type = fields.String(required=True, validate=validate.Length(min=1, max=100))
     available_stock = _units(load_default=0)
@@ -131,7 +133,9 @@ class ProductListQuery(Schema):
     page_size = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     brand = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "brand id or name"})
     type = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "type id or name"})
-    q = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "words in name or description"})
+    q = fields.String(
+        validate=validate.Length(min=1, max=100), metadata={"description": "words in name or description"}
+    )
     sort = fields.String(load_default="name", validate=validate.OneOf(repo.SORT_OPTIONS))
 
 
@@ -315,7 +319,11 @@ def _path_id(request: web.Request) -> str:
 # Reads
 
 
-@docs(tags=["catalog"], summary="Browse and search products", description="Paged; filter by brand and type, search words, sort.")
+@docs(
+    tags=["catalog"],
+    summary="Browse and search products",
+    description="Paged; filter by brand and type, search words, sort.",
+)
 @querystring_schema(ProductListQuery)
 @response_schema(ProductPageSchema, 200)
 async def list_products(request: web.Request) -> web.Response:
@@ -359,7 +367,9 @@ def _named_list(table: Table) -> Callable[[web.Request], Awaitable[web.Response]
             items = await repo.list_named(conn, table)
         return cached_json(request, {"items": items, "total": len(items)})
 
-    return response_schema(NamedListSchema, 200)(docs(tags=["catalog"], summary=f"All {_LIST_PATH[table.name]}")(handler))
+    return response_schema(NamedListSchema, 200)(
+        docs(tags=["catalog"], summary=f"All {_LIST_PATH[table.name]}")(handler)
+    )
 
 
 @docs(tags=["catalog"], summary="A product picture (SVG), as named by a product's picture_url")
@@ -435,7 +445,11 @@ async def update_product(request: web.Request) -> web.Response:
 @require(roles=ADMIN)
 async def restock_product(request: web.Request) -> web.Response:
     product_id = _path_id(request)
-    added = await _system(request).ref(ProductActor, product_id).ask(RestockProduct(product_id, request["data"]["quantity"]))
+    added = (
+        await _system(request)
+        .ref(ProductActor, product_id)
+        .ask(RestockProduct(product_id, request["data"]["quantity"]))
+    )
     return json_response({"added": added, "product": await _product(request, product_id)})
 
 

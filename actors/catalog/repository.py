@@ -228,8 +228,10 @@ _PRODUCT_COLUMNS = (
 
 
 def _product_select() -> Select[Any]:
-    return select(*_PRODUCT_COLUMNS).join(brands, brands.c.id == products.c.brand_id).join(
-        product_types, product_types.c.id == products.c.type_id
+    return (
+        select(*_PRODUCT_COLUMNS)
+        .join(brands, brands.c.id == products.c.brand_id)
+        .join(product_types, product_types.c.id == products.c.type_id)
     )
 
 
@@ -273,7 +275,9 @@ def _matches(query: ProductQuery) -> Select[Any] | CompoundSelect:
 def count_statement(query: ProductQuery) -> Select[Any]:
     if query.search:
         return select(func.count()).select_from(_matches(query).subquery())
-    return select(func.coalesce(func.sum(product_counts.c.products), 0)).where(*_group_conditions(product_counts, query))
+    return select(func.coalesce(func.sum(product_counts.c.products), 0)).where(
+        *_group_conditions(product_counts, query)
+    )
 
 
 def page_statement(query: ProductQuery) -> Select[Any]:
@@ -426,7 +430,9 @@ def update_product(before: Mapping[str, Any], after: Mapping[str, Any]) -> SqlHo
         if "name" in changes or "description" in changes:
             await _write_terms(conn, _row(after))
         elif "price" in changes:
-            await conn.execute(update(product_terms).where(product_terms.c.product_id == product_id).values(price=after["price"]))
+            await conn.execute(
+                update(product_terms).where(product_terms.c.product_id == product_id).values(price=after["price"])
+            )
         if "brand_id" in changes or "type_id" in changes:
             await _count(conn, before["brand_id"], before["type_id"], -1)
             await _count(conn, after["brand_id"], after["type_id"], +1)
@@ -458,7 +464,9 @@ def bulk_rows(values: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]]
 async def rebuild_counts(conn: AsyncConnection) -> None:
     """Recount ``product_counts`` from ``products`` (after a bulk load, or to repair)."""
     await conn.execute(delete(product_counts))
-    grouped = select(products.c.brand_id, products.c.type_id, func.count()).group_by(products.c.brand_id, products.c.type_id)
+    grouped = select(products.c.brand_id, products.c.type_id, func.count()).group_by(
+        products.c.brand_id, products.c.type_id
+    )
     await conn.execute(insert(product_counts).from_select(["brand_id", "type_id", "products"], grouped))
 
 

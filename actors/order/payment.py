@@ -237,9 +237,17 @@ class SimulatedPaymentProvider:
                         # Never charged: void the key, so a charge still on its way is declined.
                         await conn.execute(
                             insert(table).values(
-                                idempotency_key=idempotency_key, order_id=idempotency_key, amount=None, currency=None,
-                                status=DECLINED, charge_id="", decline_code=VOIDED, message=reason[:255],
-                                attempts=0, created_at=now, updated_at=now,
+                                idempotency_key=idempotency_key,
+                                order_id=idempotency_key,
+                                amount=None,
+                                currency=None,
+                                status=DECLINED,
+                                charge_id="",
+                                decline_code=VOIDED,
+                                message=reason[:255],
+                                attempts=0,
+                                created_at=now,
+                                updated_at=now,
                             )
                         )
                         return ReverseResult(refunded=False)
@@ -273,9 +281,17 @@ class SimulatedPaymentProvider:
                     if not done.rowcount:
                         await conn.execute(
                             insert(table).values(
-                                idempotency_key=request.idempotency_key, order_id=request.idempotency_key,
-                                amount=str(request.amount), currency=request.currency, status=PENDING, charge_id="",
-                                decline_code="", message="", attempts=1, created_at=now, updated_at=now,
+                                idempotency_key=request.idempotency_key,
+                                order_id=request.idempotency_key,
+                                amount=str(request.amount),
+                                currency=request.currency,
+                                status=PENDING,
+                                charge_id="",
+                                decline_code="",
+                                message="",
+                                attempts=1,
+                                created_at=now,
+                                updated_at=now,
                             )
                         )
                     row = (await conn.execute(select(table).where(key))).one()
@@ -328,7 +344,9 @@ class SimulatedPaymentProvider:
 
     async def records(self) -> list[SimulatedCharge]:
         async with self._db().connect() as conn:
-            rows = await conn.execute(select(payment_simulator_charges).order_by(payment_simulator_charges.c.created_at))
+            rows = await conn.execute(
+                select(payment_simulator_charges).order_by(payment_simulator_charges.c.created_at)
+            )
             return [_record(row) for row in rows]
 
     async def stray_charges(self) -> list[SimulatedCharge]:

@@ -46,6 +46,7 @@ NAME = "order"
 def _index_order_status(op: Operations, _conn: Connection) -> None:
     op.create_index(repository.STATUS_INDEX, repository.orders.name, ["status"])
 
+
 SCHEMA = Component(
     NAME,
     [

@@ -61,6 +61,7 @@ from bus.servicebus.sending import _Outbox
 
 log = logging.getLogger(__name__)
 
+
 class AzureBus:
     """The Bus on Azure Service Bus; one instance stands for one process's connections."""
 
@@ -137,7 +138,9 @@ class AzureBus:
         if self._tls is None:
             import certifi
 
-            self._tls = ssl.create_default_context(cafile=self._client_options.get("connection_verify") or certifi.where())
+            self._tls = ssl.create_default_context(
+                cafile=self._client_options.get("connection_verify") or certifi.where()
+            )
         return self._tls
 
     def _new_client(self, **options: Any) -> ServiceBusClient:

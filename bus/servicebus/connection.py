@@ -10,6 +10,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def _config_error(message: str) -> Exception:
     from config import ConfigError
 

@@ -138,7 +138,9 @@ class _Provisioner:
             done.append(f"deleted rule {name_}")
         return done
 
-    async def broadcast_subscription(self, name: str, event_types: Collection[str], auto_delete_on_idle: timedelta) -> None:
+    async def broadcast_subscription(
+        self, name: str, event_types: Collection[str], auto_delete_on_idle: timedelta
+    ) -> None:
         """A new per-process subscription that gets exactly these event types and deletes itself once
         unused for ``auto_delete_on_idle`` (the process died without stop())."""
         await self.admin.create_subscription(

@@ -71,7 +71,9 @@ class AzureConsumer:
     def _top_up(self) -> None:
         """Keep ``standby`` receivers waiting for a session, without exceeding the session limit."""
         loop = asyncio.get_running_loop()
-        while not self._stopped and len(self._workers) - self._active < self._standby and len(self._workers) < self._limit:
+        while (
+            not self._stopped and len(self._workers) - self._active < self._standby and len(self._workers) < self._limit
+        ):
             task = loop.create_task(self._worker(), name=f"bus:azure:{self.label}")
             self._workers.add(task)
 
@@ -176,7 +178,9 @@ class AzureConsumer:
     async def _run_session(self, receiver: ServiceBusReceiver, messages: list[ServiceBusReceivedMessage]) -> None:
         session = receiver.session
         lost = asyncio.Event()
-        renewer = asyncio.get_running_loop().create_task(self._keep_lock(receiver, lost), name=f"bus:azure:lock:{self.label}")
+        renewer = asyncio.get_running_loop().create_task(
+            self._keep_lock(receiver, lost), name=f"bus:azure:lock:{self.label}"
+        )
         try:
             while not self._stopped and not lost.is_set():
                 if not messages:
@@ -208,7 +212,9 @@ class AzureConsumer:
         session = receiver.session
         while True:
             until = session.locked_until_utc
-            remaining = (until - datetime.now(UTC)).total_seconds() if until else self._bus.lock_duration.total_seconds()
+            remaining = (
+                (until - datetime.now(UTC)).total_seconds() if until else self._bus.lock_duration.total_seconds()
+            )
             await asyncio.sleep(max(0.05, remaining / 2))
             try:
                 await session.renew_lock(timeout=max(1.0, remaining / 2))
@@ -220,14 +226,18 @@ class AzureConsumer:
                 if until is None or until <= datetime.now(UTC):
                     self._lock_lost(session.session_id, lost, exc)
                     return
-                log.info("bus consumer %s: renewing session %s failed, retrying: %s", self.label, session.session_id, exc)
+                log.info(
+                    "bus consumer %s: renewing session %s failed, retrying: %s", self.label, session.session_id, exc
+                )
 
     def _lock_lost(self, session_id: str, lost: asyncio.Event, exc: BaseException) -> None:
         self.locks_lost += 1
         log.warning("bus consumer %s: session %s lock lost, dropping the session: %s", self.label, session_id, exc)
         lost.set()
 
-    async def _process(self, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage, lost: asyncio.Event) -> bool:
+    async def _process(
+        self, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage, lost: asyncio.Event
+    ) -> bool:
         """Handle one message and settle it; False when the session has to be given up."""
         attempt = (message.delivery_count or 0) + 1
         try:
@@ -273,7 +283,9 @@ class AzureConsumer:
             )  # fmt: skip
             description = json.dumps({"attempts": attempt, "dead_lettered_at": utc_now()})
             return await self._settle(
-                receiver.dead_letter_message(message, reason=_truncate(reason, MAX_REASON), error_description=description),
+                receiver.dead_letter_message(
+                    message, reason=_truncate(reason, MAX_REASON), error_description=description
+                ),
                 message,
             )
         log.warning(

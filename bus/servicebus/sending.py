@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class _Outbox:
     """Sends to one entity, one transfer at a time, coalescing what piles up meanwhile into batches.
 

@@ -39,7 +39,9 @@ class Metrics:
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         counter = self._counters.get((method, route, status))
         if counter is None:
-            counter = self._counters[(method, route, status)] = self.requests.labels(self.service, method, route, str(status))
+            counter = self._counters[(method, route, status)] = self.requests.labels(
+                self.service, method, route, str(status)
+            )
         timer = self._timers.get(route)
         if timer is None:
             timer = self._timers[route] = self.latency.labels(self.service, route)
@@ -48,7 +50,9 @@ class Metrics:
 
     def middleware(self) -> Any:
         @web.middleware
-        async def metrics_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        async def metrics_middleware(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
             start = time.perf_counter()
             status = 500
             try:

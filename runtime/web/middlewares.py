@@ -120,7 +120,9 @@ async def schema_validation_middleware(request: web.Request, handler: Handler) -
                 if request.content_type not in ("application/json", "application/octet-stream"):
                     # aiohttp's multipart reader raises on a form without a boundary: refuse what is not JSON first
                     raise Problem(
-                        f"the body must be application/json, not {request.content_type}", status=415, slug="unsupported-media-type",
+                        f"the body must be application/json, not {request.content_type}",
+                        status=415,
+                        slug="unsupported-media-type",
                         title="Unsupported Media Type",
                     )
                 body = await request.read()  # aiohttp keeps it: the validator reads it again

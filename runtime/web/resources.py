@@ -77,7 +77,9 @@ class ServiceRuntime:
         """A runtime with the service's database, an actor system on it, a token verifier for the identity
         service of ``settings`` (unless one is given) and, if given, the bus with an outbox relay."""
         engine = store_module.create_engine(database_url or settings.database_url(name))
-        st = store_module.StateStore(engine, group_commit=settings.actors.group_commit, max_batch=settings.actors.max_batch)
+        st = store_module.StateStore(
+            engine, group_commit=settings.actors.group_commit, max_batch=settings.actors.max_batch
+        )
         relay = None
         if bus is not None:
             from bus.outbox import OutboxRelay

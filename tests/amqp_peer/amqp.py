@@ -181,7 +181,8 @@ def encode_delivery(entity: Entity, message: Message, locked_until: float) -> by
     if message.dead_letter_source:
         annotations[b"x-opt-deadletter-source"] = message.dead_letter_source
     encode_value(
-        out, _typed(AMQPTypes.described, (_typed(AMQPTypes.ulong, MESSAGE_ANNOTATIONS), encode_annotations(annotations)))
+        out,
+        _typed(AMQPTypes.described, (_typed(AMQPTypes.ulong, MESSAGE_ANNOTATIONS), encode_annotations(annotations))),
     )
     out += message.bare
     return bytes(out)
@@ -196,7 +197,8 @@ def encode_peeked(message: Message) -> bytes:
     if message.dead_letter_source:
         annotations[b"x-opt-deadletter-source"] = message.dead_letter_source
     encode_value(
-        out, _typed(AMQPTypes.described, (_typed(AMQPTypes.ulong, MESSAGE_ANNOTATIONS), encode_annotations(annotations)))
+        out,
+        _typed(AMQPTypes.described, (_typed(AMQPTypes.ulong, MESSAGE_ANNOTATIONS), encode_annotations(annotations))),
     )
     out += message.bare
     return bytes(out)
@@ -288,12 +290,16 @@ class OutLink(Link):
     def session_acquired(self, entity: Entity, session: SessionState) -> None:
         self.session_state = session
         self.source[7] = {SESSION_FILTER: session.session_id}
-        self.reply_attach(role=False, properties={LOCKED_UNTIL_UTC: _typed(AMQPTypes.long, ticks(session.locked_until))})
+        self.reply_attach(
+            role=False, properties={LOCKED_UNTIL_UTC: _typed(AMQPTypes.long, ticks(session.locked_until))}
+        )
         self.attached = True
 
     def session_unavailable(self) -> None:
         self.entity = None
-        self.refuse(TIMEOUT, "The operation did not complete within the allotted timeout: no session is available.", role=False)
+        self.refuse(
+            TIMEOUT, "The operation did not complete within the allotted timeout: no session is available.", role=False
+        )
 
     def lock_lost(self, description: str) -> None:
         self.entity = None
@@ -336,8 +342,16 @@ class OutLink(Link):
         if entity is not None:
             entity.detach_receiver(self, count_delivery=abrupt)
 
-    def respond(self, request_id: Any, status: int, description: str, body: Any = None, *, cbs: bool = False,
-                condition: bytes | None = None) -> None:
+    def respond(
+        self,
+        request_id: Any,
+        status: int,
+        description: str,
+        body: Any = None,
+        *,
+        cbs: bool = False,
+        condition: bytes | None = None,
+    ) -> None:
         """A request/response node (``$cbs``, ``$management``) answers on this link."""
         code_key, text_key = ("status-code", "status-description") if cbs else ("statusCode", "statusDescription")
         app: dict[str, Any] = {code_key: status, text_key: description}
@@ -528,7 +542,9 @@ class AmqpSession:
                 reply = Rejected(error=AMQPError(condition=exc.condition, description=exc.description, info=None))
             if not settled:
                 self.send(
-                    pf.DispositionFrame(role=False, first=delivery_id, last=None, settled=True, state=reply, batchable=None)
+                    pf.DispositionFrame(
+                        role=False, first=delivery_id, last=None, settled=True, state=reply, batchable=None
+                    )
                 )
 
     def end(self, *, abrupt: bool = False) -> None:
@@ -823,7 +839,9 @@ class PeerConnection:
             return
         reply.respond(request_id, status, description, response)
 
-    def _operation(self, address: str, operation: str | None, body: dict[Any, Any], app: dict[str, Any]) -> tuple[int, str, Any]:
+    def _operation(
+        self, address: str, operation: str | None, body: dict[Any, Any], app: dict[str, Any]
+    ) -> tuple[int, str, Any]:
         entity = self.broker.source(address)
         associated = app.get("associated-link-name")
         if operation == "com.microsoft:renew-session-lock":
@@ -857,8 +875,14 @@ class PeerConnection:
             raise BrokerError(NOT_ALLOWED, f"disposition {status!r} is not modelled", 501)
         for token in tokens:
             message = entity.find_locked(token if isinstance(token, uuid.UUID) else uuid.UUID(bytes=bytes(token)))
-            if message is None or (associated is not None and message.locked_by is not None and message.locked_by.name != associated):
-                condition = b"com.microsoft:session-lock-lost" if entity.requires_session else b"com.microsoft:message-lock-lost"
+            if message is None or (
+                associated is not None and message.locked_by is not None and message.locked_by.name != associated
+            ):
+                condition = (
+                    b"com.microsoft:session-lock-lost"
+                    if entity.requires_session
+                    else b"com.microsoft:message-lock-lost"
+                )
                 raise BrokerError(condition, "The lock supplied is invalid.", 410)
             details: dict[str, Any] = {}
             if outcome == "rejected":
@@ -871,4 +895,3 @@ class PeerConnection:
             assert message.locked_by is not None
             entity.settle(message, message.locked_by, outcome, **details)
         return 200, "OK", None
-

@@ -199,7 +199,9 @@ class AtomEndpoint:
                         max_delivery_count=int(_text(description, "MaxDeliveryCount") or 10),
                         lock_duration=parse_duration(_text(description, "LockDuration"), 60.0),
                         requires_duplicate_detection=_bool(description, "RequiresDuplicateDetection"),
-                        duplicate_window=parse_duration(_text(description, "DuplicateDetectionHistoryTimeWindow"), 600.0),
+                        duplicate_window=parse_duration(
+                            _text(description, "DuplicateDetectionHistoryTimeWindow"), 600.0
+                        ),
                     )
                     queue.properties = {"description": description}
                     return self._entry(201, name, self._queue_xml(queue))
@@ -207,7 +209,9 @@ class AtomEndpoint:
                     topic = broker.create_topic(
                         name,
                         requires_duplicate_detection=_bool(description, "RequiresDuplicateDetection"),
-                        duplicate_window=parse_duration(_text(description, "DuplicateDetectionHistoryTimeWindow"), 600.0),
+                        duplicate_window=parse_duration(
+                            _text(description, "DuplicateDetectionHistoryTimeWindow"), 600.0
+                        ),
                     )
                     return self._entry(201, name, self._topic_xml(topic))
                 raise BrokerError(b"amqp:not-implemented", f"cannot create a {description.tag}", 400)
@@ -308,7 +312,11 @@ class AtomEndpoint:
                 value = kv.find(f"{{{SB}}}Value")
                 if key is not None and value is not None:
                     properties[key.text or ""] = value.text
-            return Rule(name, "correlation", correlation={**{k: v for k, v in fields.items() if v is not None}, "properties": properties})
+            return Rule(
+                name,
+                "correlation",
+                correlation={**{k: v for k, v in fields.items() if v is not None}, "properties": properties},
+            )
         raise BrokerError(b"amqp:not-implemented", f"filter type {kind!r} is not modelled", 400)
 
     def _queue_xml(self, queue: Queue) -> ET.Element:

@@ -207,7 +207,13 @@ class Entity:
         self.waiters: list[Waiter] = []  # session receivers waiting for the next available session
         self.receivers: list[Receiver] = []  # attached non-session receivers
         self.dlq: Entity | None = (
-            Entity(broker, path + "/$DeadLetterQueue", max_delivery_count=2**31, lock_duration=lock_duration, dead_letter=False)
+            Entity(
+                broker,
+                path + "/$DeadLetterQueue",
+                max_delivery_count=2**31,
+                lock_duration=lock_duration,
+                dead_letter=False,
+            )
             if dead_letter
             else None
         )
@@ -260,7 +266,8 @@ class Entity:
         """A session receiver attached: lock the named session, or the next available one (maybe later)."""
         if not self.requires_session:
             raise BrokerError(
-                NOT_ALLOWED, f"It is not possible for an entity that does not require sessions to create a session receiver: {self.path}"
+                NOT_ALLOWED,
+                f"It is not possible for an entity that does not require sessions to create a session receiver: {self.path}",
             )
         now = time.time()
         if session_id is not None:
@@ -414,7 +421,9 @@ class Entity:
     def settle(self, message: Message, receiver: Receiver, outcome: str, **details: Any) -> None:
         """Apply a settlement from ``receiver``; raise BrokerError when it no longer holds the lock."""
         if message.locked_by is not receiver:
-            raise BrokerError(MESSAGE_LOCK_LOST, "The lock supplied is invalid: it expired or the message was settled.", 410)
+            raise BrokerError(
+                MESSAGE_LOCK_LOST, "The lock supplied is invalid: it expired or the message was settled.", 410
+            )
         if self.requires_session:
             session = self.sessions.get(message.session_id or "")
             if session is None or session.owner is not receiver or session.locked_until <= time.time():
@@ -610,7 +619,9 @@ class Broker:
     ) -> Queue:
         key = _key(name)
         if key in self.queues or key in self.topics:
-            raise BrokerError(b"com.microsoft:entity-already-exists", f"The messaging entity '{name}' already exists.", 409)
+            raise BrokerError(
+                b"com.microsoft:entity-already-exists", f"The messaging entity '{name}' already exists.", 409
+            )
         queue = Queue(
             self,
             name,
@@ -627,7 +638,9 @@ class Broker:
     ) -> Topic:
         key = _key(name)
         if key in self.queues or key in self.topics:
-            raise BrokerError(b"com.microsoft:entity-already-exists", f"The messaging entity '{name}' already exists.", 409)
+            raise BrokerError(
+                b"com.microsoft:entity-already-exists", f"The messaging entity '{name}' already exists.", 409
+            )
         topic = self.topics[key] = Topic(
             self, name, duplicate_window=duplicate_window if requires_duplicate_detection else None
         )
@@ -647,9 +660,7 @@ class Broker:
         topic = self.topic(topic_name)
         key = _key(name)
         if key in topic.subscriptions:
-            raise BrokerError(
-                b"com.microsoft:entity-already-exists", f"The subscription '{name}' already exists.", 409
-            )
+            raise BrokerError(b"com.microsoft:entity-already-exists", f"The subscription '{name}' already exists.", 409)
         sub = Subscription(
             self,
             topic,
@@ -709,7 +720,9 @@ class Broker:
     def subscription(self, topic_name: str, name: str) -> Subscription:
         sub = self.topic(topic_name).subscriptions.get(_key(name))
         if sub is None:
-            raise BrokerError(NOT_FOUND, f"The messaging entity '{topic_name}/Subscriptions/{name}' could not be found.", 404)
+            raise BrokerError(
+                NOT_FOUND, f"The messaging entity '{topic_name}/Subscriptions/{name}' could not be found.", 404
+            )
         return sub
 
     # -- addressing ----------------------------------------------------------------------------

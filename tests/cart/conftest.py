@@ -35,7 +35,13 @@ from runtime.store import create_engine, outbox
 from tests.support.auth import TestIdentity
 
 BRAND, TYPE = "Cart Test Brand", "Cart Test Type"
-ADDRESS = {"name": "Ada Lovelace", "street": "1 Analytical Way", "city": "London", "postal_code": "NW1 2AB", "country": "GB"}
+ADDRESS = {
+    "name": "Ada Lovelace",
+    "street": "1 Analytical Way",
+    "city": "London",
+    "postal_code": "NW1 2AB",
+    "country": "GB",
+}
 PAYMENT = {"method": "card", "token": "tok_visa"}
 
 
@@ -208,7 +214,9 @@ class Shopper:
 
     async def checkout(self, key: str | None = None, *, address: Any = ADDRESS, payment: Any = PAYMENT) -> Any:
         headers = {**self.headers, **({"Idempotency-Key": key} if key else {})}
-        return await self.client.post("/api/cart/checkout", json={"shipping_address": address, "payment": payment}, headers=headers)
+        return await self.client.post(
+            "/api/cart/checkout", json={"shipping_address": address, "payment": payment}, headers=headers
+        )
 
 
 @dataclass

@@ -16,7 +16,9 @@ from runtime.host import AppKeyRuntime
 
 
 def _limits(settings, *, open_orders: int = 1000, outbox: int = 1000):
-    return settings.replace(shop=dataclasses.replace(settings.shop, max_open_orders=open_orders, max_outbox_backlog=outbox))
+    return settings.replace(
+        shop=dataclasses.replace(settings.shop, max_open_orders=open_orders, max_outbox_backlog=outbox)
+    )
 
 
 async def _next_measurement() -> None:
@@ -117,7 +119,9 @@ async def test_an_unreachable_order_service_does_not_block_checkout_but_the_loca
     assert shop.client.app[api.CART].admission.refused == 1
 
 
-@pytest.mark.parametrize("answer", [{"open_orders": "many"}, ["not", "an", "object"], {"open_orders": -1, "outbox_backlog": 0}])
+@pytest.mark.parametrize(
+    "answer", [{"open_orders": "many"}, ["not", "an", "object"], {"open_orders": -1, "outbox_backlog": 0}]
+)
 async def test_a_load_answer_that_is_not_the_contract_is_ignored(make_shop, catalog, aiohttp_server, answer):
     async def load(_request: web.Request) -> web.Response:
         return web.json_response(answer)

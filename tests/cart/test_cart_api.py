@@ -20,8 +20,22 @@ async def test_lines_are_priced_by_the_catalog_and_totals_are_decimal_strings(sh
     cart = await me.put(bulb, 3)
 
     assert cart["lines"] == [
-        {"product_id": lamp, "name": "Desk Lamp", "unit_price": "19.99", "quantity": 2, "line_total": "39.98", "picture_url": "/img/lamp.png"},
-        {"product_id": bulb, "name": "Bulb", "unit_price": "0.10", "quantity": 3, "line_total": "0.30", "picture_url": ""},
+        {
+            "product_id": lamp,
+            "name": "Desk Lamp",
+            "unit_price": "19.99",
+            "quantity": 2,
+            "line_total": "39.98",
+            "picture_url": "/img/lamp.png",
+        },
+        {
+            "product_id": bulb,
+            "name": "Bulb",
+            "unit_price": "0.10",
+            "quantity": 3,
+            "line_total": "0.30",
+            "picture_url": "",
+        },
     ]
     assert (cart["item_count"], cart["subtotal"], cart["total"], cart["currency"]) == (5, "40.28", "40.28", "USD")
     assert cart["notes"] == [] and cart["updated_at"].endswith("Z")
@@ -94,7 +108,9 @@ async def test_missing_quantity_and_malformed_product_id_are_422(shop):
     resp = await shop.client.put(f"/api/cart/items/{uuid.uuid4()}", json={}, headers=me.headers)
     assert resp.status == 422 and [e["field"] for e in (await resp.json())["errors"]] == ["quantity"]
     for method in ("put", "delete"):
-        resp = await getattr(shop.client, method)("/api/cart/items/not-a-uuid", json={"quantity": 1}, headers=me.headers)
+        resp = await getattr(shop.client, method)(
+            "/api/cart/items/not-a-uuid", json={"quantity": 1}, headers=me.headers
+        )
         body = await resp.json()
         assert resp.status == 422 and [e["field"] for e in body["errors"]] == ["product_id"], body
 
@@ -121,7 +137,9 @@ async def test_admin_inspects_any_cart_through_the_admin_endpoint(shop, catalog,
     lamp = await catalog.add("Lamp", "3.00")
     me = shop.shopper()
     await me.put(lamp, 2)
-    resp = await shop.client.get(f"/api/cart/admin/actors/cart/{me.sub}", headers=test_identity.headers(test_identity.admin_token()))
+    resp = await shop.client.get(
+        f"/api/cart/admin/actors/cart/{me.sub}", headers=test_identity.headers(test_identity.admin_token())
+    )
     assert resp.status == 200
     state = (await resp.json())["state"]
     assert state["lines"][lamp]["quantity"] == 2 and state["lines"][lamp]["unit_price"] == "3.00"

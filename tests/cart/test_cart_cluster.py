@@ -23,7 +23,11 @@ async def test_order_started_empties_the_cart_that_get_shows_on_every_instance(
     try:
         for port in (base, base + 1):
             cluster = dataclasses.replace(
-                settings.cluster, enabled="true", advertise_url=f"http://127.0.0.1:{port}", heartbeat_interval=0.1, member_timeout=0.5
+                settings.cluster,
+                enabled="true",
+                advertise_url=f"http://127.0.0.1:{port}",
+                heartbeat_interval=0.1,
+                member_timeout=0.5,
             )
             app = cart_service.create_app(
                 settings.replace(cluster=cluster),

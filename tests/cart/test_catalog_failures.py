@@ -43,7 +43,9 @@ async def fake(aiohttp_server):
     return fake, str(server.make_url("")).rstrip("/")
 
 
-@pytest.mark.parametrize(("mode", "status", "slug"), [("error", 503, "catalog-unavailable"), ("garbage", 502, "bad-gateway")])
+@pytest.mark.parametrize(
+    ("mode", "status", "slug"), [("error", 503, "catalog-unavailable"), ("garbage", 502, "bad-gateway")]
+)
 async def test_catalog_errors_become_problems_not_500(make_shop, fake, mode, status, slug):
     fake_catalog, url = fake
     shop = await make_shop(url)

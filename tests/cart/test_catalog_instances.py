@@ -90,7 +90,9 @@ class Clock:
 
 
 def _upstream(clock: Clock, n: int = 2, **kwargs) -> Upstream:
-    return Upstream("catalog", [f"http://127.0.0.1:{2000 + i}" for i in range(n)], clock=clock, rng=random.Random(7), **kwargs)
+    return Upstream(
+        "catalog", [f"http://127.0.0.1:{2000 + i}" for i in range(n)], clock=clock, rng=random.Random(7), **kwargs
+    )
 
 
 def test_urls_are_parsed_from_settings_text():

@@ -66,7 +66,11 @@ async def test_keys_are_per_cart_and_bounded(shop, catalog):
     assert mine["order_id"] != theirs["order_id"]
     for n in range(MAX_CHECKOUTS):
         assert (await me.checkout(f"k{n}")).status == 202
-    info = await (await shop.client.get(f"/api/cart/admin/actors/cart/{me.sub}", headers=shop.identity.headers(shop.identity.admin_token()))).json()
+    info = await (
+        await shop.client.get(
+            f"/api/cart/admin/actors/cart/{me.sub}", headers=shop.identity.headers(shop.identity.admin_token())
+        )
+    ).json()
     assert len(info["state"]["checkouts"]) == MAX_CHECKOUTS
     assert "tok_visa" not in str(info["state"])  # the payment token is not kept in the cart
 
@@ -84,7 +88,9 @@ async def test_a_price_changed_since_the_buyer_saw_it_is_applied_noted_and_answe
     assert resp.status == 409
     problem = await resp.json()
     assert problem["type"].endswith("/price-changed") and "10.00 -> 12.50" in problem["detail"]
-    assert problem["price_changes"] == [{"product_id": lamp, "name": "Lamp", "old_price": "10.00", "new_price": "12.50"}]
+    assert problem["price_changes"] == [
+        {"product_id": lamp, "name": "Lamp", "old_price": "10.00", "new_price": "12.50"}
+    ]
     cart = await me.get()
     assert cart["lines"][0]["unit_price"] == "12.50" and cart["total"] == "26.00"
     assert [(n["old_price"], n["new_price"]) for n in cart["notes"]] == [("10.00", "12.50")]
@@ -135,7 +141,9 @@ async def test_bad_checkout_input_is_422_naming_the_field(shop, body, field):
 async def test_a_malformed_idempotency_key_is_422(shop):
     me = shop.shopper()
     headers = {**me.headers, "Idempotency-Key": "has spaces in it"}
-    resp = await shop.client.post("/api/cart/checkout", json={"shipping_address": ADDRESS, "payment": PAYMENT}, headers=headers)
+    resp = await shop.client.post(
+        "/api/cart/checkout", json={"shipping_address": ADDRESS, "payment": PAYMENT}, headers=headers
+    )
     assert resp.status == 422 and (await resp.json())["errors"][0]["field"] == "Idempotency-Key"
 
 
@@ -193,20 +201,29 @@ async def test_a_price_the_event_applied_silently_is_still_409_once_at_checkout_
     await catalog.change(lamp, price="12.50")
     await catalog.settle()
     await shop.settle()
-    info = await (await shop.client.get(f"/api/cart/admin/actors/cart/{me.sub}", headers=shop.identity.headers(shop.identity.admin_token()))).json()
+    info = await (
+        await shop.client.get(
+            f"/api/cart/admin/actors/cart/{me.sub}", headers=shop.identity.headers(shop.identity.admin_token())
+        )
+    ).json()
     assert info["state"]["lines"][lamp]["unit_price"] == "12.50"  # the event arrived and moved the line
 
     resp = await other.shopper(me.sub).checkout("k")
     assert resp.status == 409, await resp.text()
     problem = await resp.json()
-    assert problem["price_changes"] == [{"product_id": lamp, "name": "Lamp", "old_price": "10.00", "new_price": "12.50"}]
+    assert problem["price_changes"] == [
+        {"product_id": lamp, "name": "Lamp", "old_price": "10.00", "new_price": "12.50"}
+    ]
     assert await shop.outbox_rows() == 0
 
     confirmed = await me.checkout("k")  # the 409 showed the new price: this confirms it
     assert confirmed.status == 202, await confirmed.text()
     await shop.settle()
     [request] = shop.checkout_requests()
-    assert [(line.product_id, line.unit_price) for line in request.lines] == [(lamp, Decimal("12.50")), (bulb, Decimal("1.00"))]
+    assert [(line.product_id, line.unit_price) for line in request.lines] == [
+        (lamp, Decimal("12.50")),
+        (bulb, Decimal("1.00")),
+    ]
     assert request.total == Decimal("26.00")
 
 
@@ -253,4 +270,10 @@ async def test_get_after_order_started_shows_the_emptied_cart_without_its_notes(
     await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)
     await shop.settle()
     cart = await me.get()
-    assert (cart["lines"], cart["notes"], cart["item_count"], cart["total"], cart["currency"]) == ([], [], 0, "0.00", None)
+    assert (cart["lines"], cart["notes"], cart["item_count"], cart["total"], cart["currency"]) == (
+        [],
+        [],
+        0,
+        "0.00",
+        None,
+    )

@@ -70,7 +70,9 @@ async def test_bad_product_input_is_a_problem_naming_the_field(catalog):
         resp = await cat.client.patch(url, json=body, headers=cat.admin())
         assert resp.status == 422 and [e["field"] for e in (await resp.json())["errors"]] == [field], body
     assert await (await cat.client.get(url)).json() == product, "a refused change leaves nothing behind"
-    missing = await cat.client.patch(f"{PRODUCTS}/00000000-0000-4000-8000-000000000000", json={"price": "1.00"}, headers=cat.admin())
+    missing = await cat.client.patch(
+        f"{PRODUCTS}/00000000-0000-4000-8000-000000000000", json={"price": "1.00"}, headers=cat.admin()
+    )
     assert missing.status == 404
 
 
@@ -78,7 +80,12 @@ async def test_create_update_search_and_events(catalog):
     cat = await catalog(seed=False)
     product = await cat.create(name="Glacier Lantern", description="A bright lantern", price="20", available_stock=30,
                                restock_threshold=5, max_stock=50, picture_url="/images/glacier.webp")  # fmt: skip
-    assert (product["price"], product["available_stock"], product["brand"], product["type"]) == ("20.00", 30, "Northwind Outfitters", "Lighting")
+    assert (product["price"], product["available_stock"], product["brand"], product["type"]) == (
+        "20.00",
+        30,
+        "Northwind Outfitters",
+        "Lighting",
+    )
     url = f"{PRODUCTS}/{product['id']}"
     resp = await cat.client.get(url)
     assert await resp.json() == product
@@ -87,11 +94,22 @@ async def test_create_update_search_and_events(catalog):
     resp = await cat.client.patch(url, json={"price": "24.50"}, headers=cat.admin())
     assert resp.status == 200 and (await resp.json())["price"] == "24.50"
     # same values again: nothing happens, no event
-    assert (await cat.client.patch(url, json={"price": "24.5", "name": "Glacier Lantern"}, headers=cat.admin())).status == 200
+    assert (
+        await cat.client.patch(url, json={"price": "24.5", "name": "Glacier Lantern"}, headers=cat.admin())
+    ).status == 200
     # stock down to the threshold: low-stock event; rename: search follows; null removes the picture
-    resp = await cat.client.patch(url, json={"available_stock": 5, "name": "Crevasse Lamp", "picture_url": None, "type": "Climbing"}, headers=cat.admin())
+    resp = await cat.client.patch(
+        url,
+        json={"available_stock": 5, "name": "Crevasse Lamp", "picture_url": None, "type": "Climbing"},
+        headers=cat.admin(),
+    )
     updated = await resp.json()
-    assert (updated["available_stock"], updated["name"], updated["picture_url"], updated["type"]) == (5, "Crevasse Lamp", None, "Climbing")
+    assert (updated["available_stock"], updated["name"], updated["picture_url"], updated["type"]) == (
+        5,
+        "Crevasse Lamp",
+        None,
+        "Climbing",
+    )
     assert updated["created_at"] == product["created_at"] and updated["updated_at"] > product["updated_at"]
     found = await (await cat.client.get(PRODUCTS, params={"q": "crevasse"})).json()
     assert [p["id"] for p in found["items"]] == [product["id"]]
@@ -115,13 +133,19 @@ async def test_create_update_search_and_events(catalog):
         {"product_id": product["id"], "old_price": "20.00", "new_price": "24.50", "currency": "USD"},
         {"product_id": cheaper["id"], "old_price": "30.00", "new_price": "3.00", "currency": "USD"},
     ]
-    assert cat.events_of("ProductLowStock") == [{"product_id": product["id"], "available_stock": 5, "restock_threshold": 5}]
+    assert cat.events_of("ProductLowStock") == [
+        {"product_id": product["id"], "available_stock": 5, "restock_threshold": 5}
+    ]
     assert all(e.session_id == e.body["product_id"] for e in cat.events)
 
     # an id chosen by the client makes a retried create safe: the second one is a conflict, not a copy
     chosen = "6b0f2f8e-8a8c-4d39-9a0e-3f7f3c1f0b11"
     assert (await cat.create(id=chosen))["id"] == chosen
-    again = await cat.client.post(PRODUCTS, json={"id": chosen, "name": "X", "price": "1", "brand": "Northwind Outfitters", "type": "Lighting"}, headers=cat.admin())
+    again = await cat.client.post(
+        PRODUCTS,
+        json={"id": chosen, "name": "X", "price": "1", "brand": "Northwind Outfitters", "type": "Lighting"},
+        headers=cat.admin(),
+    )
     assert again.status == 409
 
 

@@ -123,7 +123,9 @@ async def test_details_batch_and_etag_round_trip(catalog):
         assert again.status == 304 and await again.read() == b"" and again.headers["ETag"] == etag
     listing = await cat.client.get(PRODUCTS, params={"brand": first["brand"]})
     list_etag = listing.headers["ETag"]
-    assert (await cat.client.get(PRODUCTS, params={"brand": first["brand"]}, headers={"If-None-Match": list_etag})).status == 304
+    assert (
+        await cat.client.get(PRODUCTS, params={"brand": first["brand"]}, headers={"If-None-Match": list_etag})
+    ).status == 304
     patched = await cat.client.patch(f"{PRODUCTS}/{first['id']}", json={"price": "1.23"}, headers=cat.admin())
     assert patched.status == 200 and (await patched.json())["price"] == "1.23"
     changed = await cat.client.get(f"{PRODUCTS}/{first['id']}", headers={"If-None-Match": etag})
@@ -133,16 +135,22 @@ async def test_details_batch_and_etag_round_trip(catalog):
 
     # batch: in the order asked, unknown ids left out, duplicates once
     unknown = "00000000-0000-4000-8000-000000000000"
-    resp = await cat.client.get(f"{PRODUCTS}/batch", params={"ids": f"{second['id']},{unknown},{first['id']},{second['id']}"})
+    resp = await cat.client.get(
+        f"{PRODUCTS}/batch", params={"ids": f"{second['id']},{unknown},{first['id']},{second['id']}"}
+    )
     assert [p["id"] for p in (await resp.json())["items"]] == [second["id"], first["id"]]
     batch_etag = resp.headers["ETag"]
-    resp = await cat.client.get(f"{PRODUCTS}/batch", params={"ids": f"{second['id']},{first['id']}"}, headers={"If-None-Match": batch_etag})
+    resp = await cat.client.get(
+        f"{PRODUCTS}/batch", params={"ids": f"{second['id']},{first['id']}"}, headers={"If-None-Match": batch_etag}
+    )
     assert resp.status == 304
 
     resp = await cat.client.get(f"{PRODUCTS}/{unknown}")
     assert resp.status == 404 and resp.content_type == "application/problem+json"
     brands = await cat.client.get("/api/catalog/brands")
-    assert (await cat.client.get("/api/catalog/brands", headers={"If-None-Match": brands.headers["ETag"]})).status == 304
+    assert (
+        await cat.client.get("/api/catalog/brands", headers={"If-None-Match": brands.headers["ETag"]})
+    ).status == 304
 
 
 BAD_READS = [

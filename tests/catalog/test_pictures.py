@@ -31,11 +31,11 @@ def test_every_demo_product_names_a_distinct_served_picture():
 
 
 def test_rendering_is_deterministic_and_escapes_text():
-    assert pictures.render("Ember & <Oak> \"Stove\"", "B&B", "Camp Kitchen") == pictures.render(
-        "Ember & <Oak> \"Stove\"", "B&B", "Camp Kitchen"
+    assert pictures.render('Ember & <Oak> "Stove"', "B&B", "Camp Kitchen") == pictures.render(
+        'Ember & <Oak> "Stove"', "B&B", "Camp Kitchen"
     )
-    root = ElementTree.fromstring(pictures.render("Ember & <Oak> \"Stove\"", "B&B"))
-    assert root.findtext("{http://www.w3.org/2000/svg}title") == "Ember & <Oak> \"Stove\""
+    root = ElementTree.fromstring(pictures.render('Ember & <Oak> "Stove"', "B&B"))
+    assert root.findtext("{http://www.w3.org/2000/svg}title") == 'Ember & <Oak> "Stove"'
     assert b"<script" not in pictures.render("<script>alert(1)</script>")
 
 

@@ -46,7 +46,9 @@ async def test_seed_fills_an_empty_catalog_once(db_url, tmp_path):
         # the actors own the products: each has its state, and the query row agrees with it
         store = StateStore(engine)
         async with engine.connect() as conn:
-            rows = list(await conn.execute(select(repo.products.c.id, repo.products.c.available_stock, repo.products.c.price)))
+            rows = list(
+                await conn.execute(select(repo.products.c.id, repo.products.c.available_stock, repo.products.c.price))
+            )
         for row in rows[:10]:
             record = await store.load(ProductActor.type_name, row.id)
             assert record is not None and f'"available_stock":{row.available_stock},' in record.state

@@ -11,7 +11,9 @@ from actors.catalog import repository as repo
 
 def test_catalog_tables_create_on_sql_server():
     ddl: list[str] = []
-    engine = create_mock_engine("mssql+pyodbc://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect))))
+    engine = create_mock_engine(
+        "mssql+pyodbc://", lambda sql, *a, **k: ddl.append(str(sql.compile(dialect=engine.dialect)))
+    )
     repo.metadata.create_all(engine, checkfirst=False)
     text = "\n".join(ddl)
     for table in ("brands", "product_types", "products", "product_terms", "product_counts", "catalog_meta"):

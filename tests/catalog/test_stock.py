@@ -25,7 +25,9 @@ PRODUCTS = "/api/catalog/products"
 
 async def stock_row(cat, product_id: str) -> int:
     async with cat.engine.connect() as conn:
-        return (await conn.execute(select(repo.products.c.available_stock).where(repo.products.c.id == product_id))).scalar_one()
+        return (
+            await conn.execute(select(repo.products.c.available_stock).where(repo.products.c.id == product_id))
+        ).scalar_one()
 
 
 async def test_a_thousand_concurrent_reservations_never_oversell(catalog):
@@ -104,7 +106,9 @@ async def test_rejections_say_why(catalog):
     cat = await catalog(seed=False)
     pid = (await cat.create(available_stock=2))["id"]
     unknown = "00000000-0000-4000-8000-000000000000"
-    assert await cat.ask(unknown, ReserveStock("o1", unknown, 1)) == StockRejected("o1", unknown, 1, 0, "unknown_product")
+    assert await cat.ask(unknown, ReserveStock("o1", unknown, 1)) == StockRejected(
+        "o1", unknown, 1, 0, "unknown_product"
+    )
     assert await cat.system.store.load("product", unknown) is None, "asking about a product never creates it"
     assert await cat.ask(pid, ReserveStock("o2", pid, 0)) == StockRejected("o2", pid, 0, 2, "invalid_quantity")
     assert await cat.ask(pid, ReserveStock("o3", pid, 3)) == StockRejected("o3", pid, 3, 2, "insufficient_stock")
@@ -123,7 +127,9 @@ async def test_the_order_service_contract_over_the_bus(catalog):
     await cat.settle()
     answers = sorted((e.type, e.session_id, e.correlation_id) for e in cat.replies)
     assert answers == [("StockRejected", "order-10", "order-10"), ("StockReserved", "order-9", "order-9")]
-    assert from_body(StockReserved, next(e for e in cat.replies if e.type == "StockReserved").body) == StockReserved("order-9", pid, 2, Decimal("7.25"))
+    assert from_body(StockReserved, next(e for e in cat.replies if e.type == "StockReserved").body) == StockReserved(
+        "order-9", pid, 2, Decimal("7.25")
+    )
     assert await stock_row(cat, pid) == 3
 
     await cat.bus.send(CATALOG_QUEUE, envelope(ReleaseStock("order-9", pid), session_id=pid))

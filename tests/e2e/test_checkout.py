@@ -129,7 +129,7 @@ async def test_stopping_everything_mid_saga_loses_nothing(make_shop):
     await shop.start()
     await shop.orders_settled()
 
-    paid_units = {name: 0 for name in stock}
+    paid_units = dict.fromkeys(stock, 0)
     for order_id, (token, buyer) in checkouts.items():
         status, order = await buyer.order(order_id)
         assert status == 200, "no accepted order is lost"

@@ -127,11 +127,19 @@ async def test_the_api_needs_the_ecom_scope(make_gateway, start_upstream, test_i
     gw = await make_gateway({"cart": cart.url, "catalog": catalog.url})
     no_scope = test_identity.headers(test_identity.token(scopes=("openid",)))
     admin_no_scope = test_identity.headers(test_identity.token(roles=("admin",), scopes=("openid",)))
-    for path, headers in (("/api/cart", no_scope), ("/api/orders", no_scope), ("/api/catalog/admin/actors", admin_no_scope)):
+    for path, headers in (
+        ("/api/cart", no_scope),
+        ("/api/orders", no_scope),
+        ("/api/catalog/admin/actors", admin_no_scope),
+    ):
         resp = await gw.get(path, headers=headers)
         body = await assert_problem(resp, 403)
         challenge = resp.headers["WWW-Authenticate"]
-        assert challenge.startswith("Bearer ") and 'error="insufficient_scope"' in challenge and 'scope="ecom"' in challenge
+        assert (
+            challenge.startswith("Bearer ")
+            and 'error="insufficient_scope"' in challenge
+            and 'scope="ecom"' in challenge
+        )
         assert body["type"].endswith("/insufficient-scope")
     assert cart.seen == [] and catalog.seen == []
     assert (await gw.get("/api/cart", headers=test_identity.headers(test_identity.token()))).status == 200

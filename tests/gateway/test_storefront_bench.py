@@ -65,7 +65,7 @@ def shop_app(identity: Any) -> web.Application:
 async def gateway_url(aiohttp_server, make_gateway, test_identity) -> str:
     shop = await aiohttp_server(shop_app(test_identity))
     url = str(shop.make_url("")).rstrip("/")
-    gw = await make_gateway({name: url for name in ("identity", "catalog", "cart", "order")})
+    gw = await make_gateway(dict.fromkeys(("identity", "catalog", "cart", "order"), url))
     return str(gw.make_url("")).rstrip("/")
 
 

@@ -78,7 +78,13 @@ class IdentityServer:
         self, email: str, password: str = PASSWORD, scope: str = "openid profile email offline_access ecom"
     ) -> tuple[int, dict[str, Any]]:
         status, body, _ = await self.token(
-            {"grant_type": "password", "client_id": "storefront", "username": email, "password": password, "scope": scope}
+            {
+                "grant_type": "password",
+                "client_id": "storefront",
+                "username": email,
+                "password": password,
+                "scope": scope,
+            }
         )
         return status, body
 
@@ -141,7 +147,12 @@ async def make_identity(db_url: str, tmp_path: Any, aiohttp_client: Any) -> Make
     async def make(**env: str) -> IdentityServer:
         port = unused_port()
         settings = load_settings(
-            {"ECOM_DATA_DIR": str(tmp_path), "ECOM_IDENTITY_PORT": str(port), "ECOM_ADMIN_PASSWORD": ADMIN_PASSWORD, **env}
+            {
+                "ECOM_DATA_DIR": str(tmp_path),
+                "ECOM_IDENTITY_PORT": str(port),
+                "ECOM_ADMIN_PASSWORD": ADMIN_PASSWORD,
+                **env,
+            }
         )
         await seed(settings, db_url, password_hasher=CHEAP_PASSWORDS)
         app = create_app(settings, database_url=db_url, password_hasher=CHEAP_PASSWORDS)
@@ -171,15 +182,15 @@ class Shop:
 @pytest.fixture
 async def make_shop(aiohttp_client: Any) -> Callable[[IdentityServer], Awaitable[Shop]]:
     async def make(idsrv: IdentityServer) -> Shop:
-        verifier = TokenVerifier(
-            issuer=idsrv.issuer, audience=idsrv.settings.general.audience, refetch_interval=0.001
-        )
+        verifier = TokenVerifier(issuer=idsrv.issuer, audience=idsrv.settings.general.audience, refetch_interval=0.001)
         runtime = ServiceRuntime(name="shop", settings=idsrv.settings, verifier=verifier)
 
         @require(roles=("customer",))
         async def me(request: web.Request) -> web.Response:
             p = principal(request)
-            return json_response({"sub": p.sub, "roles": sorted(p.roles), "scopes": sorted(p.scopes), "client_id": p.client_id})
+            return json_response(
+                {"sub": p.sub, "roles": sorted(p.roles), "scopes": sorted(p.scopes), "client_id": p.client_id}
+            )
 
         app = create_host_app(runtime, routes=[web.get("/api/shop/me", me)])
         return Shop(await aiohttp_client(app), verifier)

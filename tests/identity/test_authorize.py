@@ -61,8 +61,12 @@ async def test_login_page_headers_and_escaping(idsrv: IdentityServer) -> None:
     resp = await idsrv.client.get(
         "/connect/authorize",
         params={
-            "response_type": "code", "client_id": "storefront", "redirect_uri": idsrv.redirect_uri,
-            "code_challenge": challenge, "code_challenge_method": "S256", "state": '"><script>alert(1)</script>',
+            "response_type": "code",
+            "client_id": "storefront",
+            "redirect_uri": idsrv.redirect_uri,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "state": '"><script>alert(1)</script>',
         },
     )
     assert resp.status == 200
@@ -93,7 +97,10 @@ async def test_csrf_protection(idsrv: IdentityServer) -> None:
     assert resp.status == 403
     # right token, but posted from another origin
     resp = await idsrv.client.post(
-        "/connect/authorize", data={**fields, **credentials}, headers={"Origin": "https://evil.example"}, allow_redirects=False
+        "/connect/authorize",
+        data={**fields, **credentials},
+        headers={"Origin": "https://evil.example"},
+        allow_redirects=False,
     )
     assert resp.status == 403
     # the genuine post from the issuer's origin works
@@ -122,5 +129,7 @@ async def test_posted_request_is_validated_again(idsrv: IdentityServer) -> None:
     )
     assert resp.status in (302, 303) and "error=" in resp.headers["Location"]
     # empty credentials re-show the form instead of counting a failure
-    resp = await idsrv.client.post("/connect/authorize", data={**fields, "email": "", "password": ""}, allow_redirects=False)
+    resp = await idsrv.client.post(
+        "/connect/authorize", data={**fields, "email": "", "password": ""}, allow_redirects=False
+    )
     assert resp.status == 200 and "Enter your email and password." in await resp.text()

@@ -34,17 +34,46 @@ async def ecom(settings: Settings, *argv: str, stdin: str | None = None, monkeyp
 
 
 async def test_users_commands(settings: Settings, capsys: Any, monkeypatch: Any) -> None:
-    assert await ecom(settings, "users", "add", "Ann@Example.com", "--name", "Ann", "--password-stdin",
-                      stdin="Correct-Horse-9\n", monkeypatch=monkeypatch) == 0
+    assert (
+        await ecom(
+            settings,
+            "users",
+            "add",
+            "Ann@Example.com",
+            "--name",
+            "Ann",
+            "--password-stdin",
+            stdin="Correct-Horse-9\n",
+            monkeypatch=monkeypatch,
+        )
+        == 0
+    )
     assert "created ann@example.com" in capsys.readouterr().out
-    assert await ecom(settings, "users", "add", "ann@example.com", "--password-stdin", stdin="Correct-Horse-9\n",
-                      monkeypatch=monkeypatch) == 1
+    assert (
+        await ecom(
+            settings,
+            "users",
+            "add",
+            "ann@example.com",
+            "--password-stdin",
+            stdin="Correct-Horse-9\n",
+            monkeypatch=monkeypatch,
+        )
+        == 1
+    )
     assert "exists already" in capsys.readouterr().err
-    assert await ecom(settings, "users", "add", "bob@example.com", "--password-stdin", stdin="short\n",
-                      monkeypatch=monkeypatch) == 1
+    assert (
+        await ecom(
+            settings, "users", "add", "bob@example.com", "--password-stdin", stdin="short\n", monkeypatch=monkeypatch
+        )
+        == 1
+    )
     assert "password:" in capsys.readouterr().err
     # no terminal and no --password-stdin: a strong password is generated and shown once
-    assert await ecom(settings, "users", "add", "cat@example.com", "--role", "admin", stdin="", monkeypatch=monkeypatch) == 0
+    assert (
+        await ecom(settings, "users", "add", "cat@example.com", "--role", "admin", stdin="", monkeypatch=monkeypatch)
+        == 0
+    )
     out = capsys.readouterr().out
     generated = out.split("generated password (shown only now): ")[1].strip()
     assert len(generated) >= 20
@@ -65,7 +94,9 @@ async def test_users_commands(settings: Settings, capsys: Any, monkeypatch: Any)
         ann_user = await repo.user_by_email("ann@example.com")
         cat_user = await repo.user_by_email("cat@example.com")
     assert ann_user is not None and not ann_user.disabled and ann_user.roles == ("admin", "customer")
-    assert ann_user.password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$"), "the CLI hashes with production parameters"
+    assert ann_user.password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$"), (
+        "the CLI hashes with production parameters"
+    )
     assert cat_user is not None and CHEAP_PASSWORDS.hasher.verify(cat_user.password_hash, generated)
 
 
@@ -106,7 +137,12 @@ async def test_clients_commands(settings: Settings, capsys: Any) -> None:
     assert await ecom(settings, "clients", "add", "spa", "--public", "--redirect-uri", "http://shop.example/cb") == 1
     assert "https" in capsys.readouterr().err
     assert await ecom(settings, "clients", "add", "spa", "--public", "--redirect-uri", "https://shop.example/cb") == 0
-    assert await ecom(settings, "clients", "set-redirect-uris", "spa", "https://shop.example/cb2", "http://localhost:3000/cb") == 0
+    assert (
+        await ecom(
+            settings, "clients", "set-redirect-uris", "spa", "https://shop.example/cb2", "http://localhost:3000/cb"
+        )
+        == 0
+    )
     capsys.readouterr()
     assert await ecom(settings, "clients", "list") == 0
     listing = capsys.readouterr().out
@@ -150,7 +186,11 @@ def test_ecom_users_command_in_a_subprocess(tmp_path: Any) -> None:
     env = {**os.environ, "ECOM_DATA_DIR": str(tmp_path), "ECOM_LOG_LEVEL": "WARNING"}
     added = subprocess.run(
         [sys.executable, "-m", "runtime.cli", "users", "add", "dan@example.com", "--password-stdin"],
-        input="Correct-Horse-9\n", env=env, capture_output=True, text=True, timeout=60,
+        input="Correct-Horse-9\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert added.returncode == 0, added.stderr
     assert "created dan@example.com" in added.stdout and "Correct-Horse-9" not in added.stdout + added.stderr
@@ -163,11 +203,31 @@ def test_ecom_users_command_in_a_subprocess(tmp_path: Any) -> None:
 
 
 async def test_users_set_password(settings: Settings, capsys: Any, monkeypatch: Any) -> None:
-    assert await ecom(settings, "users", "add", "eve@example.com", "--password-stdin", stdin="Correct-Horse-9\n",
-                      monkeypatch=monkeypatch) == 0
+    assert (
+        await ecom(
+            settings,
+            "users",
+            "add",
+            "eve@example.com",
+            "--password-stdin",
+            stdin="Correct-Horse-9\n",
+            monkeypatch=monkeypatch,
+        )
+        == 0
+    )
     new = "plum tractor velvet 83 orbit"
-    assert await ecom(settings, "users", "set-password", "EVE@example.com", "--password-stdin", stdin=new + "\n",
-                      monkeypatch=monkeypatch) == 0
+    assert (
+        await ecom(
+            settings,
+            "users",
+            "set-password",
+            "EVE@example.com",
+            "--password-stdin",
+            stdin=new + "\n",
+            monkeypatch=monkeypatch,
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "eve@example.com: password changed" in out and new not in out
     async with open_repository(settings) as repo:
@@ -175,11 +235,31 @@ async def test_users_set_password(settings: Settings, capsys: Any, monkeypatch: 
     assert eve is not None and CHEAP_PASSWORDS.hasher.verify(eve.password_hash, new)
     assert not eve.password_change_required
     # the registration policy applies; unknown accounts and a missing password are one-line errors
-    assert await ecom(settings, "users", "set-password", "eve@example.com", "--password-stdin", stdin="password1\n",
-                      monkeypatch=monkeypatch) == 1
+    assert (
+        await ecom(
+            settings,
+            "users",
+            "set-password",
+            "eve@example.com",
+            "--password-stdin",
+            stdin="password1\n",
+            monkeypatch=monkeypatch,
+        )
+        == 1
+    )
     assert capsys.readouterr().err.startswith("ecom: password: ")
-    assert await ecom(settings, "users", "set-password", "nobody@example.com", "--password-stdin", stdin=new + "\n",
-                      monkeypatch=monkeypatch) == 1
+    assert (
+        await ecom(
+            settings,
+            "users",
+            "set-password",
+            "nobody@example.com",
+            "--password-stdin",
+            stdin=new + "\n",
+            monkeypatch=monkeypatch,
+        )
+        == 1
+    )
     assert "no account has the email nobody@example.com" in capsys.readouterr().err
     # no terminal and no --password-stdin: nothing is generated for an existing account
     assert await ecom(settings, "users", "set-password", "eve@example.com", stdin="", monkeypatch=monkeypatch) == 1
@@ -192,8 +272,9 @@ def test_ecom_users_set_password_in_a_subprocess(tmp_path: Any) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECOM_")}
     env.update(ECOM_DATA_DIR=str(tmp_path), ECOM_LOG_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "runtime.cli", "users"]
-    run = lambda *argv, stdin="": subprocess.run([*cmd, *argv], input=stdin, env=env, capture_output=True,
-                                                 text=True, timeout=60)
+    run = lambda *argv, stdin="": subprocess.run(
+        [*cmd, *argv], input=stdin, env=env, capture_output=True, text=True, timeout=60
+    )
     assert run("add", "admin@example.com", "--role", "admin").returncode == 0
     changed = run("set-password", "admin@example.com", "--password-stdin", stdin="plum tractor velvet 83 orbit\n")
     assert changed.returncode == 0, changed.stderr

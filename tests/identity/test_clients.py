@@ -30,7 +30,9 @@ def basic(client_id: str, secret: str) -> dict[str, str]:
 async def test_client_credentials_with_a_hashed_secret(idsrv: IdentityServer) -> None:
     secret = await add_service_client(idsrv)
     async with idsrv.identity.repo.engine.connect() as conn:
-        stored = (await conn.execute(select(clients.c.secret_hash).where(clients.c.client_id == "orders-worker"))).scalar_one()
+        stored = (
+            await conn.execute(select(clients.c.secret_hash).where(clients.c.client_id == "orders-worker"))
+        ).scalar_one()
     assert stored == hash_token(secret) and secret not in stored
 
     for kwargs in (
@@ -44,21 +46,28 @@ async def test_client_credentials_with_a_hashed_secret(idsrv: IdentityServer) ->
         p = await idsrv.identity.verifier.verify(body["access_token"])
         assert (p.sub, p.client_id, p.roles, p.scopes) == ("orders-worker", "orders-worker", {"service"}, {"ecom"})
 
-    status, body, resp = await idsrv.token(data={"grant_type": "client_credentials"}, headers=basic("orders-worker", secret + "x"))
+    status, body, resp = await idsrv.token(
+        data={"grant_type": "client_credentials"}, headers=basic("orders-worker", secret + "x")
+    )
     assert (status, body["error"]) == (401, "invalid_client")
     assert resp.headers["WWW-Authenticate"].startswith("Basic") and resp.headers["Cache-Control"] == "no-store"
     status, body, _ = await idsrv.token(data={"grant_type": "client_credentials", "client_id": "orders-worker"})
     assert (status, body["error"]) == (401, "invalid_client")
-    status, body, _ = await idsrv.token(data={"grant_type": "client_credentials", "client_id": "nobody", "client_secret": "x"})
+    status, body, _ = await idsrv.token(
+        data={"grant_type": "client_credentials", "client_id": "nobody", "client_secret": "x"}
+    )
     assert (status, body["error"]) == (401, "invalid_client")
-    status, body, _ = await idsrv.token(data={"grant_type": "client_credentials", "scope": "openid"}, headers=basic("orders-worker", secret))
+    status, body, _ = await idsrv.token(
+        data={"grant_type": "client_credentials", "scope": "openid"}, headers=basic("orders-worker", secret)
+    )
     assert (status, body["error"]) == (400, "invalid_scope")
     # a public client has no secret, hence no client_credentials
     status, body, _ = await idsrv.token(data={"grant_type": "client_credentials", "client_id": "storefront"})
     assert (status, body["error"]) == (400, "unauthorized_client")
     # and a service client may not use the password grant
     status, body, _ = await idsrv.token(
-        data={"grant_type": "password", "username": "a@example.com", "password": "x"}, headers=basic("orders-worker", secret)
+        data={"grant_type": "password", "username": "a@example.com", "password": "x"},
+        headers=basic("orders-worker", secret),
     )
     assert (status, body["error"]) == (400, "unauthorized_client")
 
@@ -82,7 +91,9 @@ async def test_introspection(idsrv: IdentityServer) -> None:
     # refresh tokens: a client learns only about its own
     assert (await introspect(tokens["refresh_token"], token_type_hint="refresh_token"))[1] == {"active": False}
     # public clients may not introspect
-    resp = await idsrv.client.post("/connect/introspect", data={"token": tokens["access_token"], "client_id": "storefront"})
+    resp = await idsrv.client.post(
+        "/connect/introspect", data={"token": tokens["access_token"], "client_id": "storefront"}
+    )
     assert resp.status == 401 and (await resp.json())["error"] == "invalid_client"
 
 
@@ -91,15 +102,47 @@ async def test_token_endpoint_errors_follow_oauth2(idsrv: IdentityServer) -> Non
         ({"data": {"client_id": "storefront"}}, 400, "invalid_request"),
         ({"data": {"grant_type": "implicit", "client_id": "storefront"}}, 400, "unsupported_grant_type"),
         ({"json": {"grant_type": "password"}}, 400, "invalid_request"),
-        ({"data": "grant_type=password&grant_type=password&client_id=storefront",
-          "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 400, "invalid_request"),
-        ({"data": {"grant_type": "password", "client_id": "storefront", "username": "a@example.com"}}, 400, "invalid_request"),
-        ({"data": {"grant_type": "password", "client_id": "storefront", "username": "a@example.com", "password": "x",
-                   "scope": "ecom admin"}}, 400, "invalid_scope"),
-        ({"data": {"grant_type": "password", "client_id": "nope", "username": "a", "password": "x"}}, 401, "invalid_client"),
-        ({"data": {"grant_type": "refresh_token", "client_id": "storefront", "refresh_token": "nope"}}, 400, "invalid_grant"),
-        ({"data": {"grant_type": "password", "client_id": "storefront"}, "headers": {"Authorization": "Basic !!"}},
-         401, "invalid_client"),
+        (
+            {
+                "data": "grant_type=password&grant_type=password&client_id=storefront",
+                "headers": {"Content-Type": "application/x-www-form-urlencoded"},
+            },
+            400,
+            "invalid_request",
+        ),
+        (
+            {"data": {"grant_type": "password", "client_id": "storefront", "username": "a@example.com"}},
+            400,
+            "invalid_request",
+        ),
+        (
+            {
+                "data": {
+                    "grant_type": "password",
+                    "client_id": "storefront",
+                    "username": "a@example.com",
+                    "password": "x",
+                    "scope": "ecom admin",
+                }
+            },
+            400,
+            "invalid_scope",
+        ),
+        (
+            {"data": {"grant_type": "password", "client_id": "nope", "username": "a", "password": "x"}},
+            401,
+            "invalid_client",
+        ),
+        (
+            {"data": {"grant_type": "refresh_token", "client_id": "storefront", "refresh_token": "nope"}},
+            400,
+            "invalid_grant",
+        ),
+        (
+            {"data": {"grant_type": "password", "client_id": "storefront"}, "headers": {"Authorization": "Basic !!"}},
+            401,
+            "invalid_client",
+        ),
     ]
     for kwargs, status, error in cases:
         resp = await idsrv.client.post("/connect/token", **kwargs)

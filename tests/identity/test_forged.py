@@ -25,7 +25,9 @@ def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
 
 
 def sign(key: SigningKey, claims: dict[str, Any], **header: Any) -> str:
-    return jwt.encode({"alg": key.alg, "kid": key.kid, "typ": "at+jwt", **header}, claims, key.to_joserfc(), algorithms=[key.alg])
+    return jwt.encode(
+        {"alg": key.alg, "kid": key.kid, "typ": "at+jwt", **header}, claims, key.to_joserfc(), algorithms=[key.alg]
+    )
 
 
 def forgeries(genuine: str, key: SigningKey) -> dict[str, str]:

@@ -161,8 +161,12 @@ async def identity_on_bus(db_url: str, tmp_path: Any, aiohttp_client: Any) -> An
     await bus.start()
     port = unused_port()
     settings = load_settings(
-        {"ECOM_DATA_DIR": str(tmp_path), "ECOM_IDENTITY_PORT": str(port), "ECOM_ADMIN_PASSWORD": ADMIN_PASSWORD,
-         "ECOM_BUS_OUTBOX_POLL_INTERVAL": "0.2"}
+        {
+            "ECOM_DATA_DIR": str(tmp_path),
+            "ECOM_IDENTITY_PORT": str(port),
+            "ECOM_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "ECOM_BUS_OUTBOX_POLL_INTERVAL": "0.2",
+        }
     )
     await seed(settings, db_url, password_hasher=CHEAP_PASSWORDS)
     app = create_app(settings, bus=bus, database_url=db_url, password_hasher=CHEAP_PASSWORDS)
@@ -171,7 +175,9 @@ async def identity_on_bus(db_url: str, tmp_path: Any, aiohttp_client: Any) -> An
     await bus.close()
 
 
-async def test_revoke_in_another_process_is_refused_everywhere_within_seconds(identity_on_bus: Any, make_shop: Any) -> None:
+async def test_revoke_in_another_process_is_refused_everywhere_within_seconds(
+    identity_on_bus: Any, make_shop: Any
+) -> None:
     import asyncio
 
     from sqlalchemy import select

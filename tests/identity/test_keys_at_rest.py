@@ -65,7 +65,9 @@ async def test_a_row_moved_to_another_kid_does_not_open(idsrv: IdentityServer) -
     other = await idsrv.identity.keys.rotate()
     stored = await rows(repo)
     async with repo.engine.begin() as conn:  # someone with write access swaps the sealed records
-        await conn.execute(signing_keys.update().where(signing_keys.c.kid == other.kid).values(record=stored[first.kid]))
+        await conn.execute(
+            signing_keys.update().where(signing_keys.c.kid == other.kid).values(record=stored[first.kid])
+        )
     with pytest.raises(KekError, match=other.kid):
         await idsrv.identity.keys.load()
 

@@ -18,7 +18,12 @@ async def test_discovery_and_jwks(idsrv: IdentityServer) -> None:
     assert doc["jwks_uri"] == f"{idsrv.issuer}/.well-known/jwks.json"
     assert doc["token_endpoint"] == f"{idsrv.issuer}/connect/token"
     assert doc["code_challenge_methods_supported"] == ["S256"]
-    assert set(doc["grant_types_supported"]) == {"authorization_code", "refresh_token", "password", "client_credentials"}
+    assert set(doc["grant_types_supported"]) == {
+        "authorization_code",
+        "refresh_token",
+        "password",
+        "client_credentials",
+    }
     assert doc["id_token_signing_alg_values_supported"] == ["ES256"]
     jwks = await (await idsrv.client.get("/.well-known/jwks.json")).json()
     assert [k["alg"] for k in jwks["keys"]] == ["ES256"]
@@ -61,7 +66,12 @@ async def test_lifecycle_authorization_code_with_pkce(idsrv: IdentityServer, sho
     # the access token works at another service (which fetches identity's JWKS over HTTP)
     status, me = await shop.me(tokens["access_token"])
     assert status == 200, me
-    assert me == {"sub": user["id"], "roles": ["customer"], "scopes": sorted(tokens["scope"].split()), "client_id": "storefront"}
+    assert me == {
+        "sub": user["id"],
+        "roles": ["customer"],
+        "scopes": sorted(tokens["scope"].split()),
+        "client_id": "storefront",
+    }
     # an ID token is not an access token
     status, body = await shop.me(tokens["id_token"])
     assert status == 401 and "audience" in body["detail"]
@@ -70,7 +80,11 @@ async def test_lifecycle_authorization_code_with_pkce(idsrv: IdentityServer, sho
     resp = await idsrv.client.get("/connect/userinfo", headers={"Authorization": f"Bearer {tokens['access_token']}"})
     assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
     assert await resp.json() == {
-        "sub": user["id"], "email": "ann@example.com", "email_verified": False, "name": "Ann Smith", "roles": ["customer"]
+        "sub": user["id"],
+        "email": "ann@example.com",
+        "email_verified": False,
+        "name": "Ann Smith",
+        "roles": ["customer"],
     }
 
     # refresh rotates
@@ -92,12 +106,14 @@ async def test_lifecycle_password_grant(idsrv: IdentityServer, shop: Shop) -> No
     user = await idsrv.register("bob@example.com")
     status, tokens = await idsrv.password_grant("Bob@Example.com")
     assert status == 200, tokens
-    assert (await shop.me(tokens["access_token"])) [0] == 200
+    assert (await shop.me(tokens["access_token"]))[0] == 200
     status, refreshed = await idsrv.refresh(tokens["refresh_token"])
     assert status == 200
     status, me = await shop.me(refreshed["access_token"])
     assert status == 200 and me["sub"] == user["id"]
-    await idsrv.client.post("/connect/revocation", data={"token": refreshed["refresh_token"], "client_id": "storefront"})
+    await idsrv.client.post(
+        "/connect/revocation", data={"token": refreshed["refresh_token"], "client_id": "storefront"}
+    )
     status, body = await idsrv.refresh(refreshed["refresh_token"])
     assert (status, body["error"]) == (400, "invalid_grant")
 
@@ -174,7 +190,9 @@ async def test_admin_lists_users_with_its_own_tokens(idsrv: IdentityServer) -> N
     await idsrv.register("hal@example.com")
     _, admin = await idsrv.password_grant(ADMIN_EMAIL, ADMIN_PASSWORD)
     _, customer = await idsrv.password_grant("hal@example.com")
-    resp = await idsrv.client.get("/api/identity/users", headers={"Authorization": f"Bearer {customer['access_token']}"})
+    resp = await idsrv.client.get(
+        "/api/identity/users", headers={"Authorization": f"Bearer {customer['access_token']}"}
+    )
     assert resp.status == 403
     resp = await idsrv.client.get(
         "/api/identity/users", params={"page_size": "1"}, headers={"Authorization": f"Bearer {admin['access_token']}"}
@@ -187,5 +205,7 @@ async def test_admin_lists_users_with_its_own_tokens(idsrv: IdentityServer) -> N
     )
     assert resp.status == 422 and (await resp.json())["errors"][0]["field"] == "page_size"
     # the runtime's admin endpoints use identity's own verifier too
-    resp = await idsrv.client.get("/api/identity/admin/actors", headers={"Authorization": f"Bearer {admin['access_token']}"})
+    resp = await idsrv.client.get(
+        "/api/identity/admin/actors", headers={"Authorization": f"Bearer {admin['access_token']}"}
+    )
     assert resp.status == 200 and "login" in (await resp.json())["types"]

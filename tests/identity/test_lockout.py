@@ -92,7 +92,9 @@ async def test_login_page_does_not_enumerate(locking: IdentityServer) -> None:
     for email in ("dan@example.com", "nobody@example.com"):
         _, challenge = pkce_pair()
         _, fields = await idsrv.authorize_page(challenge)
-        resp = await idsrv.client.post("/connect/authorize", data={**fields, "email": email, "password": "Wrong-Password-1"})
+        resp = await idsrv.client.post(
+            "/connect/authorize", data={**fields, "email": email, "password": "Wrong-Password-1"}
+        )
         assert resp.status == 200
         text = await resp.text()
         text = re.sub(r'name="csrf_token" value="[^"]*"', 'name="csrf_token" value="TOKEN"', text)

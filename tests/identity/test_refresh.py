@@ -58,7 +58,9 @@ async def test_refresh_tokens_are_stored_hashed_and_bound_to_their_client(idsrv:
 
     other, _ = build_client("other-app", public=True, audience="ecom", redirect_uris=("https://app.example/cb",))
     await idsrv.identity.repo.create_client(other, utcnow())
-    status, body, _ = await idsrv.token({"grant_type": "refresh_token", "client_id": "other-app", "refresh_token": tokens["refresh_token"]})
+    status, body, _ = await idsrv.token(
+        {"grant_type": "refresh_token", "client_id": "other-app", "refresh_token": tokens["refresh_token"]}
+    )
     assert (status, body["error"]) == (400, "invalid_grant")
     status, _ = await idsrv.refresh(tokens["refresh_token"])
     assert status == 200, "a refused attempt by another client does not burn the token"
@@ -68,11 +70,21 @@ async def test_refresh_may_narrow_the_scope_but_not_widen_it(idsrv: IdentityServ
     await idsrv.register("dan@example.com")
     _, tokens = await idsrv.password_grant("dan@example.com", scope="openid offline_access ecom")
     status, body, _ = await idsrv.token(
-        {"grant_type": "refresh_token", "client_id": "storefront", "refresh_token": tokens["refresh_token"], "scope": "ecom email"}
+        {
+            "grant_type": "refresh_token",
+            "client_id": "storefront",
+            "refresh_token": tokens["refresh_token"],
+            "scope": "ecom email",
+        }
     )
     assert (status, body["error"]) == (400, "invalid_scope")
     status, body, _ = await idsrv.token(
-        {"grant_type": "refresh_token", "client_id": "storefront", "refresh_token": tokens["refresh_token"], "scope": "ecom"}
+        {
+            "grant_type": "refresh_token",
+            "client_id": "storefront",
+            "refresh_token": tokens["refresh_token"],
+            "scope": "ecom",
+        }
     )
     assert status == 200 and body["scope"] == "ecom" and "id_token" not in body
     status, wide = await idsrv.refresh(body["refresh_token"])  # the grant's scope is kept for the next refresh
@@ -100,7 +112,12 @@ async def test_concurrent_exchanges_of_one_code_never_both_succeed(idsrv: Identi
 async def test_code_exchange_checks_pkce_redirect_uri_and_client(idsrv: IdentityServer) -> None:
     await idsrv.register("gus@example.com")
     code, verifier = await idsrv.sign_in("gus@example.com")
-    base = {"grant_type": "authorization_code", "client_id": "storefront", "code": code, "redirect_uri": idsrv.redirect_uri}
+    base = {
+        "grant_type": "authorization_code",
+        "client_id": "storefront",
+        "code": code,
+        "redirect_uri": idsrv.redirect_uri,
+    }
 
     wrong_verifier, _ = pkce_pair()
     status, body, _ = await idsrv.token({**base, "code_verifier": wrong_verifier})

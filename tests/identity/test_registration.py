@@ -146,7 +146,9 @@ async def test_registration_rate_limits(idsrv: IdentityServer) -> None:
         for i in range(21)
     ]
     assert statuses == [202] * 20 + [429]
-    status, problem, _ = await post(idsrv, {**body, "email": "x@example.com"}, headers={"X-Forwarded-For": "203.0.113.8"})
+    status, problem, _ = await post(
+        idsrv, {**body, "email": "x@example.com"}, headers={"X-Forwarded-For": "203.0.113.8"}
+    )
     assert status == 202  # another address has its own bucket
 
 

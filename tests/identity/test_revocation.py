@@ -45,8 +45,12 @@ async def on_bus(db_url: str, tmp_path: Any, aiohttp_client: Any, bus: MemoryBus
     """Identity on the shared runtime with a bus: its outbox relay publishes what its transactions wrote."""
     port = unused_port()
     settings = load_settings(
-        {"ECOM_DATA_DIR": str(tmp_path), "ECOM_IDENTITY_PORT": str(port), "ECOM_ADMIN_PASSWORD": ADMIN_PASSWORD,
-         "ECOM_BUS_OUTBOX_POLL_INTERVAL": "0.2"}
+        {
+            "ECOM_DATA_DIR": str(tmp_path),
+            "ECOM_IDENTITY_PORT": str(port),
+            "ECOM_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "ECOM_BUS_OUTBOX_POLL_INTERVAL": "0.2",
+        }
     )
     await seed(settings, db_url, password_hasher=CHEAP_PASSWORDS)
     app = create_app(settings, bus=bus, database_url=db_url, password_hasher=CHEAP_PASSWORDS)

@@ -26,26 +26,41 @@ from tests.identity.conftest import (
 THIRD_PARTY_REDIRECT = "https://app.example/cb"
 
 
-async def third_party_code(idsrv: IdentityServer, client_id: str, email: str, password: str, scope: str) -> dict[str, Any]:
+async def third_party_code(
+    idsrv: IdentityServer, client_id: str, email: str, password: str, scope: str
+) -> dict[str, Any]:
     verifier, challenge = pkce_pair()
     params = {
-        "response_type": "code", "client_id": client_id, "redirect_uri": THIRD_PARTY_REDIRECT, "scope": scope,
-        "state": "s", "code_challenge": challenge, "code_challenge_method": "S256",
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": THIRD_PARTY_REDIRECT,
+        "scope": scope,
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
     }
     resp = await idsrv.client.get("/connect/authorize", params=params)
     assert resp.status == 200, await resp.text()
     import html
     import re
 
-    fields = {k: html.unescape(v) for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', await resp.text())}
+    fields = {
+        k: html.unescape(v)
+        for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', await resp.text())
+    }
     resp = await idsrv.client.post(
         "/connect/authorize", data={**fields, "email": email, "password": password}, allow_redirects=False
     )
     assert resp.status == 303, await resp.text()
     code = query_of(resp.headers["Location"])["code"]
     status, body, _ = await idsrv.token(
-        {"grant_type": "authorization_code", "client_id": client_id, "code": code,
-         "redirect_uri": THIRD_PARTY_REDIRECT, "code_verifier": verifier}
+        {
+            "grant_type": "authorization_code",
+            "client_id": client_id,
+            "code": code,
+            "redirect_uri": THIRD_PARTY_REDIRECT,
+            "code_verifier": verifier,
+        }
     )
     assert status == 200, body
     return body
@@ -59,7 +74,9 @@ async def test_third_party_client_gets_no_roles_unless_allowed(idsrv: IdentitySe
     tokens = await third_party_code(idsrv, "gadget-app", ADMIN_EMAIL, ADMIN_PASSWORD, "openid")
     p = await idsrv.identity.verifier.verify(tokens["access_token"])
     assert p.roles == frozenset() and p.scopes == {"openid"}
-    info = await (await idsrv.client.get("/connect/userinfo", headers={"Authorization": f"Bearer {tokens['access_token']}"})).json()
+    info = await (
+        await idsrv.client.get("/connect/userinfo", headers={"Authorization": f"Bearer {tokens['access_token']}"})
+    ).json()
     assert "roles" not in info
     # an admin allows it (ecom clients add ... --roles-allowed): now the roles come along
     assert await idsrv.identity.repo.set_roles_allowed("gadget-app", True)
@@ -98,20 +115,28 @@ async def test_weak_password_is_flagged_at_sign_in(idsrv: IdentityServer) -> Non
     await idsrv.identity.repo.update_user(user.id, utcnow(), password_hash=cheap.hash_sync("password12"))
     status, tokens = await idsrv.password_grant("old@example.com", "password12")
     assert status == 200 and tokens["password_change_required"] is True
-    info = await (await idsrv.client.get("/connect/userinfo", headers={"Authorization": f"Bearer {tokens['access_token']}"})).json()
+    info = await (
+        await idsrv.client.get("/connect/userinfo", headers={"Authorization": f"Bearer {tokens['access_token']}"})
+    ).json()
     assert info["password_change_required"] is True
     stored = await idsrv.identity.repo.user_by_email("old@example.com")
     assert stored is not None and stored.password_change_required
 
     change = "/api/identity/users/me/password"
     auth = {"Authorization": f"Bearer {tokens['access_token']}"}
-    resp = await idsrv.client.put(change, json={"current_password": "password12", "new_password": "Passw0rd!!"}, headers=auth)
+    resp = await idsrv.client.put(
+        change, json={"current_password": "password12", "new_password": "Passw0rd!!"}, headers=auth
+    )
     assert resp.status == 422 and [e["field"] for e in (await resp.json())["errors"]] == ["new_password"]
-    resp = await idsrv.client.put(change, json={"current_password": "wrong-one", "new_password": PASSWORD}, headers=auth)
+    resp = await idsrv.client.put(
+        change, json={"current_password": "wrong-one", "new_password": PASSWORD}, headers=auth
+    )
     assert resp.status == 422 and [e["field"] for e in (await resp.json())["errors"]] == ["current_password"]
     resp = await idsrv.client.put(change, json={"current_password": "password12", "new_password": PASSWORD})
     assert resp.status == 401
-    resp = await idsrv.client.put(change, json={"current_password": "password12", "new_password": PASSWORD}, headers=auth)
+    resp = await idsrv.client.put(
+        change, json={"current_password": "password12", "new_password": PASSWORD}, headers=auth
+    )
     assert resp.status == 204, await resp.text()
     status, tokens = await idsrv.password_grant("old@example.com", PASSWORD)
     assert status == 200 and "password_change_required" not in tokens
@@ -124,21 +149,54 @@ async def test_schema_v2_migrates_an_old_database(tmp_path: Any) -> None:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
     try:
         old = MetaData()
-        old_users = Table("users", old, *(Column(c.name, c.type, nullable=c.nullable, primary_key=c.primary_key)
-                                          for c in users.columns if c.name != "password_change_required"))
-        old_clients = Table("clients", old, *(Column(c.name, c.type, nullable=c.nullable, primary_key=c.primary_key)
-                                              for c in clients.columns if c.name != "roles_allowed"))
+        old_users = Table(
+            "users",
+            old,
+            *(
+                Column(c.name, c.type, nullable=c.nullable, primary_key=c.primary_key)
+                for c in users.columns
+                if c.name != "password_change_required"
+            ),
+        )
+        old_clients = Table(
+            "clients",
+            old,
+            *(
+                Column(c.name, c.type, nullable=c.nullable, primary_key=c.primary_key)
+                for c in clients.columns
+                if c.name != "roles_allowed"
+            ),
+        )
         v1 = migrate.Component("identity", [migrate.Migration(1, "old", migrate.create_tables(old_users, old_clients))])
         await migrate.upgrade(engine, [v1])
         now = utcnow()
         async with engine.begin() as conn:
             for cid in ("storefront", "gadget-app"):
-                await conn.execute(old_clients.insert().values(
-                    client_id=cid, name=cid, secret_hash=None, redirect_uris="[]", post_logout_redirect_uris="[]",
-                    grant_types="[]", scopes="[]", roles="[]", created_at=now))
-            await conn.execute(old_users.insert().values(
-                id="u1", email="a@example.com", name="A", password_hash="x", roles='["customer"]', disabled=False,
-                created_at=now, updated_at=now))
+                await conn.execute(
+                    old_clients.insert().values(
+                        client_id=cid,
+                        name=cid,
+                        secret_hash=None,
+                        redirect_uris="[]",
+                        post_logout_redirect_uris="[]",
+                        grant_types="[]",
+                        scopes="[]",
+                        roles="[]",
+                        created_at=now,
+                    )
+                )
+            await conn.execute(
+                old_users.insert().values(
+                    id="u1",
+                    email="a@example.com",
+                    name="A",
+                    password_hash="x",
+                    roles='["customer"]',
+                    disabled=False,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
         component = migrate.Component("identity", MIGRATIONS)
         assert (await migrate.upgrade(engine, [component]))["identity"] == (1, 2)
         async with engine.connect() as conn:

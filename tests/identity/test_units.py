@@ -46,9 +46,20 @@ def test_scopes() -> None:
 
 
 def test_redirect_uri_rules() -> None:
-    for ok in ("https://shop.example/cb", "http://127.0.0.1:8000/callback", "http://localhost/cb", "com.example.app:/cb"):
+    for ok in (
+        "https://shop.example/cb",
+        "http://127.0.0.1:8000/callback",
+        "http://localhost/cb",
+        "com.example.app:/cb",
+    ):
         assert check_redirect_uri(ok) is None, ok
-    for bad in ("http://shop.example/cb", "https://shop.example/cb#frag", "javascript:alert(1)", "myapp:/cb", "/relative"):
+    for bad in (
+        "http://shop.example/cb",
+        "https://shop.example/cb#frag",
+        "javascript:alert(1)",
+        "myapp:/cb",
+        "/relative",
+    ):
         assert check_redirect_uri(bad) is not None, bad
 
 

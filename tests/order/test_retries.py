@@ -14,7 +14,9 @@ from contracts.stock import ReleaseStock, ReserveStock
 from tests.order.conftest import eventually, outbox_of, service_env
 
 # Fast enough that every re-send happens well within the deadline, even on a slow CI database.
-QUICK = SagaTimings(validation_timeout=3.0, payment_timeout=3.0, retry_interval=0.05, retry_max_interval=0.2, max_resends=3)
+QUICK = SagaTimings(
+    validation_timeout=3.0, payment_timeout=3.0, retry_interval=0.05, retry_max_interval=0.2, max_resends=3
+)
 
 
 def types_of(envelopes) -> list[str]:

@@ -97,7 +97,9 @@ def ports_span(instances: int) -> int:
 def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
     out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+        raise RuntimeError(
+            f"rabbitmqctl {' '.join(args)} failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}"
+        )
     return out.stdout
 
 
@@ -319,7 +321,7 @@ class ProcessCluster:
             except (ProcessLookupError, FileNotFoundError, PermissionError):
                 continue
             prefix = f"ECOM_{service.upper()}_PORT=".encode()
-            port = next((int(e[len(prefix):]) for e in environ if e.startswith(prefix)), self.port(service))
+            port = next((int(e[len(prefix) :]) for e in environ if e.startswith(prefix)), self.port(service))
             found[pid] = port
         return found
 
@@ -416,7 +418,9 @@ def retry_after_of(resp: aiohttp.ClientResponse | Mapping[str, str]) -> float | 
         return None
 
 
-async def request_json(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, Any, Mapping[str, str]]:
+async def request_json(
+    http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> tuple[int, Any, Mapping[str, str]]:
     """One attempt: (status, JSON body or text, headers) for any answer below 500; :class:`Retry` for 5xx."""
     async with http.request(method, url, **kwargs) as resp:
         text = await resp.text()
@@ -439,8 +443,16 @@ def token_claims(token: str) -> dict[str, Any]:
     return orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
-async def password_token(http: aiohttp.ClientSession, gateway: str, email: str, password: str, scope: str = "openid ecom") -> str:
-    form = {"grant_type": "password", "client_id": "storefront", "username": email, "password": password, "scope": scope}
+async def password_token(
+    http: aiohttp.ClientSession, gateway: str, email: str, password: str, scope: str = "openid ecom"
+) -> str:
+    form = {
+        "grant_type": "password",
+        "client_id": "storefront",
+        "username": email,
+        "password": password,
+        "scope": scope,
+    }
 
     async def attempt() -> str:
         status, body, _ = await request_json(http, "POST", f"{gateway}/connect/token", data=form)
