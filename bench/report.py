@@ -1,0 +1,42 @@
+"""Headline figures of a benchmark run, collected for ``make bench-all``'s markdown table.
+
+A benchmark prints everything it measures; the few figures an issue sets a target for it also hands to
+:func:`figure`. When ``ECOM_BENCH_RESULTS`` names a file (``bench.all`` sets it), each figure is appended there
+as one JSON line, so a benchmark run on its own behaves exactly as before and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import orjson
+
+RESULTS_ENV = "ECOM_BENCH_RESULTS"
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    bench: str  # the module: "checkout", "catalog", ...
+    name: str  # what was measured, with its conditions: "SQLite, 32 buyers: paid orders/s"
+    value: float
+    unit: str = ""
+    target: str = ""  # the issue's target as text (">= 300"), or "" for a figure shown for context
+
+
+def figure(bench: str, name: str, value: float, unit: str = "", target: str = "") -> None:
+    """Record one headline figure (no-op unless ``ECOM_BENCH_RESULTS`` is set)."""
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    line = orjson.dumps(asdict(Figure(bench, name, float(value), unit, target))) + b"\n"
+    with open(path, "ab") as out:  # one write per line: figures of concurrent benches never interleave
+        out.write(line)
+
+
+def read(path: str) -> list[Figure]:
+    try:
+        with open(path, "rb") as source:
+            return [Figure(**orjson.loads(line)) for line in source if line.strip()]
+    except FileNotFoundError:
+        return []
