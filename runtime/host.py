@@ -3,7 +3,7 @@
 ``create_app(runtime, routes=...)`` returns an application with:
 
 - ``/health/live`` (the process runs) and ``/health/ready`` (database and bus answer),
-- ``/metrics`` in Prometheus text format (requests, latency, live actors, mailbox depth),
+- ``/metrics`` in Prometheus text format (requests, latency, live actors, mailbox depth, outbox backlog),
 - ``X-Request-Id`` taken from the request (when sane) or made, echoed on the response and logged,
 - problem+json for every error: :class:`runtime.errors.Problem`, aiohttp's HTTP errors, request-schema
   validation failures (field named), malformed JSON; anything else is logged and answered as a plain

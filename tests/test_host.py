@@ -206,6 +206,40 @@ async def test_metrics_count_requests_and_actors(make_client):
     assert "http_request_duration_seconds_bucket" in text
 
 
+async def test_metrics_report_the_outbox_backlog(aiohttp_client, tmp_path):
+    """Rows committed to the outbox and not yet on the bus (here: the broker is down) are the backlog."""
+    from sqlalchemy import insert
+
+    from bus.envelope import Envelope
+    from bus.memory import MemoryBus
+    from runtime.store import outbox, utcnow
+
+    settings = load_settings({"ECOM_DATA_DIR": str(tmp_path)})
+    bus = MemoryBus()  # never started: every send fails, as with a broker that does not answer
+    runtime = ServiceRuntime.with_database("test", settings, bus=bus)
+    runtime.verifier = None
+    await migrate.upgrade(runtime.engine, [migrate.RUNTIME])
+    client = await aiohttp_client(create_app(runtime, routes=_routes))
+    rows = [Envelope(type="Noted", session_id=f"s{i}", body={}) for i in range(3)]
+    async with runtime.engine.begin() as conn:
+        await conn.execute(
+            insert(outbox),
+            [
+                {
+                    "message_id": e.message_id,
+                    "kind": "publish",
+                    "destination": "",
+                    "envelope": e.encode().decode(),
+                    "created_at": utcnow(),
+                }
+                for e in rows
+            ],
+        )
+    text = await (await client.get("/metrics")).text()
+    assert 'outbox_backlog{service="test"} 3.0' in text
+    assert 'outbox_relayed_total{service="test"} 0.0' in text
+
+
 async def test_openapi_document_lists_routes_with_schemas(make_client):
     client = await make_client()
     resp = await client.get("/api/docs/swagger.json")

@@ -1,20 +1,27 @@
-"""Prometheus metrics: request counts and latency per route, actor and runtime gauges, ``/metrics``."""
+"""Prometheus metrics: request counts and latency per route, actor and runtime gauges, the outbox, ``/metrics``."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
 
 if TYPE_CHECKING:
     from runtime.web.resources import ServiceRuntime
 
 __all__ = ["METRICS_KEY", "Metrics", "metrics_handler", "metrics_registry"]
+
+log = logging.getLogger(__name__)
+
+BACKLOG_TIMEOUT = 1.0  # seconds the outbox count may take at a scrape; past it the gauge is left out
 
 
 class Metrics:
@@ -31,7 +38,9 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.service = service
-        self.registry.register(RuntimeCollector(service, runtime))
+        self.runtime = runtime
+        self.collector = RuntimeCollector(service, runtime)
+        self.registry.register(self.collector)
         # labels() costs a lock and a tuple per call: resolve each label set once.
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._timers: dict[str, Any] = {}
@@ -69,6 +78,20 @@ class Metrics:
 
         return metrics_middleware
 
+    async def refresh(self) -> None:
+        """Before a scrape: count the outbox rows not yet on the bus (a database query, so it cannot run inside
+        the collector, which Prometheus' client calls synchronously). The gauge is left out of this scrape
+        when the database does not answer in time: a missing series, not a stale or made-up number."""
+        relay = self.runtime.relay
+        self.collector.outbox_backlog = None
+        if relay is None:
+            return
+        try:
+            async with asyncio.timeout(BACKLOG_TIMEOUT):
+                self.collector.outbox_backlog = await relay.pending()
+        except (TimeoutError, OSError, SQLAlchemyError) as exc:
+            log.warning("metrics: outbox backlog of %s not counted: %r", self.service, exc)
+
 
 class RuntimeCollector:
     """Actor and outbox gauges, read when /metrics is scraped."""
@@ -76,8 +99,23 @@ class RuntimeCollector:
     def __init__(self, service: str, runtime: ServiceRuntime) -> None:
         self.service = service
         self.runtime = runtime
+        self.outbox_backlog: int | None = None  # set by Metrics.refresh before each scrape
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        relay = self.runtime.relay
+        if relay is not None:
+            relayed = CounterMetricFamily(
+                "outbox_relayed", "Outbox messages this process handed to the bus", labels=["service"]
+            )
+            relayed.add_metric([self.service], relay.relayed)
+            yield relayed
+            if self.outbox_backlog is not None:
+                # The outbox table is the service's, shared by its instances: each reports the same backlog.
+                backlog = GaugeMetricFamily(
+                    "outbox_backlog", "Outbox messages committed and not yet handed to the bus", labels=["service"]
+                )
+                backlog.add_metric([self.service], self.outbox_backlog)
+                yield backlog
         system = self.runtime.system
         if system is None:
             return
@@ -103,5 +141,6 @@ def metrics_registry(app: web.Application) -> CollectorRegistry:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    registry = request.app[METRICS_KEY].registry
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    metrics = request.app[METRICS_KEY]
+    await metrics.refresh()
+    return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
