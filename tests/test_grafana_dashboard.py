@@ -204,6 +204,18 @@ def test_dashboard_is_grafana_json_with_unique_panel_ids():
 
     visit(dashboard["panels"])
     assert len(ids) == len(set(ids)), f"panel ids repeat: {sorted(ids)}"
+    # Panels tile the 24-column grid without covering each other.
+    boxes = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
+    for i, (title, a) in enumerate(boxes):
+        assert a["x"] >= 0 and a["x"] + a["w"] <= 24, title
+        for other, b in boxes[i + 1 :]:
+            apart = (
+                a["x"] + a["w"] <= b["x"]
+                or b["x"] + b["w"] <= a["x"]
+                or a["y"] + a["h"] <= b["y"]
+                or b["y"] + b["h"] <= a["y"]
+            )
+            assert apart, f"{title} and {other} overlap"
     assert dashboard["uid"] and dashboard["title"]
     assert all(expr.strip() for _, expr in expressions(dashboard))
     # Every query goes to the data source the user picks on import (a variable), never to a fixed uid.
