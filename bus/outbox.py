@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OutboxRelay"]
+__all__ = ["OutboxRelay"]  # noqa: F822 provided lazily by __getattr__ below (PEP 562)
 
 
 def __getattr__(name: str) -> Any:

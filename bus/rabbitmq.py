@@ -501,7 +501,7 @@ class RabbitConsumer:
         try:
             # This delivery tag only, on the channel it came from: acks are out of order across sessions.
             await message.channel.basic_ack(message.delivery_tag)  # type: ignore[arg-type]
-        except Exception as exc:  # channel gone: the broker redelivers it (at-least-once)
+        except Exception as exc:  # noqa: BLE001 channel gone: the broker redelivers it (at-least-once)
             log.info("ack on %s lost (%s: %s); the message will be redelivered", self.name, type(exc).__name__, exc)
 
     def _release(self, session: str, *, dispatch: bool) -> None:

@@ -173,7 +173,7 @@ class Connection(asyncio.Protocol):
                 self._complete(b"".join(self._parts))
             else:
                 self._end_body()
-        elif state == _HEAD or state == _BODY:
+        elif state in (_HEAD, _BODY):
             self._fail(UpstreamError(f"upstream closed the connection: {exc or 'EOF'}", sent=True))
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(UpstreamError("upstream closed the connection", sent=True))
@@ -205,7 +205,10 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except Exception as exc:  # httptools.HttpParserError (a callback's own error is its __context__)
+        except (
+            httptools.HttpParserError,
+            httptools.HttpParserUpgrade,
+        ) as exc:  # a callback's own error is its __context__
             cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
             if self._done:  # a whole response, then bytes that do not belong to it
                 log.warning(
@@ -238,7 +241,7 @@ class Connection(asyncio.Protocol):
                 return
             try:
                 self._parser.feed_data(buf[: end + 4])
-            except Exception as exc:
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
                 cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
                 self._protocol_error(f"malformed response: {cause}")
                 return

@@ -144,7 +144,7 @@ def merge(title: str, routes: Sequence[Route], docs: Sequence[tuple[str, dict[st
         }
         schemas, ref_prefix = out["definitions"], "#/definitions/"
     status: dict[str, str] = {}
-    tag_names: set[str] = set()
+    tag_names: set[str | None] = set()
     for service, doc in docs:
         if not isinstance(doc, dict):
             status[service] = f"unavailable: {doc}"

@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 
 from gateway.client import Connection, Response, UpstreamError
 from gateway.options import GatewayOptions
-from gateway.ratelimit import AuthLimits, Limiter
+from gateway.ratelimit import AuthLimits, Limiter, LocalLimiter
 from gateway.routes import Affinity, Kind, Route
 from gateway.upstreams import Instance, Service
 from runtime.auth import (
@@ -174,7 +174,7 @@ class RouteProxy:
         """A token from ``client``'s bucket, else 429 with Retry-After."""
         limiter = self.limiter
         assert limiter is not None
-        wait = limiter.take(client) if limiter.local else await limiter.acquire(client)
+        wait = limiter.take(client) if isinstance(limiter, LocalLimiter) else await limiter.acquire(client)
         if wait:
             raise TooManyRequests(f"too many requests from this client; retry in {wait:.1f} s", retry_after=wait)
 
@@ -317,7 +317,7 @@ class RouteProxy:
         if chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif streamed:
-            parts.append(b"Content-Length: %d\r\n\r\n" % request.content_length)  # type: ignore[str-bytes-safe]
+            parts.append(b"Content-Length: %d\r\n\r\n" % request.content_length)  # type: ignore[str-format]  # streamed, not chunked: Content-Length was sent
         elif body is not None:
             parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
         else:

@@ -19,7 +19,7 @@ from config import Settings
 from gateway.docs import SPEC_PATH, DocsMerger
 from gateway.edge import Cors, access_log_middleware
 from gateway.metrics import GatewayCollector
-from gateway.options import GatewayOptions
+from gateway.options import GatewayOptions, gateway_options
 from gateway.proxy import RouteProxy
 from gateway.ratelimit import AuthLimits, make_limiter
 from gateway.routes import ROUTES, Route, services_of
@@ -49,7 +49,7 @@ def create_app(
     ``upstreams`` overrides the instances per service (``{"catalog": ["http://127.0.0.1:8002", ...]}``);
     ``redis_url`` overrides ``options.redis_url`` (shared rate limits); ``options`` default to the ``[gateway]`` settings.
     """
-    opts = options if options is not None else settings.services["gateway"]
+    opts = options if options is not None else gateway_options(settings)
     if redis_url is not None:
         opts = dataclasses.replace(opts, redis_url=redis_url)
     runtime = ServiceRuntime(

@@ -316,9 +316,12 @@ class Upstreams:
     def _note_membership(self, inst: Instance, body: object) -> None:
         cluster = body.get("cluster") if isinstance(body, dict) else None
         members = cluster.get("members") if isinstance(cluster, dict) else None
-        if isinstance(members, list) and all(isinstance(m, str) for m in members):
-            if self.services[inst.service].placement.set_members(members):
-                log.info("upstream %s: cluster view %s", inst.service, ", ".join(members))
+        if (
+            isinstance(members, list)
+            and all(isinstance(m, str) for m in members)
+            and self.services[inst.service].placement.set_members(members)
+        ):
+            log.info("upstream %s: cluster view %s", inst.service, ", ".join(members))
 
     async def check(self, inst: Instance) -> bool:
         assert self.session is not None

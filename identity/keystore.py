@@ -460,10 +460,8 @@ class KeyManager:
         return self.kek.seal(key.kid, json.dumps(key.to_record()).encode(), kek=kek)
 
     def _open(self, kid: str, record: str, extra: Mapping[str, bytes] | None = None) -> SigningKey:
-        if record.startswith(SEALED_PREFIX):
-            plain = self.kek.unseal(kid, record, extra=extra)
-        else:  # written before keys were encrypted: re-sealed by ensure_active / rekey
-            plain = record.encode()
+        # an unsealed record was written before keys were encrypted: re-sealed by ensure_active / rekey
+        plain = self.kek.unseal(kid, record, extra=extra) if record.startswith(SEALED_PREFIX) else record.encode()
         key = SigningKey.from_record(json.loads(plain))
         if key.kid != kid:
             raise KekError(f"identity: the row of signing key {kid} holds key {key.kid} (the table was altered)")

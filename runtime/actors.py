@@ -23,6 +23,7 @@ coroutines (turns that call out). A handler's return value is the reply to ``ask
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -400,7 +401,7 @@ class ActorSystem:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
         deadline = time.monotonic() + drain_timeout
-        while any(a.running for a in self._activations.values()) and time.monotonic() < deadline:
+        while any(a.running for a in self._activations.values()) and time.monotonic() < deadline:  # noqa: ASYNC110 no single event: polls every activation until the deadline
             await asyncio.sleep(0.01)
         for act in list(self._activations.values()):
             await self._deactivate(act)
@@ -473,7 +474,7 @@ class ActorSystem:
 
     def _evict(self, count: int) -> None:
         """Deactivate up to ``count`` least recently used idle actors (busy ones are skipped)."""
-        victims = []
+        victims: list[_Activation] = []
         for act in self._activations.values():
             if len(victims) >= count:
                 break
@@ -521,7 +522,7 @@ class ActorSystem:
             if not act.loaded:
                 try:
                     await self._load(act)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 any load failure must reach the queued callers, or they would hang
                     # Cannot activate (database down?): fail everything queued, drop the activation so the
                     # next message tries again from scratch.
                     log.warning("activation of %s/%s failed: %r", *act.key, exc)
@@ -586,7 +587,7 @@ class ActorSystem:
                     # A read: answer only from a copy as new as the database, whichever process wrote last.
                     try:
                         current = await self.store.version(*act.key)  # type: ignore[union-attr]
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 any failure is answered to the caller as 503
                         _fail(
                             fut,
                             ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be checked: {type(exc).__name__}"),
@@ -655,7 +656,7 @@ class ActorSystem:
             return False
         try:
             await self._load(act)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 any failure is answered to the caller as 503
             _fail(fut, ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be reloaded: {type(exc).__name__}"))
             return False
         return True
@@ -718,9 +719,14 @@ class ActorSystem:
             except MailboxFull:
                 self._reminders_in_flight.discard(key)
                 continue
-            fut.add_done_callback(lambda f, key=key: (self._reminders_in_flight.discard(key), f.exception()))
+            fut.add_done_callback(functools.partial(self._reminder_done, key))
             fired += 1
         return fired
+
+    def _reminder_done(self, key: tuple[str, str, str], fut: asyncio.Future[Any]) -> None:
+        self._reminders_in_flight.discard(key)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a failed turn is logged where it ran, not again as "never retrieved"
 
     # -- introspection --------------------------------------------------------------------------
 

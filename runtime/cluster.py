@@ -154,7 +154,7 @@ class Cluster:
                     .where(cluster_members.c.member_id == self.member_id, cluster_members.c.status == "active")
                     .values(status="left")
                 )
-        except Exception as exc:  # the database may be gone: peers will declare this member dead instead
+        except Exception as exc:  # noqa: BLE001 the database may be gone: peers will declare this member dead instead
             log.warning("cluster: could not record leaving: %r", exc)
         if self._http is not None:
             await self._http.close()
@@ -195,7 +195,7 @@ class Cluster:
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 the heartbeat loop must outlive any failure; logged, counted
                 failures += 1
                 log.warning("cluster: heartbeat failed (%d in a row): %r", failures, exc)
 

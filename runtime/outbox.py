@@ -76,7 +76,7 @@ class OutboxRelay:
                 backoff = self.poll_interval
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 the relay must outlive any bus or database failure; logged, retried
                 # Bus or database down: keep the rows, try again later with growing patience.
                 log.warning("outbox relay failed (%r); retrying in %.1fs", exc, backoff)
                 backoff = min(backoff * 2, 30.0)

@@ -30,6 +30,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Delete,
     Float,
     Index,
     Integer,
@@ -37,6 +38,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    Update,
     and_,
     bindparam,
     delete,
@@ -401,7 +403,7 @@ class StateStore:
                                 )
                                 for row in await conn.execute(stmt):
                                     found[(actor_type, row.actor_id)] = int(row.version)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 whatever failed is handed to every waiting turn
                     for futs in waiting.values():
                         for fut in futs:
                             if not fut.done():
@@ -454,7 +456,7 @@ class StateStore:
     async def _settle_alone(self, write: TurnWrite, fut: asyncio.Future[str]) -> None:
         try:
             outcome = await self._commit_alone(write)
-        except Exception as exc:  # the turn learns of it and rolls back; the flusher goes on
+        except Exception as exc:  # noqa: BLE001 the turn learns of it and rolls back; the flusher goes on
             if not fut.done():
                 fut.set_exception(exc)
         else:
@@ -541,6 +543,7 @@ class StateStore:
         if reminder_key is not None:
             assert w.fired_reminder is not None
             _, due_at, period = w.fired_reminder
+            stmt: Update | Delete
             if period:
                 stmt = update(reminders).where(reminder_key).values(due_at=_next_due(due_at, period, now))
             else:
@@ -566,12 +569,12 @@ class StateStore:
                 ],
             )
         for change in w.reminders:
-            key = and_(
+            same_reminder = and_(
                 reminders.c.actor_type == w.actor_type,
                 reminders.c.actor_id == w.actor_id,
                 reminders.c.name == change.name,
             )
-            await conn.execute(delete(reminders).where(key))
+            await conn.execute(delete(reminders).where(same_reminder))
             if change.due_at is not None:
                 await conn.execute(
                     insert(reminders).values(

@@ -199,7 +199,7 @@ class Admission:
                 return int((await conn.execute(select(func.count()).select_from(unsent))).scalar_one())
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 any failure means "unknown": admission goes by the other signals
             log.warning("checkout admission: cannot count the cart's unsent messages: %r", exc)
             return None
 
@@ -231,7 +231,7 @@ class Admission:
             answer = _parse_load(body)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # unreachable, timed out, not the contract: this instance is left out for a while
+        except Exception as exc:  # noqa: BLE001 unreachable, timed out, not the contract: this instance is left out for a while
             self.order.failed(instance, f"load: {exc!r}")
             return None
         finally:
@@ -242,7 +242,7 @@ class Admission:
 
 def _parse_load(body: Any) -> tuple[int, int]:
     if not isinstance(body, dict):
-        raise ValueError("the load answer is not an object")
+        raise TypeError("the load answer is not an object")
     values = body.get("open_orders"), body.get("outbox_backlog")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise ValueError(f"the load answer needs open_orders and outbox_backlog as counts: {body!r}")

@@ -7,7 +7,7 @@ the same transaction as its state (``turn.on_commit``), so the two never disagre
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Set as AbstractSet
 
 from sqlalchemy import Column, Index, MetaData, String, Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -25,7 +25,7 @@ cart_lines = Table(
 )
 
 
-def reindex(cart_id: str, *, added: Set[str], removed: Set[str]) -> SqlHook:
+def reindex(cart_id: str, *, added: AbstractSet[str], removed: AbstractSet[str]) -> SqlHook:
     """A hook for ``turn.on_commit`` that applies one turn's change of the cart's product set.
 
     Added rows are deleted before they are inserted, so a row left over by an earlier failure or a manual edit

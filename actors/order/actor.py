@@ -463,9 +463,12 @@ class OrderActor(Actor):
                 if line.sent_id not in busy:
                     line.resends += 1
                     line.sent_id = self._to_catalog(turn, ReserveStock(self.id, line.product_id, line.quantity))
-        elif s.payment is not None and s.payment.requests <= self.timings.max_resends:
-            if s.payment.sent_id not in await self._on_its_way([s.payment.sent_id], turn):
-                self._request_payment(turn)
+        elif (
+            s.payment is not None
+            and s.payment.requests <= self.timings.max_resends
+            and s.payment.sent_id not in await self._on_its_way([s.payment.sent_id], turn)
+        ):
+            self._request_payment(turn)
 
     async def _on_its_way(self, message_ids: list[str], turn: Turn) -> set[str]:
         """Which of these messages cannot be presumed lost: still unsent in this service's outbox (re-sending

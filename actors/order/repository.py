@@ -170,7 +170,7 @@ async def count_by_status(engine: AsyncEngine) -> dict[str, int]:
     """How many orders are in each status (for tests, the benchmark and operators)."""
     async with engine.connect() as conn:
         rows = await conn.execute(select(orders.c.status, func.count()).group_by(orders.c.status))
-        return {status: n for status, n in rows}
+        return dict(rows.tuples().all())
 
 
 def _summary(row: Any) -> OrderSummary:

@@ -115,19 +115,23 @@ async def schema_validation_middleware(request: web.Request, handler: Handler) -
     route_handler = request.match_info.handler
     schemas = getattr(route_handler, "__schemas__", None)
     if schemas is not None or isinstance(route_handler, type):
-        if schemas and request.can_read_body and request.method not in ("GET", "HEAD"):
-            if any(s["locations"] in (None, ["json"]) for s in schemas):
-                if request.content_type not in ("application/json", "application/octet-stream"):
-                    # aiohttp's multipart reader raises on a form without a boundary: refuse what is not JSON first
-                    raise Problem(
-                        f"the body must be application/json, not {request.content_type}",
-                        status=415,
-                        slug="unsupported-media-type",
-                        title="Unsupported Media Type",
-                    )
-                body = await request.read()  # aiohttp keeps it: the validator reads it again
-                if body:
-                    parse_json_body(body)  # before webargs' stdlib parser can recurse into a 10,000-deep body
+        if (
+            schemas
+            and request.can_read_body
+            and request.method not in ("GET", "HEAD")
+            and any(s["locations"] in (None, ["json"]) for s in schemas)
+        ):
+            if request.content_type not in ("application/json", "application/octet-stream"):
+                # aiohttp's multipart reader raises on a form without a boundary: refuse what is not JSON first
+                raise Problem(
+                    f"the body must be application/json, not {request.content_type}",
+                    status=415,
+                    slug="unsupported-media-type",
+                    title="Unsupported Media Type",
+                )
+            body = await request.read()  # aiohttp keeps it: the validator reads it again
+            if body:
+                parse_json_body(body)  # before webargs' stdlib parser can recurse into a 10,000-deep body
         return await validation_middleware(request, handler)
     return await handler(request)
 
