@@ -146,7 +146,7 @@ async def provision(
     return report
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """``ecom bus provision``: create the Azure Service Bus entities (runtime/cli.py EXTRA_COMMANDS)."""
     parser = subparsers.add_parser("bus", help="message bus administration (Azure Service Bus)")
     sub = parser.add_subparsers(dest="bus_command", required=True)

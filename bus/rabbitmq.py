@@ -95,6 +95,7 @@ from typing import Any
 import aiormq
 import aiormq.abc
 from aiormq import spec
+from pamqp.common import FieldTable
 from yarl import URL
 
 from bus.base import (
@@ -655,7 +656,7 @@ class RabbitBus:
 
     async def _connect(self) -> aiormq.abc.AbstractConnection:
         """A new connection and publishing channel, both watched for loss (callers bound the time)."""
-        properties = {"connection_name": self.connection_name or "ecom-bus"}
+        properties: FieldTable = {"connection_name": self.connection_name or "ecom-bus"}
         connection = await aiormq.connect(self.url, client_properties=properties)
         try:
             # on_return_raises: an unroutable mandatory publish (queue deleted under us) is an error.
@@ -1126,8 +1127,8 @@ def _dead_letter_from(message: aiormq.abc.DeliveredMessage, source: str) -> Dead
             dead_lettered_at=_text(headers.get(H_AT) or utc_now()),
         )
     # Dead-lettered by the broker (x-delivery-limit: consumers kept dying before settling it).
-    deaths = headers.get("x-death") or []
-    death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
+    deaths = headers.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
     broker_reason = _text(death.get("reason") or headers.get("x-first-death-reason") or "unknown")
     attempts = _int(headers.get("x-delivery-count"), _int(death.get("count")))
     if broker_reason == "delivery_limit":

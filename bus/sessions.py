@@ -89,7 +89,7 @@ class SessionScheduler(Generic[T]):
         handle: asyncio.TimerHandle | None = None
 
         def fire() -> None:
-            self._timers.discard(handle)  # type: ignore[arg-type]
+            self._timers.discard(handle)
             self.release(session, dispatch=True)
 
         handle = asyncio.get_running_loop().call_later(delay, fire)
@@ -122,7 +122,7 @@ class WorkerPool:
 
     def __init__(
         self,
-        scheduler: SessionScheduler,  # type: ignore[type-arg]
+        scheduler: SessionScheduler,
         turn: Callable[[str], Awaitable[None]],
         limit: int,
         name: str,

@@ -34,14 +34,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 from urllib.parse import unquote_plus, urlencode, urlsplit
 
 import orjson
 from aiohttp import web
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
+from joserfc.jwk import KeySet, KeySetSerialization
 from multidict import MultiMapping
 
 from config import Settings
@@ -339,7 +339,9 @@ def decode_id_token_hint(token: str, jwks: Mapping[str, Any], issuer: str) -> di
     if not algorithms or len(token) > 8192:
         return None
     try:
-        decoded = jwt.decode(token, KeySet.import_key_set(dict(jwks)), algorithms=algorithms)
+        # the document's shape is joserfc's to check: a malformed one raises, caught below
+        keys = KeySet.import_key_set(cast(KeySetSerialization, dict(jwks)))
+        decoded = jwt.decode(token, keys, algorithms=algorithms)
     except (JoseError, ValueError, TypeError, KeyError):
         return None
     claims = decoded.claims

@@ -192,6 +192,9 @@ class JWKSUnavailable(Exception):
 # The verifier
 
 
+_JWK_TYPES: dict[str, type[ECKey] | type[OKPKey] | type[RSAKey]] = {"EC": ECKey, "OKP": OKPKey, "RSA": RSAKey}
+
+
 def _import_jwks(jwks: Mapping[str, Any]) -> dict[str, Any]:
     """Public signature keys of a JWKS by kid. Unusable entries are skipped (and logged), not fatal."""
     entries = jwks.get("keys") if isinstance(jwks, Mapping) else None
@@ -208,7 +211,8 @@ def _import_jwks(jwks: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if entry.get("use", "sig") != "sig":
             continue
-        cls = {"EC": ECKey, "OKP": OKPKey, "RSA": RSAKey}.get(kty)  # never "oct": no shared secrets
+        # never "oct": no shared secrets; a kty that is not a string (even unhashable) is unsupported too
+        cls = _JWK_TYPES.get(kty) if isinstance(kty, str) else None
         if cls is None:
             log.warning("JWKS key %s of unsupported type %r ignored", kid, kty)
             continue

@@ -96,8 +96,8 @@ class Cluster:
         *,
         heartbeat_interval: float = 1.0,
         member_timeout: float = 5.0,
-        on_change: Callable[[], None] | None = None,
-        on_evicted: Callable[[], None] | None = None,
+        on_change: Callable[[], object] | None = None,  # any result is ignored
+        on_evicted: Callable[[], object] | None = None,
     ) -> None:
         self.engine = engine
         self.address = normalise(address)

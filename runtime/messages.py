@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from bus.base import MalformedMessage
 from bus.envelope import Envelope
@@ -50,7 +50,7 @@ def from_body(cls: type[T], body: Mapping[str, Any]) -> T:
     """Build ``cls`` from a body; a missing or mistyped field raises MalformedMessage naming it."""
     if not isinstance(body, Mapping):
         raise MalformedMessage(f"{cls.__name__}: body must be an object")
-    hints = _hints(cls)
+    hints = _hints(cast(type, cls))
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name not in body:
@@ -114,7 +114,7 @@ def envelope(
     message: Any, *, session_id: str, correlation_id: str | None = None, message_id: str | None = None
 ) -> Envelope:
     """Wrap a dataclass message for the bus; ``type`` is the class name."""
-    extra = {"message_id": message_id} if message_id else {}
+    extra: dict[str, Any] = {"message_id": message_id} if message_id else {}
     return Envelope(
         type=type(message).__name__,
         session_id=session_id,
@@ -157,7 +157,7 @@ class BusBinding:
         unless ``actor_id(message, envelope)`` picks another (an event keyed by one entity, for another)."""
 
         async def route(env: Envelope) -> None:
-            message = from_body(message_class, env.body)
+            message: Any = from_body(message_class, env.body)
             target = actor_id(message, env) if actor_id is not None else env.session_id
             cluster = _cluster_of(self.system)
             if cluster is not None and not is_forwarded() and not cluster.owns(target):

@@ -430,8 +430,8 @@ async def update_product(request: web.Request) -> web.Response:
         raise ValidationProblem.field("body", "give at least one field to change")
     product_id = _path_id(request)
     async with _engine(request).connect() as conn:
-        ids = await _resolve_brand_and_type(conn, data)
-    changes = {k: v for k, v in data.items() if k not in ("brand", "type")}
+        ids: dict[str, Any] = await _resolve_brand_and_type(conn, data)
+    changes: dict[str, Any] = {k: v for k, v in data.items() if k not in ("brand", "type")}
     if "picture_url" in changes:
         changes["picture_url"] = changes["picture_url"] or ""  # "" (or null) removes the picture
     await _system(request).ref(ProductActor, product_id).ask(UpdateProduct(product_id, **changes, **ids))
@@ -473,7 +473,9 @@ def _named_create(table: Table) -> Callable[[web.Request], Awaitable[web.Respons
         name = request["data"]["name"].strip()
         if not name:
             raise ValidationProblem.field("name", "must not be blank")
-        async with request.app[AppKeyRuntime].engine.begin() as conn:  # a transaction: not the read engine
+        engine = request.app[AppKeyRuntime].engine
+        assert engine is not None  # the catalog service always has its database
+        async with engine.begin() as conn:  # a transaction: not the read engine
             row = await repo.create_named(conn, table, name)
         if row is None:
             raise Conflict(f"a {kind} named {name!r} exists already", slug=f"{kind}-exists")
@@ -488,6 +490,7 @@ def _named_create(table: Table) -> Callable[[web.Request], Awaitable[web.Respons
 
 def setup(app: web.Application) -> None:
     engine = app[AppKeyRuntime].engine
+    assert engine is not None  # the catalog service always has its database
     app[READS] = engine.execution_options(isolation_level="AUTOCOMMIT")
     # "batch" before "{id}": the router tries resources in the order they were added.
     app.router.add_get(f"{PREFIX}/products/batch", batch_products)

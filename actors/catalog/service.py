@@ -50,13 +50,14 @@ def create_app(
     settings: Settings, *, bus: Any = None, database_url: str | None = None, verifier: Any = None
 ) -> web.Application:
     runtime = host.ServiceRuntime.with_database(NAME, settings, bus=bus, database_url=database_url, verifier=verifier)
-    assert runtime.system is not None
-    runtime.system.register(ProductActor)
+    system = runtime.system
+    assert system is not None
+    system.register(ProductActor)
     if bus is not None:
         consumers: list[Any] = []
 
         async def consume() -> None:
-            consumers.append(await bus.consume(CATALOG_QUEUE, bus_binding(runtime.system)))
+            consumers.append(await bus.consume(CATALOG_QUEUE, bus_binding(system)))
 
         async def stop_consuming() -> None:
             while consumers:

@@ -209,6 +209,7 @@ async def get_orders(request: web.Request) -> web.Response:
     query = request["querystring"]
     p = principal(request)
     engine = request.app[AppKeyRuntime].engine
+    assert engine is not None  # the order service always has its database
     found = await list_orders(
         engine, buyer_id=None if _is_admin(p) else p.sub, page=query["page"], page_size=query["page_size"]
     )

@@ -29,6 +29,7 @@ approved charge thus ends as its order's payment or refunded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import uuid
@@ -422,7 +423,7 @@ class PaymentProcessor:
             self._charge(command, message_id), name=f"charge:{command.order_id}"
         )
         self._charging[command.order_id] = task
-        task.add_done_callback(lambda t, order_id=command.order_id: self._charge_done(order_id, t))
+        task.add_done_callback(functools.partial(self._charge_done, command.order_id))
 
     async def reverse(self, command: ReversePayment, message_id: str) -> None:
         """Stop any charge of the order in flight here, void/refund at the provider, and confirm to the order.

@@ -190,7 +190,10 @@ class AzureBus:
         if drains:  # sends already accepted by send()/publish() go out before the links close
             await asyncio.wait(drains, timeout=self.close_timeout)
         self._outboxes.clear()
-        closers = [*self._senders.values(), *self._dead_letter_receivers.values()]
+        closers: list[ServiceBusReceiver | ServiceBusSender] = [
+            *self._senders.values(),
+            *self._dead_letter_receivers.values(),
+        ]
         self._senders.clear()
         self._dead_letter_receivers.clear()
         for handler in closers:

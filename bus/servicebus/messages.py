@@ -48,7 +48,8 @@ def to_message(envelope: Envelope) -> ServiceBusMessage:
         correlation_id=envelope.correlation_id,
         subject=envelope.type,
         content_type="application/json",
-        application_properties=dict(envelope.headers) or None,
+        application_properties={k: v for k, v in envelope.headers.items()}
+        or None,  # typed as the SDK's map; dict() is not
     )
 
 

@@ -75,7 +75,7 @@ class _Outbox:
                     items.append(self._pending.popleft())
                 if not items:
                     return
-                await sender.send_messages(batch if len(items) > 1 else items[0][0])
+                await sender.send_messages(batch if batch is not None and len(items) > 1 else items[0][0])
                 self.transfers += 1
             except (ServiceBusError, ValueError) as exc:
                 error = BusError(f"azure bus: could not send to {self._entity}: {type(exc).__name__}: {exc}")

@@ -59,8 +59,8 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except Problem as problem:
-        return problem_response(problem, request)
+    except Problem as refused:
+        return problem_response(refused, request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
