@@ -414,7 +414,7 @@ class RabbitConsumer:
         try:
             envelope: Envelope | None = Envelope.decode(message.body)
             error = ""
-            session = self._session_of(envelope)  # type: ignore[arg-type]
+            session = self._session_of(envelope)  # type: ignore[arg-type]  # just decoded: not None here
         except MalformedMessage as exc:
             envelope, error = None, f"MalformedMessage: {exc}"
             session = f"\x00malformed:{id(message)}"  # a session of its own: nothing to order it with
@@ -501,7 +501,7 @@ class RabbitConsumer:
         message = item.message
         try:
             # This delivery tag only, on the channel it came from: acks are out of order across sessions.
-            await message.channel.basic_ack(message.delivery_tag)  # type: ignore[arg-type]
+            await message.channel.basic_ack(message.delivery_tag)  # type: ignore[arg-type]  # a delivered message always carries its tag
         except Exception as exc:  # noqa: BLE001 channel gone: the broker redelivers it (at-least-once)
             log.info("ack on %s lost (%s: %s); the message will be redelivered", self.name, type(exc).__name__, exc)
 

@@ -160,7 +160,7 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport  # type: ignore[assignment]  # a connection made by create_connection is an asyncio.Transport
         self._state = _IDLE
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -364,15 +364,15 @@ class Connection(asyncio.Protocol):
             transport.write(head)
             if body:
                 transport.write(body)
-        return self._waiter  # type: ignore[return-value]
+        return self._waiter  # type: ignore[return-value]  # set by _begin just above
 
     def start(self, head: bytes, *, timeout: float) -> asyncio.Future[Response]:
         """Write only the head; the body follows with :meth:`write` and :meth:`drain`, then :meth:`sent`."""
         self._begin(False, timeout)
         self._sending = True
         self._done_while_sending = False
-        self.transport.write(head)  # type: ignore[union-attr]
-        return self._waiter  # type: ignore[return-value]
+        self.transport.write(head)  # type: ignore[union-attr]  # connected: the pool only hands out live connections
+        return self._waiter  # type: ignore[return-value]  # set by _begin just above
 
     def sent(self, complete: bool) -> None:
         """The streamed body is over (``complete``) or given up. A body cut short, or a response that came back
@@ -386,7 +386,7 @@ class Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self._state == _CLOSED:
             raise UpstreamError("upstream closed the connection while the request body was sent", sent=True)
-        self.transport.write(data)  # type: ignore[union-attr]
+        self.transport.write(data)  # type: ignore[union-attr]  # connected: checked _CLOSED just above
 
     async def drain(self) -> None:
         if self._write_paused and self._state != _CLOSED:
@@ -418,7 +418,7 @@ class Connection(asyncio.Protocol):
                 if self._reading_paused and self._queued <= _READ_LOW_WATER:
                     self._reading_paused = False
                     if self._state != _CLOSED:
-                        self.transport.resume_reading()  # type: ignore[union-attr]
+                        self.transport.resume_reading()  # type: ignore[union-attr]  # not _CLOSED: the transport is set
                 return chunk
             if self._error is not None:
                 raise self._error
@@ -474,7 +474,7 @@ class Connection(asyncio.Protocol):
     def _check_high_water(self) -> None:
         if self._queued > _READ_HIGH_WATER and not self._reading_paused and self._state != _CLOSED:
             self._reading_paused = True
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.transport.pause_reading()  # type: ignore[union-attr]  # not _CLOSED: the transport is set
 
     def _end_body(self) -> None:
         self._body_done = True

@@ -53,7 +53,7 @@ def create_app(
 ) -> web.Application:
     """The identity application. ``verifier`` defaults to one fed from identity's own key ring."""
     runtime = ServiceRuntime.with_database("identity", settings, bus=bus, database_url=database_url, verifier=verifier)
-    repo = Repository(runtime.engine)  # type: ignore[arg-type]
+    repo = Repository(runtime.engine)  # type: ignore[arg-type]  # with_database always sets the engine
     keys = KeyManager.from_settings(repo, settings)
     if verifier is None:
         # replaces the HTTP-fetching verifier with_database made (it has opened nothing yet)

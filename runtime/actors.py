@@ -121,7 +121,7 @@ def handles(message_type: type) -> Callable[[Callable[..., Any]], Callable[..., 
     """Mark a method as the handler of ``message_type`` (and its subclasses)."""
 
     def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.__handles__ = message_type  # type: ignore[attr-defined]
+        fn.__handles__ = message_type  # type: ignore[attr-defined]  # the marker Actor subclasses collect handlers by
         return fn
 
     return mark
@@ -558,7 +558,7 @@ class ActorSystem:
         method, is_async = entry
         handler = getattr(actor, method)
         persistent = actor.persistent and self.store is not None
-        if persistent and message_id is not None and await self.store.seen(f"{act.key[0]}/{act.key[1]}", message_id):  # type: ignore[union-attr]
+        if persistent and message_id is not None and await self.store.seen(f"{act.key[0]}/{act.key[1]}", message_id):  # type: ignore[union-attr]  # persistent: there is a store
             _fail(fut, DuplicateMessage(f"message {message_id} was already applied to {act.key[0]}/{act.key[1]}"))
             return
         attempts = 0
@@ -586,7 +586,7 @@ class ActorSystem:
                 if persistent and not self.exclusive:
                     # A read: answer only from a copy as new as the database, whichever process wrote last.
                     try:
-                        current = await self.store.version(*act.key)  # type: ignore[union-attr]
+                        current = await self.store.version(*act.key)  # type: ignore[union-attr]  # persistent: there is a store
                     except Exception as exc:  # noqa: BLE001 any failure is answered to the caller as 503
                         _fail(
                             fut,
@@ -619,7 +619,7 @@ class ActorSystem:
                 hooks=turn.hooks,
             )
             try:
-                outcome = await self.store.commit(write)  # type: ignore[union-attr]
+                outcome = await self.store.commit(write)  # type: ignore[union-attr]  # persistent: there is a store
             except BaseException as exc:
                 self._rollback(act)
                 self.stats["failed"] += 1
@@ -693,7 +693,7 @@ class ActorSystem:
         # retention can go, so the inbox does not grow without bound.
         while True:
             try:
-                await self.store.purge_inbox(utcnow() - timedelta(seconds=self.inbox_retention))  # type: ignore[union-attr]
+                await self.store.purge_inbox(utcnow() - timedelta(seconds=self.inbox_retention))  # type: ignore[union-attr]  # started only with a store
             except asyncio.CancelledError:
                 raise
             except Exception:

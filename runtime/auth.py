@@ -275,7 +275,7 @@ class TokenVerifier:
         self._registries = {alg: jws.JWSRegistry(algorithms=[alg]) for alg in self.algorithms}
         self._claims = JWTClaimsRegistry(
             now=self._clock,  # type: ignore[arg-type]  # a float "now" works; keeps sub-second precision
-            leeway=self.leeway,  # type: ignore[arg-type]
+            leeway=self.leeway,  # type: ignore[arg-type]  # a float leeway works as an int one does
             iss={"essential": True, "value": issuer},
             aud={"essential": True, "value": audience},
             exp={"essential": True},
@@ -713,8 +713,8 @@ def require(
             check_access(p, roles=roles, scopes=scopes, any_role=any_role)
             return await handler(*args, **kwargs)
 
-        wrapper.__auth_requirements__ = {"roles": roles, "scopes": scopes, "any_role": any_role}  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        wrapper.__auth_requirements__ = {"roles": roles, "scopes": scopes, "any_role": any_role}  # type: ignore[attr-defined]  # read by authorize_first_middleware
+        return wrapper  # type: ignore[return-value]  # functools.wraps: the handler's own signature
 
     return decorate
 
@@ -722,7 +722,7 @@ def require(
 def _find_request(args: Sequence[Any]) -> web.Request:
     for arg in args:
         if isinstance(arg, web.BaseRequest):
-            return arg  # type: ignore[return-value]
+            return arg  # type: ignore[return-value]  # aiohttp passes handlers a web.Request
         if isinstance(arg, web.View):
             return arg.request
     raise TypeError("require() must decorate an aiohttp handler taking the request (or a web.View method)")

@@ -52,7 +52,7 @@ def from_body(cls: type[T], body: Mapping[str, Any]) -> T:
         raise MalformedMessage(f"{cls.__name__}: body must be an object")
     hints = _hints(cast(type, cls))
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # message classes are dataclasses (contracts test)
         if f.name not in body:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise MalformedMessage(f"{cls.__name__}: field {f.name!r} is missing")

@@ -85,7 +85,7 @@ def _upgrade_sync(conn: Connection, components: Sequence[Component]) -> dict[str
             values = {"version": migration.version, "applied_at": store.utcnow()}
             if current == 0 and row is None:
                 conn.execute(insert(store.schema_version).values(component=component.name, **values))
-                row = True  # type: ignore[assignment]
+                row = True  # type: ignore[assignment]  # from here on only "a row exists" matters
             else:
                 conn.execute(
                     update(store.schema_version)

@@ -193,7 +193,7 @@ def _keeps_index(handler: H) -> H:
             turn.on_commit(repository.reindex(self.id, added=after - before, removed=before - after))
         return result
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps: the handler's own signature
 
 
 class CartActor(Actor):

@@ -246,4 +246,4 @@ def _parse_load(body: Any) -> tuple[int, int]:
     values = body.get("open_orders"), body.get("outbox_backlog")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
         raise ValueError(f"the load answer needs open_orders and outbox_backlog as counts: {body!r}")
-    return values  # type: ignore[return-value]
+    return values  # type: ignore[return-value]  # both checked to be counts just above

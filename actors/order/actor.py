@@ -258,7 +258,7 @@ def _keeps_summary(handler: H) -> H:
             after(self, turn, before)
             return result
 
-        return async_wrapper  # type: ignore[return-value]
+        return async_wrapper  # type: ignore[return-value]  # functools.wraps: the handler's own signature
 
     @functools.wraps(handler)
     def wrapper(self: OrderActor, message: Any, turn: Turn) -> Any:
@@ -267,7 +267,7 @@ def _keeps_summary(handler: H) -> H:
         after(self, turn, before)
         return result
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps: the handler's own signature
 
 
 class OrderActor(Actor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from datetime import timedelta
+from typing import Any
 
 from azure.servicebus import (
     ServiceBusMessage,
@@ -41,6 +42,8 @@ def to_message(envelope: Envelope) -> ServiceBusMessage:
     """The Service Bus message for an envelope (raises TypeError for a body that is not JSON)."""
     if not isinstance(envelope, Envelope):
         raise TypeError(f"expected an Envelope, got {type(envelope).__name__}")
+    # a comprehension, because dict() of the headers would not be typed as the SDK's wider property map
+    properties: dict[str | bytes, Any] = {k: v for k, v in envelope.headers.items()}  # noqa: C416
     return ServiceBusMessage(
         envelope.encode(),
         message_id=envelope.message_id,
@@ -48,8 +51,7 @@ def to_message(envelope: Envelope) -> ServiceBusMessage:
         correlation_id=envelope.correlation_id,
         subject=envelope.type,
         content_type="application/json",
-        application_properties={k: v for k, v in envelope.headers.items()}
-        or None,  # typed as the SDK's map; dict() is not
+        application_properties=properties or None,
     )
 
 
