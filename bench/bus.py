@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import socket
 import sys
@@ -234,7 +235,7 @@ async def run(args: argparse.Namespace) -> list[Result]:
             if backend == "memory":
                 make: Callable[[], Awaitable[BusPair]] = _memory_pair
             else:
-                make = lambda: _rabbit_pair(args.url, args.partitions)
+                make = functools.partial(_rabbit_pair, args.url, args.partitions)
             result = await _run_one(backend, make, sessions, messages, samples, args.producers, args.phase_timeout)
             _print(result)
             results.append(result)

@@ -209,7 +209,9 @@ async def test_azure_lost_lock_cancels_the_handler_and_the_session_is_picked_up_
 
 
 async def test_azure_lost_locks_are_dropped_cleanly_and_the_consumer_goes_on(
-    peer: AmqpPeer, buses: Any, trouble: Trouble
+    peer: AmqpPeer,
+    buses: Any,
+    trouble: Trouble,  # noqa: F811 the fixture imported above
 ) -> None:
     # Two processes. Every session's first message hangs on its first delivery in p1, and its handler
     # turns the cancellation into an error of its own (the worst case for stray task exceptions). The

@@ -75,5 +75,5 @@ def test_engine_factory_builds_the_sql_server_engine():
     "url", ["sqlite:///x.db", "postgresql://u@h/db", "mysql+aiomysql://u@h/db", "mssql+pyodbc://u@h/db"]
 )
 def test_engine_factory_refuses_sync_or_unknown_drivers(url):
-    with pytest.raises(ValueError, match="async driver|unsupported"):
+    with pytest.raises(ValueError, match=r"async driver|unsupported"):
         store.create_engine(url)

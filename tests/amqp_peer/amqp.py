@@ -492,7 +492,7 @@ class AmqpSession:
         self.by_name.pop(link.name_bytes, None)
         if isinstance(link, OutLink):
             link.on_detach(abrupt=abrupt)
-            for delivery_id in [d for d, (l, _, _) in self.unsettled.items() if l is link]:
+            for delivery_id in [d for d, (owner, _, _) in self.unsettled.items() if owner is link]:
                 del self.unsettled[delivery_id]
 
     def on_detach(self, fields: list[Any]) -> None:

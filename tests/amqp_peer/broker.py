@@ -154,10 +154,7 @@ class Rule:
             wanted = c.get(attr)
             if wanted is not None and getattr(message, attr) != wanted:
                 return False
-        for key, wanted in (c.get("properties") or {}).items():
-            if message.app_props.get(key) != wanted:
-                return False
-        return True
+        return all(message.app_props.get(key) == wanted for key, wanted in (c.get("properties") or {}).items())
 
 
 _SQL_TRUE, _SQL_FALSE = object(), object()

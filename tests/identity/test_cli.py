@@ -272,9 +272,10 @@ def test_ecom_users_set_password_in_a_subprocess(tmp_path: Any) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ECOM_")}
     env.update(ECOM_DATA_DIR=str(tmp_path), ECOM_LOG_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "runtime.cli", "users"]
-    run = lambda *argv, stdin="": subprocess.run(
-        [*cmd, *argv], input=stdin, env=env, capture_output=True, text=True, timeout=60
-    )
+
+    def run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cmd, *argv], input=stdin, env=env, capture_output=True, text=True, timeout=60)
+
     assert run("add", "admin@example.com", "--role", "admin").returncode == 0
     changed = run("set-password", "admin@example.com", "--password-stdin", stdin="plum tractor velvet 83 orbit\n")
     assert changed.returncode == 0, changed.stderr

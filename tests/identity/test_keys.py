@@ -136,9 +136,8 @@ async def test_private_keys_never_logged_nor_published(idsrv: IdentityServer, ca
 
 async def test_first_run_generates_a_key_without_seed(db_url: str, tmp_path: Any, aiohttp_client: Any) -> None:
     settings = load_settings({"ECOM_DATA_DIR": str(tmp_path)})
-    async with open_repository(settings, db_url) as repo:  # schema only: no seed
-        async with repo.engine.connect() as conn:
-            assert (await conn.execute(select(func.count()).select_from(signing_keys))).scalar_one() == 0
+    async with open_repository(settings, db_url) as repo, repo.engine.connect() as conn:  # schema only: no seed
+        assert (await conn.execute(select(func.count()).select_from(signing_keys))).scalar_one() == 0
     client = await aiohttp_client(create_app(settings, database_url=db_url, password_hasher=CHEAP_PASSWORDS))
     jwks = await (await client.get("/.well-known/jwks.json")).json()
     assert len(jwks["keys"]) == 1 and jwks["keys"][0]["alg"] == "ES256"
