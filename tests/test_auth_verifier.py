@@ -613,6 +613,13 @@ def test_jwks_ignores_symmetric_private_weak_keys(es_key: SigningKey) -> None:
     assert v.kids == {es_key.kid}
 
 
+def test_jwks_skips_a_key_whose_kty_is_not_a_string(es_key: SigningKey) -> None:
+    # an unhashable kty once made the whole document fail instead of that one entry
+    v = TokenVerifier(issuer="http://idp", audience=AUDIENCE)
+    v.set_jwks({"keys": [{"kty": ["EC"], "kid": "list-kty"}, {"kty": None, "kid": "no-kty"}, es_key.public_jwk()]})
+    assert v.kids == {es_key.kid}
+
+
 # ---------------------------------------------------------------------------------------------------
 # aiohttp decorators
 
