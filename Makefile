@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench install shell clean
+.PHONY: run test lint bench bench-all install shell clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ shell: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.actors
+
+# Every benchmark (--quick runs; BENCH_ARGS=--full for full ones) -> var/bench/results.md, one markdown table.
+bench-all: $(STAMP)
+	$(BIN)/python -m bench.all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
