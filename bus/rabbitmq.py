@@ -51,6 +51,10 @@ crashed workers) are what this replaces.
 ``dead_letters(name)`` reads the DLQs non-destructively: ``basic.get`` of every message without ack
 on a throw-away channel, then closing that channel returns them all to the DLQ (they stay listable,
 and an operator can still shovel or purge them). Two concurrent readers may each see part of them.
+``discard_dead_letter`` reads the same way and acks only the one message; ``redeliver`` publishes to the
+partition of the message's session of exactly that queue or subscription (bus/deadletters.py). Each read
+returns the messages to the DLQ, which on RabbitMQ 4.0-4.2 counts against the DLQ's default delivery limit
+(see the limits below): there, raise it with a ``delivery-limit`` policy on the ``*.dlq`` queues.
 
 Limits worth knowing (documented, not hidden):
 
