@@ -25,6 +25,7 @@ from runtime.host import ServiceRuntime, create_app
 from runtime.messages import BusBinding
 from runtime.outbox import REPLAY
 from runtime.store import actor_state, create_engine, outbox
+from tests.bus_contract import Log
 
 BASE = "/api/order/admin/dead-letters"
 
@@ -49,26 +50,39 @@ class TallyActor(Actor):
 
 
 @pytest.fixture
-async def service(aiohttp_client: Any, db_url: str, tmp_path: Any, test_identity: Any) -> Any:
-    TallyActor.broken = True
-    settings = load_settings({"ECOM_DATA_DIR": str(tmp_path), "ECOM_BUS_OUTBOX_POLL_INTERVAL": "30"})
-    bus = MemoryBus(max_attempts=2)
-    runtime = ServiceRuntime.with_database(
-        "order", settings, bus=bus, owns_bus=True, database_url=db_url, verifier=test_identity.verifier()
-    )
-    await migrate.upgrade(runtime.engine, [migrate.RUNTIME])
-    runtime.system.register(TallyActor)
-    binding = BusBinding(runtime.system)
-    binding.to_actor(Bump, TallyActor)
+async def make_service(aiohttp_client: Any, db_url: str, tmp_path: Any, test_identity: Any) -> Any:
+    """A service ``name`` whose TallyActor takes Bumps from the ``order`` queue or the ``cart`` subscription."""
 
-    async def consume() -> None:
-        await bus.consume("order", binding)
+    async def make(name: str, bus: MemoryBus | None = None) -> Any:
+        TallyActor.broken = True
+        settings = load_settings({"ECOM_DATA_DIR": str(tmp_path), "ECOM_BUS_OUTBOX_POLL_INTERVAL": "30"})
+        bus = bus or MemoryBus(max_attempts=2)
+        runtime = ServiceRuntime.with_database(
+            name, settings, bus=bus, owns_bus=True, database_url=db_url, verifier=test_identity.verifier()
+        )
+        await migrate.upgrade(runtime.engine, [migrate.RUNTIME])
+        runtime.system.register(TallyActor)
+        binding = BusBinding(runtime.system)
+        binding.to_actor(Bump, TallyActor)
 
-    runtime.on_start.append(consume)
-    client = await aiohttp_client(create_app(runtime))
-    client.bus, client.runtime = bus, runtime
-    client.admin = test_identity.headers(test_identity.admin_token("admin-7"))
-    return client
+        async def consume() -> None:
+            if name == "cart":
+                await bus.subscribe("cart", ["Bump"], binding)
+            else:
+                await bus.consume(name, binding)
+
+        runtime.on_start.append(consume)
+        client = await aiohttp_client(create_app(runtime))
+        client.bus, client.runtime = bus, runtime
+        client.admin = test_identity.headers(test_identity.admin_token("admin-7"))
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def service(make_service: Any) -> Any:
+    return await make_service("order")
 
 
 def bump(session: str, amount: int) -> Envelope:
@@ -213,3 +227,30 @@ async def _count(client: Any, count: int) -> bool:
 
 async def _total_is(client: Any, tally: str, value: int) -> bool:
     return await total(client, tally) == value
+
+
+async def test_a_subscription_dead_letter_is_replayed_to_that_subscription_only(make_service: Any) -> None:
+    cart = await make_service("cart")
+    others = Log()
+    await cart.bus.subscribe("audit-trail", ["Bump"], lambda env: others.add(env.message_id))  # another subscriber
+    poison = bump("c1", 13)
+    await cart.bus.publish(poison)
+    await until(lambda: _dead_in(cart, "cart", 1))
+    summary = await (await cart.get("/api/cart/admin/dead-letters", headers=cart.admin)).json()
+    assert summary["queues"] == [{"queue": "cart", "kind": "subscription", "count": 1}]
+
+    TallyActor.broken = False
+    resp = await cart.post(f"/api/cart/admin/dead-letters/cart/{poison.message_id}/replay", headers=cart.admin)
+    assert resp.status == 202 and (await resp.json())["kind"] == "subscription"
+    await until(lambda: _total_is(cart, "c1", 13))
+    marker = bump("c2", 1)
+    await cart.bus.publish(marker)
+    await others.wait_for(lambda items: marker.message_id in items)
+    assert others.items == [poison.message_id, marker.message_id]  # the replay went to the cart alone
+    async with cart.runtime.engine.connect() as conn:
+        row = (await conn.execute(select(outbox).where(outbox.c.message_id == poison.message_id))).one()
+    assert (row.kind, row.destination, row.sent_at is not None) == (REPLAY, "subscription:cart", True)
+
+
+async def _dead_in(client: Any, queue: str, count: int) -> bool:
+    return len(await client.bus.dead_letters(queue)) >= count
