@@ -105,6 +105,9 @@ def _services(settings: Settings, args: argparse.Namespace) -> list[str]:
     from runtime import services
     from runtime.deadletters import service_sources
 
+    if args.dead_letters_command == "list" and not (args.page >= 1 and 1 <= args.page_size <= 500):
+        raise CliError("--page must be 1 or more and --page-size between 1 and 500")
+
     with_queues = [name for name in services.SERVICE_MODULES if service_sources(name)]
     if args.service is None:
         if args.dead_letters_command != "list" or args.queue is not None:
