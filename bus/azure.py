@@ -22,7 +22,11 @@ Mapping of the Bus contract (bus/base.py) onto Service Bus:
   for a process that dies without stopping it, a correlation rule on ``subject`` per type) read by one
   session receiver at a time; stop()/close() delete it through the management API.
 - ``dead_letters(name)`` peeks the ``$DeadLetterQueue`` of the queue and of the subscription with that
-  name (peeking locks nothing).
+  name (peeking locks nothing). ``discard_dead_letter`` receives from it in peek-lock mode, completes the
+  one message and abandons the others; ``redeliver`` sends to the queue, or publishes on the topic with
+  subject ``ecom-replay`` and ``ecom-replay-to = <subscription>``, which only that subscription's
+  ``ecom-replay`` rule matches (every subscription gets that rule; bus/deadletters.py). The broker-level
+  message id of a redelivery gets a suffix so duplicate detection does not drop it; the envelope keeps its id.
 - Entities are created on first use through ``ServiceBusAdministrationClient`` (needs a connection
   string with Manage rights); without them the bus logs it once and relies on ``ecom bus provision``
   having created everything beforehand (see :func:`provision`).
@@ -148,7 +152,7 @@ async def provision(
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """``ecom bus provision``: create the Azure Service Bus entities (runtime/cli.py EXTRA_COMMANDS)."""
-    parser = subparsers.add_parser("bus", help="message bus administration (Azure Service Bus)")
+    parser = subparsers.add_parser("bus", help="message bus administration: provisioning (Azure), dead letters")
     sub = parser.add_subparsers(dest="bus_command", required=True)
     prov = sub.add_parser(
         "provision",

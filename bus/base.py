@@ -49,6 +49,7 @@ class DeadLetter:
     reason: str  # "<ErrorType>: <error text>" of the last failed delivery
     attempts: int  # failed deliveries before it was given up
     dead_lettered_at: str  # RFC 3339 UTC
+    kind: str = "queue"  # "queue" or "subscription": which of the two named ``queue`` it came from
 
 
 @runtime_checkable

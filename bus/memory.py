@@ -24,6 +24,7 @@ from bus.base import (
     retry_then_drop,
     subscription_types,
 )
+from bus.deadletters import QUEUE, SUBSCRIPTION, check_kind, matches
 from bus.envelope import Envelope, utc_now
 from bus.sessions import SessionScheduler, WorkerPool, note_failure, run_handler
 
@@ -42,11 +43,12 @@ class _Pending:
 class _Queue(SessionScheduler[_Pending]):
     """A service queue or a topic subscription: its sessions, dead letters and counters."""
 
-    def __init__(self, bus: MemoryBus, name: str, label: str) -> None:
+    def __init__(self, bus: MemoryBus, name: str, label: str, kind: str = QUEUE) -> None:
         super().__init__()
         self.bus = bus
         self.name = name
         self.label = label  # key in stats(); subscriptions and queues may share a name
+        self.kind = kind  # QUEUE or SUBSCRIPTION
         self.consumers: list[MemoryConsumer] = []
         self.dead: list[DeadLetter] = []
         self.pending = 0
@@ -142,7 +144,7 @@ class MemoryConsumer:
         item.failures += 1
         dead, reason = note_failure(log, item.envelope, session, queue.label, item.failures, bus.max_attempts, exc)
         if dead:
-            queue.dead.append(DeadLetter(queue.name, item.envelope, reason, item.failures, utc_now()))
+            queue.dead.append(DeadLetter(queue.name, item.envelope, reason, item.failures, utc_now(), queue.kind))
             queue.release(session, dispatch=False)
             bus._settled()
             return
@@ -242,7 +244,9 @@ class MemoryBus:
         types = subscription_types(event_types)
         sub = self._subscriptions.get(subscription)
         if sub is None:
-            sub = self._subscriptions[subscription] = _Queue(self, subscription, f"subscription:{subscription}")
+            sub = self._subscriptions[subscription] = _Queue(
+                self, subscription, f"subscription:{subscription}", SUBSCRIPTION
+            )
         # Like replacing an Azure subscription's rule: the latest subscriber's types win.
         self._filters[subscription] = types
         return self._attach(sub, handler, max_concurrent_sessions)
@@ -270,13 +274,36 @@ class MemoryBus:
     # -- introspection -----------------------------------------------------------------------
 
     async def dead_letters(self, queue: str) -> list[DeadLetter]:
-        found = [
-            letter
-            for q in (self._queues.get(queue), self._subscriptions.get(queue))
-            if q is not None
-            for letter in q.dead
-        ]
+        found = [letter for q in self._dead_letter_sources(queue) for letter in q.dead]
         return sorted(found, key=lambda letter: letter.dead_lettered_at)
+
+    async def dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None:
+        check_kind(kind)
+        return next((letter for letter in await self.dead_letters(queue) if matches(letter, message_id, kind)), None)
+
+    async def discard_dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None:
+        letter = await self.dead_letter(queue, message_id, kind=kind)  # the oldest, as shown
+        if letter is None:
+            return None
+        for q in self._dead_letter_sources(queue):
+            if any(found is letter for found in q.dead):
+                q.dead[:] = [found for found in q.dead if found is not letter]
+        return letter
+
+    async def redeliver(self, kind: str, name: str, envelope: Envelope) -> None:
+        """To that queue, or to that subscription alone (not a new publish to every subscriber)."""
+        check_kind(kind)
+        if kind == QUEUE:
+            await self.send(name, envelope)
+            return
+        self._check_open()
+        subscription = self._subscriptions.get(name)
+        if subscription is None:
+            raise BusError(f"memory bus: no subscription {name!r} to redeliver to")
+        subscription.put_message(_as_on_the_wire(envelope))
+
+    def _dead_letter_sources(self, name: str) -> list[_Queue]:
+        return [q for q in (self._queues.get(name), self._subscriptions.get(name)) if q is not None]
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per queue (subscriptions as ``subscription:<name>``): pending, in_flight, dead_letters,

@@ -51,6 +51,10 @@ crashed workers) are what this replaces.
 ``dead_letters(name)`` reads the DLQs non-destructively: ``basic.get`` of every message without ack
 on a throw-away channel, then closing that channel returns them all to the DLQ (they stay listable,
 and an operator can still shovel or purge them). Two concurrent readers may each see part of them.
+``discard_dead_letter`` reads the same way and acks only the one message; ``redeliver`` publishes to the
+partition of the message's session of exactly that queue or subscription (bus/deadletters.py). Each read
+returns the messages to the DLQ, which on RabbitMQ 4.0-4.2 counts against the DLQ's default delivery limit
+(see the limits below): there, raise it with a ``delivery-limit`` policy on the ``*.dlq`` queues.
 
 Limits worth knowing (documented, not hidden):
 
@@ -109,6 +113,7 @@ from bus.base import (
     retry_then_drop,
     subscription_types,
 )
+from bus.deadletters import QUEUE, SUBSCRIPTION, check_kind, matches
 from bus.envelope import Envelope, utc_now
 from bus.sessions import SessionScheduler, WorkerPool, note_failure, run_handler
 
@@ -227,6 +232,7 @@ class _Target:
     name: str  # as the caller named it: DeadLetter.queue
     partitions: tuple[str, ...]
     dead_letter_queue: str
+    kind: str = QUEUE  # DeadLetter.kind
 
 
 class RabbitConsumer:
@@ -834,13 +840,13 @@ class RabbitBus:
     # -- topology ----------------------------------------------------------------------------
 
     def _queue_target(self, queue: str) -> _Target:
-        return self._target(queue, f"{self.prefix}{queue}")
+        return self._target(queue, f"{self.prefix}{queue}", QUEUE)
 
     def _subscription_target(self, subscription: str) -> _Target:
-        return self._target(subscription, f"{self.prefix}{subscription}.events")
+        return self._target(subscription, f"{self.prefix}{subscription}.events", SUBSCRIPTION)
 
-    def _target(self, name: str, base: str) -> _Target:
-        return _Target(name, tuple(f"{base}.p{k}" for k in range(self.partitions)), f"{base}.dlq")
+    def _target(self, name: str, base: str, kind: str) -> _Target:
+        return _Target(name, tuple(f"{base}.p{k}" for k in range(self.partitions)), f"{base}.dlq", kind)
 
     def _partition_arguments(self, target: _Target) -> dict[str, Any]:
         return partition_queue_arguments(target.dead_letter_queue, self.delivery_limit)
@@ -1079,7 +1085,7 @@ class RabbitBus:
                     got = await channel.basic_get(name, no_ack=False)
                     if not isinstance(got.delivery, spec.Basic.GetOk):
                         break
-                    letters.append(_dead_letter_from(got, target.name))
+                    letters.append(_dead_letter_from(got, target.name, target.kind))
         except BusError:
             raise
         except Exception as exc:
@@ -1088,6 +1094,66 @@ class RabbitBus:
             if channel is not None and not channel.is_closed:
                 await _close_quietly(channel, self.timeout)
         return letters
+
+    def _dead_letter_targets(self, queue: str, kind: str | None) -> list[_Target]:
+        check_kind(kind)
+        targets = [self._queue_target(queue), self._subscription_target(queue)]
+        return [target for target in targets if kind in (None, target.kind)]
+
+    async def dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None:
+        return next((letter for letter in await self.dead_letters(queue) if matches(letter, message_id, kind)), None)
+
+    async def discard_dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None:
+        """Remove the oldest dead letter with that message id: ``basic.get`` through the DLQ on a channel of
+        its own, ``basic.ack`` of that one only; closing the channel returns the others to the DLQ."""
+        self._check_open()
+        check_name("queue", queue)
+        wanted = await self.dead_letter(queue, message_id, kind=kind)
+        if wanted is None:
+            return None
+        target = next(t for t in self._dead_letter_targets(queue, wanted.kind))
+        return await self._take_dead_letter(target, wanted)
+
+    async def _take_dead_letter(self, target: _Target, wanted: DeadLetter) -> DeadLetter | None:
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            raise BusError(f"RabbitMQ connection to {_safe_url(self.url)} is down (reconnecting)")
+        name = target.dead_letter_queue
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                channel = await connection.channel(publisher_confirms=False)
+                for _ in range(DEAD_LETTER_READ_LIMIT):
+                    got = await channel.basic_get(name, no_ack=False)
+                    if not isinstance(got.delivery, spec.Basic.GetOk):
+                        return None  # gone meanwhile (discarded or replayed by someone else)
+                    letter = _dead_letter_from(got, target.name, target.kind)
+                    if letter.envelope.message_id == wanted.envelope.message_id:
+                        await channel.basic_ack(got.delivery_tag)  # type: ignore[arg-type]
+                        # A round trip after the ack: once it is answered the broker has the ack, so the
+                        # close below cannot hand this message back.
+                        await channel.queue_declare(name, passive=True)
+                        return letter
+        except BusError:
+            raise
+        except Exception as exc:
+            raise BusError(f"cannot discard a dead letter of {name!r}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if channel is not None and not channel.is_closed:
+                await _close_quietly(channel, self.timeout)
+        return None
+
+    async def redeliver(self, kind: str, name: str, envelope: Envelope) -> None:
+        """To the partition of its session of that queue or subscription, through the default exchange:
+        a subscription gets it alone (not the events exchange, which would fan it out to every subscriber)."""
+        self._check_open()
+        check_kind(kind)
+        check_name(kind, name)
+        body = _encode(envelope)
+        target = self._queue_target(name) if kind == QUEUE else self._subscription_target(name)
+        await self._ensure(target)
+        key = target.partitions[partition_of(envelope.session_id, self.partitions)]
+        await self._publish("", key, body, _properties(envelope), mandatory=True)
 
 
 def _closing_reason(closing: asyncio.Future[Any]) -> str:
@@ -1106,7 +1172,7 @@ async def _close_quietly(resource: aiormq.abc.AbstractConnection | aiormq.abc.Ab
         await asyncio.wait_for(resource.close(), timeout)
 
 
-def _dead_letter_from(message: aiormq.abc.DeliveredMessage, source: str) -> DeadLetter:
+def _dead_letter_from(message: aiormq.abc.DeliveredMessage, source: str, kind: str = QUEUE) -> DeadLetter:
     properties = message.header.properties
     headers = dict(properties.headers or {})
     try:
@@ -1125,6 +1191,7 @@ def _dead_letter_from(message: aiormq.abc.DeliveredMessage, source: str) -> Dead
             reason=_text(headers[H_REASON]),
             attempts=_int(headers.get(H_ATTEMPTS)),
             dead_lettered_at=_text(headers.get(H_AT) or utc_now()),
+            kind=kind,
         )
     # Dead-lettered by the broker (x-delivery-limit: consumers kept dying before settling it).
     deaths = headers.get("x-death")
@@ -1144,6 +1211,7 @@ def _dead_letter_from(message: aiormq.abc.DeliveredMessage, source: str) -> Dead
         reason=reason,
         attempts=attempts,
         dead_lettered_at=_format_time(death.get("time")),
+        kind=kind,
     )
 
 

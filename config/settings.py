@@ -409,9 +409,9 @@ SECTIONS: dict[str, type] = {
     **{name: GatewaySettings if name == "gateway" else ServiceSettings for name in SERVICES},
 }
 
-# ECOM_* variables read outside the settings: the TOML file, identity's key-encryption key file, the chaos
-# switch of the fault tests; ``ECOM_TEST_*`` variables belong to the test suite (tests/conftest.py).
-OTHER_VARIABLES = frozenset({"ECOM_CONFIG", "ECOM_IDENTITY_KEK_FILE", "ECOM_CHAOS"})
+# ECOM_* variables read outside the settings: the TOML file, identity's key-encryption key file, the admin token
+# of `ecom bus dead-letters` (runtime/cli_deadletters.py), the chaos switch of the fault tests; ``ECOM_TEST_*`` variables belong to the test suite (tests/conftest.py).
+OTHER_VARIABLES = frozenset({"ECOM_CONFIG", "ECOM_IDENTITY_KEK_FILE", "ECOM_CHAOS", "ECOM_ADMIN_TOKEN"})
 OTHER_PREFIXES = ("ECOM_TEST_",)
 
 

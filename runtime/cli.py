@@ -34,7 +34,7 @@ from runtime.store import create_engine
 
 log = logging.getLogger("ecom")
 
-EXTRA_COMMANDS = ("identity.cli", "bus.azure")
+EXTRA_COMMANDS = ("identity.cli", "bus.azure", "runtime.cli_deadletters")
 
 T = TypeVar("T")
 

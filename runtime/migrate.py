@@ -23,7 +23,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Table, insert, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from runtime import store
+from runtime import audit, store
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ RUNTIME = Component(
             create_tables(store.actor_state, store.outbox, store.inbox, store.reminders),
         ),
         Migration(2, "cluster membership", create_tables(store.cluster_members)),
+        Migration(3, "audit log of admin actions", create_tables(audit.audit_log)),
     ],
 )
 

@@ -11,6 +11,10 @@ previous process are picked up too. Sent rows are kept for ``retention`` seconds
 It lives in ``runtime`` (it reads the runtime's ``outbox`` table) and only uses the bus through the
 :class:`bus.base.Bus` protocol: ``runtime`` depends on ``bus``, never the other way round.
 ``bus.outbox`` still re-exports :class:`OutboxRelay` for older imports.
+
+Besides ``send`` and ``publish`` rows there are ``replay`` rows (:func:`enqueue_replay`): a dead letter an
+operator replays, addressed to exactly the queue or subscription it came from (``"<kind>:<name>"``) and
+handed to the bus's ``redeliver`` (:mod:`bus.deadletters`) with its original ``message_id``.
 """
 
 from __future__ import annotations
@@ -18,15 +22,58 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bus.base import Bus
+from bus.base import Bus, BusError, DeadLetter
+from bus.deadletters import parse_replay_destination, replay_destination
 from bus.envelope import Envelope
 from runtime.store import outbox, utcnow
 
-__all__ = ["OutboxRelay"]
+__all__ = ["REPLAY", "OutboxRelay", "ReplayPending", "enqueue_replay"]
+
+REPLAY = "replay"  # outbox kind of a replayed dead letter
+
+
+class ReplayPending(Exception):
+    """A message with this id is still waiting in the outbox: replaying it again would change nothing."""
+
+
+async def enqueue_replay(conn: AsyncConnection, letter: DeadLetter) -> int:
+    """Write ``letter``'s envelope as a ``replay`` row, in the caller's transaction; returns the row id.
+
+    The row keeps the original ``message_id`` (so the consumer's inbox still recognises a message it has
+    applied). The outbox holds one row per message id: a *sent* row with that id (the original send, or
+    an earlier replay, kept for inspection) is replaced; an *unsent* one raises :class:`ReplayPending`.
+    """
+    message_id = letter.envelope.message_id
+    found = (await conn.execute(select(outbox.c.id, outbox.c.sent_at).where(outbox.c.message_id == message_id))).first()
+    if found is not None:
+        if found.sent_at is None:
+            raise ReplayPending(f"message {message_id} is already waiting in the outbox to be sent")
+        await conn.execute(delete(outbox).where(outbox.c.id == found.id))
+    result = await conn.execute(
+        insert(outbox).values(
+            message_id=message_id,
+            kind=REPLAY,
+            destination=replay_destination(letter),
+            envelope=letter.envelope.encode().decode(),
+            created_at=utcnow(),
+        )
+    )
+    key = result.inserted_primary_key
+    return int(key[0]) if key else 0
+
+
+async def _redeliver(bus: Any, destination: str, envelope: Envelope) -> None:
+    redeliver = getattr(bus, "redeliver", None)
+    if redeliver is None:
+        raise BusError(f"the {bus.name} bus cannot redeliver dead letters")
+    kind, name = parse_replay_destination(destination)
+    await redeliver(kind, name, envelope)
+
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +151,8 @@ class OutboxRelay:
                 envelope = Envelope.decode(row.envelope)
                 if row.kind == "send":
                     await self.bus.send(row.destination, envelope)
+                elif row.kind == REPLAY:
+                    await _redeliver(self.bus, row.destination, envelope)
                 else:
                     await self.bus.publish(envelope)
                 sent.append(row.id)

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from bus import Bus, Consumer, DeadLetter, Envelope, MalformedMessage
+from bus.deadletters import DeadLetters
 
 # Generous for real brokers (lock renewals, redelivery back-off); the memory bus takes milliseconds.
 TIMEOUT = 30.0
@@ -634,3 +635,88 @@ async def test_bus_broadcast_handler_failures_are_retried_then_dropped(bus_facto
     tries = calls.items.count(2)
     assert 2 <= tries <= 10, calls.items  # retried a few times, not forever
     assert calls.items.index(3) > max(i for i, n in enumerate(calls.items) if n == 2)  # in order
+
+
+# Dead letters: show, discard, redeliver (bus/deadletters.py) -------------------------------------------
+
+
+async def test_bus_dead_letters_show_discard_and_redeliver_to_the_queue(bus_factory: BusFactory, keep: Any) -> None:
+    bus = await bus_factory()
+    assert isinstance(bus, DeadLetters)
+    queue, session = unique("dlq"), unique("s")
+    healed: set[str] = set()  # message ids the handler accepts from now on
+    log = Log()
+
+    async def handler(env: Envelope) -> None:
+        await log.add((env.message_id, env.body["i"]))
+        if env.body["poison"] and env.message_id not in healed:
+            raise ValueError("poison")
+
+    keep(await bus.consume(queue, handler))
+    first, second = msg(session, i=0, poison=True), msg(session, i=1, poison=True)
+    for env in (first, second, msg(session, i=2, poison=False)):
+        await bus.send(queue, env)
+    letters: list[DeadLetter] = await eventually(lambda: _at_least(bus.dead_letters(queue), 2))
+    assert [x.envelope.message_id for x in letters] == [first.message_id, second.message_id]
+    assert {x.kind for x in letters} == {"queue"}
+
+    shown = await bus.dead_letter(queue, second.message_id)
+    assert shown is not None and shown.envelope.message_id == second.message_id and shown.queue == queue
+    assert dict(shown.envelope.body) == dict(second.body) and "poison" in shown.reason
+    assert await bus.dead_letter(queue, "no-such-id") is None
+    assert await bus.dead_letter(queue, second.message_id, kind="subscription") is None
+
+    gone = await bounded(bus.discard_dead_letter(queue, first.message_id))
+    assert gone is not None and gone.envelope.message_id == first.message_id
+    assert [x.envelope.message_id for x in await bus.dead_letters(queue)] == [second.message_id]  # the other stays
+    assert await bounded(bus.discard_dead_letter(queue, first.message_id)) is None  # gone is gone
+
+    healed.add(second.message_id)
+    before = len(log.items)
+    await bounded(bus.redeliver("queue", queue, shown.envelope))
+    await log.wait_for(lambda items: (second.message_id, 1) in items[before:])
+    assert (first.message_id, 0) not in log.items[before:]  # the discarded one never comes back
+    # Redelivering does not take it off the dead-letter queue: that is the caller's (replay's) next step.
+    assert [x.envelope.message_id for x in await bus.dead_letters(queue)] == [second.message_id]
+    assert await bounded(bus.discard_dead_letter(queue, second.message_id, kind="queue")) is not None
+    assert await bus.dead_letters(queue) == []
+
+
+async def _at_least(letters: Awaitable[list[DeadLetter]], count: int) -> list[DeadLetter] | None:
+    found = await letters
+    return found if len(found) >= count else None
+
+
+async def test_bus_subscription_dead_letter_is_redelivered_to_that_subscription_only(
+    bus_factory: BusFactory, keep: Any
+) -> None:
+    bus = await bus_factory()
+    event_type = unique("Priced")
+    failing, other = unique("subf"), unique("subo")
+    session = unique("p")
+    healed = False
+    seen_failing, seen_other = Log(), Log()
+
+    async def flaky(env: Envelope) -> None:
+        await seen_failing.add((env.message_id, env.body["n"]))
+        if not healed:
+            raise RuntimeError("subscriber broken")
+
+    keep(await bus.subscribe(failing, [event_type], flaky))
+    keep(await bus.subscribe(other, [event_type], lambda env: seen_other.add((env.message_id, env.body["n"]))))
+    event = msg(session, type=event_type, n=1)
+    await bus.publish(event)
+    letters: list[DeadLetter] = await eventually(lambda: bus.dead_letters(failing))
+    assert [(x.queue, x.kind, x.envelope.message_id) for x in letters] == [(failing, "subscription", event.message_id)]
+    assert await bus.dead_letters(other) == []
+
+    healed = True
+    before = len(seen_failing.items)
+    await bounded(bus.redeliver("subscription", failing, letters[0].envelope))
+    await seen_failing.wait_for(lambda items: (event.message_id, 1) in items[before:])
+    marker = msg(session, type=event_type, n=2)  # published after the redelivery: the other subscriber's
+    await bus.publish(marker)  # log is complete once it arrives
+    await seen_other.wait_for(lambda items: (marker.message_id, 2) in items)
+    assert seen_other.items == [(event.message_id, 1), (marker.message_id, 2)]  # not delivered to it again
+    assert await bounded(bus.discard_dead_letter(failing, event.message_id)) is not None
+    assert await bus.dead_letters(failing) == []

@@ -25,6 +25,7 @@ from azure.servicebus.exceptions import (
 
 from bus import Bus, BusError, Envelope
 from bus.azure import TOPIC, AzureBroadcast, AzureBus, create_bus, provision, register
+from bus.servicebus.management import REPLAY_RULE
 from config import ConfigError, load_settings
 from tests.amqp_peer import AmqpPeer
 from tests.bus_contract import *  # the contract tests and the fixtures they use
@@ -370,8 +371,9 @@ async def test_azure_subscription_rules_filter_by_subject(peer: AmqpPeer, buses:
     consumer = await bus.subscribe(sub, [paid, shipped], lambda env: log.add(env.type))
 
     rules = peer.broker.subscription(TOPIC, sub).rules
-    assert sorted(rules) == sorted([paid, shipped])  # one rule per type, the $Default rule is gone
-    assert {r.correlation["subject"] for r in rules.values()} == {paid, shipped}
+    # one rule per type and the replay rule (dead letters replayed to this subscription alone); $Default is gone
+    assert sorted(rules) == sorted([paid, shipped, REPLAY_RULE])
+    assert {r.correlation.get("subject") for n, r in rules.items() if n != REPLAY_RULE} == {paid, shipped}
     assert peer.broker.subscription(TOPIC, sub).requires_session
 
     session = unique("o")
@@ -386,7 +388,7 @@ async def test_azure_subscription_rules_filter_by_subject(peer: AmqpPeer, buses:
     await consumer.stop()
     log2 = Log()
     await bus.subscribe(sub, [other], lambda env: log2.add(env.type))
-    assert sorted(peer.broker.subscription(TOPIC, sub).rules) == [other]
+    assert sorted(peer.broker.subscription(TOPIC, sub).rules) == sorted([other, REPLAY_RULE])
     for event_type in (paid, other):
         await bus.publish(msg(session, type=event_type))
     await log2.wait_count(1)
@@ -449,13 +451,14 @@ async def test_azure_provision_creates_queues_topic_subscriptions_and_rules(peer
         f"topic {TOPIC}: created",
         (
             f"subscription {TOPIC}/cart: created subscription {TOPIC}/cart, "
-            "created rule OrderStarted (subject = 'OrderStarted'), deleted rule $Default"
+            "created rule OrderStarted (subject = 'OrderStarted'), "
+            "created rule ecom-replay (ecom-replay-to = 'cart': replayed dead letters), deleted rule $Default"
         ),
     ]
     order = peer.broker.queue("order")
     assert (order.requires_session, order.max_delivery_count, order.lock_duration) == (True, 4, 60.0)
     assert order.dedup is not None and order.dedup.window == 600
-    assert sorted(peer.broker.subscription(TOPIC, "cart").rules) == ["OrderStarted"]
+    assert sorted(peer.broker.subscription(TOPIC, "cart").rules) == ["OrderStarted", REPLAY_RULE]
     # What went over the wire is the SDK's ATOM, signed with the connection string's key.
     puts = [(path, body) for method, path, body in peer.atom.requests if method == "PUT"]
     assert [path for path, _ in puts][:3] == ["order", "catalog", TOPIC]
@@ -495,7 +498,7 @@ async def test_azure_cli_bus_provision(peer: AmqpPeer, capsys: pytest.CaptureFix
     assert code == 0
     out = capsys.readouterr().out
     assert "queue order: created" in out and f"topic {TOPIC}: created" in out
-    assert sorted(peer.broker.subscription(TOPIC, "cart").rules) == ["OrderPaid", "OrderStarted"]
+    assert sorted(peer.broker.subscription(TOPIC, "cart").rules) == ["OrderPaid", "OrderStarted", REPLAY_RULE]
     with pytest.raises(ConfigError):
         bad = parser.parse_args(["bus", "provision", "--subscription", "cart"])
         bad.handler(settings, bad)

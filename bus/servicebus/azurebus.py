@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import ssl
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, timedelta
 from typing import Any
@@ -42,13 +43,14 @@ from bus.base import (
     check_name,
     subscription_types,
 )
+from bus.deadletters import QUEUE, check_kind, matches
 from bus.envelope import Envelope, utc_now
 from bus.servicebus.broadcast import (
     BROADCAST_AUTO_DELETE,
     AzureBroadcast,
     _broadcast_name,
 )
-from bus.servicebus.management import _Provisioner
+from bus.servicebus.management import REPLAY_SUBJECT, REPLAY_TO, _Provisioner
 from bus.servicebus.messages import (
     DEFAULT_DUPLICATE_WINDOW,
     TOPIC,
@@ -60,6 +62,9 @@ from bus.servicebus.receiving import AzureConsumer
 from bus.servicebus.sending import _Outbox
 
 log = logging.getLogger(__name__)
+
+DEAD_LETTER_READ_LIMIT = 10_000  # messages a discard looks through before giving up
+DISCARD_RECEIVE_WAIT = 2.0  # seconds a discard waits for the next batch of the dead-letter queue
 
 
 class AzureBus:
@@ -468,7 +473,9 @@ class AzureBus:
                 batch = await receiver.peek_messages(max_message_count=250, sequence_number=sequence)
                 if not batch:
                     break
-                letters += [letter for message in batch if (letter := self._dead_letter(name, message)) is not None]
+                letters += [
+                    letter for message in batch if (letter := self._dead_letter(name, message, kind)) is not None
+                ]
                 sequence = (batch[-1].sequence_number or sequence) + 1
         except (MessagingEntityNotFoundError, ServiceBusAuthorizationError, ServiceBusAuthenticationError) as exc:
             # No such queue/subscription (the name may be only one of the two).
@@ -485,7 +492,7 @@ class AzureBus:
         return letters
 
     @staticmethod
-    def _dead_letter(name: str, message: ServiceBusReceivedMessage) -> DeadLetter | None:
+    def _dead_letter(name: str, message: ServiceBusReceivedMessage, kind: str = QUEUE) -> DeadLetter | None:
         try:
             envelope = Envelope.decode(_body(message))
         except MalformedMessage as exc:
@@ -503,4 +510,71 @@ class AzureBus:
         except (ValueError, TypeError, KeyError):
             if description:  # dead-lettered by the broker (MaxDeliveryCountExceeded...) or someone else
                 reason = f"{reason}: {description}"
-        return DeadLetter(queue=name, envelope=envelope, reason=reason, attempts=attempts, dead_lettered_at=at)
+        return DeadLetter(
+            queue=name, envelope=envelope, reason=reason, attempts=attempts, dead_lettered_at=at, kind=kind
+        )
+
+    async def dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None:
+        check_kind(kind)
+        return next((letter for letter in await self.dead_letters(queue) if matches(letter, message_id, kind)), None)
+
+    async def discard_dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None:
+        """Remove the oldest dead letter with that envelope ``message_id``. Service Bus cannot receive a
+        message by id, so a receiver on the ``$DeadLetterQueue`` takes messages in peek-lock mode until it
+        meets it, completes that one and abandons the others (they stay, their delivery count goes up)."""
+        self._check_open()
+        _check_name("queue", queue)
+        wanted = await self.dead_letter(queue, message_id, kind=kind)  # a peek: no lock taken for a miss
+        if wanted is None:
+            return None
+        assert self._receive_client is not None
+        if wanted.kind == QUEUE:
+            receiver = self._receive_client.get_queue_receiver(
+                queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=DISCARD_RECEIVE_WAIT
+            )
+        else:
+            receiver = self._receive_client.get_subscription_receiver(
+                self.topic, queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER, max_wait_time=DISCARD_RECEIVE_WAIT
+            )
+        held: list[ServiceBusReceivedMessage] = []
+        try:
+            while len(held) < DEAD_LETTER_READ_LIMIT:
+                batch = await receiver.receive_messages(max_message_count=100, max_wait_time=DISCARD_RECEIVE_WAIT)
+                if not batch:
+                    return None  # gone meanwhile (discarded or replayed by someone else)
+                for message in batch:
+                    letter = self._dead_letter(queue, message, wanted.kind)
+                    if letter is not None and letter.envelope.message_id == message_id:
+                        await receiver.complete_message(message)
+                        return letter
+                    held.append(message)
+            return None
+        except ServiceBusError as exc:
+            raise BusError(f"azure bus: cannot discard a dead letter of {wanted.kind} {queue}: {exc}") from exc
+        finally:
+            for message in held:
+                with contextlib.suppress(Exception):
+                    await receiver.abandon_message(message)
+            self._close_later(receiver)
+
+    async def redeliver(self, kind: str, name: str, envelope: Envelope) -> None:
+        """To that queue, or to that subscription alone: published on the topic with subject
+        ``REPLAY_SUBJECT`` (no event-type rule matches it) and ``REPLAY_TO = name``, which only that
+        subscription's replay rule matches. The broker-level message id gets a suffix, because duplicate
+        detection would drop the original id within its window; the envelope (the body) keeps its own
+        ``message_id``, which is what consumers dedupe on."""
+        self._check_open()
+        check_kind(kind)
+        _check_name(kind, name)
+        message = to_message(envelope)
+        message.message_id = f"{envelope.message_id[:90]}/replay-{uuid.uuid4().hex[:12]}"
+        if kind == QUEUE:
+            await self._ensure_queue(name)
+            await self._send(name, False, message)
+            return
+        message.subject = REPLAY_SUBJECT
+        properties: dict[str | bytes, Any] = dict(envelope.headers.items())
+        properties[REPLAY_TO] = name
+        message.application_properties = properties
+        await self._ensure_topic()
+        await self._send(self.topic, True, message)

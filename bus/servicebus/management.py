@@ -20,6 +20,23 @@ log = logging.getLogger(__name__)
 
 _RULE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,50}$")
 
+# A replayed dead letter of a subscription goes to that subscription alone (bus.deadletters): it is
+# published with subject REPLAY_SUBJECT, which no event-type rule matches, and the application property
+# REPLAY_TO = <subscription>, which only that subscription's REPLAY_RULE matches.
+REPLAY_RULE = "ecom-replay"
+REPLAY_SUBJECT = "ecom-replay"
+REPLAY_TO = "ecom-replay-to"
+
+
+def _is_replay_rule(rule: Any, subscription: str) -> bool:
+    rule_filter = rule.filter
+    return (
+        rule.name == REPLAY_RULE
+        and isinstance(rule_filter, CorrelationRuleFilter)
+        and not rule_filter.label
+        and dict(rule_filter.properties or {}) == {REPLAY_TO: subscription}
+    )
+
 
 def rule_name(event_type: str) -> str:
     """The subscription rule for one event type: its own name when Service Bus allows it."""
@@ -94,7 +111,8 @@ class _Provisioner:
         )
 
     async def subscription(self, name: str, event_types: Collection[str]) -> list[str]:
-        """Create the subscription if needed and make its rules exactly one per event type."""
+        """Create the subscription if needed and make its rules exactly one per event type, plus the replay
+        rule (REPLAY_RULE) that lets a replayed dead letter reach this subscription alone."""
         done: list[str] = []
         if await self._create(
             f"subscription {self.topic}/{name}",
@@ -113,7 +131,11 @@ class _Provisioner:
         existing = [rule async for rule in self.admin.list_rules(self.topic, name)]
         satisfied: set[str] = set()
         stale: list[str] = []
+        replay_rule = False
         for rule in existing:
+            if _is_replay_rule(rule, name):
+                replay_rule = True
+                continue
             label = _label_only(rule.filter)
             if label is not None and label in event_types and label not in satisfied:
                 satisfied.add(label)
@@ -133,6 +155,17 @@ class _Provisioner:
                 self.admin.create_rule(self.topic, name, rule_name_, filter=CorrelationRuleFilter(label=event_type)),
             ):
                 done.append(f"created rule {rule_name_} (subject = {event_type!r})")
+        if not replay_rule:
+            if REPLAY_RULE in stale:
+                await self._delete_rule(name, REPLAY_RULE)
+                stale.remove(REPLAY_RULE)
+            if await self._create(
+                f"rule {self.topic}/{name}/{REPLAY_RULE}",
+                self.admin.create_rule(
+                    self.topic, name, REPLAY_RULE, filter=CorrelationRuleFilter(properties={REPLAY_TO: name})
+                ),
+            ):
+                done.append(f"created rule {REPLAY_RULE} ({REPLAY_TO} = {name!r}: replayed dead letters)")
         for name_ in [n for n in stale if n not in wanted]:
             await self._delete_rule(name, name_)
             done.append(f"deleted rule {name_}")

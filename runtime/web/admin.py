@@ -1,5 +1,18 @@
-"""The admin actor endpoints ``<prefix>/actors`` and ``<prefix>/actors/{type}/{id}``, open only to the
-admin role (or to anyone when ``ECOM_ADMIN_OPEN=true``, for a local single-user setup)."""
+"""The admin endpoints, open only to the admin role (or to anyone when ``ECOM_ADMIN_OPEN=true``, for a local
+single-user setup):
+
+- actors: ``<prefix>/actors`` and ``<prefix>/actors/{type}/{id}``;
+- dead letters of the service's queues and subscriptions (:mod:`runtime.deadletters`; replay and discard are
+  written to the audit log with the token's user):
+
+    GET    <prefix>/dead-letters                          per queue/subscription: kind and count
+    GET    <prefix>/dead-letters/{queue}?page=&page_size= the dead letters, oldest first (paged)
+    GET    <prefix>/dead-letters/{queue}/{message_id}     one, with body, headers and reason
+    POST   <prefix>/dead-letters/{queue}/{message_id}/replay   back through the outbox, same message id (202)
+    DELETE <prefix>/dead-letters/{queue}/{message_id}     discard it (200, the discarded letter)
+
+- the audit log (:mod:`runtime.audit`): ``GET <prefix>/audit?limit=&action=``, newest first.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +24,14 @@ from runtime.errors import Forbidden, NotFound, ValidationProblem
 from runtime.web.resources import AppKeyRuntime
 from runtime.web.responses import json_response
 
-__all__ = ["add_admin_routes", "admin_actor", "admin_actors", "require_admin"]
+__all__ = [
+    "add_admin_routes",
+    "add_dead_letter_routes",
+    "admin_actor",
+    "admin_actors",
+    "admin_audit",
+    "require_admin",
+]
 
 
 async def require_admin(request: web.Request) -> None:
@@ -54,6 +74,116 @@ async def admin_actor(request: web.Request) -> web.Response:
 def add_admin_routes(app: web.Application, prefix: str) -> None:
     app.router.add_get(f"{prefix}/actors", admin_actors)
     app.router.add_get(f"{prefix}/actors/{{type}}/{{id}}", admin_actor)
+    add_dead_letter_routes(app, prefix)
+
+
+# -- dead letters ---------------------------------------------------------------------------------
+
+
+def add_dead_letter_routes(app: web.Application, prefix: str) -> None:
+    base = f"{prefix}/dead-letters"
+    app.router.add_get(base, admin_dead_letter_queues)
+    app.router.add_get(f"{base}/{{queue}}", admin_dead_letters)
+    app.router.add_get(f"{base}/{{queue}}/{{message_id}}", admin_dead_letter)
+    app.router.add_post(f"{base}/{{queue}}/{{message_id}}/replay", admin_replay_dead_letter)
+    app.router.add_delete(f"{base}/{{queue}}/{{message_id}}", admin_discard_dead_letter)
+    app.router.add_get(f"{prefix}/audit", admin_audit)
+
+
+async def admin_audit(request: web.Request) -> web.Response:
+    """The service's audit log, newest first: ``limit`` (1-1000, default 100), ``action`` (exact)."""
+    from runtime import audit
+
+    await require_admin(request)
+    runtime = request.app[AppKeyRuntime]
+    limit = _int_query(request, "limit", 100, 1, 1000)
+    action = request.query.get("action") or None
+    items = await audit.entries(runtime.engine, limit=limit, action=action) if runtime.engine is not None else []
+    return json_response({"service": runtime.name, "items": items})
+
+
+async def _operator(request: web.Request) -> Any:
+    """Who is acting, for the audit log (after require_admin): the token's email, else its subject."""
+    from runtime.auth import optional_principal
+    from runtime.deadletters import Operator
+    from runtime.errors import Problem
+
+    runtime = request.app[AppKeyRuntime]
+    anonymous = Operator("anonymous (ECOM_ADMIN_OPEN)", "api")
+    if runtime.settings.general.admin_open:
+        # Open: nobody had to show a token; one that verifies still names its user in the audit log.
+        if runtime.verifier is None:
+            return anonymous
+        try:
+            principal = await optional_principal(request)
+        except Problem:
+            return anonymous
+    else:
+        principal = await optional_principal(request)  # verified by require_admin already
+    if principal is None:
+        return anonymous
+    email = principal.claims.get("email")
+    name = f"{email} ({principal.sub})" if isinstance(email, str) and email else principal.sub
+    return Operator(name, "api")
+
+
+def _dead_letter_admin(request: web.Request) -> Any:
+    from runtime.deadletters import DeadLetterAdmin
+
+    runtime = request.app[AppKeyRuntime]
+    if runtime.bus is None or runtime.engine is None:
+        raise NotFound(f"the {runtime.name} service has no bus queues, so no dead letters")
+    return DeadLetterAdmin(runtime.name, runtime.engine, runtime.bus, relay=runtime.relay)
+
+
+async def admin_dead_letter_queues(request: web.Request) -> web.Response:
+    await require_admin(request)
+    runtime = request.app[AppKeyRuntime]
+    if runtime.bus is None or runtime.engine is None:
+        return json_response({"service": runtime.name, "bus": None, "queues": [], "total": 0})
+    queues = await _dead_letter_admin(request).summary()
+    total = sum(q["count"] for q in queues)
+    return json_response({"service": runtime.name, "bus": runtime.bus.name, "queues": queues, "total": total})
+
+
+async def admin_dead_letters(request: web.Request) -> web.Response:
+    from runtime.deadletters import letter_summary
+
+    await require_admin(request)
+    page = _int_query(request, "page", 1, 1, 1_000_000)
+    page_size = _int_query(request, "page_size", 20, 1, 500)
+    letters = await _dead_letter_admin(request).list(request.match_info["queue"])
+    start = (page - 1) * page_size
+    items = [letter_summary(letter) for letter in letters[start : start + page_size]]
+    return json_response({"items": items, "page": page, "page_size": page_size, "total": len(letters)})
+
+
+async def admin_dead_letter(request: web.Request) -> web.Response:
+    from runtime.deadletters import letter_json
+
+    await require_admin(request)
+    letter = await _dead_letter_admin(request).show(request.match_info["queue"], request.match_info["message_id"])
+    return json_response(letter_json(letter))
+
+
+async def admin_replay_dead_letter(request: web.Request) -> web.Response:
+    await require_admin(request)
+    operator = await _operator(request)
+    result = await _dead_letter_admin(request).replay(
+        request.match_info["queue"], request.match_info["message_id"], operator
+    )
+    return json_response(result, status=202)
+
+
+async def admin_discard_dead_letter(request: web.Request) -> web.Response:
+    from runtime.deadletters import letter_json
+
+    await require_admin(request)
+    operator = await _operator(request)
+    letter = await _dead_letter_admin(request).discard(
+        request.match_info["queue"], request.match_info["message_id"], operator
+    )
+    return json_response({"status": "discarded", **letter_json(letter)})
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:

@@ -416,6 +416,14 @@ class AtomEndpoint:
             ):
                 if c.get(attr) is not None:
                     ET.SubElement(f, f"{{{SB}}}{tag}").text = c[attr]
+            properties = c.get("properties") or {}
+            if properties:  # string values only (what the adapter's replay rule uses)
+                props = ET.SubElement(f, f"{{{SB}}}Properties")
+                for key, value in properties.items():
+                    kv = ET.SubElement(props, f"{{{SB}}}KeyValueOfstringanyType")
+                    ET.SubElement(kv, f"{{{SB}}}Key").text = key
+                    typed = {f"{{{XSI}}}type": "d6p1:string", "xmlns:d6p1": "http://www.w3.org/2001/XMLSchema"}
+                    ET.SubElement(kv, f"{{{SB}}}Value", typed).text = str(value)
         action = ET.SubElement(d, f"{{{SB}}}Action")
         action.set(f"{{{XSI}}}type", "EmptyRuleAction")
         ET.SubElement(d, f"{{{SB}}}CreatedAt").text = _now_iso()
