@@ -314,7 +314,7 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     env.update(
         ECOM_DATA_DIR=str(tmp / "var"),
         ECOM_LOG_LEVEL="WARNING",
-        ECOM_ISSUER=issuer,
+        ECOM_PUBLIC_URL=issuer,  # the stand-in upstream issues the tokens and serves the JWKS
         ECOM_GATEWAY_PORT=str(gw_port),
         ECOM_GATEWAY_ACCESS_LOG="false",
         ECOM_GATEWAY_RATE_LIMIT="0" if args.no_rate_limit else "1000000000",

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 SERVICES: tuple[str, ...] = ("gateway", "identity", "catalog", "cart", "order")
 DEFAULT_PORTS = {"gateway": 8000, "identity": 8001, "catalog": 8002, "cart": 8003, "order": 8004}
@@ -58,8 +59,10 @@ class GeneralSettings:
     # Admin actor endpoints: closed unless the caller proves the admin role (identity tokens).
     # ``admin_open = true`` opens them to anyone and is meant only for a local, single-user setup.
     admin_open: bool = False
-    # Public base URL of the identity service; the token issuer and where JWKS are fetched from.
-    issuer: str = ""
+    # The shop's public base URL: the gateway, the one door for browsers and apps. It is the token issuer
+    # (``iss``), and every URL of discovery and of the sign-in pages starts with it. Empty: the gateway's own
+    # http://<host>:<gateway port>. Behind a TLS terminator or a load balancer, set it to the outside URL.
+    public_url: str = ""
     # The audience every access token must carry (the whole API is one resource server).
     audience: str = "ecom"
     # Password of the admin user created on first run; generated and printed once when empty.
@@ -67,6 +70,14 @@ class GeneralSettings:
 
     def validate(self) -> None:
         _check(self.log_level.upper() in LOG_LEVELS, "log_level", f"expected one of {', '.join(LOG_LEVELS)}")
+        if self.public_url:
+            parts = urlsplit(self.public_url)
+            _check(
+                parts.scheme in ("http", "https") and bool(parts.hostname) and not (parts.query or parts.fragment),
+                "public_url",
+                "expected an http:// or https:// base URL without query or fragment",
+            )
+            _check(parts.path in ("", "/"), "public_url", "expected a URL without a path (the gateway serves /)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,8 +313,25 @@ class Settings:
         return f"http://{self.general.host}:{self.services[service].port}"
 
     @property
+    def public_url(self) -> str:
+        """The shop's public base URL (the gateway), without a trailing slash."""
+        return (self.general.public_url or self.base_url("gateway")).rstrip("/")
+
+    @property
     def issuer(self) -> str:
-        return self.general.issuer or self.base_url("identity")
+        """The token issuer: the public URL, so discovery is at ``<issuer>/.well-known/openid-configuration``
+        through the gateway (OpenID Connect Discovery §4) and ``iss`` names the door clients use."""
+        return self.public_url
+
+    @property
+    def jwks_url(self) -> str:
+        """Where services and the gateway fetch identity's signing keys: identity itself, on the internal
+        network (its first upstream, else its own host and port), not the public URL. The gateway verifies
+        tokens with these keys, so fetching them through the gateway would make it depend on itself; the
+        fetches would also share the public rate-limit buckets of the caller's address and wait on the
+        gateway's start. The keys are the same either way; ``iss`` is still compared with the public URL."""
+        first = self.services["identity"].upstreams.split(",")[0].strip().rstrip("/")
+        return f"{first or self.base_url('identity')}/.well-known/jwks.json"
 
     def replace(self, **sections: Any) -> Settings:
         return dataclasses.replace(self, **sections)
@@ -363,7 +391,9 @@ def _build(cls: type, section: str, base: Any, toml: Mapping[str, Any], env: Map
     types_ = _field_types(cls)
     unknown = set(toml) - set(types_)
     if unknown:
-        raise ConfigError(f"[{section}] {min(unknown)}: unknown setting")
+        name = min(unknown)
+        renamed = RENAMED.get(env_name(section, name))
+        raise ConfigError(f"[{section}] {name}: " + (f"replaced by {renamed}" if renamed else "unknown setting"))
     for name, kind in types_.items():
         var = env_name(section, name)
         source, raw = None, None
@@ -410,8 +440,11 @@ SECTIONS: dict[str, type] = {
 }
 
 # ECOM_* variables read outside the settings: the TOML file, identity's key-encryption key file, the admin token
-# of `ecom bus dead-letters` (runtime/cli_deadletters.py), the chaos switch of the fault tests; ``ECOM_TEST_*`` variables belong to the test suite (tests/conftest.py).
+# of `ecom bus dead-letters` (runtime/cli_deadletters.py), the chaos switch of the fault tests; ``ECOM_TEST_*``
+# variables belong to the test suite (tests/conftest.py).
 OTHER_VARIABLES = frozenset({"ECOM_CONFIG", "ECOM_IDENTITY_KEK_FILE", "ECOM_CHAOS", "ECOM_ADMIN_TOKEN"})
+# Settings that were replaced: the old name is refused with the new one named (not a guess by spelling).
+RENAMED = {"ECOM_ISSUER": "ECOM_PUBLIC_URL ([general] public_url): the gateway's public URL is the issuer now"}
 OTHER_PREFIXES = ("ECOM_TEST_",)
 
 
@@ -430,6 +463,8 @@ def check_variables(env: Mapping[str, str]) -> None:
     for var in sorted(env):
         if not var.startswith("ECOM_") or var in known or var.startswith(OTHER_PREFIXES):
             continue
+        if var in RENAMED:
+            raise ConfigError(f"{var}: replaced by {RENAMED[var]}")
         close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.75)
         hint = f"; did you mean {close[0]}?" if close else "; see the settings table in README.md"
         raise ConfigError(f"{var}: unknown setting{hint}")

@@ -1,7 +1,7 @@
 """The server-rendered pages (sign-in form, signed-out notice) and the sign-in form's CSRF protection.
 
-Plain HTML, no script, every value escaped. Pages are sent with a strict Content-Security-Policy, no caching
-and ``frame-ancestors 'none'`` (no click-jacking of the password form).
+Plain HTML, no script, every value escaped. Pages are sent with a strict Content-Security-Policy, no caching,
+``frame-ancestors 'none'`` (no click-jacking of the password form) and ``Referrer-Policy: same-origin``.
 
 CSRF: a server-issued token, bound to the browser and to the authorization request. ``GET /connect/authorize``
 sets a random browser nonce in an ``HttpOnly``, ``SameSite=Strict`` cookie scoped to the authorize path and puts
@@ -12,7 +12,12 @@ whose MAC verifies for that cookie and the posted request, issued at most :data:
 invented token (or cookie) fails, a token taken from another request (another ``state`` or challenge) fails,
 and a cross-site page can neither read the cookie nor make the browser send it (SameSite) — so it cannot sign a
 victim into the attacker's account (login CSRF). An ``Origin`` header, when the browser sends one, must be the
-issuer's origin as well. Failures are 403 problems (``/csrf``).
+origin of the shop's public URL as well (``settings.public_url``: the gateway, where the page is served and
+posted; never identity's internal address, and never a value taken from the request's ``Host`` or
+``X-Forwarded-*`` headers). Failures are 403 problems (``/csrf``).
+
+The form posts to a relative action, so it goes back to the door the page came through; the cookie is host-only
+and scoped to the authorize path, so the browser sends it to the gateway (cookies do not depend on the port).
 """
 
 from __future__ import annotations
@@ -92,7 +97,10 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: under that policy a browser sends ``Origin: null`` with the form's POST (Fetch, "serializing
+    # a request origin"), and the Origin check below refuses it. same-origin keeps the real Origin on the post to
+    # this page's own origin and still gives no referrer to any other site (the page links nowhere anyway).
+    "Referrer-Policy": "same-origin",
 }
 
 _STYLE = """
@@ -166,11 +174,12 @@ def clear_csrf_cookie(response: web.StreamResponse) -> None:
     response.del_cookie(CSRF_COOKIE, path=CSRF_PATH)
 
 
-def check_csrf(request: web.Request, form: Mapping[str, str], issuer: str) -> None:
+def check_csrf(request: web.Request, form: Mapping[str, str], public_url: str) -> None:
     """403 unless the form's token was issued by this server, within :data:`CSRF_TTL`, for this browser's cookie
-    and this authorization request; and any Origin header is the issuer's origin."""
+    and this authorization request; and any Origin header is the origin of ``public_url`` (the gateway: a page
+    served by identity's internal address is not the shop's sign-in page)."""
     origin = request.headers.get("Origin")
-    if origin is not None and origin != _origin(issuer):
+    if origin is not None and origin != _origin(public_url):
         raise Forbidden("The sign-in form was posted from another site.", slug="csrf")
     cookie = request.cookies.get(CSRF_COOKIE, "")
     posted = form.get(CSRF_FIELD, "")
@@ -184,5 +193,11 @@ def check_csrf(request: web.Request, form: Mapping[str, str], issuer: str) -> No
 
 
 def _origin(url: str) -> str:
+    """The serialised origin of ``url`` as a browser sends it in ``Origin``: lower-case, no default port."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")

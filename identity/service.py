@@ -142,7 +142,7 @@ async def open_repository(settings: Settings, database_url: str | None = None) -
 def storefront_redirect_uris(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(redirect URIs, post-logout redirect URIs) of the storefront: the web storefront behind the gateway and
     the mobile app's private-use scheme (RFC 8252). More are added with ``ecom clients set-redirect-uris``."""
-    gateway = settings.base_url("gateway")
+    gateway = settings.public_url
     return (f"{gateway}/callback", "com.ecomgateway.storefront:/callback"), (f"{gateway}/",)
 
 

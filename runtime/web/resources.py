@@ -284,6 +284,7 @@ def make_verifier(settings: Settings) -> Any:
 
     return TokenVerifier(
         issuer=settings.issuer,
+        jwks_url=settings.jwks_url,  # identity directly, not through the public URL (Settings.jwks_url)
         audience=settings.general.audience,
         leeway=settings.auth.leeway,
         refetch_interval=settings.auth.jwks_refetch_interval,

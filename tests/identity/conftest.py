@@ -52,7 +52,13 @@ class IdentityServer:
 
     @property
     def issuer(self) -> str:
+        """The public URL (the gateway's, not this server's): the issuer, the base of discovery's URLs."""
         return self.settings.issuer
+
+    @property
+    def url(self) -> str:
+        """This identity server's own address (internal: browsers come through the public URL)."""
+        return str(self.client.make_url("")).rstrip("/")
 
     @property
     def identity(self) -> Identity:
@@ -182,7 +188,12 @@ class Shop:
 @pytest.fixture
 async def make_shop(aiohttp_client: Any) -> Callable[[IdentityServer], Awaitable[Shop]]:
     async def make(idsrv: IdentityServer) -> Shop:
-        verifier = TokenVerifier(issuer=idsrv.issuer, audience=idsrv.settings.general.audience, refetch_interval=0.001)
+        verifier = TokenVerifier(
+            issuer=idsrv.issuer,  # the public URL (the gateway's), as in every token
+            jwks_url=idsrv.settings.jwks_url,  # keys straight from identity, as services fetch them
+            audience=idsrv.settings.general.audience,
+            refetch_interval=0.001,
+        )
         runtime = ServiceRuntime(name="shop", settings=idsrv.settings, verifier=verifier)
 
         @require(roles=("customer",))

@@ -72,6 +72,8 @@ async def test_login_page_headers_and_escaping(idsrv: IdentityServer) -> None:
     assert resp.status == 200
     assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
     assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["Cache-Control"] == "no-store"
+    # no-referrer would make browsers post the form with "Origin: null", which the Origin check refuses
+    assert resp.headers["Referrer-Policy"] == "same-origin"
     cookie = resp.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/connect/authorize" in cookie
     page = await resp.text()
@@ -87,7 +89,7 @@ async def test_csrf_protection(idsrv: IdentityServer) -> None:
     # a cross-site post: no cookie (another browser session, or SameSite kept it back)
     async with ClientSession() as stranger:
         resp = await stranger.post(
-            f"{idsrv.issuer}/connect/authorize", data={**fields, **credentials}, allow_redirects=False
+            f"{idsrv.url}/connect/authorize", data={**fields, **credentials}, allow_redirects=False
         )
         assert resp.status == 403 and (await resp.json())["type"].endswith("/csrf")
     # right cookie, forged token
@@ -103,7 +105,13 @@ async def test_csrf_protection(idsrv: IdentityServer) -> None:
         allow_redirects=False,
     )
     assert resp.status == 403
-    # the genuine post from the issuer's origin works
+    # nor from identity's own (internal) address: the sign-in page belongs to the shop's public URL
+    assert idsrv.url != idsrv.issuer
+    resp = await idsrv.client.post(
+        "/connect/authorize", data={**fields, **credentials}, headers={"Origin": idsrv.url}, allow_redirects=False
+    )
+    assert resp.status == 403
+    # the genuine post from the public URL's origin (the gateway's) works
     resp = await idsrv.client.post(
         "/connect/authorize", data={**fields, **credentials}, headers={"Origin": idsrv.issuer}, allow_redirects=False
     )

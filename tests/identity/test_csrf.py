@@ -29,7 +29,7 @@ async def test_an_invented_cookie_and_token_pair_is_refused(idsrv: IdentityServe
     # the attack the old double-submit cookie let through: the same invented value in cookie and field
     async with ClientSession(cookies={CSRF_COOKIE: invented}) as attacker:
         resp = await attacker.post(
-            f"{idsrv.issuer}/connect/authorize",
+            f"{idsrv.url}/connect/authorize",
             data={**fields, **CREDENTIALS, "csrf_token": invented},
             allow_redirects=False,
         )
@@ -37,7 +37,7 @@ async def test_an_invented_cookie_and_token_pair_is_refused(idsrv: IdentityServe
         # a well-formed token with an invented MAC, for the invented cookie
         forged = f"{fields['csrf_token'].split('.')[0]}.{invented}.{'B' * 43}"
         resp = await attacker.post(
-            f"{idsrv.issuer}/connect/authorize",
+            f"{idsrv.url}/connect/authorize",
             data={**fields, **CREDENTIALS, "csrf_token": forged},
             allow_redirects=False,
         )
@@ -66,12 +66,12 @@ async def test_a_token_is_bound_to_the_browser(idsrv: IdentityServer) -> None:
     # the attacker's own genuine token, planted in the victim's browser (which has its own cookie)
     async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as victim:  # unsafe: cookies of an IP host
         page = await victim.get(
-            f"{idsrv.issuer}/connect/authorize", params={k: v for k, v in fields.items() if k != "csrf_token"}
+            f"{idsrv.url}/connect/authorize", params={k: v for k, v in fields.items() if k != "csrf_token"}
         )
         assert page.status == 200
         assert any(c.key == CSRF_COOKIE and c.value != cookie_of(idsrv) for c in victim.cookie_jar)
         resp = await victim.post(
-            f"{idsrv.issuer}/connect/authorize", data={**fields, **CREDENTIALS}, allow_redirects=False
+            f"{idsrv.url}/connect/authorize", data={**fields, **CREDENTIALS}, allow_redirects=False
         )
         assert resp.status == 403
 

@@ -137,7 +137,6 @@ def embedded_env(base: int, data_dir: Path, **extra: str) -> dict[str, str]:
     env.update(
         ECOM_DATA_DIR=str(data_dir),
         ECOM_ADMIN_PASSWORD=ADMIN_PASSWORD,
-        ECOM_ISSUER=f"http://127.0.0.1:{base + PORT_OFFSET['identity']}",
         ECOM_AUTH_REGISTRATIONS_PER_ADDRESS="0",  # load tests sign many shoppers up from 127.0.0.1
     )
     for name, offset in PORT_OFFSET.items():
@@ -199,7 +198,6 @@ class ProcessCluster:
             ECOM_BUS_REDELIVERY_DELAY="0.2",
             ECOM_ADMIN_PASSWORD=ADMIN_PASSWORD,
             ECOM_DATA_DIR=str(self.workdir / "var"),
-            ECOM_ISSUER=f"http://127.0.0.1:{self.port('identity')}",
             ECOM_GATEWAY_RATE_LIMIT="0",
             ECOM_AUTH_REGISTRATIONS_PER_ADDRESS="0",  # many shoppers sign up from 127.0.0.1
         )
