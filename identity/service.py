@@ -1,7 +1,7 @@
 """The identity service: wiring of store, key ring, login throttle, token service and routes.
 
 ``create_app(settings)`` builds the aiohttp application on the shared host (:mod:`runtime.host`); ``seed``
-creates what a first run needs — a signing key, the ``storefront`` client and the admin user — and nothing
+creates what a first run needs — a signing key, the ``storefront`` and ``admin-console`` clients and the admin user — and nothing
 twice; ``SCHEMA`` is identity's database schema for ``ecom db upgrade``.
 
 ``password_hasher`` (``create_app`` and ``seed``) takes a :class:`identity.passwords.Passwords` with other
@@ -27,7 +27,7 @@ from identity.accounts import ADMIN_EMAIL, generate_password, register_user
 from identity.actor import LoginActor, LoginContext, LoginPolicy, install, login
 from identity.core import IDENTITY, Identity, KeyRingVerifier
 from identity.keystore import CHECK_INTERVAL, KeyManager
-from identity.oauth import SCOPES, STOREFRONT, TokenService, build_client
+from identity.oauth import API_SCOPE, SCOPES, STOREFRONT, TokenService, build_client
 from identity.pages import CSRF_TOKENS, CsrfTokens
 from identity.passwords import Passwords, default_passwords
 from identity.repository import ClientExists, EmailTaken, Repository
@@ -149,10 +149,11 @@ def storefront_redirect_uris(settings: Settings) -> tuple[tuple[str, ...], tuple
 async def seed(
     settings: Settings, database_url: str | None = None, *, password_hasher: Passwords | None = None
 ) -> None:
-    """Create the signing key, the storefront client and the admin user when missing (idempotent)."""
+    """Create the signing key, the storefront and admin-console clients and the admin user when missing (idempotent)."""
     async with open_repository(settings, database_url) as repo:
         await KeyManager.from_settings(repo, settings).ensure_active()
         await _seed_storefront(repo, settings)
+        await _seed_admin_console(repo, settings)
         await _seed_admin(repo, settings, password_hasher or default_passwords())
 
 
@@ -169,6 +170,28 @@ async def _seed_storefront(repo: Repository, settings: Settings) -> None:
         post_logout_redirect_uris=logouts,
         grant_types=("authorization_code", "refresh_token", "password"),
         scopes=SCOPES,
+    )
+    with contextlib.suppress(ClientExists):  # another process seeded it just now
+        await repo.create_client(client, utcnow())
+
+
+ADMIN_CONSOLE = "admin-console"  # the gateway's admin page (gateway/console/): first-party, public, code + PKCE
+
+
+async def _seed_admin_console(repo: Repository, settings: Settings) -> None:
+    """The admin console's client: no secret (a page cannot keep one), the code flow only (no refresh token
+    kept in the browser: a session ends with its access token), redirect to ``<public URL>/admin/callback``."""
+    if await repo.client(ADMIN_CONSOLE) is not None:
+        return
+    client, _ = build_client(
+        ADMIN_CONSOLE,
+        name="EcomGateway admin console",
+        public=True,
+        audience=settings.general.audience,
+        redirect_uris=(f"{settings.public_url}/admin/callback",),
+        post_logout_redirect_uris=(f"{settings.public_url}/admin",),
+        grant_types=("authorization_code",),
+        scopes=("openid", "email", API_SCOPE),
     )
     with contextlib.suppress(ClientExists):  # another process seeded it just now
         await repo.create_client(client, utcnow())
