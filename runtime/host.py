@@ -33,6 +33,7 @@ from runtime.jsonutil import dumps, isoformat
 from runtime.web.admin import _int_query, add_admin_routes, require_admin
 from runtime.web.admin import admin_actor as _admin_actor
 from runtime.web.admin import admin_actors as _admin_actors
+from runtime.web.admin_pending import add_pending_routes
 from runtime.web.apidocs import setup_api_docs
 from runtime.web.health import live as _live
 from runtime.web.health import ready as _ready
@@ -146,7 +147,9 @@ def create_app(
     app.router.add_get("/health/live", _live)
     app.router.add_get("/health/ready", _ready)
     app.router.add_get("/metrics", _metrics)
-    add_admin_routes(app, admin_prefix if admin_prefix is not None else f"/api/{runtime.name}/admin")
+    prefix = admin_prefix if admin_prefix is not None else f"/api/{runtime.name}/admin"
+    add_admin_routes(app, prefix)
+    add_pending_routes(app, prefix)  # due reminders, outbox backlog (the admin console's view)
     if callable(routes):
         routes(app)
     else:
