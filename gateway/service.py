@@ -18,6 +18,7 @@ from aiohttp import web
 from config import Settings
 from gateway.callback import PATH as CALLBACK_PATH
 from gateway.callback import callback_page
+from gateway.console import add_console_routes
 from gateway.docs import SPEC_PATH, DocsMerger
 from gateway.edge import Cors, access_log_middleware
 from gateway.metrics import GatewayCollector
@@ -69,6 +70,7 @@ def create_app(
         # Registered before the host's own docs route for the same path, so this one answers.
         app.router.add_get(SPEC_PATH, merged_docs)
         app.router.add_get(CALLBACK_PATH, callback_page)  # the web storefront's redirect URI (gateway/callback.py)
+        add_console_routes(app, settings, pool, routes)  # /admin: the admin console (gateway/console/)
         for route in routes:
             handler = RouteProxy(route, pool.services[route.service], runtime.verifier, limiter, opts, auth_limits)
             app.router.add_route("*", route.prefix + "{tail:(/.*)?}", handler.handle)

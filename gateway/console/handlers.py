@@ -1,0 +1,133 @@
+"""The console's routes on the gateway: the page (``/admin``, ``/admin/callback``), its two static files and
+``/admin/api/cluster`` (admin only). See :mod:`gateway.console` for what the page does."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from config import Settings
+from gateway.routes import ADMIN, Route
+from gateway.upstreams import BREAKER_STATES, Instance, Upstreams
+from runtime.auth import authenticate, check_access
+from runtime.web.responses import json_response
+
+__all__ = ["CLIENT_ID", "PATH", "SECURITY_HEADERS", "add_console_routes", "admin_services"]
+
+PATH = "/admin"
+CLIENT_ID = "admin-console"  # seeded by identity (identity/service.py)
+READY_TIMEOUT = 2.0  # seconds for one instance's /health/ready, asked live for the cluster view
+
+# Only this origin's script, style and fetches; nothing inline, no frames, no plugins, no base or form tricks.
+# same-origin, not no-referrer: under no-referrer a browser sends ``Origin: null`` with same-origin POSTs.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+STATIC = {"console.js": "text/javascript", "console.css": "text/css", "console.svg": "image/svg+xml"}
+
+
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def admin_services(routes: Sequence[Route]) -> dict[str, str]:
+    """Service -> its admin endpoints' prefix at the gateway, from the route table: the routes whose
+    ``/admin/actors`` is admin-only (``/api/order/admin``, not ``/api/orders/admin``, which is an order id)."""
+    out: dict[str, str] = {}
+    for route in routes:
+        found = route.resolve("GET", "/admin/actors")
+        if found is not None and found[0].access.roles == ADMIN.roles:
+            out.setdefault(route.service, route.prefix + "/admin")
+    return out
+
+
+def add_console_routes(app: web.Application, settings: Settings, pool: Upstreams, routes: Sequence[Route]) -> None:
+    """``/admin``, ``/admin/callback``, ``/admin/static/{name}``, ``/admin/api/cluster`` on the gateway app."""
+    services = admin_services(routes)
+    meta = {
+        "ecom-client-id": CLIENT_ID,
+        "ecom-public-url": settings.public_url,
+        "ecom-redirect-uri": f"{settings.public_url}{PATH}/callback",
+    }
+    tags = "".join(f'<meta name="{name}" content="{html.escape(value)}">' for name, value in meta.items())
+    page = _read("console.html").replace("<!--ecom-meta-->", tags)
+    files = {name: _read(name) for name in STATIC}
+
+    async def console_page(_request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html", charset="utf-8", headers=SECURITY_HEADERS)
+
+    async def static_file(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in files:
+            raise web.HTTPNotFound()
+        headers = {**SECURITY_HEADERS, "Cache-Control": "no-cache"}
+        return web.Response(text=files[name], content_type=STATIC[name], charset="utf-8", headers=headers)
+
+    async def cluster(request: web.Request) -> web.Response:
+        await require_console_admin(request, settings)
+        assert pool.session is not None  # started with the gateway
+        session = pool.session
+        body: dict[str, Any] = {"gateway": {"public_url": settings.public_url}, "services": []}
+        for name, service in pool.services.items():
+            instances = await asyncio.gather(*(_instance(session, inst) for inst in service.instances))
+            members = sorted({m for i in instances for m in (i["members"] or [])})
+            body["services"].append(
+                {"name": name, "admin": services.get(name), "instances": instances, "members": members}
+            )
+        return json_response(body)
+
+    app.router.add_get(PATH, console_page)
+    app.router.add_get(f"{PATH}/callback", console_page)  # the redirect URI: the page finishes the sign-in
+    app.router.add_get(f"{PATH}/static/{{name}}", static_file)
+    app.router.add_get(f"{PATH}/api/cluster", cluster)
+
+
+async def require_console_admin(request: web.Request, settings: Settings) -> None:
+    """The gateway's ADMIN policy (admin role and the ``ecom`` scope), or the local-only open setting."""
+    if settings.general.admin_open:
+        return
+    check_access(await authenticate(request), roles=ADMIN.roles, scopes=ADMIN.scopes)
+
+
+async def _instance(session: aiohttp.ClientSession, inst: Instance) -> dict[str, Any]:
+    """One instance as the gateway sees it, with its own readiness answer (asked now, not cached)."""
+    out: dict[str, Any] = {
+        "url": inst.url,
+        "healthy": inst.healthy,
+        "breaker": BREAKER_STATES[inst.breaker.state],
+        "in_flight": inst.in_flight,
+        "ready": None,
+        "checks": {},
+        "self": None,
+        "members": None,  # None: the instance runs without cluster membership (one process per service)
+        "error": None,
+    }
+    try:
+        async with session.get(f"{inst.url}/health/ready", timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT)) as resp:
+            answer = await resp.json(content_type=None)
+            out["ready"] = resp.status == 200
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:  # ValueError: a body not JSON
+        out.update(ready=False, error=type(exc).__name__)
+        return out
+    if isinstance(answer, dict):
+        checks = answer.get("checks")
+        out["checks"] = checks if isinstance(checks, dict) else {}
+        cluster = answer.get("cluster")
+        if isinstance(cluster, dict):
+            out["self"] = cluster.get("self")
+            members = cluster.get("members")
+            out["members"] = [m for m in members if isinstance(m, str)] if isinstance(members, list) else None
+    return out
