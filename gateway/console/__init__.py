@@ -6,8 +6,10 @@ signs in with the shop's own authorization-code + PKCE flow as the first-party p
 ``sessionStorage`` (no refresh token: the session ends with the token) and calls, with it:
 
 - ``GET /admin/api/cluster`` (here): every service's instances, their readiness and cluster members;
-- per service, the admin endpoints every service has: ``actors`` (live actors per type: mailbox depth, handled
-  count, last activity, owner), ``actors/{type}/{id}`` (state and version), ``pending`` (due reminders, outbox
+- ``GET /admin/api/actors`` (here): every instance's live actors per type (mailbox depth, handled count, last
+  activity, owner), asked of each instance since each process holds its own;
+- per service, through the gateway's routes, the admin endpoints every service has: ``actors/{type}/{id}``
+  (state and version, from the process that owns the actor), ``pending`` (due reminders, outbox
   backlog), ``dead-letters`` (view, replay, discard: each change written to the service's audit log),
   ``audit`` (recent entries), ``traces`` (recent spans of an order, when tracing keeps them).
 

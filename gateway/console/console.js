@@ -192,24 +192,29 @@
   }
 
   async function loadActors() {
+    const body = await api("GET", "/admin/api/actors?limit=50");
     const blocks = [];
-    for (const service of services) {
-      let body;
-      try {
-        body = await api("GET", `${service.admin}/actors?limit=50`);
-      } catch (err) {
-        blocks.push(el("p", { class: "bad" }, `${service.name}: ${err.message}`));
-        continue;
-      }
+    for (const service of body.services) {
+      const several = service.instances.length > 1;
       const rows = [];
-      for (const [type, info] of Object.entries(body.types)) {
-        rows.push(el("tr", { class: "type" }, ...cells(el("strong", {}, type), `${info.live} live`, info.mailbox_depth, info.handled, "", "", "")));
-        for (const actor of info.actors) {
-          const open = el("button", { type: "button", class: "open-actor", "data-service": service.name, "data-type": type, "data-id": actor.id, onclick: () => openActor(service, type, actor.id) }, "open");
-          rows.push(el("tr", { "data-actor": `${type}/${actor.id}` }, ...cells(el("code", {}, actor.id), actor.running ? "running" : "idle", actor.mailbox_depth, actor.handled, actor.last_activity, actor.owner, open)));
+      const errors = [];
+      for (const inst of service.instances) {
+        if (!inst.body) {
+          errors.push(el("p", { class: "bad" }, `${service.name} at ${inst.url}: ${inst.error}`));
+          continue;
+        }
+        for (const [type, info] of Object.entries(inst.body.types)) {
+          const where = several ? ` on ${inst.url}` : "";
+          rows.push(el("tr", { class: "type" }, ...cells(el("strong", {}, type + where), `${info.live} live`, info.mailbox_depth, info.handled, "", "", "")));
+          for (const actor of info.actors) {
+            const open = el("button", { type: "button", class: "open-actor", onclick: () => openActor(service, type, actor.id).catch(report) }, "open");
+            rows.push(el("tr", { "data-actor": `${type}/${actor.id}` }, ...cells(el("code", {}, actor.id), actor.running ? "running" : "idle", actor.mailbox_depth, actor.handled, actor.last_activity, actor.owner, open)));
+          }
         }
       }
-      blocks.push(el("h3", {}, service.name), rows.length ? table(["type / actor", "", "mailbox depth", "handled", "last activity", "owner", ""], rows) : el("p", { class: "muted" }, "no actor types"));
+      blocks.push(el("h3", {}, service.name), ...errors);
+      if (rows.length) blocks.push(table(["type / actor", "", "mailbox depth", "handled", "last activity", "owner", ""], rows));
+      else if (!errors.length) blocks.push(el("p", { class: "muted" }, "no actor types"));
     }
     fill("actors", ...blocks);
   }
@@ -318,19 +323,42 @@
   }
 
   async function loadTraces(orderId) {
-    const blocks = [];
-    let available = 0;
+    // Each process keeps its own recent spans (runtime/tracing.py): ask every service and merge by span id
+    // (services in one process answer with the same spans).
+    const spans = new Map();
+    let enabled = false;
+    const errors = [];
     for (const service of services) {
       try {
         const body = await api("GET", `${service.admin}/traces?order_id=${seg(orderId)}`);
-        available += 1;
-        const spans = body.spans || body.items || body.traces || [];
-        blocks.push(el("h3", {}, `${service.name} (${spans.length})`), el("pre", {}, JSON.stringify(spans, null, 2)));
+        if (body.enabled && body.buffer) enabled = true;
+        for (const span of body.spans || []) spans.set(span.span_id, span);
       } catch (err) {
-        if (err.status !== 404) blocks.push(el("p", { class: "bad" }, `${service.name}: ${err.message}`));
+        if (err.status !== 404) errors.push(el("p", { class: "bad" }, `${service.name}: ${err.message}`));
       }
     }
-    if (!available) blocks.unshift(el("p", { class: "muted", id: "traces-unavailable" }, "Traces are not available on this deployment (no tracing that keeps recent spans)."));
+    if (!enabled) {
+      fill("traces", ...errors, el("p", { class: "muted", id: "traces-unavailable" }, "Traces are not available on this deployment (tracing off, or no in-process buffer: OTEL_TRACES_EXPORTER=buffer)."));
+      return;
+    }
+    const byTrace = new Map();
+    for (const span of spans.values()) {
+      if (!byTrace.has(span.trace_id)) byTrace.set(span.trace_id, []);
+      byTrace.get(span.trace_id).push(span);
+    }
+    const blocks = [...errors];
+    for (const [traceId, list] of byTrace) {
+      list.sort((a, b) => (a.start_time || 0) - (b.start_time || 0));
+      const ids = new Map(list.map((sp) => [sp.span_id, sp]));
+      const depth = (sp) => {
+        let d = 0;
+        for (let p = ids.get(sp.parent_span_id); p && d < 50; p = ids.get(p.parent_span_id)) d += 1;
+        return d;
+      };
+      const rows = list.map((sp) => el("tr", { "data-span": sp.span_id }, ...cells("\u00a0\u00a0".repeat(depth(sp)) + sp.name, sp.service, sp.kind, sp.duration_ms, sp.status)));
+      blocks.push(el("h3", {}, `trace ${traceId} (${list.length} spans)`), table(["span", "service", "kind", "ms", "status"], rows));
+    }
+    if (!byTrace.size) blocks.push(el("p", { class: "muted", id: "traces-none" }, "No recent spans of this order (the buffer keeps the latest only)."));
     fill("traces", ...blocks);
   }
 

@@ -1,5 +1,7 @@
-"""The console's routes on the gateway: the page (``/admin``, ``/admin/callback``), its two static files and
-``/admin/api/cluster`` (admin only). See :mod:`gateway.console` for what the page does."""
+"""The console's routes on the gateway: the page (``/admin``, ``/admin/callback``), its static files and two
+admin-only JSON views that need the gateway's list of instances: ``/admin/api/cluster`` (each instance's
+readiness and cluster members) and ``/admin/api/actors`` (each instance's live actors). See
+:mod:`gateway.console` for what the page does."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from config import Settings
 from gateway.routes import ADMIN, Route
 from gateway.upstreams import BREAKER_STATES, Instance, Upstreams
 from runtime.auth import authenticate, check_access
+from runtime.web.admin import _int_query
 from runtime.web.responses import json_response
 
 __all__ = ["CLIENT_ID", "PATH", "SECURITY_HEADERS", "add_console_routes", "admin_services"]
@@ -55,7 +58,7 @@ def admin_services(routes: Sequence[Route]) -> dict[str, str]:
 
 
 def add_console_routes(app: web.Application, settings: Settings, pool: Upstreams, routes: Sequence[Route]) -> None:
-    """``/admin``, ``/admin/callback``, ``/admin/static/{name}``, ``/admin/api/cluster`` on the gateway app."""
+    """``/admin``, ``/admin/callback``, ``/admin/static/{name}``, ``/admin/api/{cluster,actors}`` on the gateway."""
     services = admin_services(routes)
     meta = {
         "ecom-client-id": CLIENT_ID,
@@ -89,10 +92,29 @@ def add_console_routes(app: web.Application, settings: Settings, pool: Upstreams
             )
         return json_response(body)
 
+    async def actors(request: web.Request) -> web.Response:
+        """Every instance's live actors: each process holds its own, so the gateway asks them all (with the
+        caller's token, which each service checks again) instead of the one a balanced request would reach."""
+        await require_console_admin(request, settings)
+        assert pool.session is not None
+        session = pool.session
+        limit = _int_query(request, "limit", 50, 0, 1000)
+        token = request.headers.get("Authorization")
+        body: dict[str, Any] = {"services": []}
+        for name, prefix in services.items():
+            service = pool.services.get(name)
+            if service is None:
+                continue
+            path = f"{prefix}/actors?limit={limit}"
+            answers = await asyncio.gather(*(_admin_get(session, inst, path, token) for inst in service.instances))
+            body["services"].append({"name": name, "admin": prefix, "instances": answers})
+        return json_response(body)
+
     app.router.add_get(PATH, console_page)
     app.router.add_get(f"{PATH}/callback", console_page)  # the redirect URI: the page finishes the sign-in
     app.router.add_get(f"{PATH}/static/{{name}}", static_file)
     app.router.add_get(f"{PATH}/api/cluster", cluster)
+    app.router.add_get(f"{PATH}/api/actors", actors)
 
 
 async def require_console_admin(request: web.Request, settings: Settings) -> None:
@@ -130,4 +152,26 @@ async def _instance(session: aiohttp.ClientSession, inst: Instance) -> dict[str,
             out["self"] = cluster.get("self")
             members = cluster.get("members")
             out["members"] = [m for m in members if isinstance(m, str)] if isinstance(members, list) else None
+    return out
+
+
+async def _admin_get(session: aiohttp.ClientSession, inst: Instance, path: str, token: str | None) -> dict[str, Any]:
+    """One instance's answer to an admin GET: ``{url, status, body, error}`` (a failure is reported, not raised:
+    one instance down must not hide the others)."""
+    out: dict[str, Any] = {"url": inst.url, "status": None, "body": None, "error": None}
+    headers = {"Authorization": token} if token else {}
+    try:
+        async with session.get(
+            f"{inst.url}{path}", headers=headers, timeout=aiohttp.ClientTimeout(total=READY_TIMEOUT * 2)
+        ) as resp:
+            out["status"] = resp.status
+            answer = await resp.json(content_type=None)
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:  # ValueError: a body not JSON
+        out["error"] = type(exc).__name__
+        return out
+    if resp.status == 200:
+        out["body"] = answer
+    else:
+        detail = answer.get("detail") if isinstance(answer, dict) else None
+        out["error"] = f"answered {resp.status}" + (f": {detail}" if isinstance(detail, str) else "")
     return out

@@ -164,6 +164,8 @@ async def test_the_page_is_static_and_locked_down_and_the_cluster_view_is_for_ad
         customer = await register(http, shop.url, new_email("console-customer"))
         status, body = await call(http, "GET", f"{shop.url}/admin/api/cluster", customer)
         assert status == 403, body
+        status, body = await call(http, "GET", f"{shop.url}/admin/api/actors", customer)
+        assert status == 403, body
         admin = await admin_token(http, shop.url)
         status, body = await call(http, "GET", f"{shop.url}/admin/api/cluster", admin)
         assert status == 200, body
@@ -171,6 +173,14 @@ async def test_the_page_is_static_and_locked_down_and_the_cluster_view_is_for_ad
         assert set(by_name) == {"identity", "catalog", "cart", "order"}
         assert by_name["order"]["admin"] == "/api/order/admin"
         assert [i["ready"] for i in by_name["catalog"]["instances"]] == [True]
+        # live actors, asked of every instance with the caller's token (which the service checks again)
+        status, body = await call(http, "GET", f"{shop.url}/admin/api/actors?limit=5", admin)
+        assert status == 200, body
+        by_name = {s["name"]: s for s in body["services"]}
+        (catalog,) = by_name["catalog"]["instances"]
+        assert catalog["status"] == 200 and "product" in catalog["body"]["types"], catalog
+        status, body = await call(http, "GET", f"{shop.url}/admin/api/actors?limit=x", admin)
+        assert status == 422 and body["errors"][0]["field"] == "limit", body
 
         # the pending-work view each service gained: reminders (the paid order's none; carts' expiry) and backlog
         status, body = await call(http, "GET", f"{shop.url}/api/cart/admin/pending", admin)
@@ -236,7 +246,7 @@ async def test_an_admin_opens_an_actor_and_replays_a_dead_letter_in_a_browser(sh
         await expect(page.locator("#trace-order")).to_have_value(order_id)
         await page.click("#trace-form button[type=submit]")
         await expect(page.locator("#traces .body")).to_contain_text(
-            re.compile(r"not available on this deployment|order \(\d+\)")
+            re.compile(r"not available on this deployment|trace [0-9a-f]{32} \(\d+ spans\)")
         )
 
         # the dead letter: view it, replay it
