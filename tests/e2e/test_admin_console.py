@@ -259,7 +259,7 @@ async def test_an_admin_opens_an_actor_and_replays_a_dead_letter_in_a_browser(sh
         await page.click("#trace-form button[type=submit]")
         if TRACING:  # the checkout's trace, from the gateway's request to the order's turns
             await expect(page.locator("#traces h3").first).to_contain_text(re.compile(r"trace [0-9a-f]{32}"))
-            await expect(page.locator("#traces").get_by_text("turn order CheckoutRequested").first).to_be_visible()
+            await expect(page.locator("#traces").get_by_text("order CheckoutRequested").first).to_be_visible()
         else:
             await expect(page.locator("#traces-unavailable")).to_contain_text("not available on this deployment")
 
