@@ -11,7 +11,8 @@ outbox with the same message id, so it dead-letters again under that id) and fin
 A customer signing in gets "admin role required", and a customer's token is refused by every admin API the
 console uses. The screenshot is kept in var/test-artifacts/admin-console.png.
 
-The tests without a browser check the page's headers and the cluster endpoint's access rules.
+The tests without a browser check the page's headers and the console endpoints' access rules, and the cluster
+and actors views over two catalog instances with cluster membership (and a service whose instance is down).
 """
 
 from __future__ import annotations
@@ -319,3 +320,75 @@ async def test_an_admin_opens_an_actor_and_replays_a_dead_letter_in_a_browser(sh
             assert status == 403, (method, path, status, body)
         status, audit = await call(http, "GET", f"{gateway}/api/order/admin/audit", admin)
         assert [e["action"] for e in audit["items"]] == ["dead-letter.replay"], audit  # the refused changed nothing
+
+
+async def test_the_cluster_and_actor_views_ask_every_instance(tmp_path: Path, test_identity: Any) -> None:
+    """Two catalog instances on one database with cluster membership, and a service whose one instance is down:
+    the cluster view lists both catalog instances with the members each sees, the actors view has an answer from
+    each, and the instance that is down is reported as such without hiding the others."""
+    from actors.catalog import service as catalog_service
+    from gateway import service as gateway_service
+    from tests.order.conftest import migrate
+
+    base = free_base_port(4)
+    catalog_ports, gateway_port, down_port = (base, base + 1), base + 2, base + 3
+    database = f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+    await migrate(database, catalog_service.SCHEMA)
+    common = {"ECOM_DATA_DIR": str(tmp_path), "ECOM_CLUSTER_ENABLED": "true", "ECOM_CLUSTER_HEARTBEAT_INTERVAL": "0.2"}
+    runners: list[web.AppRunner] = []
+
+    async def serve(app: web.Application, port: int) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    try:
+        for port in catalog_ports:
+            settings = load_settings({**common, "ECOM_CATALOG_PORT": str(port)})
+            app = catalog_service.create_app(settings, database_url=database, verifier=test_identity.verifier())
+            await serve(app, port)
+        catalog_urls = [f"http://127.0.0.1:{port}" for port in catalog_ports]
+        down_url = f"http://127.0.0.1:{down_port}"  # nothing listens there
+        gateway = gateway_service.create_app(
+            load_settings({**common, "ECOM_GATEWAY_PORT": str(gateway_port), "ECOM_GATEWAY_RATE_LIMIT": "0"}),
+            verifier=test_identity.verifier(),
+            upstreams={"catalog": catalog_urls, "identity": down_url, "cart": down_url, "order": down_url},
+        )
+        await serve(gateway, gateway_port)
+        url = f"http://127.0.0.1:{gateway_port}"
+        admin = test_identity.admin_token()
+
+        async with aiohttp.ClientSession() as http:
+
+            async def both_members() -> Any:
+                status, body = await call(http, "GET", f"{url}/admin/api/cluster", admin)
+                assert status == 200, body
+                catalog = next(s for s in body["services"] if s["name"] == "catalog")
+                seen = [sorted(i["members"] or []) for i in catalog["instances"]]
+                return body if seen == [sorted(catalog_urls)] * 2 else None
+
+            body = await eventually(both_members, 20, "both catalog instances to see each other")
+            by_name = {s["name"]: s for s in body["services"]}
+            instances = by_name["catalog"]["instances"]
+            assert [(i["url"], i["ready"], i["self"]) for i in instances] == [(u, True, u) for u in catalog_urls]
+            assert by_name["catalog"]["members"] == sorted(catalog_urls)
+            (order,) = by_name["order"]["instances"]
+            assert order["ready"] is False and order["error"], order
+
+            status, body = await call(http, "GET", f"{url}/admin/api/actors", admin)
+            assert status == 200, body
+            by_name = {s["name"]: s for s in body["services"]}
+            answers = by_name["catalog"]["instances"]
+            assert [a["url"] for a in answers] == catalog_urls
+            assert all(a["status"] == 200 and "product" in a["body"]["types"] for a in answers), answers
+            assert all(a["body"]["cluster"] is not None for a in answers), answers
+            (order,) = by_name["order"]["instances"]
+            assert order["body"] is None and order["error"], order
+
+            # the services check the forwarded token themselves: a customer's is refused at the gateway first
+            status, body = await call(http, "GET", f"{url}/admin/api/actors", test_identity.token())
+            assert status == 403, body
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
