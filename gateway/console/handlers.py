@@ -83,9 +83,12 @@ def add_console_routes(app: web.Application, settings: Settings, pool: Upstreams
         await require_console_admin(request, settings)
         assert pool.session is not None  # started with the gateway
         session = pool.session
+        # every instance at once: one that does not answer costs its timeout once, not once per service
+        asked = await asyncio.gather(
+            *(asyncio.gather(*(_instance(session, i) for i in s.instances)) for s in pool.services.values())
+        )
         body: dict[str, Any] = {"gateway": {"public_url": settings.public_url}, "services": []}
-        for name, service in pool.services.items():
-            instances = await asyncio.gather(*(_instance(session, inst) for inst in service.instances))
+        for name, instances in zip(pool.services, asked, strict=True):
             members = sorted({m for i in instances for m in (i["members"] or [])})
             body["services"].append(
                 {"name": name, "admin": services.get(name), "instances": instances, "members": members}
@@ -100,14 +103,24 @@ def add_console_routes(app: web.Application, settings: Settings, pool: Upstreams
         session = pool.session
         limit = _int_query(request, "limit", 50, 0, 1000)
         token = request.headers.get("Authorization")
-        body: dict[str, Any] = {"services": []}
-        for name, prefix in services.items():
-            service = pool.services.get(name)
-            if service is None:
-                continue
-            path = f"{prefix}/actors?limit={limit}"
-            answers = await asyncio.gather(*(_admin_get(session, inst, path, token) for inst in service.instances))
-            body["services"].append({"name": name, "admin": prefix, "instances": answers})
+        chosen = [(name, prefix) for name, prefix in services.items() if name in pool.services]
+        asked = await asyncio.gather(
+            *(
+                asyncio.gather(
+                    *(
+                        _admin_get(session, i, f"{prefix}/actors?limit={limit}", token)
+                        for i in pool.services[name].instances
+                    )
+                )
+                for name, prefix in chosen
+            )
+        )
+        body = {
+            "services": [
+                {"name": name, "admin": prefix, "instances": answers}
+                for (name, prefix), answers in zip(chosen, asked, strict=True)
+            ]
+        }
         return json_response(body)
 
     app.router.add_get(PATH, console_page)
