@@ -180,6 +180,9 @@
   async function loadCluster() {
     const body = await api("GET", "/admin/api/cluster");
     services = body.services.filter((s) => s.admin).map((s) => ({ name: s.name, admin: s.admin }));
+    const select = $("actor-service");
+    const chosen = select.value;
+    select.replaceChildren(...services.map((s) => el("option", { value: s.name, selected: s.name === chosen }, s.name)));
     const rows = [];
     for (const service of body.services) {
       for (const inst of service.instances) {
@@ -379,6 +382,12 @@
     $("signout").addEventListener("click", signOut);
     $("signout-denied").addEventListener("click", signOut);
     $("refresh").addEventListener("click", () => loadAll().catch(report));
+    $("actor-form").addEventListener("submit", (event) => {
+      // any actor, live or not: one that is not active is read as stored
+      event.preventDefault();
+      const service = services.find((s) => s.name === $("actor-service").value);
+      if (service) openActor(service, $("actor-type").value.trim(), $("actor-id").value.trim()).catch(report);
+    });
     $("trace-form").addEventListener("submit", (event) => {
       event.preventDefault();
       loadTraces($("trace-order").value.trim()).catch(report);
