@@ -369,8 +369,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--immediately", action="store_true", help="sign with it at once (after a compromise)")
     p.set_defaults(handler=keys_rotate)
     keys.add_parser("list", help="list keys and their states").set_defaults(handler=keys_list)
-    p = keys.add_parser("revoke", help="remove a compromised key from the JWKS now")
-    p.add_argument("kid")
+    p = keys.add_parser(
+        "revoke",
+        help="remove a compromised key from the JWKS now",
+        # kids are RFC 7638 thumbprints (base64url): one in 64 starts with "-", which argparse reads as an option
+        usage="ecom keys revoke [-h] [--] KID   (write `-- KID` when the kid starts with '-')",
+    )
+    p.add_argument("kid", metavar="KID")
     p.set_defaults(handler=keys_revoke)
     keys.add_parser(
         "rekey", help="replace the key-encryption key (identity.kek) and re-encrypt every signing key under it"
