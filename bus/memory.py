@@ -27,6 +27,7 @@ from bus.base import (
 from bus.deadletters import QUEUE, SUBSCRIPTION, check_kind, matches
 from bus.envelope import Envelope, utc_now
 from bus.sessions import SessionScheduler, WorkerPool, note_failure, run_handler
+from bus.tracing import traced
 
 __all__ = ["MemoryBus", "MemoryConsumer"]
 
@@ -88,7 +89,7 @@ class MemoryConsumer:
 
     def __init__(self, queue: _Queue, handler: Handler, max_concurrent_sessions: int) -> None:
         self._queue = queue
-        self._handler = handler
+        self._handler = traced(handler, "memory", queue.name)  # a CONSUMER span per delivery when tracing is on
         self._pool = WorkerPool(queue, self._turn, max_concurrent_sessions, f"bus:{queue.label}", self._crashed)
         self._stopped = False
 

@@ -116,6 +116,7 @@ from bus.base import (
 from bus.deadletters import QUEUE, SUBSCRIPTION, check_kind, matches
 from bus.envelope import Envelope, utc_now
 from bus.sessions import SessionScheduler, WorkerPool, note_failure, run_handler
+from bus.tracing import traced
 
 __all__ = [
     "DEFAULT_URL",
@@ -241,7 +242,7 @@ class RabbitConsumer:
     def __init__(self, bus: RabbitBus, target: _Target, handler: Handler, limit: int, prefetch: int) -> None:
         self._bus = bus
         self._target = target
-        self._handler = handler
+        self._handler = traced(handler, "rabbitmq", target.name)  # a CONSUMER span per delivery when tracing is on
         self._prefetch = prefetch
         # The channel deliveries are accepted from. A delivery is only handled and acked while its
         # channel is still this one: after a loss the broker owns (and redelivers) the old ones.

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 SERVICES: tuple[str, ...] = ("gateway", "identity", "catalog", "cart", "order")
 DEFAULT_PORTS = {"gateway": 8000, "identity": 8001, "catalog": 8002, "cart": 8003, "order": 8004}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")  # runtime/logs.py
 BUS_BACKENDS = ("memory", "rabbitmq", "azure")
 
 
@@ -54,6 +55,7 @@ def _check(ok: bool, field: str, reason: str) -> None:
 @dataclass(frozen=True, slots=True)
 class GeneralSettings:
     log_level: str = "INFO"
+    log_format: str = "json"  # JSON lines with trace and span ids, or "text"
     data_dir: str = "var"
     host: str = "127.0.0.1"
     # Admin actor endpoints: closed unless the caller proves the admin role (identity tokens).
@@ -70,6 +72,7 @@ class GeneralSettings:
 
     def validate(self) -> None:
         _check(self.log_level.upper() in LOG_LEVELS, "log_level", f"expected one of {', '.join(LOG_LEVELS)}")
+        _check(self.log_format.lower() in LOG_FORMATS, "log_format", f"expected one of {', '.join(LOG_FORMATS)}")
         if self.public_url:
             parts = urlsplit(self.public_url)
             _check(

@@ -29,6 +29,7 @@ from gateway.options import GatewayOptions
 from gateway.ratelimit import AuthLimits, Limiter, LocalLimiter
 from gateway.routes import Affinity, Kind, Route
 from gateway.upstreams import Instance, Service
+from runtime import tracing
 from runtime.auth import (
     MissingToken,
     Principal,
@@ -64,7 +65,7 @@ IDENTITY_PREFIXES = (b"x-user-", b"x-auth-", b"x-authenticated-", b"x-principal"
 _HOP_REQUEST = frozenset(
     {b"host", b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
      b"upgrade", b"content-length", b"expect", b"proxy-authorization", b"x-request-id", b"forwarded",
-     b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"}
+     b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip", b"traceparent", b"tracestate"}
 )  # fmt: skip
 DROP_REQUEST = _HOP_REQUEST | IDENTITY_HEADERS
 
@@ -139,7 +140,8 @@ class RouteProxy:
                 key = principal.sub  # type: ignore[union-attr]  # SUB rules require a token
             else:
                 key = match["key"]
-            return await self._exchange(request, method, raw_path, key)
+            with tracing.proxy_span(self.service.name, request):  # writes traceparent upstream
+                return await self._exchange(request, method, raw_path, key)
         except Problem as problem:
             return problem_response(problem, request)
 
@@ -311,6 +313,7 @@ class RouteProxy:
         if remote:
             parts.append(b"X-Forwarded-For: " + remote.encode("ascii", "replace") + b"\r\n")
         parts.append(b"X-Forwarded-Proto: https\r\n" if request.secure else b"X-Forwarded-Proto: http\r\n")
+        parts.append(tracing.traceparent_line(request.headers))
         host = request.headers.get(hdrs.HOST)
         if host:
             parts.append(b"X-Forwarded-Host: " + host.encode("latin-1", "replace") + b"\r\n")

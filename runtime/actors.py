@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import orjson
 
-from runtime import jsonutil
+from runtime import jsonutil, tracing
 from runtime.errors import Problem, ServiceUnavailable
 from runtime.store import (
     CommitOutcome,
@@ -272,7 +272,7 @@ class _Activation:
     def __init__(self, key: tuple[str, str], actor: Actor) -> None:
         self.key = key
         self.actor = actor
-        self.mailbox: deque[tuple[Any, asyncio.Future[Any] | None, str | None]] | None = None
+        self.mailbox: deque[tuple[Any, asyncio.Future[Any] | None, str | None, Any]] | None = None
         self.running = False
         self.loaded = False
         self.version = 0
@@ -447,7 +447,7 @@ class ActorSystem:
         elif len(box) >= self.mailbox_size:
             self.stats["rejected"] += 1
             raise MailboxFull(f"{ref._key[0]} {ref.id} has {len(box)} messages waiting; retry shortly", retry_after=1)
-        box.append((message, fut, message_id))
+        box.append((message, fut, message_id, tracing.capture()))
         if not act.running:
             act.running = True
             asyncio.get_running_loop().create_task(self._drain(act))
@@ -529,12 +529,13 @@ class ActorSystem:
                     self._forget(act)
                     error = ServiceUnavailable(f"{act.key[0]} {act.key[1]} cannot be loaded right now", retry_after=1)
                     while box:
-                        _, fut, _ = box.popleft()
+                        _, fut, _, _ = box.popleft()
                         _fail(fut, error)
                     return
             while box:
-                message, fut, message_id = box.popleft()
-                await self._turn(act, message, fut, message_id)
+                message, fut, message_id, trace_context = box.popleft()
+                with tracing.turn(act.key, message, message_id, fut, trace_context):
+                    await self._turn(act, message, fut, message_id)
         finally:
             act.running = False
             act.last_activity = time.monotonic()
@@ -619,7 +620,8 @@ class ActorSystem:
                 hooks=turn.hooks,
             )
             try:
-                outcome = await self.store.commit(write)  # type: ignore[union-attr]  # persistent: there is a store
+                with tracing.commit(write):
+                    outcome = await self.store.commit(write)  # type: ignore[union-attr]  # persistent: there is a store
             except BaseException as exc:
                 self._rollback(act)
                 self.stats["failed"] += 1

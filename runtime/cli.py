@@ -28,7 +28,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from config import ConfigError, Settings, StartupError, load_settings
-from runtime import migrate, services
+from runtime import logs, migrate, services, tracing
 from runtime.host import request_id_var
 from runtime.store import create_engine
 
@@ -159,10 +159,10 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.setFormatter(logs.formatter(log_format))  # JSON lines carry the trace and span ids
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -239,6 +239,10 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
     # What a user can get wrong is checked before any work, each failure one line: the ports, the broker, the
     # databases (their URLs were checked with the settings).
     check_ports(settings, [(s.name, settings.services[s.name].port) for s in chosen])
+    try:  # before any app or client session is made: they are instrumented when they are created
+        tracing.configure("ecom" if len(chosen) > 1 else f"ecom-{chosen[0].name}", install_global=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     # One bus for the whole process: in embedded mode that is what connects the services.
     bus = await start_bus(settings)
     runners: list[web.AppRunner] = []
@@ -279,6 +283,7 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
         for runner in reversed(runners):
             await runner.cleanup()
         await bus.close()
+        tracing.shutdown()  # flushes the spans still batched for the exporter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ecom: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.general.log_level)
+    setup_logging(settings.general.log_level, settings.general.log_format)
     if not (args.command == "db" and args.db_command == "upgrade") and settings.general.log_level.upper() != "DEBUG":
         # Migrations are applied by every command that opens a database; only `ecom db upgrade` reports them
         # (it prints one line per component as well), the others keep quiet about them.

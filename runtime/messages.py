@@ -24,6 +24,7 @@ from typing import Any, TypeVar, cast
 
 from bus.base import MalformedMessage
 from bus.envelope import Envelope
+from runtime import tracing
 from runtime.actors import Actor, ActorRef, ActorSystem, DuplicateMessage
 from runtime.cluster import Cluster, is_forwarded
 from runtime.jsonutil import to_jsonable
@@ -120,6 +121,7 @@ def envelope(
         session_id=session_id,
         body=to_body(message),
         correlation_id=correlation_id,
+        headers=tracing.context_headers(),  # the turn's traceparent, stored with the outbox row
         **extra,
     )
 

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from bus.base import Bus, BusError, DeadLetter
 from bus.deadletters import parse_replay_destination, replay_destination
 from bus.envelope import Envelope
+from runtime import tracing
 from runtime.store import outbox, utcnow
 
 __all__ = ["REPLAY", "OutboxRelay", "ReplayPending", "enqueue_replay"]
@@ -149,12 +150,14 @@ class OutboxRelay:
         try:
             for row in rows:
                 envelope = Envelope.decode(row.envelope)
-                if row.kind == "send":
-                    await self.bus.send(row.destination, envelope)
-                elif row.kind == REPLAY:
-                    await _redeliver(self.bus, row.destination, envelope)
-                else:
-                    await self.bus.publish(envelope)
+                # The row's envelope carries the traceparent of the turn that wrote it; the hand-over is its child.
+                with tracing.producing(self.bus.name, row.kind, row.destination, envelope) as envelope:
+                    if row.kind == "send":
+                        await self.bus.send(row.destination, envelope)
+                    elif row.kind == REPLAY:
+                        await _redeliver(self.bus, row.destination, envelope)
+                    else:
+                        await self.bus.publish(envelope)
                 sent.append(row.id)
         finally:
             # Mark what did go out even if a later row failed, so it is not sent again needlessly.

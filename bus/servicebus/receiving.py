@@ -28,6 +28,7 @@ from bus.base import (
 )
 from bus.envelope import Envelope, utc_now
 from bus.servicebus.messages import MAX_REASON, _body, _truncate
+from bus.tracing import traced
 
 if TYPE_CHECKING:
     from bus.servicebus.azurebus import AzureBus
@@ -54,7 +55,7 @@ class AzureConsumer:
         self.label = label
         self._on_missing = on_missing  # called when the entity is gone (e.g. to re-create it)
         self._make_receiver = make_receiver
-        self._handler = handler
+        self._handler = traced(handler, "servicebus", label)  # a CONSUMER span per delivery when tracing is on
         self._limit = limit
         self._standby = min(limit, bus.standby_receivers)
         self._workers: set[asyncio.Task[None]] = set()

@@ -2,6 +2,8 @@
 single-user setup):
 
 - actors: ``<prefix>/actors`` and ``<prefix>/actors/{type}/{id}``;
+- traces: ``<prefix>/traces?order_id=|trace_id=``, the recent spans of this process
+  (:func:`runtime.tracing.recent_spans`);
 - dead letters of the service's queues and subscriptions (:mod:`runtime.deadletters`; replay and discard are
   written to the audit log with the token's user):
 
@@ -16,6 +18,7 @@ single-user setup):
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -24,12 +27,15 @@ from runtime.errors import Forbidden, NotFound, ValidationProblem
 from runtime.web.resources import AppKeyRuntime
 from runtime.web.responses import json_response
 
+_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
+
 __all__ = [
     "add_admin_routes",
     "add_dead_letter_routes",
     "admin_actor",
     "admin_actors",
     "admin_audit",
+    "admin_traces",
     "require_admin",
 ]
 
@@ -71,9 +77,25 @@ async def admin_actor(request: web.Request) -> web.Response:
     return json_response(info)
 
 
+async def admin_traces(request: web.Request) -> web.Response:
+    """``?trace_id=`` (32 hex digits) or ``?order_id=``: the buffered spans of that trace, or of every trace that
+    touched the order; neither: the most recent spans. ``limit`` caps the spans (newest kept)."""
+    await require_admin(request)
+    from runtime import tracing
+
+    trace_id, order_id = request.query.get("trace_id"), request.query.get("order_id")
+    if trace_id is not None and not _TRACE_ID.fullmatch(trace_id):
+        raise ValidationProblem.field("trace_id", "must be 32 hexadecimal digits")
+    if order_id is not None and not 0 < len(order_id) <= 200:
+        raise ValidationProblem.field("order_id", "must be 1 to 200 characters")
+    limit = _int_query(request, "limit", 1000, 0, 100_000)
+    return json_response(tracing.recent_spans(trace_id=trace_id, order_id=order_id, limit=limit))
+
+
 def add_admin_routes(app: web.Application, prefix: str) -> None:
     app.router.add_get(f"{prefix}/actors", admin_actors)
     app.router.add_get(f"{prefix}/actors/{{type}}/{{id}}", admin_actor)
+    app.router.add_get(f"{prefix}/traces", admin_traces)
     add_dead_letter_routes(app, prefix)
 
 
