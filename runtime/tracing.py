@@ -423,4 +423,4 @@ def recent_spans(*, trace_id: str | None = None, order_id: str | None = None, li
     chosen = [s for s in spans if s.context and _hex(s.context.trace_id, 32) in wanted]
     chosen.sort(key=lambda s: s.start_time or 0)
     records = [span_record(s) for s in chosen[-limit:]] if limit else []
-    return {"enabled": True, "buffer": ring.size, "traces": sorted(wanted), "spans": records}
+    return {"enabled": True, "buffer": ring.size, "traces": sorted({r["trace_id"] for r in records}), "spans": records}

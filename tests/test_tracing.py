@@ -28,7 +28,7 @@ from yarl import URL
 from actors.order.payment import SimulatedPaymentProvider
 from bus import MemoryBus
 from bus.rabbitmq import DEFAULT_URL, RabbitBus
-from config import load_settings
+from config import ConfigError, load_settings
 from gateway.service import create_app as create_gateway
 from runtime import logs, tracing
 from tests.e2e.conftest import ADDRESS, SERVICES, Shop
@@ -319,3 +319,12 @@ def test_configuration_from_the_otel_variables():
         tracing.shutdown()
     assert not tracing.enabled() and tracing.turn(("cart", "c"), object(), None, None, None) is tracing._OFF
     assert tracing.capture() is None and tracing.context_headers() == {}
+
+
+def test_log_format_is_a_checked_setting():
+    assert load_settings({}).general.log_format == "json"
+    assert load_settings({"ECOM_LOG_FORMAT": "text"}).general.log_format == "text"
+    with pytest.raises(ConfigError, match="ECOM_LOG_FORMAT"):
+        load_settings({"ECOM_LOG_FORMAT": "xml"})
+    assert isinstance(logs.formatter("json"), logs.JsonFormatter)
+    assert logs.formatter("text")._fmt == logs.TEXT_FORMAT
