@@ -10,9 +10,11 @@ what configuration turns tracing on.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import io
 import json
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,17 +22,21 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import select
 from yarl import URL
 
+from actors.order.actor import SagaTimings
 from actors.order.payment import SimulatedPaymentProvider
-from bus import MemoryBus
+from bus import Envelope, MemoryBus
 from bus.rabbitmq import DEFAULT_URL, RabbitBus
 from config import ConfigError, load_settings
 from gateway.service import create_app as create_gateway
 from runtime import logs, tracing
+from runtime.store import create_engine, outbox
 from tests.e2e.conftest import ADDRESS, SERVICES, Shop
 from tests.order.conftest import eventually, migrate, stop_bounded
 from tests.support.cluster import rabbitmqctl, require_cluster_servers
@@ -113,7 +119,9 @@ async def shop_with_gateway(exporter, bus, settings, tmp_path, test_identity) ->
     databases = {name: f"sqlite+aiosqlite:///{tmp_path / f'{name}.db'}" for name in SERVICES}
     for name, module in SERVICES.items():
         await migrate(databases[name], module.SCHEMA)
-    shop = Shop(settings, databases, bus, test_identity, SimulatedPaymentProvider())
+    # The saga's defaults (re-sends after 30 s): a re-send, which starts a trace of its own from the order's
+    # reminder, cannot make the paid turn part of another trace on a slow machine.
+    shop = Shop(settings, databases, bus, test_identity, SimulatedPaymentProvider(), timings=SagaTimings())
     await shop.start()
     upstreams = {name: str(client.make_url("")).rstrip("/") for name, client in shop.clients.items()}
     gateway = TestClient(
@@ -207,6 +215,22 @@ async def test_one_checkout_is_one_trace_from_the_gateway_to_paid(shop_with_gate
         checkout_sent.kind is trace.SpanKind.PRODUCER
         and checkout_sent.attributes["messaging.destination.name"] == "order"
     )
+    # The trace crossed the transactional outbox in the row itself: the stored envelope carries the cart turn's
+    # traceparent (the relay, a task of its own, took it from there).
+    engine = create_engine(shop.databases["cart"])
+    try:
+        async with engine.connect() as conn:
+            stored = (
+                await conn.execute(
+                    select(outbox.c.envelope).where(
+                        outbox.c.message_id == checkout_sent.attributes["messaging.message.id"]
+                    )
+                )
+            ).scalar_one()
+    finally:
+        await engine.dispose()
+    traceparent = Envelope.decode(stored).headers["traceparent"]
+    assert traceparent.startswith(f"00-{trace_id:032x}-{cart_turn.context.span_id:016x}-")  # then the flags
     consumer, order_turn = chain[6], chain[7]
     assert order_turn.attributes["ecom.actor.id"] == order_id
     assert order_turn.attributes["ecom.message.id"] == consumer.attributes["messaging.message.id"]
@@ -328,3 +352,48 @@ def test_log_format_is_a_checked_setting():
         load_settings({"ECOM_LOG_FORMAT": "xml"})
     assert isinstance(logs.formatter("json"), logs.JsonFormatter)
     assert logs.formatter("text")._fmt == logs.TEXT_FORMAT
+
+
+def test_otlp_exports_to_the_configured_endpoint(monkeypatch):
+    """``otlp`` sends OTLP/HTTP protobuf to OTEL_EXPORTER_OTLP_ENDPOINT (a real HTTP receiver on 127.0.0.1 here),
+    with the service name of OTEL_SERVICE_NAME; shutdown flushes what is batched."""
+    received: list[bytes] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            assert self.path == "/v1/traces"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "OTEL_SERVICE_NAME": "shop-otlp",
+    }
+    try:
+        for name, value in env.items():  # the exporter reads its endpoint from the process environment
+            monkeypatch.setenv(name, value)
+        assert tracing.configure("ecom", environ=env)
+        with tracing.turn(("order", "o-9"), object(), "m-9", None, None):
+            pass
+        tracing.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert received, "nothing reached the OTLP endpoint"
+    request = ExportTraceServiceRequest.FromString(received[0])
+    resource_spans = request.resource_spans[0]
+    names = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert names["service.name"] == "shop-otlp"
+    (span,) = resource_spans.scope_spans[0].spans
+    assert span.name == "order object"
+    assert {a.key: a.value.string_value for a in span.attributes}["ecom.actor.id"] == "o-9"
