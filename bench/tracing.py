@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import os
 import subprocess
@@ -153,7 +154,10 @@ async def run(args: argparse.Namespace) -> None:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_no in range(args.rounds):
-            for name, module, traced in variants:
+            # Every other round in reverse order, each variant after a collection: the order of runs on a shared
+            # machine otherwise shows up as a difference between the variants.
+            for name, module, traced in variants if round_no % 2 == 0 else variants[::-1]:
+                gc.collect()
                 counter, doc = _actor_classes(module)
                 if traced:
                     tracing.configure("bench", environ={"OTEL_TRACES_EXPORTER": "buffer"})
