@@ -400,10 +400,12 @@ class SpanRing(SpanProcessor):
 
 
 def _touches_order(span: ReadableSpan, order_id: str) -> bool:
+    """A turn of the order's actor, or a bus message to it (its session) or about it (correlated with it): so each
+    process finds its part of the order's traces, the cart's (CheckoutRequested) and the catalog's too."""
     attrs = span.attributes or {}
     if attrs.get("ecom.actor.id") == order_id and attrs.get("ecom.actor.type") == "order":
         return True
-    return attrs.get("messaging.message.conversation_id") == order_id or attrs.get("ecom.order.id") == order_id
+    return attrs.get("ecom.session.id") == order_id or attrs.get("messaging.message.conversation_id") == order_id
 
 
 def recent_spans(*, trace_id: str | None = None, order_id: str | None = None, limit: int = 1000) -> dict[str, Any]:

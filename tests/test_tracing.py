@@ -397,3 +397,31 @@ def test_otlp_exports_to_the_configured_endpoint(monkeypatch):
     (span,) = resource_spans.scope_spans[0].spans
     assert span.name == "order object"
     assert {a.key: a.value.string_value for a in span.attributes}["ecom.actor.id"] == "o-9"
+
+
+def test_each_process_finds_its_part_of_an_orders_traces():
+    """By order id: the order's turns, a message to it (its session) and one correlated with it, each with the rest
+    of its trace in this process's buffer; other traces are left out."""
+    try:
+        assert tracing.configure("ecom", environ={"OTEL_TRACES_EXPORTER": "buffer"})
+        found_by: dict[str, str] = {}
+        for how in ("session", "correlation", "turn", "other"):
+            with tracing.turn(("cart", f"c-{how}"), object(), None, None, None) as span:
+                found_by[how] = format(span.get_span_context().trace_id, "032x")
+                if how == "turn":
+                    with tracing.turn(("order", "o-1"), object(), None, None, tracing.capture()):  # asked from the cart
+                        pass
+                    continue
+                session, correlation = ("o-1", None) if how == "session" else ("p-1", "o-1")
+                if how == "other":
+                    session, correlation = "o-2", "o-2"
+                made = Envelope("Msg", session, {}, correlation_id=correlation, headers=tracing.context_headers())
+            with tracing.producing("memory", "send", "order", made) as sent:
+                assert sent.headers["traceparent"] != made.headers["traceparent"]  # re-stamped with the send span
+        got = tracing.recent_spans(order_id="o-1")
+        assert set(got["traces"]) == {found_by["session"], found_by["correlation"], found_by["turn"]}
+        assert {s["name"] for s in got["spans"]} >= {"cart object", "order object", "send order"}
+        assert tracing.recent_spans(order_id="o-1", limit=0)["spans"] == []
+    finally:
+        tracing.shutdown()
+    assert tracing.recent_spans(order_id="o-1") == {"enabled": False, "buffer": 0, "traces": [], "spans": []}
