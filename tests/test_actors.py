@@ -235,7 +235,15 @@ async def test_full_mailbox_answers_with_backpressure(system_factory):
     ref = system.ref(LogActor, "busy")
     gate = asyncio.Event()
     first = asyncio.ensure_future(ref.ask(Wait(gate)))
-    await asyncio.sleep(0.05)  # the first message is being handled, the mailbox is empty again
+
+    def first_taken() -> bool:  # the first message is being handled (state loaded), the mailbox is empty again
+        actors = system.introspect()["log"]["actors"]
+        return bool(actors) and actors[0]["mailbox_depth"] == 0 and actors[0]["handled"] == 0
+
+    async with asyncio.timeout(10):  # a state load on a loaded database server can take a while
+        await asyncio.sleep(0.01)
+        while not first_taken():
+            await asyncio.sleep(0.01)
     queued = [asyncio.ensure_future(ref.ask(Append(i))) for i in range(5)]
     await asyncio.sleep(0)
     with pytest.raises(MailboxFull) as info:
