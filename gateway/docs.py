@@ -1,10 +1,13 @@
 """One OpenAPI document for the whole API, merged from the services' own documents.
 
 Each routed service's ``/api/docs/swagger.json`` is fetched from one of its instances (available ones first);
-its paths under the prefixes the gateway routes to that service are kept (the host's ``/health`` and
-``/metrics`` are not public through the gateway), schema definitions are merged (a name two services define
+its operations that the gateway routes to that service are kept (the host's ``/health`` and ``/metrics``, and
+``/api/order/internal``, are not public through the gateway: no rule of :data:`gateway.routes.ROUTES` matches
+them), schema definitions are merged (a name two services define
 differently is renamed ``<Service><Name>`` in the second one, references included) and tags are joined. A GET's
-HEAD twin (aiohttp routes HEAD for every GET) is not listed.
+HEAD twin (aiohttp routes HEAD for every GET) is not listed. Each operation also documents what the gateway
+itself may answer (:func:`gateway_answers`): 429 (rate limits), 401/403 where it checks a token, 413 for a body
+over its limit, and 502/503/504 when the service cannot be reached in time.
 
 The result is cached for ``ttl`` seconds (concurrent requests share one refresh). A service that cannot be
 reached is left out, named in ``info.description`` and in ``x-services``, and the document is refreshed sooner
@@ -23,7 +26,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.routes import Route, services_of
+from gateway.routes import Kind, Route, services_of
 from gateway.upstreams import Upstreams
 
 log = logging.getLogger(__name__)
@@ -122,6 +125,61 @@ def _without_head_twin(item: Any) -> Any:
     return item
 
 
+_PROBLEM_JSON = "application/problem+json"
+_RETRY_AFTER = {"Retry-After": {"type": "integer", "description": "seconds to wait before retrying"}}
+_GATEWAY_ANSWERS: dict[str, dict[str, Any]] = {
+    "401": {"description": "the gateway refused the bearer token (missing, invalid or expired)"},
+    "403": {"description": "the token lacks a role or scope this route needs"},
+    "413": {"description": "the body is over the gateway's limit"},
+    "429": {"description": "too many requests from this client; retry after Retry-After", "headers": _RETRY_AFTER},
+    "502": {"description": "the service answered badly"},
+    "503": {"description": "no instance of the service is available; retry after Retry-After", "headers": _RETRY_AFTER},
+    "504": {"description": "the service did not answer in time"},
+}
+# The services' problem schema (runtime.web.endpoints.ProblemSchema), for a document whose services define none.
+_PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+    },
+}
+_METHODS = ("get", "put", "post", "delete", "options", "head", "patch")
+
+
+def _routed(routes: Sequence[Route], service: str, path: str, method: str) -> Kind | None:
+    """The access kind of the gateway rule that routes ``method path`` to ``service``, or None: not routed."""
+    for route in routes:
+        if route.service != service or not (path == route.prefix or path.startswith(route.prefix + "/")):
+            continue
+        # a path template's {param} stands for one segment, as the rules' [^/]+ groups
+        found = route.resolve(method.upper(), path[len(route.prefix) :].replace("{", "x").replace("}", ""))
+        if found is not None:
+            return found[0].access.kind
+    return None
+
+
+def gateway_answers(operation: dict[str, Any], kind: Kind, problem_ref: str) -> dict[str, Any]:
+    """``operation`` with the gateway's own answers added (the service's own descriptions win)."""
+    out = dict(operation)
+    responses = dict(out.get("responses") or {})
+    codes = ["429", "502", "503", "504"]
+    if kind is not Kind.PUBLIC:
+        codes += ["401", "403"] if kind is Kind.TOKEN else ["401"]  # OPTIONAL: a token sent is checked
+    if any(p.get("in") in ("body", "formData") for p in out.get("parameters", []) if isinstance(p, dict)):
+        codes.append("413")
+    for code in codes:
+        responses.setdefault(code, {**_GATEWAY_ANSWERS[code], "schema": {"$ref": problem_ref}})
+    out["responses"] = responses
+    produces = list(out.get("produces") or [])
+    if produces and _PROBLEM_JSON not in produces:
+        out["produces"] = [*produces, _PROBLEM_JSON]
+    return out
+
+
 def merge(title: str, routes: Sequence[Route], docs: Sequence[tuple[str, dict[str, Any] | str]]) -> dict[str, Any]:
     """Merge ``(service, document or reason)`` pairs into one document (the first document's version)."""
     first = next((d for _, d in docs if isinstance(d, dict)), {"swagger": "2.0"})
@@ -165,14 +223,24 @@ def merge(title: str, routes: Sequence[Route], docs: Sequence[tuple[str, dict[st
         for name, schema in own.items():
             renamed = renames.get(ref_prefix + name, ref_prefix + name)[len(ref_prefix) :]
             schemas.setdefault(renamed, copy.deepcopy(schema))
-        prefixes = [r.prefix for r in routes if r.service == service]
         for path, item in doc.get("paths", {}).items():
-            if any(path == p or path.startswith(p + "/") for p in prefixes):
-                out["paths"].setdefault(path, _without_head_twin(item))
+            if path in out["paths"] or not isinstance(item, dict):
+                continue
+            kept: dict[str, Any] = {}
+            for method, operation in _without_head_twin(item).items():
+                if method not in _METHODS:
+                    kept[method] = operation  # path-level parameters
+                    continue
+                kind = _routed(routes, service, path, method)
+                if kind is not None and isinstance(operation, dict):
+                    kept[method] = gateway_answers(operation, kind, ref_prefix + "Problem")
+            if any(m in _METHODS for m in kept):
+                out["paths"][path] = kept
         for tag in doc.get("tags", []):
             if isinstance(tag, dict) and tag.get("name") not in tag_names:
                 tag_names.add(tag.get("name"))
                 out["tags"].append(tag)
+    schemas.setdefault("Problem", _PROBLEM_SCHEMA)
     missing = sorted(s for s, v in status.items() if v != "ok")
     description = "The public API of EcomGateway, through the gateway."
     if missing:

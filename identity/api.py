@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from aiohttp_apispec import docs, request_schema, response_schema
 from marshmallow import Schema, fields, validate
 from multidict import MultiDict
 
-from identity.accounts import change_password, normalize_email, register_customer
+from identity.accounts import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, change_password, normalize_email, register_customer
 from identity.core import IDENTITY, Identity
 from identity.oauth import (
+    MAX_NONCE_LENGTH,
+    MAX_STATE_LENGTH,
     NO_STORE,
     AuthorizationRequest,
     AuthorizeRedirect,
@@ -57,16 +58,12 @@ from identity.pages import (
     set_csrf_cookie,
     signed_out_page,
 )
-from runtime.auth import (
-    InvalidToken,
-    authenticate,
-    check_access,
-    optional_principal,
-    require,
-)
+from identity.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
+from runtime.auth import InvalidToken, Principal, optional_principal
 from runtime.errors import BadRequest, Problem, TooManyRequests, ValidationProblem
 from runtime.host import json_response, problem_response
 from runtime.store import utcnow
+from runtime.web.endpoints import Auth, ProblemSchema, Reply, endpoint
 
 routes = web.RouteTableDef()
 
@@ -86,17 +83,112 @@ def _repeated(name: str) -> BadRequest:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Documented shapes of the OAuth/OIDC endpoints (their protocol code reads and checks the input itself)
+
+_HTML = "text/html"
+_REDIRECT = Reply(None, "redirect (Location)", {"Location": {"type": "string"}})
+
+
+def _text(description: str, *, required: bool = False, **meta: Any) -> fields.String:
+    return fields.String(required=required, metadata={"description": description, **meta})
+
+
+class OAuthErrorSchema(Schema):
+    """RFC 6749 §5.2 error (``application/json``): the token, revocation and introspection endpoints."""
+
+    error = fields.String(metadata={"example": "invalid_grant"})
+    error_description = fields.String()
+
+
+class TokenResponseSchema(Schema):
+    access_token = fields.String()
+    token_type = fields.String(metadata={"example": "Bearer"})
+    expires_in = fields.Integer()
+    refresh_token = fields.String()
+    id_token = fields.String()
+    scope = fields.String()
+
+
+class AuthorizeQuery(Schema):
+    response_type = _text("Must be code.", required=True, enum=["code"])
+    client_id = _text("The registered client.", required=True)
+    redirect_uri = _text("Exactly one of the client's registered redirect URIs.", required=True)
+    scope = _text("Space-separated scopes (default: the client's).")
+    state = _text("Returned unchanged to the client.", maxLength=MAX_STATE_LENGTH)
+    code_challenge = _text("PKCE: base64url SHA-256 of the verifier (43 characters).", required=True)
+    code_challenge_method = _text("Must be S256.", required=True, enum=["S256"])
+    nonce = _text("Copied into the ID token.", maxLength=MAX_NONCE_LENGTH)
+
+
+class SignInForm(AuthorizeQuery):
+    email = _text("The account's email.")
+    password = _text("The account's password.", format="password")
+    csrf_token = _text("The sign-in page's CSRF token (also in its cookie).", required=True)
+
+
+# Client authentication of the token, revocation and introspection endpoints.
+_CLIENT_ID = "The client (or HTTP Basic authentication instead of client_id/client_secret)."
+_CLIENT_SECRET = "Confidential clients: the client's secret (or HTTP Basic)."
+
+
+class TokenForm(Schema):
+    grant_type = _text(
+        "The grant.", required=True, enum=["authorization_code", "refresh_token", "password", "client_credentials"]
+    )
+    code = _text("authorization_code: the code from the authorization redirect.")
+    redirect_uri = _text("authorization_code: the redirect_uri of the authorization request.")
+    code_verifier = _text("authorization_code: the PKCE verifier of the code_challenge.")
+    client_id = _text(_CLIENT_ID)
+    client_secret = _text(_CLIENT_SECRET, format="password")
+    username = _text("password: the account's email.")
+    password = _text("password: the account's password.", format="password")
+    scope = _text(
+        "password, client_credentials, refresh_token: space-separated scopes (default: the client's, or the granted "
+        "ones)."
+    )
+    refresh_token = _text("refresh_token: the refresh token to rotate.")
+
+
+class RevocationForm(Schema):
+    token = _text("The refresh token to revoke.", required=True)
+    token_type_hint = _text("Optional hint (RFC 7009).", enum=["refresh_token", "access_token"])
+    client_id = _text(_CLIENT_ID)
+    client_secret = _text(_CLIENT_SECRET, format="password")
+
+
+class IntrospectionForm(Schema):
+    token = _text("The access or refresh token to describe.", required=True)
+    token_type_hint = _text("Which kind to look up first.", enum=["access_token", "refresh_token"])
+    client_id = _text(_CLIENT_ID)
+    client_secret = _text(_CLIENT_SECRET, format="password")
+
+
+class EndSessionQuery(Schema):
+    id_token_hint = _text("An ID token issued here (may be expired).")
+    post_logout_redirect_uri = _text("One of the client's registered post-logout redirect URIs.")
+    state = _text("Returned unchanged with the redirect.")
+    client_id = _text("The client, when no id_token_hint is sent.")
+
+
+# What the OAuth endpoints answer besides their own results: RFC 6749 errors, not problem+json.
+_OAUTH_ERRORS = {
+    400: Reply(OAuthErrorSchema, "RFC 6749 error: invalid_request, invalid_grant, unsupported_grant_type, ..."),
+    401: Reply(OAuthErrorSchema, "invalid_client", {"WWW-Authenticate": {"type": "string"}}),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
 # Discovery
 
 
 @routes.get("/.well-known/openid-configuration")
-@docs(tags=["oidc"], summary="OpenID Connect discovery document")
+@endpoint(tags=["oidc"], summary="OpenID Connect discovery document", responses={200: "the discovery document"})
 async def discovery(request: web.Request) -> web.Response:
     return json_response(_identity(request).discovery(), headers={"Cache-Control": "public, max-age=300"})
 
 
 @routes.get("/.well-known/jwks.json")
-@docs(tags=["oidc"], summary="Public signing keys (JWKS)")
+@endpoint(tags=["oidc"], summary="Public signing keys (JWKS)", responses={200: "the JSON Web Key Set"})
 async def jwks(request: web.Request) -> web.Response:
     # Short max-age: a key revoked here should leave caches soon; verifiers refetch on unknown kids anyway.
     return json_response(_identity(request).keys.jwks(), headers={"Cache-Control": "public, max-age=60"})
@@ -117,7 +209,16 @@ def _login_form(
 
 
 @routes.get("/connect/authorize")
-@docs(tags=["oidc"], summary="Authorization request (code + PKCE S256): shows the sign-in page")
+@endpoint(
+    tags=["oidc"],
+    summary="Authorization request (code + PKCE S256): shows the sign-in page",
+    description="An unknown client or redirect_uri is answered here (400); every later error is redirected to the "
+    "client (302 with error=...).",
+    query=AuthorizeQuery,
+    read_by_handler=True,
+    responses={200: "the sign-in page", 302: _REDIRECT, 400: Reply(ProblemSchema, "unknown client or redirect_uri")},
+    produces=(_HTML,),
+)
 async def authorize(request: web.Request) -> web.Response:
     identity = _identity(request)
     try:
@@ -128,7 +229,20 @@ async def authorize(request: web.Request) -> web.Response:
 
 
 @routes.post("/connect/authorize")
-@docs(tags=["oidc"], summary="Sign-in form post: redirects to the client with an authorization code")
+@endpoint(
+    tags=["oidc"],
+    summary="Sign-in form post: redirects to the client with an authorization code",
+    description="The sign-in page's form, posted back: the authorization request, email, password and CSRF token.",
+    form=SignInForm,
+    read_by_handler=True,
+    responses={
+        200: "the sign-in page again, saying what was wrong",
+        303: _REDIRECT,
+        400: Reply(ProblemSchema, "not form-encoded, a repeated field, or an unknown client or redirect_uri"),
+        403: Reply(ProblemSchema, "the CSRF token is missing or wrong"),
+    },
+    produces=(_HTML,),
+)
 async def authorize_post(request: web.Request) -> web.Response:
     identity = _identity(request)
     issuer = identity.settings.issuer
@@ -171,27 +285,8 @@ def oauth_endpoint(handler: Handler) -> Handler:
     return wrapper
 
 
-def _form(name: str, description: str, *, required: bool = False, **schema: Any) -> dict[str, Any]:
-    """One documented field of a form-encoded OAuth endpoint (documentation only: the handlers read the form)."""
-    return {
-        "in": "formData",
-        "name": name,
-        "type": "string",
-        "required": required,
-        "description": description,
-        **schema,
-    }
-
-
-# Client authentication of the token, revocation and introspection endpoints.
-CLIENT_AUTH_FORM = (
-    _form("client_id", "The client (or HTTP Basic authentication instead of client_id/client_secret)."),
-    _form("client_secret", "Confidential clients: the client's secret (or HTTP Basic).", format="password"),
-)
-
-
 @routes.post("/connect/token")
-@docs(
+@endpoint(
     tags=["oidc"],
     summary="Token endpoint: authorization_code, password, client_credentials, refresh_token",
     description=(
@@ -201,26 +296,9 @@ CLIENT_AUTH_FORM = (
         " (a subset of the granted scopes). Every grant authenticates the client: client_id (public clients) or"
         " client_id + client_secret, or HTTP Basic instead of the two."
     ),
-    consumes=["application/x-www-form-urlencoded"],
-    parameters=[
-        _form(
-            "grant_type",
-            "The grant.",
-            required=True,
-            enum=["authorization_code", "refresh_token", "password", "client_credentials"],
-        ),
-        _form("code", "authorization_code: the code from the authorization redirect."),
-        _form("redirect_uri", "authorization_code: the redirect_uri of the authorization request."),
-        _form("code_verifier", "authorization_code: the PKCE verifier of the code_challenge."),
-        *CLIENT_AUTH_FORM,
-        _form("username", "password: the account's email."),
-        _form("password", "password: the account's password.", format="password"),
-        _form(
-            "scope",
-            "password, client_credentials, refresh_token: space-separated scopes (default: the client's, or the granted ones).",
-        ),
-        _form("refresh_token", "refresh_token: the refresh token to rotate."),
-    ],
+    form=TokenForm,
+    read_by_handler=True,
+    responses={200: TokenResponseSchema, **_OAUTH_ERRORS},
 )
 @oauth_endpoint
 async def token(request: web.Request) -> web.Response:
@@ -228,16 +306,13 @@ async def token(request: web.Request) -> web.Response:
 
 
 @routes.post("/connect/revocation")
-@docs(
+@endpoint(
     tags=["oidc"],
     summary="Revoke a refresh token and its family (RFC 7009)",
     description="Form-encoded. Answers 200 whether or not the token was valid.",
-    consumes=["application/x-www-form-urlencoded"],
-    parameters=[
-        _form("token", "The refresh token to revoke.", required=True),
-        _form("token_type_hint", "Optional hint (RFC 7009).", enum=["refresh_token", "access_token"]),
-        *CLIENT_AUTH_FORM,
-    ],
+    form=RevocationForm,
+    read_by_handler=True,
+    responses={200: "revoked (or it was not valid)", **_OAUTH_ERRORS},
 )
 @oauth_endpoint
 async def revocation(request: web.Request) -> web.Response:
@@ -246,16 +321,13 @@ async def revocation(request: web.Request) -> web.Response:
 
 
 @routes.post("/connect/introspect")
-@docs(
+@endpoint(
     tags=["oidc"],
     summary="Token introspection for confidential clients (RFC 7662)",
     description="Form-encoded. The client must be confidential (client_secret or HTTP Basic).",
-    consumes=["application/x-www-form-urlencoded"],
-    parameters=[
-        _form("token", "The access or refresh token to describe.", required=True),
-        _form("token_type_hint", "Which kind to look up first.", enum=["access_token", "refresh_token"]),
-        *CLIENT_AUTH_FORM,
-    ],
+    form=IntrospectionForm,
+    read_by_handler=True,
+    responses={200: "the token's claims and active: true, or active: false", **_OAUTH_ERRORS},
 )
 @oauth_endpoint
 async def introspect(request: web.Request) -> web.Response:
@@ -266,10 +338,20 @@ async def introspect(request: web.Request) -> web.Response:
 # Userinfo and end-session
 
 
-@docs(tags=["oidc"], summary="Claims about the signed-in user (needs the openid scope)")
-async def userinfo(request: web.Request) -> web.Response:
-    p = await authenticate(request)
-    check_access(p, scopes=("openid",))
+@dataclass(frozen=True, slots=True)
+class Caller:
+    principal: Principal
+
+
+@endpoint(
+    Caller,
+    tags=["oidc"],
+    summary="Claims about the signed-in user (needs the openid scope)",
+    responses={200: "the user's claims"},
+    auth=Auth(scopes=("openid",), api=False),
+)
+async def userinfo(request: web.Request, caller: Caller) -> web.Response:
+    p = caller.principal
     user = await _identity(request).repo.user_by_id(p.sub)
     if user is None or user.disabled:
         raise InvalidToken("The token's account no longer exists or is locked.")
@@ -287,7 +369,19 @@ routes.post("/connect/userinfo")(userinfo)
 
 
 @routes.get("/connect/endsession")
-@docs(tags=["oidc"], summary="Sign out: revoke the user's refresh tokens for the client (ID token hint or bearer)")
+@endpoint(
+    tags=["oidc"],
+    summary="Sign out: revoke the user's refresh tokens for the client (ID token hint or bearer)",
+    query=EndSessionQuery,
+    read_by_handler=True,
+    responses={
+        200: "the signed-out page",
+        302: _REDIRECT,
+        400: Reply(ProblemSchema, "a repeated parameter, a foreign id_token_hint or an unregistered redirect URI"),
+        401: Reply(ProblemSchema, "a bearer token was sent and it is not valid"),
+    },
+    produces=(_HTML,),
+)
 async def endsession(request: web.Request) -> web.Response:
     identity = _identity(request)
     q = single_values(request.query, _repeated)
@@ -333,17 +427,33 @@ async def _signed_in_party(
 
 class RegistrationSchema(Schema):
     email = fields.String(
-        required=True, metadata={"description": "normalised: trimmed, lower-cased", "example": "ann@example.com"}
+        required=True,
+        metadata={
+            "description": "normalised: trimmed, lower-cased",
+            "example": "ann@example.com",
+            "format": "email",
+            "maxLength": MAX_EMAIL_LENGTH,
+        },
     )
     password = fields.String(
         required=True,
         load_only=True,
+        validate=validate.Length(max=MAX_PASSWORD_LENGTH),  # longer is refused before any hashing
         metadata={
+            "minLength": MIN_PASSWORD_LENGTH,
             "description": "8 to 1024 characters that are hard to guess (zxcvbn score 3 or more; not built from "
-            "the email, the name or the shop's name)"
+            "the email, the name or the shop's name)",
         },
     )
-    name = fields.String(required=True, metadata={"example": "Ann Smith"})
+    name = fields.String(
+        required=True,
+        metadata={
+            "example": "Ann Smith",
+            "maxLength": MAX_NAME_LENGTH,
+            # what accounts.name_problem accepts: no control characters, not only blanks
+            "pattern": r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+        },
+    )
 
 
 class UserSchema(Schema):
@@ -470,7 +580,12 @@ class RegistrationAcceptedSchema(Schema):
 
 class PasswordChangeSchema(Schema):
     current_password = fields.String(required=True, load_only=True)
-    new_password = fields.String(required=True, load_only=True)
+    new_password = fields.String(
+        required=True,
+        load_only=True,
+        validate=validate.Length(max=MAX_PASSWORD_LENGTH),
+        metadata={"minLength": MIN_PASSWORD_LENGTH, "description": "hard to guess (as at registration)"},
+    )
 
 
 REGISTRATION_ACCEPTED = {
@@ -480,65 +595,81 @@ REGISTRATION_ACCEPTED = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Registration:
+    email: str
+    password: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordChange:
+    principal: Principal
+    current_password: str
+    new_password: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserListing:
+    page: int
+    page_size: int
+
+
 @routes.post("/api/identity/users")
-@docs(
+@endpoint(
+    Registration,
     tags=["identity"],
     summary="Register a customer account",
     description="The answer is the same whether or not the email already has an account (nothing is created then, "
-    "and the owner is told): registration does not reveal which emails are registered.",
-    responses={
-        202: {"description": "accepted (the same answer for a new and a taken email)"},
-        422: {"description": "a field is invalid (named: email, password or name)"},
-        429: {"description": "too many registrations from this address or for this email; see Retry-After"},
-    },
+    "and the owner is told): registration does not reveal which emails are registered. 422 names the field: an "
+    "email that is not deliverable-looking or mixes scripts, a password that is easy to guess, a bad name.",
+    body=RegistrationSchema,
+    responses={202: Reply(RegistrationAcceptedSchema, "accepted (the same answer for a new and a taken email)")},
+    problems=(429,),
 )
-@request_schema(RegistrationSchema)
-@response_schema(RegistrationAcceptedSchema, 202)
-async def register(request: web.Request) -> web.Response:
+async def register(request: web.Request, new: Registration) -> web.Response:
     identity = _identity(request)
-    data: dict[str, Any] = request["data"]
     limits = registration_limits(request.app)
-    limits.check(client_address(request), normalize_email(data["email"]) if isinstance(data["email"], str) else "")
-    await register_customer(
-        identity.repo, identity.passwords, email=data["email"], password=data["password"], name=data["name"]
-    )
+    limits.check(client_address(request), normalize_email(new.email))
+    await register_customer(identity.repo, identity.passwords, email=new.email, password=new.password, name=new.name)
     return json_response(REGISTRATION_ACCEPTED, status=202, headers=NO_STORE)
 
 
 @routes.put("/api/identity/users/me/password")
-@docs(
+@endpoint(
+    PasswordChange,
     tags=["identity"],
     summary="Change your password (clears password_change_required)",
-    responses={
-        204: {"description": "changed"},
-        401: {"description": "no valid token"},
-        422: {"description": "current_password is wrong or new_password is refused (named)"},
-    },
+    description="422 names the field: current_password is wrong, or new_password is refused (easy to guess).",
+    body=PasswordChangeSchema,
+    responses={204: "changed"},
+    auth=Auth(api=False),
 )
-@request_schema(PasswordChangeSchema)
-async def change_own_password(request: web.Request) -> web.Response:
+async def change_own_password(request: web.Request, change: PasswordChange) -> web.Response:
     identity = _identity(request)
-    p = await authenticate(request)
-    user = await identity.repo.user_by_id(p.sub)
+    user = await identity.repo.user_by_id(change.principal.sub)
     if user is None or user.disabled:
         raise InvalidToken("The token's account no longer exists or is locked.")
-    data: dict[str, Any] = request["data"]
     # through the login throttle of the account's email: guesses of the current password are counted and locked
-    outcome = await identity.login(user.email, data["current_password"])
+    outcome = await identity.login(user.email, change.current_password)
     if outcome.user is None or outcome.user.id != user.id:
         raise ValidationProblem.field(
             "current_password", login_failure(outcome).replace("email or password", "password")
         )
-    await change_password(identity.repo, identity.passwords, user, data["new_password"])
+    await change_password(identity.repo, identity.passwords, user, change.new_password)
     return web.Response(status=204, headers=NO_STORE)
 
 
 @routes.get("/api/identity/users")
-@docs(tags=["identity"], summary="List accounts (admin)")
-@request_schema(PageQuerySchema, locations=["query"])
-@response_schema(UserPageSchema, 200)
-@require(roles=("admin",))
-async def list_users(request: web.Request) -> web.Response:
-    page, size = request["data"]["page"], request["data"]["page_size"]
+@endpoint(
+    UserListing,
+    tags=["identity"],
+    summary="List accounts (admin)",
+    query=PageQuerySchema,
+    responses={200: UserPageSchema},
+    auth=Auth(roles=("admin",)),
+)
+async def list_users(request: web.Request, listing: UserListing) -> web.Response:
+    page, size = listing.page, listing.page_size
     users, total = await _identity(request).repo.list_users(offset=(page - 1) * size, limit=size)
     return json_response({"items": [u.public() for u in users], "page": page, "page_size": size, "total": total})

@@ -13,12 +13,12 @@ cannot name anyone else's cart. Admins inspect any cart through ``/api/cart/admi
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
-from aiohttp_apispec import docs, match_info_schema, request_schema, response_schema
-from marshmallow import Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
 from actors.cart.actor import MAX_LINE_QUANTITY, CartActor, PricesChangedProblem
 from actors.cart.admission import Admission, CheckoutOverloaded
@@ -36,14 +36,14 @@ from actors.cart.messages import (
 )
 from contracts.checkout import Address, PaymentDetails
 from runtime.actors import ActorRef, ActorSystem
-from runtime.auth import principal, require
-from runtime.errors import Conflict, NotFound, ValidationProblem
+from runtime.auth import Principal
+from runtime.errors import Conflict, NotFound
 from runtime.host import json_response
+from runtime.web.endpoints import Auth, Reply, endpoint
 
 PREFIX = "/api/cart"
-CUSTOMER = ("customer", "admin")
+CUSTOMER = Auth(roles=("customer", "admin"))
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as the IETF Idempotency-Key draft
 # A checkout asks the cart, fetches quotes for lines it has not priced yet, and asks again; only a cart that keeps
 # gaining products while this happens needs more rounds.
 CHECKOUT_ROUNDS = 3
@@ -70,6 +70,17 @@ class ProductPath(Schema):
     product_id = fields.UUID(required=True)
 
 
+class IdempotencyHeaders(Schema):
+    idempotency_key = fields.String(
+        data_key=IDEMPOTENCY_HEADER,
+        validate=validate.Regexp(
+            r"^[\x21-\x7e]{1,255}$",  # visible ASCII, as the IETF Idempotency-Key draft
+            error="must be 1 to 255 visible ASCII characters, e.g. a UUID",
+        ),
+        metadata={"description": "makes retries safe: the same key gives the same order"},
+    )
+
+
 class QuantitySchema(Schema):
     quantity = fields.Integer(
         required=True,
@@ -84,12 +95,19 @@ def _text(max_length: int, **kwargs: Any) -> fields.String:
 
 
 class AddressSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE  # like the top level of every body: fields the document does not name are ignored
+
     name = _text(200, required=True)
     street = _text(200, required=True)
     city = _text(100, required=True)
     postal_code = _text(20, required=True)
     country = _text(60, required=True)
     state = fields.String(load_default="", validate=validate.Length(max=100))
+
+    @post_load
+    def _address(self, data: dict[str, Any], **_: Any) -> Address:
+        return Address(**data)
 
 
 def _not_a_card_number(token: str) -> None:
@@ -98,6 +116,9 @@ def _not_a_card_number(token: str) -> None:
 
 
 class PaymentSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
     method = fields.String(
         required=True,
         validate=validate.Regexp(r"^[a-z][a-z_]{0,31}$", error="must be a payment method name such as card"),
@@ -109,6 +130,10 @@ class PaymentSchema(Schema):
             validate.Regexp(r"^[A-Za-z0-9_-]{3,200}$", error="must be a payment provider token such as tok_visa"),
         ],
     )
+
+    @post_load
+    def _payment(self, data: dict[str, Any], **_: Any) -> PaymentDetails:
+        return PaymentDetails(**data)
 
 
 class CheckoutSchema(Schema):
@@ -149,6 +174,36 @@ class OrderAcceptedSchema(Schema):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    principal: Principal
+
+
+@dataclass(frozen=True, slots=True)
+class PutItem:
+    principal: Principal
+    product_id: uuid.UUID
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteItem:
+    principal: Principal
+    product_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutInput:
+    principal: Principal
+    shipping_address: Address
+    payment: PaymentDetails
+    idempotency_key: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -156,23 +211,10 @@ def _context(request: web.Request) -> CartContext:
     return request.app[CART]
 
 
-def _my_cart(request: web.Request) -> ActorRef:
+def _cart_of(request: web.Request, caller: Principal) -> ActorRef:
     """The caller's own cart: the verified token's subject, never an id from the request."""
     ctx = _context(request)
-    return ctx.system.ref(ctx.actor_class, principal(request).sub)
-
-
-def _product_id(request: web.Request) -> str:
-    return str(request["match_info"]["product_id"])
-
-
-def _idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is None:
-        return None
-    if not _IDEMPOTENCY_KEY.match(key):
-        raise ValidationProblem.field(IDEMPOTENCY_HEADER, "must be 1 to 255 visible ASCII characters, e.g. a UUID")
-    return key
+    return ctx.system.ref(ctx.actor_class, caller.sub)
 
 
 async def _quote(request: web.Request, product_id: str) -> ProductQuote:
@@ -186,51 +228,58 @@ async def _quote(request: web.Request, product_id: str) -> ProductQuote:
 # Routes
 
 
-@docs(
+@endpoint(
+    Caller,
     tags=["cart"],
     summary="Your cart",
     description="Lines, totals (decimal strings), item count and price-change notes.",
+    responses={200: CartSchema},
+    auth=CUSTOMER,
 )
-@response_schema(CartSchema, 200)
-@require(roles=CUSTOMER)
-async def get_cart(request: web.Request) -> web.Response:
-    return json_response(await _my_cart(request).ask(GetCart()))
+async def get_cart(request: web.Request, caller: Caller) -> web.Response:
+    return json_response(await _cart_of(request, caller.principal).ask(GetCart()))
 
 
-@docs(
+@endpoint(
+    PutItem,
     tags=["cart"],
     summary="Set the quantity of a product (0 removes it)",
     description="Name and price come from the catalog. Idempotent. 404 unknown product, 409 not enough stock.",
+    path=ProductPath,
+    body=QuantitySchema,
+    responses={200: CartSchema},
+    auth=CUSTOMER,
+    problems=(409,),
 )
-@match_info_schema(ProductPath)
-@request_schema(QuantitySchema)
-@response_schema(CartSchema, 200)
-@require(roles=CUSTOMER)
-async def put_item(request: web.Request) -> web.Response:
-    product_id, quantity = _product_id(request), request["data"]["quantity"]
-    if quantity == 0:
+async def put_item(request: web.Request, put: PutItem) -> web.Response:
+    product_id, cart = str(put.product_id), _cart_of(request, put.principal)
+    if put.quantity == 0:
         # Removing needs nothing from the catalog, so it works for deleted products and while the catalog is down.
-        return json_response(await _my_cart(request).ask(RemoveLine(product_id)))
+        return json_response(await cart.ask(RemoveLine(product_id)))
     quote = await _quote(request, product_id)
-    return json_response(await _my_cart(request).ask(SetQuantity(quote, quantity)))
+    return json_response(await cart.ask(SetQuantity(quote, put.quantity)))
 
 
-@docs(tags=["cart"], summary="Remove a product from your cart")
-@match_info_schema(ProductPath)
-@response_schema(CartSchema, 200)
-@require(roles=CUSTOMER)
-async def delete_item(request: web.Request) -> web.Response:
-    return json_response(await _my_cart(request).ask(RemoveLine(_product_id(request))))
+@endpoint(
+    DeleteItem,
+    tags=["cart"],
+    summary="Remove a product from your cart",
+    description="Removing a product that is not in the cart changes nothing (200).",
+    path=ProductPath,
+    responses={200: CartSchema},
+    auth=CUSTOMER,
+)
+async def delete_item(request: web.Request, delete: DeleteItem) -> web.Response:
+    return json_response(await _cart_of(request, delete.principal).ask(RemoveLine(str(delete.product_id))))
 
 
-@docs(tags=["cart"], summary="Empty your cart")
-@response_schema(CartSchema, 200)
-@require(roles=CUSTOMER)
-async def clear_cart(request: web.Request) -> web.Response:
-    return json_response(await _my_cart(request).ask(ClearCart()))
+@endpoint(Caller, tags=["cart"], summary="Empty your cart", responses={200: CartSchema}, auth=CUSTOMER)
+async def clear_cart(request: web.Request, caller: Caller) -> web.Response:
+    return json_response(await _cart_of(request, caller.principal).ask(ClearCart()))
 
 
-@docs(
+@endpoint(
+    CheckoutInput,
     tags=["cart"],
     summary="Check out",
     description=(
@@ -240,21 +289,30 @@ async def clear_cart(request: web.Request) -> web.Response:
         "again to confirm). Otherwise 202 with the new order id; the order moves on asynchronously. "
         f"Send an {IDEMPOTENCY_HEADER} header to make retries safe: the same key gives the same order."
     ),
-    parameters=[{"in": "header", "name": IDEMPOTENCY_HEADER, "schema": {"type": "string"}, "required": False}],
+    headers=IdempotencyHeaders,
+    body=CheckoutSchema,
+    responses={
+        202: Reply(
+            OrderAcceptedSchema,
+            "accepted: the order id (and its URL in Location)",
+            {
+                "Location": {"type": "string", "description": "the order's URL"},
+                "Idempotent-Replayed": {"type": "string", "description": "true: a retry of an accepted checkout"},
+            },
+        ),
+    },
+    auth=CUSTOMER,
+    problems=(409,),
 )
-@request_schema(CheckoutSchema)
-@response_schema(OrderAcceptedSchema, 202)
-@require(roles=CUSTOMER)
-async def checkout(request: web.Request) -> web.Response:
-    data = request["data"]
+async def checkout(request: web.Request, order: CheckoutInput) -> web.Response:
     command = Checkout(
-        buyer_id=principal(request).sub,
-        idempotency_key=_idempotency_key(request),
-        shipping_address=Address(**data["shipping_address"]),
-        payment=PaymentDetails(**data["payment"]),
+        buyer_id=order.principal.sub,
+        idempotency_key=order.idempotency_key,
+        shipping_address=order.shipping_address,
+        payment=order.payment,
         quotes={},
     )
-    cart, ctx = _my_cart(request), _context(request)
+    cart, ctx = _cart_of(request, order.principal), _context(request)
     catalog = ctx.catalog
     if ctx.admission is not None:
         try:
@@ -292,7 +350,6 @@ def _accepted(reply: CheckoutAccepted) -> web.Response:
 # Wiring
 
 
-@web.middleware
 def setup(app: web.Application) -> None:
     app.router.add_get(PREFIX, get_cart)
     app.router.add_delete(PREFIX, clear_cart)

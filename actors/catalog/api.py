@@ -20,19 +20,14 @@ Writes are admin-only and go through the product's :class:`~actors.catalog.actor
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
-from aiohttp_apispec import (
-    docs,
-    match_info_schema,
-    querystring_schema,
-    request_schema,
-    response_schema,
-)
 from marshmallow import Schema, ValidationError, fields, validate
 from sqlalchemy import Table
 from sqlalchemy.engine import Row
@@ -48,19 +43,22 @@ from actors.catalog.messages import (
     UpdateProduct,
 )
 from runtime.actors import ActorSystem
-from runtime.auth import require
 from runtime.errors import Conflict, NotFound, ValidationProblem
 from runtime.host import AppKeyRuntime, dumps, isoformat, json_response
 from runtime.store import as_utc
+from runtime.web.endpoints import Auth, Reply, endpoint
 
 PREFIX = "/api/catalog"
-ADMIN = ("admin",)
+ADMIN = Auth(roles=("admin",))
 CENT = Decimal("0.01")
 MAX_PRICE = Decimal("9999999999.99")  # Numeric(12, 2)
 MAX_UNITS = 1_000_000_000  # fits a 32-bit INTEGER column everywhere
 MAX_PAGE = 100_000  # keeps OFFSET a sane number; nobody pages 2 million items deep
 MAX_BATCH = 100
 MAX_SEARCH_WORDS = 8
+
+EXISTING_BRAND = f"id or name of an existing brand (see {PREFIX}/brands)"
+EXISTING_TYPE = f"id or name of an existing product type (see {PREFIX}/types)"
 
 READS: web.AppKey[AsyncEngine] = web.AppKey("catalog_reads", AsyncEngine)
 _LIST_PATH = {repo.brands.name: "brands", repo.product_types.name: "types"}  # table -> path under PREFIX
@@ -94,6 +92,10 @@ class MoneyField(fields.Field):
         return None if value is None else str(Decimal(value).quantize(CENT))
 
 
+# What the document promises MoneyField accepts (it also takes JSON numbers and surrounding blanks).
+MONEY = {"type": "string", "pattern": r"^[0-9]{1,10}(\.[0-9]{1,2})?$", "example": "19.99"}
+
+
 def _units(**kwargs: Any) -> fields.Integer:
     return fields.Integer(strict=True, validate=validate.Range(min=0, max=MAX_UNITS), **kwargs)
 
@@ -103,10 +105,10 @@ class ProductFieldsSchema(Schema):
 
     name = fields.String(validate=validate.Length(min=1, max=repo.NAME_MAX))
     description = fields.String(validate=validate.Length(max=4000))
-    price = MoneyField(metadata={"type": "string", "example": "19.99"})
+    price = MoneyField(metadata=MONEY)
     currency = fields.String(validate=validate.Regexp(r"^[A-Z]{3}$", error="must be a 3-letter ISO 4217 code"))
-    brand = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "brand id or name"})
-    type = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "type id or name"})
+    brand = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": EXISTING_BRAND})
+    type = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": EXISTING_TYPE})
     picture_url = fields.String(allow_none=True, validate=validate.Length(max=500))
     available_stock = _units()
     restock_threshold = _units()
@@ -117,12 +119,16 @@ class ProductCreateSchema(ProductFieldsSchema):
     id = fields.UUID(metadata={"description": "optional: makes a retried create safe"})
     name = fields.String(required=True, validate=validate.Length(min=1, max=repo.NAME_MAX))
     description = fields.String(load_default="", validate=validate.Length(max=4000))
-    price = MoneyField(required=True, metadata={"type": "string", "example": "19.99"})
+    price = MoneyField(required=True, metadata=MONEY)
     currency = fields.String(
         load_default="USD", validate=validate.Regexp(r"^[A-Z]{3}$", error="must be a 3-letter ISO 4217 code")
     )
-    brand = fields.String(required=True, validate=validate.Length(min=1, max=100))
-    type = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    brand = fields.String(
+        required=True, validate=validate.Length(min=1, max=100), metadata={"description": EXISTING_BRAND}
+    )
+    type = fields.String(
+        required=True, validate=validate.Length(min=1, max=100), metadata={"description": EXISTING_TYPE}
+    )
     available_stock = _units(load_default=0)
     restock_threshold = _units(load_default=0)
     max_stock = _units(load_default=10_000)
@@ -131,16 +137,59 @@ class ProductCreateSchema(ProductFieldsSchema):
 class ProductListQuery(Schema):
     page = fields.Integer(load_default=1, validate=validate.Range(min=1, max=MAX_PAGE))
     page_size = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    brand = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "brand id or name"})
-    type = fields.String(validate=validate.Length(min=1, max=100), metadata={"description": "type id or name"})
+    brand = fields.String(
+        validate=validate.Length(min=1, max=100), metadata={"description": EXISTING_BRAND + " (else 422)"}
+    )
+    type = fields.String(
+        validate=validate.Length(min=1, max=100), metadata={"description": EXISTING_TYPE + " (else 422)"}
+    )
     q = fields.String(
-        validate=validate.Length(min=1, max=100), metadata={"description": "words in name or description"}
+        validate=validate.Length(min=1, max=100),
+        metadata={
+            "description": f"words to find in the name or description: a letter or digit, and at most "
+            f"{MAX_SEARCH_WORDS} runs of ASCII letters, digits and _",
+            # what _search_words accepts: a word, at most MAX_SEARCH_WORDS of them
+            "pattern": rf"^[^A-Za-z0-9_]*[A-Za-z0-9_]+([^A-Za-z0-9_]+[A-Za-z0-9_]+){{0,{MAX_SEARCH_WORDS - 1}}}"
+            r"[^A-Za-z0-9_]*$",
+        },
     )
     sort = fields.String(load_default="name", validate=validate.OneOf(repo.SORT_OPTIONS))
 
 
+class ProductIds(fields.Field):
+    """Comma-separated product ids (UUIDs), at most MAX_BATCH once duplicates are dropped; blanks are ignored."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        if not isinstance(value, str):
+            raise ValidationError("must be comma-separated product ids")
+        try:
+            return _batch_ids(value)
+        except ValidationProblem as problem:
+            raise ValidationError(problem.errors["ids"]) from None
+
+
 class BatchQuery(Schema):
-    ids = fields.String(required=True, metadata={"description": f"comma-separated product ids, at most {MAX_BATCH}"})
+    ids = ProductIds(
+        required=True,
+        metadata={
+            # Swagger 2's default collectionFormat for a query array is csv: a,b,c
+            "type": "array",
+            "items": {"type": "string", "format": "uuid"},
+            "minItems": 1,
+            "maxItems": MAX_BATCH,
+            "description": f"comma-separated product ids, at most {MAX_BATCH}; unknown ids are left out",
+        },
+    )
+
+
+class ConditionalHeaders(Schema):
+    if_none_match = fields.String(
+        data_key="If-None-Match", metadata={"description": "ETag(s) of a copy you have: 304 when it is current"}
+    )
+
+
+class PictureName(Schema):
+    name = fields.String(required=True, metadata={"description": "as named by a product's picture_url"})
 
 
 class ProductIdPath(Schema):
@@ -152,7 +201,8 @@ class RestockSchema(Schema):
 
 
 class NamedCreateSchema(Schema):
-    name = fields.String(required=True, validate=validate.Length(min=1, max=100))
+    # at least one character that is not white space: the name is stored trimmed
+    name = fields.String(required=True, validate=validate.Length(min=1, max=100), metadata={"pattern": r"\S"})
 
 
 class NamedSchema(Schema):
@@ -275,13 +325,18 @@ async def _resolve_brand_and_type(conn: AsyncConnection, data: dict[str, Any]) -
     return resolved
 
 
+_TYPED_WORD = re.compile(r"[A-Za-z0-9_]+")  # a word as the document's pattern counts it (ECMA-262 \w)
+
+
 def _search_words(q: str | None) -> tuple[str, ...]:
     if q is None:
         return ()
     found = tuple(dict.fromkeys(repo.words(q)))
     if not found:
         raise ValidationProblem.field("q", "must contain a letter or a digit to search for")
-    if len(found) > MAX_SEARCH_WORDS:
+    # Counted as the document's pattern counts (ECMA-262 \w: ASCII letters, digits, _), so no request it allows is
+    # refused; the 100-character limit bounds the search terms that other letters add.
+    if len(set(_TYPED_WORD.findall(q))) > MAX_SEARCH_WORDS:
         raise ValidationProblem.field("q", f"may have at most {MAX_SEARCH_WORDS} words")
     return found
 
@@ -311,70 +366,151 @@ async def _product(request: web.Request, product_id: str) -> dict[str, Any]:
     return product_json(row)
 
 
-def _path_id(request: web.Request) -> str:
-    return str(request["match_info"]["id"])
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True, slots=True)
+class ProductListing:
+    page: int
+    page_size: int
+    sort: str
+    brand: str | None = None
+    type: str | None = None
+    q: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProductBatch:
+    ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ProductRef:
+    id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class PictureRef:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewProduct:
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ProductChange:
+    id: uuid.UUID
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Restock:
+    id: uuid.UUID
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewName:
+    name: str
+
+
+NOT_MODIFIED = Reply(None, "not modified: the If-None-Match ETag is current", {"ETag": {"type": "string"}})
+
+
+def _cached(schema: type[Schema]) -> dict[int, Reply]:
+    """The answers of a cached read: the body with its ETag, or 304."""
+    etag = {"ETag": {"type": "string", "description": "send it back in If-None-Match"}}
+    return {200: Reply(schema, "OK", etag), 304: NOT_MODIFIED}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Reads
 
 
-@docs(
+@endpoint(
+    ProductListing,
     tags=["catalog"],
     summary="Browse and search products",
     description="Paged; filter by brand and type, search words, sort.",
+    query=ProductListQuery,
+    headers=ConditionalHeaders,
+    responses=_cached(ProductPageSchema),
 )
-@querystring_schema(ProductListQuery)
-@response_schema(ProductPageSchema, 200)
-async def list_products(request: web.Request) -> web.Response:
-    args = request["querystring"]
-    words = _search_words(args.get("q"))
+async def list_products(request: web.Request, listing: ProductListing) -> web.Response:
+    words = _search_words(listing.q)
     async with _engine(request).connect() as conn:
-        ids = await _resolve_brand_and_type(conn, args)
+        ids = await _resolve_brand_and_type(conn, {"brand": listing.brand, "type": listing.type})
         query = repo.ProductQuery(
-            page=args["page"],
-            page_size=args["page_size"],
+            page=listing.page,
+            page_size=listing.page_size,
             brand_id=ids.get("brand_id"),
             type_id=ids.get("type_id"),
             search=words,
-            sort=args["sort"],
+            sort=listing.sort,
         )
         rows, total = await repo.browse(conn, query)
     page = {"items": [product_json(r) for r in rows], "page": query.page, "page_size": query.page_size, "total": total}
     return cached_json(request, page)
 
 
-@docs(tags=["catalog"], summary="Several products by id (for the cart); unknown ids are left out")
-@querystring_schema(BatchQuery)
-@response_schema(ProductBatchSchema, 200)
-async def batch_products(request: web.Request) -> web.Response:
-    ids = _batch_ids(request["querystring"]["ids"])
+@endpoint(
+    ProductBatch,
+    tags=["catalog"],
+    summary="Several products by id (for the cart); unknown ids are left out",
+    query=BatchQuery,
+    headers=ConditionalHeaders,
+    responses=_cached(ProductBatchSchema),
+)
+async def batch_products(request: web.Request, batch: ProductBatch) -> web.Response:
     async with _engine(request).connect() as conn:
-        rows = await repo.get_products(conn, ids)
+        rows = await repo.get_products(conn, batch.ids)
     return cached_json(request, {"items": [product_json(r) for r in rows]})
 
 
-@docs(tags=["catalog"], summary="One product")
-@match_info_schema(ProductIdPath)
-@response_schema(ProductSchema, 200)
-async def get_product(request: web.Request) -> web.Response:
-    return cached_json(request, await _product(request, _path_id(request)))
+@endpoint(
+    ProductRef,
+    tags=["catalog"],
+    summary="One product",
+    path=ProductIdPath,
+    headers=ConditionalHeaders,
+    responses=_cached(ProductSchema),
+)
+async def get_product(request: web.Request, product: ProductRef) -> web.Response:
+    return cached_json(request, await _product(request, str(product.id)))
 
 
-def _named_list(table: Table) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _named_list(table: Table) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    @endpoint(
+        tags=["catalog"],
+        summary=f"All {_LIST_PATH[table.name]}",
+        headers=ConditionalHeaders,
+        responses=_cached(NamedListSchema),
+    )
     async def handler(request: web.Request) -> web.Response:
         async with _engine(request).connect() as conn:
             items = await repo.list_named(conn, table)
         return cached_json(request, {"items": items, "total": len(items)})
 
-    return response_schema(NamedListSchema, 200)(
-        docs(tags=["catalog"], summary=f"All {_LIST_PATH[table.name]}")(handler)
-    )
+    return handler
 
 
-@docs(tags=["catalog"], summary="A product picture (SVG), as named by a product's picture_url")
-async def get_picture(request: web.Request) -> web.Response:
-    found = pictures.get(request.match_info["name"])
+@endpoint(
+    PictureRef,
+    tags=["catalog"],
+    summary="A product picture (SVG), as named by a product's picture_url",
+    path=PictureName,
+    headers=ConditionalHeaders,
+    responses={
+        200: Reply(None, "the picture", {"ETag": {"type": "string"}, "Cache-Control": {"type": "string"}}),
+        304: NOT_MODIFIED,
+    },
+    produces=(pictures.CONTENT_TYPE,),
+)
+async def get_picture(request: web.Request, picture: PictureRef) -> web.Response:
+    found = pictures.get(picture.name)
     if found is None:
         raise NotFound("no such picture")
     headers = {
@@ -391,13 +527,21 @@ async def get_picture(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------------------------------
 # Admin writes (through the ProductActor)
 
+_CREATED = {"Location": {"type": "string", "description": "the product's URL"}}
 
-@docs(tags=["catalog admin"], summary="Create a product")
-@request_schema(ProductCreateSchema)
-@response_schema(ProductSchema, 201)
-@require(roles=ADMIN)
-async def create_product(request: web.Request) -> web.Response:
-    data = request["data"]
+
+@endpoint(
+    NewProduct,
+    tags=["catalog admin"],
+    summary="Create a product",
+    description="brand and type must exist (422 naming the field otherwise); available_stock at most max_stock.",
+    body=ProductCreateSchema,
+    responses={201: Reply(ProductSchema, "created", _CREATED)},
+    auth=ADMIN,
+    problems=(409,),
+)
+async def create_product(request: web.Request, new: NewProduct) -> web.Response:
+    data = new.body
     async with _engine(request).connect() as conn:
         ids = await _resolve_brand_and_type(conn, data)
     product_id = str(data.get("id") or uuid.uuid4())
@@ -419,16 +563,23 @@ async def create_product(request: web.Request) -> web.Response:
     return json_response(await _product(request, product_id), status=201, headers=location)
 
 
-@docs(tags=["catalog admin"], summary="Change a product: details, price, stock")
-@match_info_schema(ProductIdPath)
-@request_schema(ProductFieldsSchema)
-@response_schema(ProductSchema, 200)
-@require(roles=ADMIN)
-async def update_product(request: web.Request) -> web.Response:
-    data = request["data"]
+@endpoint(
+    ProductChange,
+    tags=["catalog admin"],
+    summary="Change a product: details, price, stock",
+    description="At least one field. brand and type must exist; available_stock at most max_stock (422 otherwise).",
+    path=ProductIdPath,
+    body=ProductFieldsSchema,
+    body_min_properties=1,
+    responses={200: ProductSchema},
+    auth=ADMIN,
+    problems=(409,),
+)
+async def update_product(request: web.Request, change: ProductChange) -> web.Response:
+    data = change.body
     if not data:
         raise ValidationProblem.field("body", "give at least one field to change")
-    product_id = _path_id(request)
+    product_id = str(change.id)
     async with _engine(request).connect() as conn:
         ids: dict[str, Any] = await _resolve_brand_and_type(conn, data)
     changes: dict[str, Any] = {k: v for k, v in data.items() if k not in ("brand", "type")}
@@ -438,39 +589,51 @@ async def update_product(request: web.Request) -> web.Response:
     return json_response(await _product(request, product_id))
 
 
-@docs(tags=["catalog admin"], summary="Add units, up to the product's max_stock")
-@match_info_schema(ProductIdPath)
-@request_schema(RestockSchema)
-@response_schema(RestockResultSchema, 200)
-@require(roles=ADMIN)
-async def restock_product(request: web.Request) -> web.Response:
-    product_id = _path_id(request)
-    added = (
-        await _system(request)
-        .ref(ProductActor, product_id)
-        .ask(RestockProduct(product_id, request["data"]["quantity"]))
-    )
+@endpoint(
+    Restock,
+    tags=["catalog admin"],
+    summary="Add units, up to the product's max_stock",
+    path=ProductIdPath,
+    body=RestockSchema,
+    responses={200: RestockResultSchema},
+    auth=ADMIN,
+    problems=(409,),
+)
+async def restock_product(request: web.Request, restock: Restock) -> web.Response:
+    product_id = str(restock.id)
+    added = await _system(request).ref(ProductActor, product_id).ask(RestockProduct(product_id, restock.quantity))
     return json_response({"added": added, "product": await _product(request, product_id)})
 
 
-@docs(tags=["catalog admin"], summary="Delete a product (refused while an open order holds it)")
-@match_info_schema(ProductIdPath)
-@require(roles=ADMIN)
-async def delete_product(request: web.Request) -> web.Response:
-    product_id = _path_id(request)
+@endpoint(
+    ProductRef,
+    tags=["catalog admin"],
+    summary="Delete a product (refused while an open order holds it)",
+    path=ProductIdPath,
+    responses={204: "deleted"},
+    auth=ADMIN,
+    problems=(409,),
+)
+async def delete_product(request: web.Request, product: ProductRef) -> web.Response:
+    product_id = str(product.id)
     await _system(request).ref(ProductActor, product_id).ask(DeleteProduct(product_id))
     return web.Response(status=204)
 
 
-def _named_create(table: Table) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _named_create(table: Table) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     kind = "brand" if table is repo.brands else "type"
 
-    @docs(tags=["catalog admin"], summary=f"Add a {kind}")
-    @request_schema(NamedCreateSchema)
-    @response_schema(NamedSchema, 201)
-    @require(roles=ADMIN)
-    async def handler(request: web.Request) -> web.Response:
-        name = request["data"]["name"].strip()
+    @endpoint(
+        NewName,
+        tags=["catalog admin"],
+        summary=f"Add a {kind}",
+        body=NamedCreateSchema,
+        responses={201: Reply(NamedSchema, "created", {"Location": {"type": "string"}})},
+        auth=ADMIN,
+        problems=(409,),
+    )
+    async def handler(request: web.Request, new: NewName) -> web.Response:
+        name = new.name.strip()
         if not name:
             raise ValidationProblem.field("name", "must not be blank")
         engine = request.app[AppKeyRuntime].engine

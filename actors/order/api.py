@@ -16,13 +16,11 @@ Reading never wakes an actor: the list comes from the ``orders`` table, one orde
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp_apispec import docs, querystring_schema, response_schema
 from marshmallow import Schema, fields, validate
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,16 +29,16 @@ from actors.order.messages import CancelOrder, CommandResult, ShipOrder
 from actors.order.repository import OrderSummary, SagaLoad, list_orders, saga_load
 from contracts.checkout import OrderStatus
 from runtime.actors import ActorRef, ActorSystem
-from runtime.auth import Principal, principal, require
-from runtime.errors import NotFound, ValidationProblem
+from runtime.auth import Principal
+from runtime.errors import NotFound
 from runtime.host import AppKeyRuntime, json_response
 from runtime.money import money
+from runtime.web.endpoints import Auth, Reply, endpoint
 
 PREFIX = "/api/orders"
-CUSTOMER = ("customer", "admin")
-ADMIN = ("admin",)
+CUSTOMER = Auth(roles=("customer", "admin"))
+ADMIN = Auth(roles=("admin",))
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as the IETF Idempotency-Key draft
 MAX_PAGE = 100_000
 MAX_ID_LENGTH = 64
 
@@ -156,7 +154,43 @@ class LoadSchema(Schema):
     outbox_backlog = fields.Integer(metadata={"description": "messages of the order service not yet on the bus"})
 
 
-IDEMPOTENCY_PARAMETER = {"in": "header", "name": IDEMPOTENCY_HEADER, "schema": {"type": "string"}, "required": False}
+class OrderPath(Schema):
+    id = fields.String(required=True, metadata={"description": "the order id (a UUID, as checkout answered it)"})
+
+
+class IdempotencyHeaders(Schema):
+    idempotency_key = fields.String(
+        data_key=IDEMPOTENCY_HEADER,
+        validate=validate.Regexp(
+            r"^[\x21-\x7e]{1,255}$",  # visible ASCII, as the IETF Idempotency-Key draft
+            error="must be 1 to 255 visible ASCII characters, e.g. a UUID",
+        ),
+        metadata={"description": "makes retries safe: a retry with the same key changes nothing more"},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True, slots=True)
+class PageInput:
+    principal: Principal
+    page: int
+    page_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrderInput:
+    principal: Principal
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandInput:
+    principal: Principal
+    id: str
+    idempotency_key: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,15 +203,6 @@ def _context(request: web.Request) -> OrderContext:
 
 def _is_admin(p: Principal) -> bool:
     return "admin" in p.roles
-
-
-def _idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is None:
-        return None
-    if not _IDEMPOTENCY_KEY.match(key):
-        raise ValidationProblem.field(IDEMPOTENCY_HEADER, "must be 1 to 255 visible ASCII characters, e.g. a UUID")
-    return key
 
 
 def _summary_json(s: OrderSummary) -> dict[str, Any]:
@@ -201,34 +226,43 @@ def _command_response(result: CommandResult) -> web.Response:
 # Routes
 
 
-@docs(tags=["orders"], summary="Your orders, newest first", description="Admins see every buyer's orders.")
-@querystring_schema(PageQuery)
-@response_schema(OrderPageSchema, 200)
-@require(roles=CUSTOMER)
-async def get_orders(request: web.Request) -> web.Response:
-    query = request["querystring"]
-    p = principal(request)
+@endpoint(
+    PageInput,
+    tags=["orders"],
+    summary="Your orders, newest first",
+    description="Admins see every buyer's orders.",
+    query=PageQuery,
+    responses={200: OrderPageSchema},
+    auth=CUSTOMER,
+)
+async def get_orders(request: web.Request, query: PageInput) -> web.Response:
+    p = query.principal
     engine = request.app[AppKeyRuntime].engine
     assert engine is not None  # the order service always has its database
     found = await list_orders(
-        engine, buyer_id=None if _is_admin(p) else p.sub, page=query["page"], page_size=query["page_size"]
+        engine, buyer_id=None if _is_admin(p) else p.sub, page=query.page, page_size=query.page_size
     )
     return json_response(
         {
             "items": [_summary_json(s) for s in found.items],
-            "page": query["page"],
-            "page_size": query["page_size"],
+            "page": query.page,
+            "page_size": query.page_size,
             "total": found.total,
         }
     )
 
 
-@docs(tags=["orders"], summary="One order", description="Lines, totals, shipping address, status and its history.")
-@response_schema(OrderSchema, 200)
-@require(roles=CUSTOMER)
-async def get_order(request: web.Request) -> web.Response:
-    order_id = _order_id(request)
-    p = principal(request)
+@endpoint(
+    OrderInput,
+    tags=["orders"],
+    summary="One order",
+    description="Lines, totals, shipping address, status and its history. Someone else's order answers 404.",
+    path=OrderPath,
+    responses={200: OrderSchema},
+    auth=CUSTOMER,
+)
+async def get_order(request: web.Request, wanted: OrderInput) -> web.Response:
+    order_id, p = _order_id(wanted.id), wanted.principal
     # The committed state, live or stored: reading does not go through (or wake) the actor's mailbox.
     info = await _context(request).system.inspect(OrderActor.type_name, order_id)
     order = load_order(info["state"]) if info is not None else None
@@ -237,61 +271,68 @@ async def get_order(request: web.Request) -> web.Response:
     return json_response(order_view(order_id, order))
 
 
-@docs(
+_REPLAYED = {"Idempotent-Replayed": {"type": "string", "description": "true: a retry with a known key"}}
+
+
+@endpoint(
+    CommandInput,
     tags=["orders"],
     summary="Cancel an order before it is paid",
     description="Reserved stock goes back to the catalog; a payment in progress is voided. 409 once paid. "
     f"Cancelling a cancelled order changes nothing. Send an {IDEMPOTENCY_HEADER} header to make retries safe.",
-    parameters=[IDEMPOTENCY_PARAMETER],
+    path=OrderPath,
+    headers=IdempotencyHeaders,
+    responses={200: Reply(OrderSchema, "the order as the command left it", _REPLAYED)},
+    auth=CUSTOMER,
+    problems=(409,),
 )
-@response_schema(OrderSchema, 200)
-@require(roles=CUSTOMER)
-async def cancel_order(request: web.Request) -> web.Response:
-    p = principal(request)
-    command = CancelOrder(p.sub, _is_admin(p), _idempotency_key(request))
-    return _command_response(await _order(request).ask(command))
+async def cancel_order(request: web.Request, cancel: CommandInput) -> web.Response:
+    p = cancel.principal
+    command = CancelOrder(p.sub, _is_admin(p), cancel.idempotency_key)
+    return _command_response(await _order(request, cancel.id).ask(command))
 
 
-@docs(
+@endpoint(
+    CommandInput,
     tags=["orders"],
     summary="Mark a paid order shipped (admin)",
     description=f"409 unless the order is paid. Send an {IDEMPOTENCY_HEADER} header to make retries safe.",
-    parameters=[IDEMPOTENCY_PARAMETER],
+    path=OrderPath,
+    headers=IdempotencyHeaders,
+    responses={200: Reply(OrderSchema, "the order as the command left it", _REPLAYED)},
+    auth=ADMIN,
+    problems=(409,),
 )
-@response_schema(OrderSchema, 200)
-@require(roles=ADMIN)
-async def ship_order(request: web.Request) -> web.Response:
-    return _command_response(await _order(request).ask(ShipOrder(_idempotency_key(request))))
+async def ship_order(request: web.Request, ship: CommandInput) -> web.Response:
+    return _command_response(await _order(request, ship.id).ask(ShipOrder(ship.idempotency_key)))
 
 
-@docs(
+@endpoint(
     tags=["internal"],
     summary="Saga backlog, for admission control (internal)",
     description="Open orders and unsent outbox messages, counted at most every half second. Counts only; no token.",
+    responses={200: LoadSchema},
 )
-@response_schema(LoadSchema, 200)
 async def get_load(request: web.Request) -> web.Response:
     load = await request.app[LOAD].read()
     return json_response({"open_orders": load.open_orders, "outbox_backlog": load.outbox_backlog})
 
 
-def _order_id(request: web.Request) -> str:
-    order_id = request.match_info["id"]
+def _order_id(order_id: str) -> str:
     if len(order_id) > MAX_ID_LENGTH:  # no order has such an id; don't carry it to the database
         raise NotFound(f"there is no order {order_id[:MAX_ID_LENGTH]}...", slug="order-not-found")
     return order_id
 
 
-def _order(request: web.Request) -> ActorRef:
+def _order(request: web.Request, order_id: str) -> ActorRef:
     ctx = _context(request)
-    return ctx.system.ref(ctx.actor_class, _order_id(request))
+    return ctx.system.ref(ctx.actor_class, _order_id(order_id))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Wiring
 
 
-@web.middleware
 def setup(app: web.Application) -> None:
     app.router.add_get(PREFIX, get_orders)
     app.router.add_get(f"{PREFIX}/{{id}}", get_order)

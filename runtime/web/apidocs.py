@@ -1,7 +1,8 @@
-"""The service's OpenAPI document (aiohttp-apispec), without HEAD twins.
+"""The service's OpenAPI document (aiohttp-apispec), without HEAD twins, with its bearer security scheme.
 
 aiohttp adds a HEAD route for every GET route (``allow_head``) and aiohttp-apispec documents both with the
 same handler, so every GET would appear twice. HEAD keeps working at runtime; the document lists the GET once.
+Routes declared with :func:`runtime.web.endpoints.endpoint` that need a token name the ``bearer`` scheme.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp_apispec import setup_aiohttp_apispec
 
+from runtime.web.endpoints import MIN_PROPERTIES
+
 SPEC_URL = "/api/docs/swagger.json"
+BEARER = {"type": "apiKey", "in": "header", "name": "Authorization", "description": "Bearer <access token>"}
 
 
 def drop_head_twins(doc: dict[str, Any]) -> dict[str, Any]:
@@ -19,6 +23,21 @@ def drop_head_twins(doc: dict[str, Any]) -> dict[str, Any]:
     for item in (doc.get("paths") or {}).values():
         if isinstance(item, dict) and "get" in item:
             item.pop("head", None)
+    return doc
+
+
+def apply_body_min_properties(doc: dict[str, Any]) -> dict[str, Any]:
+    """Move each operation's ``x-body-min-properties`` (set by :func:`runtime.web.endpoints.endpoint`) onto its
+    body parameter's schema, where Swagger 2 can say it (aiohttp-apispec builds the parameter from the schema
+    class, which has no such option); returns ``doc``."""
+    for item in (doc.get("paths") or {}).values():
+        for operation in item.values() if isinstance(item, dict) else ():
+            if not isinstance(operation, dict) or MIN_PROPERTIES not in operation:
+                continue
+            least = operation.pop(MIN_PROPERTIES)
+            for param in operation.get("parameters", []):
+                if param.get("in") == "body":
+                    param["schema"] = {"allOf": [param["schema"]], "minProperties": least}
     return doc
 
 
@@ -39,5 +58,7 @@ def setup_api_docs(app: web.Application, *, title: str, error_callback: Any) -> 
         doc = app.get("swagger_dict")
         if isinstance(doc, dict):
             drop_head_twins(doc)
+            apply_body_min_properties(doc)
+            doc.setdefault("securityDefinitions", {"bearer": BEARER})
 
     app.on_startup.append(without_head_twins)

@@ -21,6 +21,7 @@ from runtime.web.responses import parse_json_body, problem_response
 __all__ = [
     "authorize_first_middleware",
     "error_middleware",
+    "flatten_errors",
     "request_id_middleware",
     "request_id_var",
     "schema_validation_middleware",
@@ -110,9 +111,12 @@ async def authorize_first_middleware(request: web.Request, handler: Handler) -> 
 
 @web.middleware
 async def schema_validation_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp-apispec's validation, only for routes that declare schemas: its own middleware takes an
+    """aiohttp-apispec's validation, for routes that declare schemas with its decorators directly (routes
+    declared with :func:`runtime.web.endpoints.endpoint` validate their own input): its own middleware takes an
     exception path on every other request, which costs the gateway's proxy route dearly."""
     route_handler = request.match_info.handler
+    if getattr(route_handler, "__endpoint__", False):
+        return await handler(request)  # declared with runtime.web.endpoints: it validates its own input
     schemas = getattr(route_handler, "__schemas__", None)
     if schemas is not None or isinstance(route_handler, type):
         if (
@@ -136,20 +140,23 @@ async def schema_validation_middleware(request: web.Request, handler: Handler) -
     return await handler(request)
 
 
-def _flatten(messages: Any, prefix: str = "") -> dict[str, str]:
+def flatten_errors(messages: Any, prefix: str = "") -> dict[str, str]:
     """marshmallow's nested error dict -> {"lines.0.quantity": "Must be greater than 0."}."""
     out: dict[str, str] = {}
     if isinstance(messages, Mapping):
         for key, value in messages.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten_errors(value, f"{prefix}.{key}" if prefix else str(key)))
     elif isinstance(messages, (list, tuple)) and messages and all(isinstance(m, str) for m in messages):
         out[prefix or "body"] = " ".join(messages)
     elif isinstance(messages, (list, tuple)):
         for i, value in enumerate(messages):
-            out.update(_flatten(value, f"{prefix}.{i}" if prefix else str(i)))
+            out.update(flatten_errors(value, f"{prefix}.{i}" if prefix else str(i)))
     else:
         out[prefix or "body"] = str(messages)
     return out
+
+
+_flatten = flatten_errors  # the name runtime.host re-exports
 
 
 _LOCATIONS = ("json", "query", "match_info", "path", "headers", "form", "querystring")
@@ -165,4 +172,4 @@ def validation_error_callback(error: ValidationError, *_args: Any, **_kwargs: An
             if isinstance(value, Mapping):
                 merged.update(value)
         messages = merged or messages
-    raise ValidationProblem(_flatten(messages) or {"body": "invalid"})
+    raise ValidationProblem(flatten_errors(messages) or {"body": "invalid"})
