@@ -41,8 +41,39 @@ def apply_body_min_properties(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _copy_declaration(declared: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a handler's aiohttp-apispec declaration that registering it cannot alter (it pops ``schemas``
+    and extends ``parameters``); the schema objects themselves are shared."""
+    out = dict(declared)
+    for key in ("schemas", "parameters"):
+        if key in out:
+            out[key] = [dict(item) for item in out[key]]
+    if "responses" in out:
+        out["responses"] = {code: dict(value) for code, value in out["responses"].items()}
+    return out
+
+
 def setup_api_docs(app: web.Application, *, title: str, error_callback: Any) -> None:
     """``/api/docs`` (Swagger UI) and ``/api/docs/swagger.json`` of the application's documented routes."""
+
+    async def fresh_declarations(app: web.Application) -> None:
+        # before aiohttp-apispec's own start-up hook (appended just after), which consumes each handler's
+        # declaration in place: a second app built from the same handlers (tests, two routes of one handler)
+        # would otherwise get a document whose body schemas are missing.
+        for route in app.router.routes():
+            handler = route.handler
+            declared = getattr(handler, "__apispec__", None)
+            if not isinstance(declared, dict):
+                continue
+            pristine = getattr(handler, "__apispec_declared__", None)
+            try:
+                if pristine is None:
+                    pristine = handler.__apispec_declared__ = _copy_declaration(declared)
+                handler.__apispec__ = _copy_declaration(pristine)
+            except AttributeError:  # a bound method: its function's declaration is only read
+                continue
+
+    app.on_startup.append(fresh_declarations)
     setup_aiohttp_apispec(
         app,
         title=title,
