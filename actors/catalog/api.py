@@ -201,8 +201,10 @@ class RestockSchema(Schema):
 
 
 class NamedCreateSchema(Schema):
-    # at least one character that is not white space: the name is stored trimmed
-    name = fields.String(required=True, validate=validate.Length(min=1, max=100), metadata={"pattern": r"\S"})
+    # a character that is not white space (Python's or ECMA-262's) nor a control: the name is stored trimmed
+    name = fields.String(
+        required=True, validate=validate.Length(min=1, max=100), metadata={"pattern": r"[^\s\x00-\x1f\x7f-\x9f]"}
+    )
 
 
 class NamedSchema(Schema):
