@@ -227,3 +227,25 @@ def test_merge_drops_head_twins_of_a_service_that_still_documents_them() -> None
     assert list(items) == ["get"] and items["get"]["summary"] == "read"  # plus the gateway's own answers
     assert "head" in merged["paths"]["/api/catalog/ping"]  # a lone HEAD operation is no twin
     assert doc["paths"]["/api/catalog/items"]["head"] == get  # the service's document is not altered
+
+
+@pytest.mark.parametrize("name", SERVICES)
+async def test_every_operation_documents_its_problem_answers(make_service: Any, name: str) -> None:
+    """problem+json is a documented media type of every operation, with the answers the host can give it."""
+    doc = await _doc(await make_service(name))
+    assert doc["definitions"]["Problem"]["properties"]["errors"]["type"] == "array"
+    for path, method in _operations(doc):
+        operation = doc["paths"][path][method]
+        where = f"{method.upper()} {path}"
+        responses = operation["responses"]
+        assert "application/problem+json" in operation["produces"], where
+        assert responses["503"]["headers"]["Retry-After"]["type"] == "integer", where
+        params = {p["in"] for p in operation.get("parameters", [])}
+        if "body" in params:
+            assert {"400", "413", "415", "422"} <= set(responses), where
+            assert operation["consumes"] == ["application/json"], where
+        if operation.get("security"):
+            assert {"401", "403"} <= set(responses), where
+            assert responses["401"]["schema"] == {"$ref": "#/definitions/Problem"}, where
+        if "path" in params:
+            assert "404" in responses, where

@@ -5,13 +5,13 @@
         tags=["cart"], summary="Set the quantity of a product",
         path=ProductPath, body=QuantitySchema,     # marshmallow schemas, per location
         responses={200: CartSchema},
-        auth=Auth(roles=CUSTOMER),
-        problems=(404, 409),                       # beyond the standard ones (see below)
+        auth=Auth(roles=("customer", "admin")),
+        problems=(409,),                           # beyond the standard ones (see below)
     )
     async def put_item(request: web.Request, put: PutItem) -> web.Response: ...
 
-The declaration is registered with aiohttp-apispec (its ``docs``/``*_schema``/``response_schema`` decorators), so
-the OpenAPI document is built from the same schemas that validate. The adapter validates every declared location
+The declaration is registered with aiohttp-apispec (its ``docs`` and ``*_schema`` decorators), so the OpenAPI
+document is built from the same schemas that validate. The adapter validates every declared location
 (path, query, headers, JSON body or form), answers a 422 problem naming each bad field (or 415/400 for a body that
 is not JSON), and calls the handler with an instance of the input dataclass. Its fields are filled by name from the
 validated locations; a field named ``body``/``query``/``path``/``headers``/``form`` gets that location's whole
@@ -279,14 +279,13 @@ def endpoint(
     auth: Auth | None = None,
     problems: Iterable[int] = (),
     produces: Sequence[str] = (JSON,),
-    problem_type: str = PROBLEM_JSON,
 ) -> Callable[[Callable[..., Awaitable[web.StreamResponse]]], Handler]:
     """Declare an API route; see the module docstring.
 
     ``read_by_handler``: the query and form are documented here but read by the handler's own protocol code (the
-    OAuth endpoints, whose errors RFC 6749 and OIDC define); the adapter does not validate them. ``body_min_properties``: the
-    document's ``minProperties`` of the body (a PATCH needs a field; the handler still checks). ``problem_type``: the media type
-    of the route's error answers (``application/json`` for the OAuth endpoints' RFC 6749 errors)."""
+    OAuth/OIDC endpoints, whose errors RFC 6749 and OIDC define); the adapter does not validate them.
+    ``body_min_properties``: the document's ``minProperties`` of the body (a PATCH needs a field; the handler
+    still checks). ``produces``: the media types of the route's successful answers; problem+json is added."""
     declared: dict[str, type[Schema]] = {
         k: v for k, v in (("path", path), ("query", query), ("headers", headers), ("body", body), ("form", form)) if v
     }
@@ -323,7 +322,7 @@ def endpoint(
             if reply.schema is not None:
                 entry["schema"] = _instance(reply.schema)
             extra[str(code)] = entry
-        media = list(dict.fromkeys([*produces, problem_type]))
+        media = list(dict.fromkeys([*produces, PROBLEM_JSON]))
         options: dict[str, Any] = {"tags": list(tags), "summary": summary, "produces": media, "responses": extra}
         if description:
             options["description"] = description
