@@ -61,7 +61,7 @@ def setup_api_docs(app: web.Application, *, title: str, error_callback: Any) -> 
         # declaration in place: a second app built from the same handlers (tests, two routes of one handler)
         # would otherwise get a document whose body schemas are missing.
         for route in app.router.routes():
-            handler = route.handler
+            handler: Any = route.handler  # a function or web.View class carrying aiohttp-apispec's attributes
             declared = getattr(handler, "__apispec__", None)
             if not isinstance(declared, dict):
                 continue
