@@ -127,7 +127,11 @@ class PaymentSchema(Schema):
         required=True,
         validate=[
             _not_a_card_number,
-            validate.Regexp(r"^[A-Za-z0-9_-]{3,200}$", error="must be a payment provider token such as tok_visa"),
+            # the lookahead states _not_a_card_number in the document (a pattern is all Swagger 2 has for it)
+            validate.Regexp(
+                r"^(?![0-9 -]{12,23}$)[A-Za-z0-9_-]{3,200}$",
+                error="must be a payment provider token such as tok_visa",
+            ),
         ],
     )
 
