@@ -10,7 +10,6 @@ previous process are picked up too. Sent rows are kept for ``retention`` seconds
 
 It lives in ``runtime`` (it reads the runtime's ``outbox`` table) and only uses the bus through the
 :class:`bus.base.Bus` protocol: ``runtime`` depends on ``bus``, never the other way round.
-``bus.outbox`` still re-exports :class:`OutboxRelay` for older imports.
 
 Besides ``send`` and ``publish`` rows there are ``replay`` rows (:func:`enqueue_replay`): a dead letter an
 operator replays, addressed to exactly the queue or subscription it came from (``"<kind>:<name>"``) and

@@ -4,7 +4,7 @@ Each service owns one database. Besides its own query tables, every service data
 runtime tables defined here:
 
 - ``actor_state``: one row per actor (``version`` is bumped by every state-changing turn),
-- ``outbox``: messages produced by committed turns, published by :class:`bus.outbox.OutboxRelay`,
+- ``outbox``: messages produced by committed turns, published by :class:`runtime.outbox.OutboxRelay`,
 - ``inbox``: ids of bus messages already applied, so a redelivered message has no second effect,
 - ``reminders``: durable timers that wake an actor later,
 - ``cluster_members``: the instances of the service sharing this database (see :mod:`runtime.cluster`),

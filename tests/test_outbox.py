@@ -9,10 +9,10 @@ from decimal import Decimal
 import pytest
 
 from bus.memory import MemoryBus
-from bus.outbox import OutboxRelay
 from runtime import migrate
 from runtime.actors import Actor, ActorSystem, Turn, handles
 from runtime.messages import BusBinding, envelope, from_body, to_body
+from runtime.outbox import OutboxRelay
 from runtime.store import StateStore, create_engine
 
 

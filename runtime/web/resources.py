@@ -52,7 +52,7 @@ class ServiceRuntime:
     store: store_module.StateStore | None = None
     system: ActorSystem | None = None
     bus: Any = None  # bus.base.Bus
-    relay: Any = None  # bus.outbox.OutboxRelay
+    relay: Any = None  # runtime.outbox.OutboxRelay
     verifier: Any = None  # runtime.auth.TokenVerifier
     cluster: Any = None  # runtime.cluster.Cluster, when several instances may share the database
     ready_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
@@ -82,7 +82,7 @@ class ServiceRuntime:
         )
         relay = None
         if bus is not None:
-            from bus.outbox import OutboxRelay
+            from runtime.outbox import OutboxRelay
 
             relay = OutboxRelay(engine, bus, poll_interval=settings.bus.outbox_poll_interval)
         system = ActorSystem.from_settings(
