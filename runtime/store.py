@@ -34,7 +34,6 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
-    Delete,
     Float,
     Index,
     Integer,
@@ -42,7 +41,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    Update,
     and_,
     bindparam,
     delete,
@@ -155,6 +153,25 @@ _UPDATE_STATE = (
     .values(version=bindparam("nv"), state=bindparam("s"), updated_at=bindparam("now"))
 )
 _SEEN = select(inbox.c.message_id).where(inbox.c.consumer == bindparam("c"), inbox.c.message_id == bindparam("m"))
+_SEEN_ANY = select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_(bindparam("ids", expanding=True)))
+_INSERT_INBOX = insert(inbox).values(consumer=bindparam("c"), message_id=bindparam("m"), processed_at=bindparam("now"))
+_INSERT_OUTBOX = insert(outbox)
+_REMINDER_KEY = and_(
+    reminders.c.actor_type == bindparam("t"), reminders.c.actor_id == bindparam("i"), reminders.c.name == bindparam("n")
+)
+_FIRED_KEY = and_(_REMINDER_KEY, reminders.c.due_at == bindparam("due"))
+_FIRED_EXISTS = select(reminders.c.name).where(_FIRED_KEY)
+_FIRED_DELETE = delete(reminders).where(_FIRED_KEY)
+_FIRED_RESCHEDULE = update(reminders).where(_FIRED_KEY).values(due_at=bindparam("next_due"))
+_REMINDER_DELETE = delete(reminders).where(_REMINDER_KEY)
+_REMINDER_INSERT = insert(reminders).values(
+    actor_type=bindparam("t"),
+    actor_id=bindparam("i"),
+    name=bindparam("n"),
+    due_at=bindparam("due"),
+    period=bindparam("period"),
+    payload=bindparam("payload"),
+)
 
 
 def utcnow() -> datetime:
@@ -660,8 +677,8 @@ class StateStore:
         wanted = [(w.consumer, w.inbox_id) for w in writes if w.inbox_id is not None]
         if not wanted:
             return set()
-        ids = {mid for _, mid in wanted}
-        rows = await conn.execute(select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_(ids)))
+        ids = sorted({mid for _, mid in wanted})
+        rows = await conn.execute(_SEEN_ANY, {"ids": ids})
         return {(r.consumer, r.message_id) for r in rows} & set(wanted)
 
     async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]]) -> None:
@@ -675,18 +692,13 @@ class StateStore:
         now = utcnow()
         if w.inbox_id is not None and (w.consumer, w.inbox_id) in seen:
             raise _Duplicate
-        reminder_key = None
+        key = {"t": w.actor_type, "i": w.actor_id}
+        fired = None
         if w.fired_reminder is not None:
             name, due_at, period = w.fired_reminder
-            reminder_key = and_(
-                reminders.c.actor_type == w.actor_type,
-                reminders.c.actor_id == w.actor_id,
-                reminders.c.name == name,
-                reminders.c.due_at == due_at,
-            )
-            if (await conn.execute(select(reminders.c.name).where(reminder_key))).first() is None:
+            fired = {**key, "n": name, "due": due_at}
+            if (await conn.execute(_FIRED_EXISTS, fired)).first() is None:
                 raise _Duplicate  # already fired (another process) or cancelled since
-        key = {"t": w.actor_type, "i": w.actor_id}
         if w.expected_version == 0:
             if (await conn.execute(_EXISTS, key)).first() is not None:
                 raise _Conflict
@@ -696,23 +708,22 @@ class StateStore:
             params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
             if (await conn.execute(_UPDATE_STATE, params)).rowcount != 1:
                 raise _Conflict
-        if reminder_key is not None:
+        if fired is not None:
             assert w.fired_reminder is not None
             _, due_at, period = w.fired_reminder
-            stmt: Update | Delete
             if period:
-                stmt = update(reminders).where(reminder_key).values(due_at=_next_due(due_at, period, now))
+                result = await conn.execute(_FIRED_RESCHEDULE, {**fired, "next_due": _next_due(due_at, period, now)})
             else:
-                stmt = delete(reminders).where(reminder_key)
-            if (await conn.execute(stmt)).rowcount == 0:
+                result = await conn.execute(_FIRED_DELETE, fired)
+            if result.rowcount == 0:
                 # Only turns of this entity touch its reminders, and they all step the version we hold: so
                 # this means a write outside the runtime. Undo the whole transaction rather than guess.
                 raise _LateDuplicate
         if w.inbox_id is not None:
-            await conn.execute(insert(inbox).values(consumer=w.consumer, message_id=w.inbox_id, processed_at=now))
+            await conn.execute(_INSERT_INBOX, {"c": w.consumer, "m": w.inbox_id, "now": now})
         if w.outbox:
             await conn.execute(
-                insert(outbox),
+                _INSERT_OUTBOX,
                 [
                     {
                         "message_id": m.message_id,
@@ -725,22 +736,11 @@ class StateStore:
                 ],
             )
         for change in w.reminders:
-            same_reminder = and_(
-                reminders.c.actor_type == w.actor_type,
-                reminders.c.actor_id == w.actor_id,
-                reminders.c.name == change.name,
-            )
-            await conn.execute(delete(reminders).where(same_reminder))
+            one = {**key, "n": change.name}
+            await conn.execute(_REMINDER_DELETE, one)
             if change.due_at is not None:
                 await conn.execute(
-                    insert(reminders).values(
-                        actor_type=w.actor_type,
-                        actor_id=w.actor_id,
-                        name=change.name,
-                        due_at=change.due_at,
-                        period=change.period,
-                        payload=change.payload,
-                    )
+                    _REMINDER_INSERT, {**one, "due": change.due_at, "period": change.period, "payload": change.payload}
                 )
         for hook in w.hooks:
             await hook(conn)
