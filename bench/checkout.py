@@ -163,6 +163,7 @@ async def start_system(settings: Settings, databases: dict[str, str]) -> System:
             kwargs["catalog_url"] = urls["catalog"]
         if name == "order":
             kwargs["payment_provider"] = SimulatedPaymentProvider(limit=STOCK * 100)
+            kwargs["cart_url"] = urls["cart"]
         runner = web.AppRunner(module.create_app(settings, **kwargs), access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, HOST, 0, backlog=1024).start()

@@ -5,6 +5,8 @@
     DELETE /api/cart/items/{product_id}      remove a line (removing an absent line is not an error)
     DELETE /api/cart                         empty the cart
     POST   /api/cart/checkout                {shipping_address, payment} -> 202 {order_id}; Idempotency-Key header
+    GET    /api/cart/checkouts/{order_id}    one of the caller's checkouts: {order_id, started, order} (the order
+                                             service asks this for an order it has not recorded yet)
 
 The cart is always the caller's own: its id is the token's ``sub``; no route takes a cart id, so a customer
 cannot name anyone else's cart. Admins inspect any cart through ``/api/cart/admin/actors/cart/{id}`` (host).
@@ -24,10 +26,12 @@ from actors.cart.actor import MAX_LINE_QUANTITY, CartActor, PricesChangedProblem
 from actors.cart.admission import Admission, CheckoutOverloaded
 from actors.cart.catalog import CatalogClient
 from actors.cart.messages import (
+    AcceptedCheckout,
     Checkout,
     CheckoutAccepted,
     ClearCart,
     GetCart,
+    GetCheckout,
     PricesChanged,
     ProductQuote,
     QuotesNeeded,
@@ -281,6 +285,22 @@ async def checkout(request: web.Request) -> web.Response:
     raise Conflict("the cart kept changing during checkout; try again", slug="cart-changing")
 
 
+@docs(
+    tags=["cart"],
+    summary="One of your checkouts",
+    description="The checkout behind a 202: ``started`` once its order exists; until then ``order`` is what was sent "
+    "to the order service (no payment details). The order service asks this for an order it has not recorded yet. "
+    "404 when your cart has no such checkout.",
+)
+@require(roles=CUSTOMER)
+async def get_checkout(request: web.Request) -> web.Response:
+    order_id = request.match_info["order_id"]
+    reply = await _my_cart(request).ask(GetCheckout(order_id[:64]))
+    if not isinstance(reply, AcceptedCheckout):
+        raise NotFound(f"your cart has no checkout for order {order_id[:64]}", slug="checkout-not-found")
+    return json_response({"order_id": reply.order_id, "started": reply.started, "order": reply.order})
+
+
 def _accepted(reply: CheckoutAccepted) -> web.Response:
     headers = {"Location": f"/api/orders/{reply.order_id}"}
     if reply.replayed:
@@ -299,3 +319,4 @@ def setup(app: web.Application) -> None:
     app.router.add_put(f"{PREFIX}/items/{{product_id}}", put_item)
     app.router.add_delete(f"{PREFIX}/items/{{product_id}}", delete_item)
     app.router.add_post(f"{PREFIX}/checkout", checkout)
+    app.router.add_get(f"{PREFIX}/checkouts/{{order_id}}", get_checkout)
