@@ -1,6 +1,6 @@
 """Checkout benchmark: completed orders/s end to end (checkout to ``paid``) and the checkout -> paid latency.
 
-    python -m bench.checkout [--quick] [--no-pg] [--pg-url URL] [--concurrency N] [--log-level L] [--all-cores]
+    python -m bench.checkout [--quick] [--no-pg] [--no-sqlite] [--orders N] [--pg-url URL] [--concurrency N] [--log-level L] [--all-cores]
 
 The catalog, cart and order services run in this process, each on its own database, listening on 127.0.0.1
 over real HTTP and joined by one memory bus, as in the embedded mode. Buyers fill their carts first (not timed);
@@ -328,7 +328,8 @@ async def run(args: argparse.Namespace) -> None:
         # ECOM_* variables apply (e.g. ECOM_BUS_OUTBOX_POLL_INTERVAL); the databases are the benchmark's own.
         settings = load_settings({**os.environ, "ECOM_DATA_DIR": tmp})
         sqlite = {name: f"sqlite+aiosqlite:///{tmp}/{name}.db" for name in SERVICES}
-        await bench_database("sqlite", sqlite, settings, args)
+        if not args.no_sqlite:
+            await bench_database("sqlite", sqlite, settings, args)
         if not args.no_pg:
             await bench_postgres(settings, args)
 
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer orders, for a smoke run")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--no-sqlite", action="store_true", help="skip SQLite")
     parser.add_argument("--pg-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--orders", type=int, default=1000, help="orders in the load phase (without --quick)")
     parser.add_argument("--concurrency", type=int, default=32, help="buyers checking out at once in the load phase")
