@@ -19,7 +19,10 @@ the token subject's, so nobody learns about another buyer's checkout). The cart 
 sent (without the payment details) in the checkout record until ``OrderStarted``; the order is answered from it as
 ``submitted``, exactly what the order actor makes of it first. When the cart says the order has started, the
 order exists here: it is read again (it was committed before ``OrderStarted`` was published). Nothing is added to
-the checkout path; a miss costs one call to the cart.
+the checkout path; a miss costs one call to the cart, and a buyer polling an order that is still on its way costs
+at most one call per ``ttl`` (the cart's answer about a pending order is kept that long, per order and caller: a
+backlog of polled orders must not become a second backlog at the cart). The order's own record, once there, is
+always read first, so the kept answer never hides it.
 
 This holds in a cluster: the record is durable in the cart's database before the 202, and every cart instance
 answers from it (a read there checks its copy against the stored version). What it does not cover: an admin
@@ -31,6 +34,8 @@ A cart that cannot be reached makes a miss a 404, as before, after at most ``tim
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +49,8 @@ log = logging.getLogger(__name__)
 
 CHECKOUT_PATH = "/api/cart/checkouts/"
 DEFAULT_TIMEOUT = 1.0  # seconds for one cart instance's answer
+DEFAULT_TTL = 1.0  # seconds the cart's answer about a pending order is reused for the same order and caller
+MAX_KEPT = 10_000  # pending answers kept at most (oldest go first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +64,16 @@ class AcceptedCheckout:
 class AcceptedCheckouts:
     """Asks the cart service (every instance, through an :class:`Upstream`) for one of the caller's checkouts."""
 
-    def __init__(self, upstream: Upstream | str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, upstream: Upstream | str | Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ttl: float = DEFAULT_TTL
+    ) -> None:
         self.upstream = upstream if isinstance(upstream, Upstream) else Upstream("cart", upstream)
         self.timeout = timeout
+        self.ttl = ttl
         self.lookups = 0  # calls made to the cart (tests read it)
         self._session: aiohttp.ClientSession | None = None
+        # (order id, caller's authorization) -> (monotonic time, pending answer): only answers with an order body
+        self._kept: OrderedDict[tuple[str, str], tuple[float, AcceptedCheckout]] = OrderedDict()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
@@ -75,6 +87,10 @@ class AcceptedCheckouts:
         """The caller's checkout of ``order_id``; None when the cart has none, or cannot say (logged)."""
         if self._session is None or not authorization:
             return None
+        key = (order_id, authorization)
+        kept = self._kept.get(key)
+        if kept is not None and time.monotonic() - kept[0] < self.ttl:
+            return kept[1]
         self.lookups += 1
         try:
             body = await self.upstream.call(lambda instance: self._attempt(instance, order_id, authorization))
@@ -85,7 +101,13 @@ class AcceptedCheckouts:
             return None
         order = body.get("order") if isinstance(body, dict) else None
         started = isinstance(body, dict) and body.get("started") is True
-        return AcceptedCheckout(started, order if isinstance(order, dict) else None)
+        found = AcceptedCheckout(started, order if isinstance(order, dict) else None)
+        if not found.started and found.order is not None:
+            self._kept[key] = (time.monotonic(), found)
+            self._kept.move_to_end(key)
+            while len(self._kept) > MAX_KEPT:
+                self._kept.popitem(last=False)
+        return found
 
     async def _attempt(self, instance: Instance, order_id: str, authorization: str) -> Any:
         assert self._session is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from actors.order import api
 from actors.order import service as order_service
 from tests.order.conftest import stop_bounded
 
@@ -70,6 +71,10 @@ async def test_an_order_not_recorded_yet_is_answered_from_the_cart(make_shop, se
         ("Mug", "4.50", 1),
     }
     assert "tok_visa" not in str(order)  # the payment token is never kept by the cart nor shown
+    # A buyer polling the pending order asks the cart once per ttl, not on every poll.
+    lookups = reader[api.ORDERS].checkouts
+    assert lookups is not None and lookups.lookups == 1
+    assert (await buyer.order(order_id))[0] == 200 and lookups.lookups == 1
 
     # Another buyer, and an order id no cart knows: 404, as for any order that is not theirs.
     assert (await shop.buyer().order(order_id))[0] == 404
