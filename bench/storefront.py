@@ -10,10 +10,11 @@ loops over the storefront mix until the time (``--duration``) or the request cou
 
     browse    GET  /api/catalog/products?page=N          search    GET /api/catalog/products?q=word
     details   GET  /api/catalog/products/{id}            cart      PUT /api/cart/items/{id} {quantity}
-    checkout  POST /api/cart/checkout (after a cart line) orders    GET /api/orders, GET /api/orders/{id}
+    checkout  POST /api/cart/checkout (after a cart line), then GET /api/orders/{id} at once (``order@202``)
+    orders    GET /api/orders, GET /api/orders/{id}
 
 A progress line is printed while it runs; at the end, per operation: requests, throughput, errors by status
-and latency percentiles. ``--proxy-get PATH`` instead sends one plain GET as fast as it can from
+(with the problem type of each refusal, e.g. ``409 insufficient-stock``) and latency percentiles. ``--proxy-get PATH`` instead sends one plain GET as fast as it can from
 ``--concurrency`` connections, so the gateway's own cost shows next to a direct call of the upstream.
 
 All the shoppers come from one address, so run the shop with its per-address limits off for a load test:
@@ -54,7 +55,6 @@ ADDRESS = {
 }
 PAYMENT = {"method": "card", "token": "tok_visa"}
 OK_STATUSES = range(200, 400)
-ORDER_SETTLE_SECONDS = 3.0
 SIGN_IN_TIMEOUT = 60.0  # password hashing (argon2id) is slow on purpose: sign-up and sign-in may take seconds
 
 
@@ -136,6 +136,7 @@ class Http:
 class OpStats:
     latencies_ms: array = field(default_factory=lambda: array("d"))
     statuses: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)  # "409 insufficient-stock": why the refusals were refused
 
     @property
     def count(self) -> int:
@@ -161,12 +162,14 @@ class Recorder:
         self.finished: float | None = None
         self.sign_in: Recorder | None = None  # the sign-up/sign-in phase, reported apart
 
-    def record(self, op: str, status: int, seconds: float) -> None:
+    def record(self, op: str, status: int, seconds: float, reason: str = "") -> None:
         stats = self.ops.get(op)
         if stats is None:
             stats = self.ops[op] = OpStats()
         stats.latencies_ms.append(seconds * 1000)
         stats.statuses[status] += 1
+        if reason:
+            stats.reasons[f"{status} {reason}"] += 1
         self.total += 1
 
     @property
@@ -197,6 +200,8 @@ class Recorder:
         for name in sorted(self.ops):
             s = self.ops[name]
             statuses = " ".join(f"{code}:{n}" for code, n in sorted(s.statuses.items()))
+            if s.reasons:  # the problem types of the refusals, so every 4xx/5xx is explained
+                statuses += " (" + ", ".join(f"{why}: {n}" for why, n in s.reasons.most_common()) + ")"
             rows.append(
                 f"{name:10s} {s.count:9d} {s.count / elapsed:9.1f} {s.errors:7d} {s.percentile(0.5):8.2f} "
                 f"{s.percentile(0.9):8.2f} {s.percentile(0.99):8.2f} {max(s.latencies_ms, default=0):8.2f}  {statuses}"
@@ -253,7 +258,7 @@ class Shopper:
         """One request, timed and recorded under ``op``; the body parsed when it is JSON."""
         start = time.perf_counter()
         status, body = await self.http.request(method, path, token=self.token, **kwargs)
-        self.recorder.record(op, status, time.perf_counter() - start)
+        self.recorder.record(op, status, time.perf_counter() - start, _problem_type(status, body))
         if status in OK_STATUSES and body[:1] in (b"{", b"["):
             try:
                 return status, orjson.loads(body)
@@ -332,12 +337,13 @@ class Shopper:
             self.cart_lines = 0
             if isinstance(body, dict) and isinstance(body.get("order_id"), str):
                 self.orders.append((time.monotonic(), body["order_id"]))
+                # What a shop's "thank you" page does: follow the 202 at once. The order may not be recorded by the
+                # order service yet; it must be answered anyway (status submitted or later), never 404 (issue 14).
+                await self.call("order@202", "GET", f"/api/orders/{body['order_id']}")
 
     async def op_orders(self) -> None:
-        # an accepted checkout becomes an order asynchronously: read only orders accepted a while ago
-        settled = [oid for when, oid in self.orders if time.monotonic() - when > ORDER_SETTLE_SECONDS]
-        if settled and self.rng.random() < 0.5:
-            await self.call("order", "GET", f"/api/orders/{self.rng.choice(settled)}")
+        if self.orders and self.rng.random() < 0.5:
+            await self.call("order", "GET", f"/api/orders/{self.rng.choice(self.orders)[1]}")
         else:
             await self.call("orders", "GET", "/api/orders")
 
@@ -346,6 +352,18 @@ class Shopper:
             ids = [i["id"] for i in body["items"] if isinstance(i, dict) and isinstance(i.get("id"), str)]
             if ids:
                 self.products = list(dict.fromkeys([*self.products, *ids]))[-200:]
+
+
+def _problem_type(status: int, body: bytes) -> str:
+    """The last part of a problem+json ``type`` (``insufficient-stock``, ``prices-changed``...) of a refusal."""
+    if status < 400 or body[:1] != b"{":
+        return ""
+    try:
+        problem = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    kind = problem.get("type") if isinstance(problem, dict) else None
+    return kind.rstrip("/").rsplit("/", 1)[-1] if isinstance(kind, str) and kind else ""
 
 
 def parse_mix(text: str) -> dict[str, int]:

@@ -559,9 +559,10 @@ class ActorSystem:
         method, is_async = entry
         handler = getattr(actor, method)
         persistent = actor.persistent and self.store is not None
-        if persistent and message_id is not None and await self.store.seen(f"{act.key[0]}/{act.key[1]}", message_id):  # type: ignore[union-attr]  # persistent: there is a store
-            _fail(fut, DuplicateMessage(f"message {message_id} was already applied to {act.key[0]}/{act.key[1]}"))
-            return
+        # No look-up of the inbox before the handler: a turn with a message id always commits, and the commit checks
+        # the inbox before its first write (DUPLICATE, nothing written, the state rolled back). A query per bus
+        # message saved; only a handler that fails on a copy asks the inbox, so that the copy is still reported as
+        # a duplicate (dropped), not as a failure (redelivered, then dead-lettered).
         attempts = 0
         while True:
             turn = Turn(actor, message_id)
@@ -574,10 +575,16 @@ class ActorSystem:
                 encoded = encode_json(actor.dump_state())
             except BaseException as exc:
                 self._rollback(act)
-                self.stats["failed"] += 1
                 if isinstance(exc, asyncio.CancelledError):
+                    self.stats["failed"] += 1
                     _fail(fut, ServiceUnavailable("the turn was cancelled (shutting down)"))
                     raise
+                if persistent and message_id is not None and await self._seen(act, message_id):
+                    _fail(
+                        fut, DuplicateMessage(f"message {message_id} was already applied to {act.key[0]}/{act.key[1]}")
+                    )
+                    return
+                self.stats["failed"] += 1
                 if fut is None and not isinstance(exc, Problem):
                     log.exception("%s/%s failed on %s", act.key[0], act.key[1], type(message).__name__)
                 _fail(fut, exc)
@@ -649,6 +656,13 @@ class ActorSystem:
             attempts += 1
             if not await self._reloaded(act, fut, attempts):
                 return
+
+    async def _seen(self, act: _Activation, message_id: str) -> bool:
+        """Was this message applied already? (Asked only after a handler failed; unknown counts as not seen.)"""
+        try:
+            return await self.store.seen(f"{act.key[0]}/{act.key[1]}", message_id)  # type: ignore[union-attr]  # persistent: there is a store
+        except Exception:  # noqa: BLE001 - the handler's own error is the one to report
+            return False
 
     async def _reloaded(self, act: _Activation, fut: asyncio.Future[Any] | None, attempts: int) -> bool:
         """Load the newest state for another try of the turn; False (the asker told why) past the retry bound or

@@ -23,7 +23,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bus.base import Bus, BusError, DeadLetter
@@ -76,6 +76,16 @@ async def _redeliver(bus: Any, destination: str, envelope: Envelope) -> None:
 
 
 log = logging.getLogger(__name__)
+
+
+# Built once (the relay runs them on every wake-up): SQLAlchemy reuses their compiled form.
+_UNSENT = (
+    select(outbox.c.id, outbox.c.kind, outbox.c.destination, outbox.c.envelope)
+    .where(outbox.c.sent_at.is_(None))
+    .order_by(outbox.c.id)
+    .limit(bindparam("limit"))
+)
+_MARK_SENT = update(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(sent_at=bindparam("now"))
 
 
 class OutboxRelay:
@@ -137,14 +147,8 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Send one batch of unsent rows in commit order; returns how many were sent."""
-        stmt = (
-            select(outbox.c.id, outbox.c.kind, outbox.c.destination, outbox.c.envelope)
-            .where(outbox.c.sent_at.is_(None))
-            .order_by(outbox.c.id)
-            .limit(self.batch_size)
-        )
         async with self.engine.connect() as conn:
-            rows = list(await conn.execute(stmt))
+            rows = list(await conn.execute(_UNSENT, {"limit": self.batch_size}))
         sent: list[int] = []
         try:
             for row in rows:
@@ -162,7 +166,7 @@ class OutboxRelay:
             # Mark what did go out even if a later row failed, so it is not sent again needlessly.
             if sent:
                 async with self.engine.begin() as conn:
-                    await conn.execute(update(outbox).where(outbox.c.id.in_(sent)).values(sent_at=utcnow()))
+                    await conn.execute(_MARK_SENT, {"ids": sent, "now": utcnow()})
                 self.relayed += len(sent)
         await self._purge()
         return len(rows)

@@ -19,18 +19,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
+import sqlite3
 import stat
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
-    Delete,
     Float,
     Index,
     Integer,
@@ -38,7 +41,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    Update,
     and_,
     bindparam,
     delete,
@@ -47,6 +49,11 @@ from sqlalchemy import (
     select,
     text,
     update,
+)
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection,
+    AsyncAdapt_aiosqlite_cursor,
+    AsyncAdapt_aiosqlite_dbapi,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -146,6 +153,25 @@ _UPDATE_STATE = (
     .values(version=bindparam("nv"), state=bindparam("s"), updated_at=bindparam("now"))
 )
 _SEEN = select(inbox.c.message_id).where(inbox.c.consumer == bindparam("c"), inbox.c.message_id == bindparam("m"))
+_SEEN_ANY = select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_(bindparam("ids", expanding=True)))
+_INSERT_INBOX = insert(inbox).values(consumer=bindparam("c"), message_id=bindparam("m"), processed_at=bindparam("now"))
+_INSERT_OUTBOX = insert(outbox)
+_REMINDER_KEY = and_(
+    reminders.c.actor_type == bindparam("t"), reminders.c.actor_id == bindparam("i"), reminders.c.name == bindparam("n")
+)
+_FIRED_KEY = and_(_REMINDER_KEY, reminders.c.due_at == bindparam("due"))
+_FIRED_EXISTS = select(reminders.c.name).where(_FIRED_KEY)
+_FIRED_DELETE = delete(reminders).where(_FIRED_KEY)
+_FIRED_RESCHEDULE = update(reminders).where(_FIRED_KEY).values(due_at=bindparam("next_due"))
+_REMINDER_DELETE = delete(reminders).where(_REMINDER_KEY)
+_REMINDER_INSERT = insert(reminders).values(
+    actor_type=bindparam("t"),
+    actor_id=bindparam("i"),
+    name=bindparam("n"),
+    due_at=bindparam("due"),
+    period=bindparam("period"),
+    payload=bindparam("payload"),
+)
 
 
 def utcnow() -> datetime:
@@ -172,10 +198,12 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
         in_memory = database in ("", ":memory:") or "mode=memory" in str(parsed)
         if in_memory:
             # One shared connection, or every checkout would see its own empty database.
-            engine = create_async_engine(url, echo=echo, poolclass=StaticPool)
+            engine = create_async_engine(url, echo=echo, poolclass=StaticPool, module=_INLINE_SQLITE)
         else:
             _private_sqlite_file(Path(database))
-            engine = create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size)
+            engine = create_async_engine(
+                url, echo=echo, pool_size=pool_size, max_overflow=pool_size, module=_INLINE_SQLITE
+            )
         _tune_sqlite(engine, in_memory=in_memory)
         return engine
     if backend == "postgresql":
@@ -237,6 +265,150 @@ def _private_sqlite_file(db: Path) -> None:
             os.chmod(path, 0o600)
 
 
+# ---------------------------------------------------------------------------------------------------
+# SQLite without thread hops
+
+SQLITE_BUSY_WAIT = 10.0  # seconds a statement waits for another connection's lock (what busy_timeout was)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_BUSY_SNAPSHOT = 5, 6, 517
+
+
+class _InlineCursor(AsyncAdapt_aiosqlite_cursor):
+    """SQLAlchemy's aiosqlite cursor, run on the event loop's own thread (see :class:`_InlineConnection`)."""
+
+    __slots__ = ()
+
+    def execute(self, operation: Any, parameters: Any = None) -> Any:
+        self._settle(self._adapt_connection._run(_run_statement, operation, parameters))  # type: ignore[attr-defined]  # always an _InlineConnection
+
+    def executemany(self, operation: Any, seq_of_parameters: Any) -> Any:
+        self._settle(self._adapt_connection._run(_run_many, operation, seq_of_parameters))  # type: ignore[attr-defined]  # always an _InlineConnection
+
+    def _settle(self, outcome: tuple[Any, list[Any], int, int]) -> None:
+        self.description, rows, self.lastrowid, self.rowcount = outcome
+        self._rows = deque(rows)
+
+
+class _InlineConnection(AsyncAdapt_aiosqlite_connection):
+    """A SQLite connection whose statements, commits and rollbacks run on the event loop's thread.
+
+    aiosqlite runs every call on a thread of its own, and SQLAlchemy's adapter makes three or four such calls per
+    statement (open a cursor, execute, fetch, close) plus one per commit and rollback. Each hand-off wakes a thread
+    and then the event loop again; on one core those switches were the largest single cost of a turn (issue 14). A
+    SQLite statement of this service takes microseconds (WAL, ``synchronous=NORMAL``: a commit does not wait for the
+    disk), less than one hand-off, so it runs in place. Connecting and closing still use aiosqlite's thread.
+
+    The one thing that may not run in place is waiting for a lock: another connection's write transaction (of this
+    process, suspended at an ``await``, or of another process) would block the loop, and the holder could never
+    finish. So ``busy_timeout`` is 0 on these connections: a locked statement fails at once (having done nothing)
+    and is tried again after yielding to the loop, with jittered back-off, for ``SQLITE_BUSY_WAIT`` seconds at most
+    (what ``busy_timeout`` gave before), then raises the lock error as before.
+    """
+
+    __slots__ = ()
+
+    @property
+    def isolation_level(self) -> str | None:
+        level: str | None = self._connection._conn.isolation_level
+        return level
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        self._run(_set_isolation_level, value)
+
+    def cursor(self, server_side: bool = False) -> AsyncAdapt_aiosqlite_cursor:
+        return super().cursor(server_side) if server_side else _InlineCursor(self)
+
+    def commit(self) -> None:
+        self._run(_commit)
+
+    def rollback(self) -> None:
+        self._run(_rollback)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            conn = self._connection._conn  # aiosqlite's sqlite3 connection
+        except ValueError as error:
+            self._handle_exception(error)
+        # Through await_ even though nothing suspends unless the database is locked: SQLAlchemy's async layer
+        # insists that a statement switched to the loop's greenlet (a switch, not a trip through the loop).
+        return self.await_(_in_place(fn, conn, args))
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    # A stale snapshot (BUSY_SNAPSHOT) never clears by waiting: it goes to the caller at once, as it always did.
+    return code is not None and code != _SQLITE_BUSY_SNAPSHOT and code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+async def _in_place(fn: Callable[..., Any], conn: sqlite3.Connection, args: tuple[Any, ...]) -> Any:
+    """``fn(conn, *args)`` now; while the database is locked, again after yielding to the loop (the holder may be
+    one of its tasks), with jittered back-off, for ``SQLITE_BUSY_WAIT`` seconds at most."""
+    try:
+        return fn(conn, *args)
+    except sqlite3.OperationalError as error:
+        if not _is_busy(error):
+            raise
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SQLITE_BUSY_WAIT
+    ceiling = 0.001
+    while True:
+        await asyncio.sleep(random.uniform(0.0, ceiling))  # full jitter: waiters do not retry in step
+        try:
+            return fn(conn, *args)
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error) or loop.time() >= deadline:
+                raise
+        ceiling = min(ceiling * 2, 0.05)
+
+
+def _run_statement(conn: sqlite3.Connection, operation: Any, parameters: Any) -> tuple[Any, list[Any], int, int]:
+    cursor = conn.cursor()
+    try:
+        if parameters is None:
+            cursor.execute(operation)
+        else:
+            cursor.execute(operation, parameters)
+        if cursor.description:
+            return cursor.description, cursor.fetchall(), -1, -1
+        return None, [], cursor.lastrowid or 0, cursor.rowcount
+    finally:
+        cursor.close()
+
+
+def _run_many(conn: sqlite3.Connection, operation: Any, seq_of_parameters: Any) -> tuple[Any, list[Any], int, int]:
+    cursor = conn.cursor()
+    try:
+        cursor.executemany(operation, seq_of_parameters)
+        return None, [], cursor.lastrowid or 0, cursor.rowcount
+    finally:
+        cursor.close()
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    conn.commit()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    conn.rollback()
+
+
+def _set_isolation_level(conn: sqlite3.Connection, value: Any) -> None:
+    conn.isolation_level = value
+
+
+class _InlineSqliteDBAPI(AsyncAdapt_aiosqlite_dbapi):
+    """The aiosqlite DBAPI adapter handing out :class:`_InlineConnection` (given to the engine as ``module``)."""
+
+    def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:
+        # Opened on aiosqlite's thread, used on the loop's: the connection is never used by both at once.
+        kw["check_same_thread"] = False
+        adapted = super().connect(*arg, **kw)
+        return _InlineConnection(self, adapted._connection)
+
+
+_INLINE_SQLITE = _InlineSqliteDBAPI(aiosqlite, sqlite3)
+
+
 def _tune_sqlite(engine: AsyncEngine, *, in_memory: bool) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -246,7 +418,8 @@ def _tune_sqlite(engine: AsyncEngine, *, in_memory: bool) -> None:
             # (the WAL is fsynced at checkpoints), which is the failure model of this service.
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=10000")
+        # 0: a locked statement fails at once and waits without blocking the event loop (_InlineConnection).
+        cursor.execute("PRAGMA busy_timeout=0")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -504,8 +677,8 @@ class StateStore:
         wanted = [(w.consumer, w.inbox_id) for w in writes if w.inbox_id is not None]
         if not wanted:
             return set()
-        ids = {mid for _, mid in wanted}
-        rows = await conn.execute(select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_(ids)))
+        ids = sorted({mid for _, mid in wanted})
+        rows = await conn.execute(_SEEN_ANY, {"ids": ids})
         return {(r.consumer, r.message_id) for r in rows} & set(wanted)
 
     async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]]) -> None:
@@ -519,18 +692,13 @@ class StateStore:
         now = utcnow()
         if w.inbox_id is not None and (w.consumer, w.inbox_id) in seen:
             raise _Duplicate
-        reminder_key = None
+        key = {"t": w.actor_type, "i": w.actor_id}
+        fired = None
         if w.fired_reminder is not None:
             name, due_at, period = w.fired_reminder
-            reminder_key = and_(
-                reminders.c.actor_type == w.actor_type,
-                reminders.c.actor_id == w.actor_id,
-                reminders.c.name == name,
-                reminders.c.due_at == due_at,
-            )
-            if (await conn.execute(select(reminders.c.name).where(reminder_key))).first() is None:
+            fired = {**key, "n": name, "due": due_at}
+            if (await conn.execute(_FIRED_EXISTS, fired)).first() is None:
                 raise _Duplicate  # already fired (another process) or cancelled since
-        key = {"t": w.actor_type, "i": w.actor_id}
         if w.expected_version == 0:
             if (await conn.execute(_EXISTS, key)).first() is not None:
                 raise _Conflict
@@ -540,23 +708,22 @@ class StateStore:
             params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
             if (await conn.execute(_UPDATE_STATE, params)).rowcount != 1:
                 raise _Conflict
-        if reminder_key is not None:
+        if fired is not None:
             assert w.fired_reminder is not None
             _, due_at, period = w.fired_reminder
-            stmt: Update | Delete
             if period:
-                stmt = update(reminders).where(reminder_key).values(due_at=_next_due(due_at, period, now))
+                result = await conn.execute(_FIRED_RESCHEDULE, {**fired, "next_due": _next_due(due_at, period, now)})
             else:
-                stmt = delete(reminders).where(reminder_key)
-            if (await conn.execute(stmt)).rowcount == 0:
+                result = await conn.execute(_FIRED_DELETE, fired)
+            if result.rowcount == 0:
                 # Only turns of this entity touch its reminders, and they all step the version we hold: so
                 # this means a write outside the runtime. Undo the whole transaction rather than guess.
                 raise _LateDuplicate
         if w.inbox_id is not None:
-            await conn.execute(insert(inbox).values(consumer=w.consumer, message_id=w.inbox_id, processed_at=now))
+            await conn.execute(_INSERT_INBOX, {"c": w.consumer, "m": w.inbox_id, "now": now})
         if w.outbox:
             await conn.execute(
-                insert(outbox),
+                _INSERT_OUTBOX,
                 [
                     {
                         "message_id": m.message_id,
@@ -569,22 +736,11 @@ class StateStore:
                 ],
             )
         for change in w.reminders:
-            same_reminder = and_(
-                reminders.c.actor_type == w.actor_type,
-                reminders.c.actor_id == w.actor_id,
-                reminders.c.name == change.name,
-            )
-            await conn.execute(delete(reminders).where(same_reminder))
+            one = {**key, "n": change.name}
+            await conn.execute(_REMINDER_DELETE, one)
             if change.due_at is not None:
                 await conn.execute(
-                    insert(reminders).values(
-                        actor_type=w.actor_type,
-                        actor_id=w.actor_id,
-                        name=change.name,
-                        due_at=change.due_at,
-                        period=change.period,
-                        payload=change.payload,
-                    )
+                    _REMINDER_INSERT, {**one, "due": change.due_at, "period": change.period, "payload": change.payload}
                 )
         for hook in w.hooks:
             await hook(conn)

@@ -40,10 +40,12 @@ import orjson
 
 from actors.cart import repository
 from actors.cart.messages import (
+    AcceptedCheckout,
     Checkout,
     CheckoutAccepted,
     ClearCart,
     GetCart,
+    GetCheckout,
     NoEarlierCheckout,
     PriceChange,
     PricesChanged,
@@ -162,6 +164,9 @@ class CheckoutRecord:
     quantities: dict[str, int]  # what was ordered, removed from the cart on OrderStarted
     requested_at: datetime
     started: bool = False
+    # The CheckoutRequested sent (payment details left out) until its order starts: what the order service answers
+    # for the order while it has not recorded it yet (``GET /api/orders/{id}`` never 404s after the 202).
+    order: dict[str, Any] | None = None
 
 
 @dataclass
@@ -309,7 +314,8 @@ class CartActor(Actor):
         if changes:
             return PricesChanged(tuple(changes))
         order_id = str(uuid.uuid4())
-        turn.send(ORDER_QUEUE, envelope(self._order_request(order_id, msg, turn.now), session_id=order_id))
+        request = self._order_request(order_id, msg, turn.now)
+        turn.send(ORDER_QUEUE, envelope(request, session_id=order_id))
         state.checkouts.append(
             CheckoutRecord(
                 order_id,
@@ -317,11 +323,17 @@ class CartActor(Actor):
                 fingerprint,
                 {p: line.quantity for p, line in state.lines.items()},
                 turn.now,
+                order={k: v for k, v in to_body(request).items() if k != "payment"},  # never keep the payment token
             )
         )
         del state.checkouts[:-MAX_CHECKOUTS]
         self._changed(turn)
         return CheckoutAccepted(order_id, replayed=False)
+
+    @handles(GetCheckout)
+    def get_checkout(self, msg: GetCheckout, _turn: Turn) -> AcceptedCheckout | None:
+        record = next((c for c in self.state.checkouts if c.order_id == msg.order_id), None)
+        return None if record is None else AcceptedCheckout(record.order_id, record.started, record.order)
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -338,7 +350,7 @@ class CartActor(Actor):
         record = next((c for c in self.state.checkouts if c.order_id == event.order_id), None)
         if record is None or record.started:
             return  # not ours (or forgotten), or applied already
-        record.started = True
+        record.started, record.order = True, None  # the order service has the order now
         for product_id, ordered in record.quantities.items():
             line = self.state.lines.get(product_id)
             if line is None:
@@ -361,7 +373,8 @@ class CartActor(Actor):
             self._arm_expiry(turn, deadline)  # changed since the reminder was set: wait for the new deadline
             return
         log.info("cart %s expired after %gs unchanged", self.id, self.expiry_seconds)
-        self.state = CartState()
+        # Checkouts whose order has not started stay: their 202 was given, and the order service may still ask.
+        self.state = CartState(checkouts=[c for c in state.checkouts if not c.started])
 
     # -- helpers -----------------------------------------------------------------------------------
 

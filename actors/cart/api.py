@@ -5,6 +5,8 @@
     DELETE /api/cart/items/{product_id}      remove a line (removing an absent line is not an error)
     DELETE /api/cart                         empty the cart
     POST   /api/cart/checkout                {shipping_address, payment} -> 202 {order_id}; Idempotency-Key header
+    GET    /api/cart/checkouts/{order_id}    one of the caller's checkouts: {order_id, started, order} (the order
+                                             service asks this for an order it has not recorded yet)
 
 The cart is always the caller's own: its id is the token's ``sub``; no route takes a cart id, so a customer
 cannot name anyone else's cart. Admins inspect any cart through ``/api/cart/admin/actors/cart/{id}`` (host).
@@ -24,10 +26,12 @@ from actors.cart.actor import MAX_LINE_QUANTITY, CartActor, PricesChangedProblem
 from actors.cart.admission import Admission, CheckoutOverloaded
 from actors.cart.catalog import CatalogClient
 from actors.cart.messages import (
+    AcceptedCheckout,
     Checkout,
     CheckoutAccepted,
     ClearCart,
     GetCart,
+    GetCheckout,
     PricesChanged,
     ProductQuote,
     QuotesNeeded,
@@ -68,6 +72,18 @@ CART: web.AppKey[CartContext] = web.AppKey("cart_context", CartContext)
 
 class ProductPath(Schema):
     product_id = fields.UUID(required=True)
+
+
+class CheckoutPath(Schema):
+    order_id = fields.String(required=True, validate=validate.Length(min=1, max=64))
+
+
+class CheckoutRecordSchema(Schema):
+    order_id = fields.String(required=True)
+    started = fields.Boolean(required=True, metadata={"description": "the order service has recorded the order"})
+    order = fields.Dict(
+        allow_none=True, metadata={"description": "what was sent to the order service (no payment details)"}
+    )
 
 
 class IdempotencyHeaders(Schema):
@@ -197,6 +213,12 @@ class PutItem:
 class DeleteItem:
     principal: Principal
     product_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutLookup:
+    principal: Principal
+    order_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +365,24 @@ async def checkout(request: web.Request, order: CheckoutInput) -> web.Response:
     raise Conflict("the cart kept changing during checkout; try again", slug="cart-changing")
 
 
+@endpoint(
+    CheckoutLookup,
+    tags=["cart"],
+    summary="One of your checkouts",
+    description="The checkout behind a 202: ``started`` once its order exists; until then ``order`` is what was sent "
+    "to the order service (no payment details). The order service asks this for an order it has not recorded yet. "
+    "404 when your cart has no such checkout.",
+    path=CheckoutPath,
+    responses={200: CheckoutRecordSchema},
+    auth=CUSTOMER,
+)
+async def get_checkout(request: web.Request, lookup: CheckoutLookup) -> web.Response:
+    reply = await _cart_of(request, lookup.principal).ask(GetCheckout(lookup.order_id))
+    if not isinstance(reply, AcceptedCheckout):
+        raise NotFound(f"your cart has no checkout for order {lookup.order_id}", slug="checkout-not-found")
+    return json_response({"order_id": reply.order_id, "started": reply.started, "order": reply.order})
+
+
 def _accepted(reply: CheckoutAccepted) -> web.Response:
     headers = {"Location": f"/api/orders/{reply.order_id}"}
     if reply.replayed:
@@ -360,3 +400,4 @@ def setup(app: web.Application) -> None:
     app.router.add_put(f"{PREFIX}/items/{{product_id}}", put_item)
     app.router.add_delete(f"{PREFIX}/items/{{product_id}}", delete_item)
     app.router.add_post(f"{PREFIX}/checkout", checkout)
+    app.router.add_get(f"{PREFIX}/checkouts/{{order_id}}", get_checkout)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 # The checkout contract with the order service lives in ``contracts``; re-exported here for older imports.
 from contracts.checkout import (  # noqa: F401
@@ -93,6 +94,24 @@ class Checkout:
 class CheckoutAccepted:
     order_id: str
     replayed: bool  # True: the idempotency key was used before and this is that checkout's order
+
+
+@dataclass(frozen=True, slots=True)
+class GetCheckout:
+    """Ask the cart about one of its checkouts (the order service asks, for an order it has not recorded yet)."""
+
+    order_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedCheckout:
+    """Reply to :class:`GetCheckout`: the checkout the 202 was based on. ``order``: the ``CheckoutRequested`` sent
+    for it, without the payment details, while its order has not started; None once ``OrderStarted`` came (the
+    order service has the order then) or for a checkout recorded before the cart kept it."""
+
+    order_id: str
+    started: bool
+    order: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -636,6 +636,16 @@ def outbox_bound(lines: int, timings: SagaTimings) -> int:
     return events + lines * sends + sends + lines + 1  # ReserveStock, ProcessPayment, Release|Commit, ReversePayment
 
 
+def accepted_order(msg: CheckoutRequested) -> OrderState:
+    """The order a checkout request becomes first (``submitted``): how an order accepted by the cart but not recorded
+    here yet is shown (see :mod:`actors.order.checkouts`)."""
+    state = _new_order(msg)
+    state.payment = None  # never shown, and the request carries no payment details here
+    state.status, state.created_at, state.updated_at = OrderStatus.SUBMITTED, msg.requested_at, msg.requested_at
+    state.history.append(HistoryEntry(OrderStatus.SUBMITTED, msg.requested_at, "checkout received"))
+    return state
+
+
 def _new_order(msg: CheckoutRequested) -> OrderState:
     lines = [
         OrderLine(line.product_id, line.name, line.unit_price, line.quantity, line.picture_url) for line in msg.lines

@@ -10,12 +10,15 @@ The load endpoint is for the other services (the cart refuses checkouts while th
 It reveals only two counts, so it needs no token; the gateway does not route ``/api/order/internal`` at all.
 
 A customer sees only their own orders: anyone else's answers 404, exactly like an order that does not exist.
-Reading never wakes an actor: the list comes from the ``orders`` table, one order from its committed state.
+Reading never wakes an actor: the list comes from the ``orders`` table, one order from its committed state. An order
+the cart accepted (202) but this service has not recorded yet is answered from the cart's checkout record, as
+``submitted`` (:mod:`actors.order.checkouts`): after the 202, ``GET /api/orders/{id}`` never answers 404.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,16 +27,20 @@ from aiohttp import web
 from marshmallow import Schema, fields, validate
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from actors.order.actor import OrderActor, load_order, order_view
+from actors.order.actor import OrderActor, OrderState, accepted_order, load_order, order_view
+from actors.order.checkouts import AcceptedCheckouts
 from actors.order.messages import CancelOrder, CommandResult, ShipOrder
 from actors.order.repository import OrderSummary, SagaLoad, list_orders, saga_load
-from contracts.checkout import OrderStatus
+from contracts.checkout import CheckoutRequested, OrderStatus
 from runtime.actors import ActorRef, ActorSystem
 from runtime.auth import Principal
 from runtime.errors import NotFound
 from runtime.host import AppKeyRuntime, json_response
+from runtime.messages import from_body
 from runtime.money import money
 from runtime.web.endpoints import Auth, Reply, endpoint
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/api/orders"
 CUSTOMER = Auth(roles=("customer", "admin"))
@@ -49,6 +56,7 @@ class OrderContext:
 
     system: ActorSystem
     actor_class: type[OrderActor]
+    checkouts: AcceptedCheckouts | None = None  # the cart's accepted checkouts, asked on a miss (never 404 after 202)
 
 
 ORDERS: web.AppKey[OrderContext] = web.AppKey("order_context", OrderContext)
@@ -263,12 +271,33 @@ async def get_orders(request: web.Request, query: PageInput) -> web.Response:
 )
 async def get_order(request: web.Request, wanted: OrderInput) -> web.Response:
     order_id, p = _order_id(wanted.id), wanted.principal
-    # The committed state, live or stored: reading does not go through (or wake) the actor's mailbox.
-    info = await _context(request).system.inspect(OrderActor.type_name, order_id)
-    order = load_order(info["state"]) if info is not None else None
-    if order is None or not order.status or (order.buyer_id != p.sub and not _is_admin(p)):
+    ctx = _context(request)
+    order = await _committed_order(ctx, order_id)
+    if order is None and ctx.checkouts is not None:
+        # Not recorded here (yet): the cart's checkout record, on which its 202 was based, answers for it.
+        accepted = await ctx.checkouts.find(order_id, request.headers.get("Authorization", ""))
+        if accepted is not None and accepted.started:
+            order = await _committed_order(ctx, order_id)  # started: committed here before the cart heard of it
+        elif accepted is not None and accepted.order is not None:
+            order = _accepted_order(accepted.order)
+    if order is None or (order.buyer_id != p.sub and not _is_admin(p)):
         raise NotFound(f"there is no order {order_id}", slug="order-not-found")
     return json_response(order_view(order_id, order))
+
+
+async def _committed_order(ctx: OrderContext, order_id: str) -> OrderState | None:
+    # The committed state, live or stored: reading does not go through (or wake) the actor's mailbox.
+    info = await ctx.system.inspect(OrderActor.type_name, order_id)
+    order = load_order(info["state"]) if info is not None else None
+    return order if order is not None and order.status else None
+
+
+def _accepted_order(body: dict[str, Any]) -> OrderState | None:
+    try:
+        return accepted_order(from_body(CheckoutRequested, {**body, "payment": {"method": "", "token": ""}}))
+    except (TypeError, ValueError, KeyError) as exc:  # a cart of another version: not an answer, a miss
+        log.warning("the cart's checkout record could not be read as an order: %r", exc)
+        return None
 
 
 _REPLAYED = {"Idempotent-Replayed": {"type": "string", "description": "true: a retry with a known key"}}

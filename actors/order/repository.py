@@ -23,6 +23,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Table,
+    bindparam,
     func,
     insert,
     or_,
@@ -112,18 +113,38 @@ class OrderSummary:
         }
 
 
+# Built once: every status change of every order runs one of these (SQLAlchemy then reuses the compiled form).
+_INSERT_SUMMARY = insert(orders)
+_UPDATE_SUMMARY = (
+    update(orders)
+    .where(orders.c.id == bindparam("order_id"))
+    .values(
+        status=bindparam("status"),
+        total=bindparam("total"),
+        currency=bindparam("currency"),
+        updated_at=bindparam("updated_at"),
+    )
+)
+
+
 def save_summary(summary: OrderSummary, *, new: bool) -> SqlHook:
     """A hook for ``turn.on_commit``: insert the row of a ``new`` order, update it afterwards. An update that finds
     no row (a row lost to a manual edit) inserts it, so the table heals instead of failing the turn."""
     values = summary.row()
-    changes = {k: v for k, v in values.items() if k not in ("id", "buyer_id", "created_at")}
 
     async def hook(conn: AsyncConnection) -> None:
         if not new:
-            result = await conn.execute(update(orders).where(orders.c.id == summary.id).values(**changes))
+            changes = {
+                "order_id": summary.id,
+                "status": summary.status,
+                "total": summary.total,
+                "currency": summary.currency,
+                "updated_at": summary.updated_at,
+            }
+            result = await conn.execute(_UPDATE_SUMMARY, changes)
             if result.rowcount:
                 return
-        await conn.execute(insert(orders).values(**values))
+        await conn.execute(_INSERT_SUMMARY, values)
 
     return hook
 

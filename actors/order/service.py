@@ -11,14 +11,17 @@ Queue ``"order"`` (session = order id) carries:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 from alembic.operations import Operations
 from sqlalchemy import Connection
 
+from actors.cart.upstream import Upstream, service_urls
 from actors.order import api, repository
 from actors.order.actor import OrderActor, SagaTimings
+from actors.order.checkouts import AcceptedCheckouts
 from actors.order.messages import ProcessPayment, ReversePayment
 from actors.order.payment import (
     Deliver,
@@ -84,6 +87,7 @@ def create_app(
     payment_provider: PaymentProvider | None = None,
     timings: SagaTimings | None = None,
     payment_policy: RetryPolicy | None = None,
+    cart_url: str | Sequence[str] | None = None,
 ) -> web.Application:
     runtime = ServiceRuntime.with_database(NAME, settings, bus=bus, database_url=database_url, verifier=verifier)
     assert runtime.system is not None
@@ -107,7 +111,11 @@ def create_app(
     if bus is not None:
         _consume_on_start(runtime, bus_binding(runtime.system, actor_class, processor))
     app = host.create_app(runtime, routes=api.setup)
-    app[api.ORDERS] = api.OrderContext(runtime.system, actor_class)
+    # ``cart_url``: like the cart's ``catalog_url``; the cart instances asked about orders not recorded here yet.
+    checkouts = AcceptedCheckouts(Upstream("cart", cart_url or service_urls(settings, "cart")))
+    runtime.on_start.append(checkouts.start)
+    runtime.on_stop.append(checkouts.close)
+    app[api.ORDERS] = api.OrderContext(runtime.system, actor_class, checkouts)
     assert runtime.engine is not None
     app[api.LOAD] = api.LoadGauge(runtime.engine)
     app[PAYMENTS] = processor

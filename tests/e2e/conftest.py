@@ -75,6 +75,7 @@ class Shop:
     timings: SagaTimings = TIMINGS
     policy: RetryPolicy = POLICY
     clients: dict[str, TestClient] = field(default_factory=dict)
+    cart_url: str = ""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -94,6 +95,7 @@ class Shop:
             catalog_url=catalog_url,
         )
         await self._serve("cart", cart)
+        self.cart_url = str(self.clients["cart"].make_url("")).rstrip("/")
         order = order_service.create_app(
             self.settings,
             bus=self.bus,
@@ -102,6 +104,7 @@ class Shop:
             payment_provider=self.provider,
             timings=self.timings,
             payment_policy=self.policy,
+            cart_url=self.cart_url,
         )
         await self._serve("order", order)
 
