@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import shutil
 import signal
@@ -144,10 +145,21 @@ def run_naive_proxy(port: int, upstream: int) -> None:
 # Orchestration
 
 
+PORT_LOW, PORT_HIGH = 20000, 32000  # below the ephemeral range (32768+), where outgoing connections take ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 in 20000-32000, so a listener never collides with an outgoing connection's port."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(PORT_LOW, PORT_HIGH)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_LOW}-{PORT_HIGH} on {HOST}")
 
 
 def pinned(cpu: str, cmd: list[str]) -> list[str]:
@@ -273,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure a naive aiohttp proxy (one shared ClientSession, no token check)",
     )
     parser.add_argument("--quick", action="store_true", help="a short run: 4 s per wrk run, 2 rounds")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="py-spy record the gateway during its first wrk run into FILE (collapsed stacks) and print the top",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 4.0, 2
@@ -368,6 +385,9 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     for rnd in range(1, args.rounds + 1):
         for name, url in targets.items():
             cpu_before = (cpu_seconds([upstream.pid]), cpu_seconds(proxy_pids[name]))
+            spy = None
+            if args.profile and name == "gateway" and rnd == 1:
+                spy = start_profile(procs, gateway.pid, args.duration, Path(args.profile))
             if have_wrk:
                 r = run_wrk(url, token, args.duration, args.connections, args.threads)
             else:
@@ -376,6 +396,8 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
             r["upstream_us"] = (cpu_seconds([upstream.pid]) - cpu_before[0]) / done * 1e6
             r["proxy_us"] = (cpu_seconds(proxy_pids[name]) - cpu_before[1]) / done * 1e6
             results[name].append(r)
+            if spy is not None:
+                spy.wait(timeout=args.duration + 30)
             print(
                 f"  round {rnd} {name:8s} {r['rps']:10.0f} req/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms"
                 f"  cpu/request: upstream {r['upstream_us']:5.0f} us, proxy {r['proxy_us']:5.0f} us"
@@ -383,6 +405,8 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
                 flush=True,
             )
 
+    if args.profile:
+        print_profile(Path(args.profile))
     keys = ("rps", "p50", "p99", "upstream_us", "proxy_us")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items()}
     print("\nmedians over the rounds:")
@@ -418,6 +442,47 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
             lines = log.read_text(errors="replace").splitlines()[-8:]
             print(f"  --- {log.name}", *(f"  {line}" for line in lines), sep="\n")
     return 0
+
+
+def start_profile(procs: Procs, pid: int, duration: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy (``pip install py-spy``) sampling the gateway for one wrk run, collapsed-stack output."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("py-spy is not installed (pip install py-spy): no profile")
+        return None
+    cmd = [spy, "record", "--pid", str(pid), "--duration", f"{max(1, int(duration))}", "--rate", "200"]
+    return procs.start([*cmd, "--format", "raw", "--output", str(out)], log=out.with_suffix(".log"))
+
+
+def print_profile(path: Path, top: int = 15) -> None:
+    """The profile's top frames by own time (where the CPU is spent) and by total time (what it is spent under)."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        print(f"no profile in {path}")
+        return
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [re.sub(r" \(.*?/(?=[^/]*:\d+\)$)", " (", f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in {f.rsplit(":", 1)[0] for f in frames}:
+            total[frame] = total.get(frame, 0) + n
+    if not samples:
+        print(f"no samples in {path}")
+        return
+    print(f"\nprofile of the gateway ({samples} samples, {path}); top by own time:")
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {n / samples:6.1%}  {frame}")
+    print("top by total time (the frame and everything under it):")
+    for frame, n in sorted(total.items(), key=lambda kv: -kv[1])[: top + 10]:
+        print(f"  {n / samples:6.1%}  {frame}")
 
 
 def _python_load(url: str, token: str, duration: float, connections: int) -> dict[str, Any]:
