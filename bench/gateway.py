@@ -48,6 +48,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.report import figure
+
 HOST = "127.0.0.1"
 UPSTREAM_CPU = "0"
 PROXY_CPU = "1"
@@ -290,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE",
         help="py-spy record the gateway during its first wrk run into FILE (collapsed stacks) and print the top",
     )
+    parser.add_argument("--native", action="store_true", help="with --profile: C frames too (py-spy --native)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 4.0, 2
@@ -387,7 +390,7 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
             cpu_before = (cpu_seconds([upstream.pid]), cpu_seconds(proxy_pids[name]))
             spy = None
             if args.profile and name == "gateway" and rnd == 1:
-                spy = start_profile(procs, gateway.pid, args.duration, Path(args.profile))
+                spy = start_profile(procs, gateway.pid, args.duration, Path(args.profile), args.native)
             if have_wrk:
                 r = run_wrk(url, token, args.duration, args.connections, args.threads)
             else:
@@ -421,9 +424,13 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
         ng = med["nginx"]
         print(f"  authenticated gateway / nginx req/s   {gw['rps'] / ng['rps']:.2f}   (target >= 0.6)")
         print(f"  gateway p99 / nginx p99               {gw['p99'] / ng['p99']:.2f}   (target <= 2)")
+        figure("gateway", "authenticated gateway / nginx req/s", gw["rps"] / ng["rps"], "x", ">= 0.6")
+        figure("gateway", "gateway p99 / nginx p99", gw["p99"] / ng["p99"], "x", "<= 2")
+        figure("gateway", "gateway / nginx CPU per request", gw["proxy_us"] / ng["proxy_us"], "x")
         print(f"  nginx / direct upstream req/s         {ng['rps'] / direct['rps']:.2f}")
         print(f"  gateway cpu / nginx cpu per request   {gw['proxy_us'] / ng['proxy_us']:.2f}")
     print(f"  gateway / direct upstream req/s       {gw['rps'] / direct['rps']:.2f}")
+    figure("gateway", "gateway CPU per request", gw["proxy_us"], "us")
     if "naive" in med:
         print(
             f"  gateway / naive aiohttp proxy req/s   {gw['rps'] / med['naive']['rps']:.2f}"
@@ -444,13 +451,15 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     return 0
 
 
-def start_profile(procs: Procs, pid: int, duration: float, out: Path) -> subprocess.Popen[bytes] | None:
+def start_profile(procs: Procs, pid: int, duration: float, out: Path, native: bool) -> subprocess.Popen[bytes] | None:
     """py-spy (``pip install py-spy``) sampling the gateway for one wrk run, collapsed-stack output."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         print("py-spy is not installed (pip install py-spy): no profile")
         return None
     cmd = [spy, "record", "--pid", str(pid), "--duration", f"{max(1, int(duration))}", "--rate", "200"]
+    if native:
+        cmd.append("--native")  # C frames too (uvloop, the HTTP parsers, system calls)
     return procs.start([*cmd, "--format", "raw", "--output", str(out)], log=out.with_suffix(".log"))
 
 
