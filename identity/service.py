@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -69,6 +69,8 @@ def create_app(
     if runtime.relay is not None:
         keys.on_outbox = runtime.relay.notify  # the announcement leaves now, not at the next poll
     passwords = password_hasher or Passwords.from_settings(settings.auth)
+    if password_hasher is None:
+        runtime.on_stop.append(_shutdown_passwords(passwords))  # its argon2 threads are this app's
     system = runtime.system
     assert system is not None
     install(system, LoginContext(repo, passwords, login_policy(settings)))
@@ -82,6 +84,13 @@ def create_app(
     app[IDENTITY] = identity
     app[CSRF_TOKENS] = CsrfTokens(functools.partial(keys.kek.hmac_secrets, "csrf"))
     return app
+
+
+def _shutdown_passwords(passwords: Passwords) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        passwords.shutdown()
+
+    return stop
 
 
 def login_policy(settings: Settings) -> LoginPolicy:
