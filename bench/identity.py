@@ -94,7 +94,9 @@ class Server:
                 raise RuntimeError(f"token endpoint answered {resp.status}: {body}")
             return body
 
-    async def password_grant(self, email: str, refused: list[float] | None = None) -> dict[str, Any]:
+    async def password_grant(
+        self, email: str, refused: list[float] | None = None, session: aiohttp.ClientSession | None = None
+    ) -> dict[str, Any]:
         return await self.token(
             {
                 "grant_type": "password",
@@ -104,6 +106,7 @@ class Server:
                 "scope": "offline_access ecom",
             },
             refused,
+            session,
         )
 
     async def refresh(self, refresh_token: str, session: aiohttp.ClientSession | None = None) -> dict[str, Any]:
@@ -178,13 +181,14 @@ async def bench_refresh_under_flood(
     chains = [(await server.password_grant(e))["refresh_token"] for e in emails]
     alone = await refresh_latencies(server, chains, count, asyncio.Event())
     stop, refused, granted = asyncio.Event(), [], 0
+    flood_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=flooders))  # every loop at once
 
     async def flood(w: int) -> None:
         nonlocal granted
         for _ in range(50):  # bounded; the refresh loop normally stops it first
             if stop.is_set():
                 return
-            if await server.password_grant(emails[w % len(emails)], refused):
+            if await server.password_grant(emails[w % len(emails)], refused, flood_session):
                 granted += 1
             else:
                 await asyncio.sleep(0.05)  # a refused client backs off a little (jitter-free: a flood)
@@ -196,6 +200,7 @@ async def bench_refresh_under_flood(
     finally:
         stop.set()
         await asyncio.gather(*flooding, return_exceptions=True)
+        await flood_session.close()
     return alone, during, granted, refused
 
 

@@ -223,7 +223,7 @@ class AuthSettings:
     argon2_time_cost: int = 2
     argon2_parallelism: int = 1
     password_workers: int = 0  # argon2 threads at once; 0: one per core (at most 4)
-    password_queue: int = 32  # sign-ins waiting for an argon2 thread; more are refused with 503 + Retry-After
+    password_queue: int = 64  # sign-ins waiting for an argon2 thread (~0.8 s on 2 cores); more: 503 + Retry-After
 
     def validate(self) -> None:
         _check(self.access_token_ttl >= 30, "access_token_ttl", "expected at least 30 seconds")

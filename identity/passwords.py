@@ -75,7 +75,7 @@ DEFAULT_PARAMETERS: Argon2Parameters = Argon2Parameters(
     memory_cost=19 * 1024,
     parallelism=1,
 )
-DEFAULT_QUEUE = 32
+DEFAULT_QUEUE = 64
 # The worker threads' niceness above the event loop's: the loop (refreshes, verification) wins the CPU when both
 # want it; argon2 still gets every cycle the loop leaves.
 WORKER_NICENESS = 10
