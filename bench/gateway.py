@@ -21,7 +21,10 @@ rounds are printed with the ratios:
   steadier than req/s, and it says what each proxy would do with a core of its own.
 
 ``--naive`` adds, for reference, the proxy everyone writes first (aiohttp, one shared ClientSession, no token
-check).
+check). ``--raw-front`` adds the gateway's hot-path work for this request (token cache, role, rate limit, header
+filter, request id, gateway.client's pool) on a bare httptools front: what the checks cost without aiohttp's server
+and middleware chain. ``--profile FILE`` records the gateway with py-spy during its first run and prints the top
+frames (``--native`` for C frames).
 
 The machine is shared: run it when it is quiet, and read the ratios (measured in the same run), not the
 absolute numbers. Without nginx or wrk it says so and measures with a Python load generator
@@ -141,6 +144,97 @@ def run_naive_proxy(port: int, upstream: int) -> None:
     app.cleanup_ctx.append(session_ctx)
     app.router.add_route("*", "/{tail:.*}", proxy)
     web.run_app(app, host=HOST, port=port, access_log=None, print=None, backlog=4096)
+
+
+def run_raw_front(port: int, upstream: int, jwks_file: str, issuer: str) -> None:
+    """For reference only (``--raw-front``): the gateway's hot-path work for this benchmark's request without
+    aiohttp's server and middlewares, to tell what they cost. An httptools request parser on uvloop; per request:
+    the token (verified-token cache, full verification on a miss), its role, a rate-limit token, the gateway's
+    request-header filter, a request id and X-Forwarded-*, and the upstream exchange through gateway.client.Pool.
+    Keep-alive GETs only, no routing table, no problem+json errors: not a product, a measuring stick."""
+    import httptools
+    import orjson
+
+    from gateway.client import Pool
+    from gateway.proxy import DROP_REQUEST, IDENTITY_PREFIXES
+    from gateway.ratelimit import LocalLimiter
+    from runtime.auth import TokenVerifier, check_access
+    from runtime.cli import install_uvloop
+
+    install_uvloop()
+    rng = random.Random()
+    jwks = orjson.loads(Path(jwks_file).read_bytes())
+    tasks: set[asyncio.Future[None]] = set()
+
+    class Front(asyncio.Protocol):
+        def __init__(self, verifier: TokenVerifier, pool: Pool, limiter: LocalLimiter) -> None:
+            self.verifier, self.pool, self.limiter = verifier, pool, limiter
+            self.parser = httptools.HttpRequestParser(self)
+            self.host_line = f"Host: {HOST}:{upstream}\r\n".encode()
+            self.transport: asyncio.Transport | None = None
+            self.remote = b"-"
+            self.url = b""
+            self.headers: list[tuple[bytes, bytes]] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]  # a TCP server's transport
+            self.remote = str(transport.get_extra_info("peername")[0]).encode()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.transport = None
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_begin(self) -> None:
+            self.url, self.headers = b"", []
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name, value))
+
+        def on_message_complete(self) -> None:
+            task = asyncio.ensure_future(self.handle(self.parser.get_method(), self.url, self.headers))
+            tasks.add(task)  # referenced until done
+            task.add_done_callback(tasks.discard)
+
+        async def handle(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+            token, parts = "", []
+            for name, value in headers:
+                lname = name.lower()
+                if lname == b"authorization" and value.startswith(b"Bearer "):
+                    token = value[7:].decode("ascii")
+                if lname in DROP_REQUEST or lname.startswith(IDENTITY_PREFIXES):
+                    continue
+                parts.append(b"%s: %s\r\n" % (name, value))
+            principal = self.verifier.verify_cached(token) or await self.verifier.verify(token)
+            check_access(principal, roles=("customer",))
+            self.limiter.take("sub:" + principal.sub)
+            rid = b"%032x" % rng.getrandbits(128)
+            parts.append(
+                b"X-Request-Id: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n\r\n" % (rid, self.remote)
+            )
+            head = b"%s %s HTTP/1.1\r\n%s%s" % (method, url, self.host_line, b"".join(parts))
+            resp = await self.pool.request(head, None, no_body=False, timeout=10.0)
+            body = resp.body or b""
+            out = [b"HTTP/1.1 %d OK\r\n" % resp.status]
+            out += [f"{n}: {v}\r\n".encode("latin-1") for n, v in resp.headers]
+            out.append(b"Content-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (len(body), rid, body))
+            if self.transport is not None:
+                self.transport.write(b"".join(out))
+
+    async def serve() -> None:
+        verifier = TokenVerifier(issuer=issuer, audience="ecom")
+        verifier.set_jwks(jwks)
+        pool = Pool(HOST, upstream)
+        limiter = LocalLimiter(1e9, 10**9)
+        loop = asyncio.get_running_loop()
+        await loop.create_server(lambda: Front(verifier, pool, limiter), HOST, port, backlog=4096)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,6 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also measure a naive aiohttp proxy (one shared ClientSession, no token check)",
     )
+    parser.add_argument(
+        "--raw-front",
+        action="store_true",
+        help="also measure the gateway's hot-path work on a bare httptools front (no aiohttp server), for reference",
+    )
     parser.add_argument("--quick", action="store_true", help="a short run: 4 s per wrk run, 2 rounds")
     parser.add_argument(
         "--profile",
@@ -364,6 +463,17 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
         )
         targets["naive"] = f"http://{HOST}:{nv_port}{args.path}"
         proxy_pids["naive"] = [naive.pid]
+    if args.raw_front:
+        rf_port = free_port()
+        raw = procs.start(
+            pinned(
+                PROXY_CPU,
+                [py, "-m", "bench.gateway", "--role-raw-front", str(rf_port), str(up_port), str(jwks_file), issuer],
+            ),
+            log=tmp / "raw-front.log",
+        )
+        targets["rawfront"] = f"http://{HOST}:{rf_port}{args.path}"
+        proxy_pids["rawfront"] = [raw.pid]
     for url in targets.values():
         wait_http(url, headers=auth)
     if have_nginx:
@@ -442,6 +552,14 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     )
     if "naive" in med:
         print(f"  naive cpu / upstream cpu per request   {med['naive']['proxy_us'] / direct['upstream_us']:.2f}")
+    if "rawfront" in med:
+        rf = med["rawfront"]
+        print(
+            f"  raw front cpu / gateway cpu per request {rf['proxy_us'] / gw['proxy_us']:.2f}"
+            "   (the same hot-path checks without aiohttp's server and middlewares)"
+        )
+        if "nginx" in med:
+            print(f"  raw front / nginx req/s                {rf['rps'] / med['nginx']['rps']:.2f}")
     failures = sum(r["non2xx"] + r["socket_errors"] for rs in results.values() for r in rs)
     if failures:
         print(f"\nwarning: {failures} failed requests (non-2xx or socket errors); the processes' logs end with:")
@@ -504,6 +622,8 @@ def _python_load(url: str, token: str, duration: float, connections: int) -> dic
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--role-upstream":
         run_upstream(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) == 6 and sys.argv[1] == "--role-raw-front":
+        run_raw_front(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif len(sys.argv) == 4 and sys.argv[1] == "--role-naive":
         run_naive_proxy(int(sys.argv[2]), int(sys.argv[3]))
     else:
