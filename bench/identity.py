@@ -79,7 +79,7 @@ class Server:
         self.database_url = database_url
         self.runner = runner
         self.session = session
-        self.url = settings.issuer
+        self.url = settings.base_url("identity")  # identity itself (the issuer is the public URL, the gateway's)
 
     async def token(
         self, form: dict[str, str], refused: list[float] | None = None, session: aiohttp.ClientSession | None = None
@@ -219,7 +219,12 @@ async def bench_verifications(server: Server, emails: list[str], count: int) -> 
     results = []
     for cache_size in (100_000, 0):
         settings = server.settings
-        verifier = TokenVerifier(issuer=settings.issuer, audience=settings.general.audience, cache_size=cache_size)
+        verifier = TokenVerifier(
+            issuer=settings.issuer,
+            jwks_url=settings.jwks_url,
+            audience=settings.general.audience,
+            cache_size=cache_size,
+        )
         verifier.set_jwks(jwks)
         await verifier.verify(token)
         start = time.perf_counter()
