@@ -94,7 +94,11 @@ def login_ref(system: ActorSystem, email: str) -> ActorRef:
 
 
 async def login(system: ActorSystem, email: str, password: str) -> LoginOutcome:
-    """Check credentials through the login throttle of ``email`` (already normalised)."""
+    """Check credentials through the login throttle of ``email`` (already normalised). While the hashing queue is
+    full the attempt is refused here (503 + Retry-After), before it costs a user lookup and a login actor."""
+    context = _contexts.get(system)
+    if context is not None:
+        context.passwords.admit()
     return await login_ref(system, email).ask(Attempt(email, password))
 
 

@@ -33,7 +33,7 @@ import time
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from argon2 import Parameters as Argon2Parameters
 from argon2 import PasswordHasher, Type
@@ -193,16 +193,24 @@ class Passwords:
                 self._admitted -= 1
                 self._seconds += (took - self._seconds) * 0.2
 
+    def admit(self) -> None:
+        """Raise :class:`PasswordsBusy` now if a hash job would be refused: the cheap check at the door, before a
+        sign-in costs a database query and a login actor (the job's own admission in :meth:`_submit` stays the
+        rule; this only refuses earlier what it would refuse)."""
+        if self._admitted >= self.max_workers + self.queue:
+            self._refuse()
+
+    def _refuse(self) -> NoReturn:
+        self.refused += 1
+        wait = (self._admitted / self.max_workers) * self._seconds
+        raise PasswordsBusy("Too many sign-ins are being checked right now; retry shortly.", retry_after=max(1.0, wait))
+
     def _submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
         """Admit ``job`` or raise :class:`PasswordsBusy`. The count drops when the thread finishes, not when the
         caller stops waiting: a cancelled sign-in still occupies its thread until argon2 returns."""
         with self._lock:
             if self._admitted >= self.max_workers + self.queue:
-                self.refused += 1
-                wait = (self._admitted / self.max_workers) * self._seconds
-                raise PasswordsBusy(
-                    "Too many sign-ins are being checked right now; retry shortly.", retry_after=max(1.0, wait)
-                )
+                self._refuse()
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     self.max_workers, thread_name_prefix="argon2", initializer=_lower_priority
