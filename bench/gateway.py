@@ -21,7 +21,10 @@ rounds are printed with the ratios:
   steadier than req/s, and it says what each proxy would do with a core of its own.
 
 ``--naive`` adds, for reference, the proxy everyone writes first (aiohttp, one shared ClientSession, no token
-check).
+check). ``--raw-front`` adds the gateway's hot-path work for this request (token cache, role, rate limit, header
+filter, request id, gateway.client's pool) on a bare httptools front: what the checks cost without aiohttp's server
+and middleware chain. ``--profile FILE`` records the gateway with py-spy during its first run and prints the top
+frames (``--native`` for C frames).
 
 The machine is shared: run it when it is quiet, and read the ratios (measured in the same run), not the
 absolute numbers. Without nginx or wrk it says so and measures with a Python load generator
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import shutil
 import signal
@@ -46,6 +50,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.report import figure
 
 HOST = "127.0.0.1"
 UPSTREAM_CPU = "0"
@@ -140,14 +146,116 @@ def run_naive_proxy(port: int, upstream: int) -> None:
     web.run_app(app, host=HOST, port=port, access_log=None, print=None, backlog=4096)
 
 
+def run_raw_front(port: int, upstream: int, jwks_file: str, issuer: str) -> None:
+    """For reference only (``--raw-front``): the gateway's hot-path work for this benchmark's request without
+    aiohttp's server and middlewares, to tell what they cost. An httptools request parser on uvloop; per request:
+    the token (verified-token cache, full verification on a miss), its role, a rate-limit token, the gateway's
+    request-header filter, a request id and X-Forwarded-*, and the upstream exchange through gateway.client.Pool.
+    Keep-alive GETs only, no routing table, no problem+json errors: not a product, a measuring stick."""
+    import httptools
+    import orjson
+
+    from gateway.client import Pool
+    from gateway.proxy import DROP_REQUEST, IDENTITY_PREFIXES
+    from gateway.ratelimit import LocalLimiter
+    from runtime.auth import TokenVerifier, check_access
+    from runtime.cli import install_uvloop
+
+    install_uvloop()
+    rng = random.Random()
+    jwks = orjson.loads(Path(jwks_file).read_bytes())
+    tasks: set[asyncio.Future[None]] = set()
+
+    class Front(asyncio.Protocol):
+        def __init__(self, verifier: TokenVerifier, pool: Pool, limiter: LocalLimiter) -> None:
+            self.verifier, self.pool, self.limiter = verifier, pool, limiter
+            self.parser = httptools.HttpRequestParser(self)
+            self.host_line = f"Host: {HOST}:{upstream}\r\n".encode()
+            self.transport: asyncio.Transport | None = None
+            self.remote = b"-"
+            self.url = b""
+            self.headers: list[tuple[bytes, bytes]] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]  # a TCP server's transport
+            self.remote = str(transport.get_extra_info("peername")[0]).encode()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.transport = None
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_begin(self) -> None:
+            self.url, self.headers = b"", []
+
+        def on_url(self, url: bytes) -> None:
+            self.url += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name, value))
+
+        def on_message_complete(self) -> None:
+            task = asyncio.ensure_future(self.handle(self.parser.get_method(), self.url, self.headers))
+            tasks.add(task)  # referenced until done
+            task.add_done_callback(tasks.discard)
+
+        async def handle(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+            token, parts = "", []
+            for name, value in headers:
+                lname = name.lower()
+                if lname == b"authorization" and value.startswith(b"Bearer "):
+                    token = value[7:].decode("ascii")
+                if lname in DROP_REQUEST or lname.startswith(IDENTITY_PREFIXES):
+                    continue
+                parts.append(b"%s: %s\r\n" % (name, value))
+            principal = self.verifier.verify_cached(token) or await self.verifier.verify(token)
+            check_access(principal, roles=("customer",))
+            self.limiter.take("sub:" + principal.sub)
+            rid = b"%032x" % rng.getrandbits(128)
+            parts.append(
+                b"X-Request-Id: %s\r\nX-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n\r\n" % (rid, self.remote)
+            )
+            head = b"%s %s HTTP/1.1\r\n%s%s" % (method, url, self.host_line, b"".join(parts))
+            resp = await self.pool.request(head, None, no_body=False, timeout=10.0)
+            body = resp.body or b""
+            out = [b"HTTP/1.1 %d OK\r\n" % resp.status]
+            out += [f"{n}: {v}\r\n".encode("latin-1") for n, v in resp.headers]
+            out.append(b"Content-Length: %d\r\nX-Request-Id: %s\r\n\r\n%s" % (len(body), rid, body))
+            if self.transport is not None:
+                self.transport.write(b"".join(out))
+
+    async def serve() -> None:
+        verifier = TokenVerifier(issuer=issuer, audience="ecom")
+        verifier.set_jwks(jwks)
+        pool = Pool(HOST, upstream)
+        limiter = LocalLimiter(1e9, 10**9)
+        loop = asyncio.get_running_loop()
+        await loop.create_server(lambda: Front(verifier, pool, limiter), HOST, port, backlog=4096)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
 # ---------------------------------------------------------------------------------------------------
 # Orchestration
 
 
+PORT_LOW, PORT_HIGH = 20000, 32000  # below the ephemeral range (32768+), where outgoing connections take ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 in 20000-32000, so a listener never collides with an outgoing connection's port."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(PORT_LOW, PORT_HIGH)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORT_LOW}-{PORT_HIGH} on {HOST}")
 
 
 def pinned(cpu: str, cmd: list[str]) -> list[str]:
@@ -272,7 +380,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also measure a naive aiohttp proxy (one shared ClientSession, no token check)",
     )
+    parser.add_argument(
+        "--raw-front",
+        action="store_true",
+        help="also measure the gateway's hot-path work on a bare httptools front (no aiohttp server), for reference",
+    )
     parser.add_argument("--quick", action="store_true", help="a short run: 4 s per wrk run, 2 rounds")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="py-spy record the gateway during its first wrk run into FILE (collapsed stacks) and print the top",
+    )
+    parser.add_argument("--native", action="store_true", help="with --profile: C frames too (py-spy --native)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.rounds = 4.0, 2
@@ -344,6 +463,17 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
         )
         targets["naive"] = f"http://{HOST}:{nv_port}{args.path}"
         proxy_pids["naive"] = [naive.pid]
+    if args.raw_front:
+        rf_port = free_port()
+        raw = procs.start(
+            pinned(
+                PROXY_CPU,
+                [py, "-m", "bench.gateway", "--role-raw-front", str(rf_port), str(up_port), str(jwks_file), issuer],
+            ),
+            log=tmp / "raw-front.log",
+        )
+        targets["rawfront"] = f"http://{HOST}:{rf_port}{args.path}"
+        proxy_pids["rawfront"] = [raw.pid]
     for url in targets.values():
         wait_http(url, headers=auth)
     if have_nginx:
@@ -368,6 +498,9 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     for rnd in range(1, args.rounds + 1):
         for name, url in targets.items():
             cpu_before = (cpu_seconds([upstream.pid]), cpu_seconds(proxy_pids[name]))
+            spy = None
+            if args.profile and name == "gateway" and rnd == 1:
+                spy = start_profile(procs, gateway.pid, args.duration, Path(args.profile), args.native)
             if have_wrk:
                 r = run_wrk(url, token, args.duration, args.connections, args.threads)
             else:
@@ -376,6 +509,8 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
             r["upstream_us"] = (cpu_seconds([upstream.pid]) - cpu_before[0]) / done * 1e6
             r["proxy_us"] = (cpu_seconds(proxy_pids[name]) - cpu_before[1]) / done * 1e6
             results[name].append(r)
+            if spy is not None:
+                spy.wait(timeout=args.duration + 30)
             print(
                 f"  round {rnd} {name:8s} {r['rps']:10.0f} req/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms"
                 f"  cpu/request: upstream {r['upstream_us']:5.0f} us, proxy {r['proxy_us']:5.0f} us"
@@ -383,6 +518,8 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
                 flush=True,
             )
 
+    if args.profile:
+        print_profile(Path(args.profile))
     keys = ("rps", "p50", "p99", "upstream_us", "proxy_us")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items()}
     print("\nmedians over the rounds:")
@@ -397,9 +534,13 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
         ng = med["nginx"]
         print(f"  authenticated gateway / nginx req/s   {gw['rps'] / ng['rps']:.2f}   (target >= 0.6)")
         print(f"  gateway p99 / nginx p99               {gw['p99'] / ng['p99']:.2f}   (target <= 2)")
+        figure("gateway", "authenticated gateway / nginx req/s", gw["rps"] / ng["rps"], "x", ">= 0.6")
+        figure("gateway", "gateway p99 / nginx p99", gw["p99"] / ng["p99"], "x", "<= 2")
+        figure("gateway", "gateway / nginx CPU per request", gw["proxy_us"] / ng["proxy_us"], "x")
         print(f"  nginx / direct upstream req/s         {ng['rps'] / direct['rps']:.2f}")
         print(f"  gateway cpu / nginx cpu per request   {gw['proxy_us'] / ng['proxy_us']:.2f}")
     print(f"  gateway / direct upstream req/s       {gw['rps'] / direct['rps']:.2f}")
+    figure("gateway", "gateway CPU per request", gw["proxy_us"], "us")
     if "naive" in med:
         print(
             f"  gateway / naive aiohttp proxy req/s   {gw['rps'] / med['naive']['rps']:.2f}"
@@ -411,6 +552,14 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     )
     if "naive" in med:
         print(f"  naive cpu / upstream cpu per request   {med['naive']['proxy_us'] / direct['upstream_us']:.2f}")
+    if "rawfront" in med:
+        rf = med["rawfront"]
+        print(
+            f"  raw front cpu / gateway cpu per request {rf['proxy_us'] / gw['proxy_us']:.2f}"
+            "   (the same hot-path checks without aiohttp's server and middlewares)"
+        )
+        if "nginx" in med:
+            print(f"  raw front / nginx req/s                {rf['rps'] / med['nginx']['rps']:.2f}")
     failures = sum(r["non2xx"] + r["socket_errors"] for rs in results.values() for r in rs)
     if failures:
         print(f"\nwarning: {failures} failed requests (non-2xx or socket errors); the processes' logs end with:")
@@ -418,6 +567,49 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
             lines = log.read_text(errors="replace").splitlines()[-8:]
             print(f"  --- {log.name}", *(f"  {line}" for line in lines), sep="\n")
     return 0
+
+
+def start_profile(procs: Procs, pid: int, duration: float, out: Path, native: bool) -> subprocess.Popen[bytes] | None:
+    """py-spy (``pip install py-spy``) sampling the gateway for one wrk run, collapsed-stack output."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("py-spy is not installed (pip install py-spy): no profile")
+        return None
+    cmd = [spy, "record", "--pid", str(pid), "--duration", f"{max(1, int(duration))}", "--rate", "200"]
+    if native:
+        cmd.append("--native")  # C frames too (uvloop, the HTTP parsers, system calls)
+    return procs.start([*cmd, "--format", "raw", "--output", str(out)], log=out.with_suffix(".log"))
+
+
+def print_profile(path: Path, top: int = 15) -> None:
+    """The profile's top frames by own time (where the CPU is spent) and by total time (what it is spent under)."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        print(f"no profile in {path}")
+        return
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [re.sub(r" \(.*?/(?=[^/]*:\d+\)$)", " (", f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in {f.rsplit(":", 1)[0] for f in frames}:
+            total[frame] = total.get(frame, 0) + n
+    if not samples:
+        print(f"no samples in {path}")
+        return
+    print(f"\nprofile of the gateway ({samples} samples, {path}); top by own time:")
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {n / samples:6.1%}  {frame}")
+    print("top by total time (the frame and everything under it):")
+    for frame, n in sorted(total.items(), key=lambda kv: -kv[1])[: top + 10]:
+        print(f"  {n / samples:6.1%}  {frame}")
 
 
 def _python_load(url: str, token: str, duration: float, connections: int) -> dict[str, Any]:
@@ -430,6 +622,8 @@ def _python_load(url: str, token: str, duration: float, connections: int) -> dic
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--role-upstream":
         run_upstream(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) == 6 and sys.argv[1] == "--role-raw-front":
+        run_raw_front(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
     elif len(sys.argv) == 4 and sys.argv[1] == "--role-naive":
         run_naive_proxy(int(sys.argv[2]), int(sys.argv[3]))
     else:

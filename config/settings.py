@@ -195,6 +195,12 @@ class ActorSettings:
             _check(getattr(self, name) > 0, name, "expected a positive number of seconds")
 
 
+# OWASP Password Storage Cheat Sheet, argon2id: (memory KiB, iterations) pairs of equal strength, p = 1.
+# A setting is strong enough when it is at or above one of them in both memory and iterations.
+OWASP_ARGON2ID: tuple[tuple[int, int], ...] = ((47104, 1), (19456, 2), (12288, 3), (9216, 4), (7168, 5))
+_OWASP_TEXT = "m=19456 KiB with t=2, or m=47104/t=1, 12288/t=3, 9216/t=4, 7168/t=5"
+
+
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
     """Token issuing (identity) and checking (every service, the gateway)."""
@@ -210,6 +216,14 @@ class AuthSettings:
     leeway: float = 30.0  # clock skew allowed on exp/nbf
     registrations_per_email: int = 5  # registrations a minute per email, in identity; 0 turns the limit off
     registrations_per_address: int = 20  # registrations a minute per client address, in identity; 0: off
+    # Password hashing (argon2id, identity/passwords.py): OWASP's first option (19 MiB, 2 passes, 1 lane) by
+    # default; anything weaker than every row of OWASP's table is refused. Stored hashes made with other
+    # parameters are re-hashed at the user's next successful sign-in.
+    argon2_memory_kib: int = 19 * 1024
+    argon2_time_cost: int = 2
+    argon2_parallelism: int = 1
+    password_workers: int = 0  # argon2 threads at once; 0: one per core (at most 4)
+    password_queue: int = 64  # sign-ins waiting for an argon2 thread (~0.8 s on 2 cores); more: 503 + Retry-After
 
     def validate(self) -> None:
         _check(self.access_token_ttl >= 30, "access_token_ttl", "expected at least 30 seconds")
@@ -222,6 +236,13 @@ class AuthSettings:
         _check(0 <= self.leeway <= 300, "leeway", "expected 0 to 300 seconds")
         for name in ("registrations_per_email", "registrations_per_address"):
             _check(getattr(self, name) >= 0, name, "expected 0 (no limit) or more")
+        _check(1 <= self.argon2_parallelism <= 64, "argon2_parallelism", "expected 1 to 64 lanes")
+        _check(self.argon2_memory_kib <= 4 * 1024 * 1024, "argon2_memory_kib", "expected at most 4 GiB (4194304)")
+        if not any(self.argon2_memory_kib >= m and self.argon2_time_cost >= t for m, t in OWASP_ARGON2ID):
+            field = "argon2_time_cost" if self.argon2_memory_kib >= OWASP_ARGON2ID[1][0] else "argon2_memory_kib"
+            _check(False, field, f"weaker than OWASP's argon2id minimum ({_OWASP_TEXT})")
+        _check(0 <= self.password_workers <= 64, "password_workers", "expected 0 (one per core) to 64")
+        _check(self.password_queue >= 0, "password_queue", "expected 0 or more")
 
 
 @dataclass(frozen=True, slots=True)

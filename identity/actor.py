@@ -17,7 +17,9 @@ counted: a locked account costs the server nothing and an attacker cannot extend
 sign-in resets the count; failures are forgotten :data:`FORGET_FAILURES_AFTER` seconds after the last one.
 
 A password that is right but fails today's policy (:mod:`identity.passwords`: set before it, e.g. by an
-older version) still signs in; the account is flagged ``password_change_required`` until it is changed.
+older version) still signs in; the account is flagged ``password_change_required`` until it is changed. A hash
+made with other argon2id parameters than today's settings is re-made at the sign-in, in the same turn and the
+same statement as the flag.
 
 State (persisted after every turn that changes it): ``failures``, ``last_failure``, ``locked_until``
 (UNIX seconds). A successful sign-in of an email without failures writes nothing.
@@ -92,7 +94,11 @@ def login_ref(system: ActorSystem, email: str) -> ActorRef:
 
 
 async def login(system: ActorSystem, email: str, password: str) -> LoginOutcome:
-    """Check credentials through the login throttle of ``email`` (already normalised)."""
+    """Check credentials through the login throttle of ``email`` (already normalised). While the hashing queue is
+    full the attempt is refused here (503 + Retry-After), before it costs a user lookup and a login actor."""
+    context = _contexts.get(system)
+    if context is not None:
+        context.passwords.admit()
     return await login_ref(system, email).ask(Attempt(email, password))
 
 
@@ -122,8 +128,7 @@ class LoginActor(Actor):
         if ok and user is not None and not user.disabled:
             if self.state != _INITIAL:
                 self.state = dict(_INITIAL)
-            await self._upgrade_hash(ctx, user, msg.password)
-            return LoginOutcome(await self._flag_weak_password(ctx, user, msg.password))
+            return LoginOutcome(await self._after_sign_in(ctx, user, msg.password))
         # A disabled account counts like a wrong password: the same answer and the same counting.
         return LoginOutcome(None, locked_for=self._count_failure(ctx.policy, now))
 
@@ -137,18 +142,25 @@ class LoginActor(Actor):
         return lock
 
     @staticmethod
-    async def _flag_weak_password(ctx: LoginContext, user: User, password: str) -> User:
-        """A password set before today's policy (or by an older one) keeps working, but when it fails the policy
-        the account is flagged ``password_change_required`` (shown in the token response and userinfo) until
-        it is changed. zxcvbn takes milliseconds: it runs off the event loop."""
+    async def _after_sign_in(ctx: LoginContext, user: User, password: str) -> User:
+        """What a successful check changes on the account, written in one statement in this turn:
+
+        - the hash, re-made with today's argon2id parameters when it records other ones (the hash is replaced
+          only if it is still the one just verified, so a password changed meanwhile is never overwritten with
+          the old one). Hashing happens before anything is written: a busy pool (503) leaves all unchanged.
+        - ``password_change_required``: a password set before today's policy (or by an older one) keeps working,
+          but when it fails the policy the account is flagged (shown in the token response and userinfo) until
+          it is changed. zxcvbn takes milliseconds: it runs off the event loop.
+        """
         weak = await asyncio.to_thread(check_password_policy, password, user.email, user.name) is not None
+        if ctx.passwords.needs_rehash(user.password_hash):
+            new_hash = await ctx.passwords.hash(password)
+            if await ctx.repo.rehash_password(
+                user.id, utcnow(), user.password_hash, new_hash, password_change_required=weak
+            ):
+                return dataclasses.replace(user, password_hash=new_hash, password_change_required=weak)
+            return user  # changed meanwhile: the new password's hash and flag stand
         if weak != user.password_change_required:
             await ctx.repo.update_user(user.id, utcnow(), password_change_required=weak)
             user = dataclasses.replace(user, password_change_required=weak)
         return user
-
-    @staticmethod
-    async def _upgrade_hash(ctx: LoginContext, user: User, password: str) -> None:
-        """Re-hash with the current parameters after a successful check (the hash records its parameters)."""
-        if ctx.passwords.needs_rehash(user.password_hash):
-            await ctx.repo.update_user(user.id, utcnow(), password_hash=await ctx.passwords.hash(password))

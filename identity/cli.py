@@ -46,7 +46,7 @@ from identity.accounts import (
 from identity.keys import SIGNING_ALGORITHMS
 from identity.keystore import KeyManager
 from identity.oauth import GRANT_TYPES, SCOPES, build_client, check_redirect_uri
-from identity.passwords import default_passwords
+from identity.passwords import Passwords
 from identity.repository import ClientExists, EmailTaken, KeyConflict, Repository
 from identity.service import open_repository
 from runtime.errors import ValidationProblem
@@ -104,7 +104,7 @@ def users_add(settings: Settings, args: argparse.Namespace) -> int:
         try:
             user = await register_user(
                 repo,
-                default_passwords(),
+                Passwords.from_settings(settings.auth),
                 email=args.email,
                 password=password,
                 name=args.name or args.email.partition("@")[0],
@@ -137,7 +137,7 @@ def users_set_password(settings: Settings, args: argparse.Namespace) -> int:
             )
         password, _ = _read_password(args)
         try:
-            await change_password(repo, default_passwords(), user, password, field="password")
+            await change_password(repo, Passwords.from_settings(settings.auth), user, password, field="password")
         except ValidationProblem as exc:
             raise CliError("; ".join(f"{f}: {m}" for f, m in exc.errors.items())) from None
         print(f"{user.email}: password changed (sign in again with it; existing tokens stay valid until they expire)")

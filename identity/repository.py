@@ -488,6 +488,17 @@ class Repository:
         self._after_commit(events)
         return result.rowcount == 1
 
+    async def rehash_password(self, user_id: str, now: datetime, old_hash: str, new_hash: str, **values: Any) -> bool:
+        """Replace ``old_hash`` by ``new_hash`` (same password, new parameters) and set ``values`` in one
+        statement; False, changing nothing, if the hash is no longer ``old_hash`` (changed meanwhile)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(users)
+                .where(users.c.id == user_id, users.c.password_hash == old_hash)
+                .values(updated_at=now, password_hash=new_hash, **values)
+            )
+        return result.rowcount == 1
+
     # -- clients --------------------------------------------------------------------------------
 
     async def create_client(self, client: Client, now: datetime) -> None:

@@ -5,7 +5,7 @@ creates what a first run needs — a signing key, the ``storefront`` and ``admin
 twice; ``SCHEMA`` is identity's database schema for ``ecom db upgrade``.
 
 ``password_hasher`` (``create_app`` and ``seed``) takes a :class:`identity.passwords.Passwords` with other
-argon2id parameters: tests pass a cheap one; production leaves it unset and gets RFC 9106's parameters.
+argon2id parameters: tests pass a cheap one; production leaves it unset and gets the ``[auth] argon2_*`` settings.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -29,7 +29,7 @@ from identity.core import IDENTITY, Identity, KeyRingVerifier
 from identity.keystore import CHECK_INTERVAL, KeyManager
 from identity.oauth import API_SCOPE, SCOPES, STOREFRONT, TokenService, build_client
 from identity.pages import CSRF_TOKENS, CsrfTokens
-from identity.passwords import Passwords, default_passwords
+from identity.passwords import Passwords
 from identity.repository import ClientExists, EmailTaken, Repository
 from identity.tokens import TokenIssuer
 from runtime import migrate
@@ -68,7 +68,9 @@ def create_app(
     keys.on_revoke = runtime.verifier.revoke_key  # this process refuses the key at once (others: the outbox)
     if runtime.relay is not None:
         keys.on_outbox = runtime.relay.notify  # the announcement leaves now, not at the next poll
-    passwords = password_hasher or default_passwords()
+    passwords = password_hasher or Passwords.from_settings(settings.auth)
+    if password_hasher is None:
+        runtime.on_stop.append(_shutdown_passwords(passwords))  # its argon2 threads are this app's
     system = runtime.system
     assert system is not None
     install(system, LoginContext(repo, passwords, login_policy(settings)))
@@ -82,6 +84,13 @@ def create_app(
     app[IDENTITY] = identity
     app[CSRF_TOKENS] = CsrfTokens(functools.partial(keys.kek.hmac_secrets, "csrf"))
     return app
+
+
+def _shutdown_passwords(passwords: Passwords) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        passwords.shutdown()
+
+    return stop
 
 
 def login_policy(settings: Settings) -> LoginPolicy:
@@ -154,7 +163,7 @@ async def seed(
         await KeyManager.from_settings(repo, settings).ensure_active()
         await _seed_storefront(repo, settings)
         await _seed_admin_console(repo, settings)
-        await _seed_admin(repo, settings, password_hasher or default_passwords())
+        await _seed_admin(repo, settings, password_hasher or Passwords.from_settings(settings.auth))
 
 
 async def _seed_storefront(repo: Repository, settings: Settings) -> None:

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from argon2 import Type, profiles
 
+from config import load_settings
 from identity.keys import KeyRing, NoActiveKey, SigningKey, generate_key, to_public_jwks
 from identity.passwords import (
     DEFAULT_PARAMETERS,
@@ -291,8 +292,8 @@ def test_refresh_tokens() -> None:
 
 async def test_hash_and_verify_password() -> None:
     h = await hash_password("Correct horse 9")
-    assert h.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
-    assert DEFAULT_PARAMETERS == profiles.RFC_9106_LOW_MEMORY
+    assert h.startswith("$argon2id$v=19$m=19456,t=2,p=1$")  # OWASP's first option, the settings' default
+    assert Passwords.from_settings(load_settings({}).auth).parameters == DEFAULT_PARAMETERS
     assert await verify_password("Correct horse 9", h)
     assert not await verify_password("correct horse 9", h)
     assert not await verify_password("", h)
