@@ -24,6 +24,7 @@ prefix ranges are by code point everywhere (SQLite compares binary by default), 
 from __future__ import annotations
 
 import functools
+import random
 import re
 import unicodedata
 import uuid
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     ForeignKey,
@@ -48,6 +50,7 @@ from sqlalchemy import (
     func,
     insert,
     intersect,
+    literal,
     select,
     update,
 )
@@ -144,6 +147,28 @@ catalog_meta = Table(
 )
 
 TABLES = (brands, product_types, products, product_terms, product_counts, catalog_meta)
+
+# The change log that keeps every instance's in-memory read model (``readmodel.py``) fresh. Every write to a
+# product or to the brands/types bumps ``catalog_version`` (one row) and appends a ``catalog_changes`` row
+# with the new version, in the writer's transaction. The UPDATE locks that row until the transaction ends,
+# so versions are handed out in commit order: whoever sees version v committed sees every version below it.
+catalog_version = Table(
+    "catalog_version",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
+)
+
+catalog_changes = Table(
+    "catalog_changes",
+    metadata,
+    Column("version", BigInteger, primary_key=True, autoincrement=False),
+    Column("product_id", IdType, nullable=True),  # None: the brands or types changed
+)
+
+CHANGE_TABLES = (catalog_version, catalog_changes)
+CHANGES_KEPT = 10_000  # log rows kept; a reader further behind than this reloads everything
+_PRUNE_ONE_IN = 256  # writes between prunings, on average
 
 # Ids of named things (brands, types, demo products) made from their names, so seeding is repeatable.
 _ID_NAMESPACE = uuid.UUID("4f1c7a52-1f0e-4c69-9a43-2f6a3c2f8d11")
@@ -359,6 +384,7 @@ async def create_named(conn: AsyncConnection, table: Table, name: str) -> dict[s
             await conn.execute(insert(table).values(**row))
     except IntegrityError:
         return None
+    await record_change(conn, None)
     return row
 
 
@@ -370,6 +396,7 @@ async def ensure_named(conn: AsyncConnection, table: Table, names: Iterable[str]
         if existing is None:
             existing = stable_id(table.name, name)
             await conn.execute(insert(table).values(id=existing, name=name))
+            await record_change(conn, None)
         ids[name] = existing
     return ids
 
@@ -413,6 +440,7 @@ def insert_product(values: Mapping[str, Any]) -> SqlHook:
         await conn.execute(insert(products).values(**row))
         await _write_terms(conn, row)
         await _count(conn, row["brand_id"], row["type_id"], +1)
+        await record_change(conn, row["id"])
 
     return hook
 
@@ -436,6 +464,7 @@ def update_product(before: Mapping[str, Any], after: Mapping[str, Any]) -> SqlHo
         if "brand_id" in changes or "type_id" in changes:
             await _count(conn, before["brand_id"], before["type_id"], -1)
             await _count(conn, after["brand_id"], after["type_id"], +1)
+        await record_change(conn, product_id)
 
     return hook
 
@@ -445,6 +474,7 @@ def remove_product(values: Mapping[str, Any]) -> SqlHook:
         await conn.execute(delete(product_terms).where(product_terms.c.product_id == values["id"]))
         await conn.execute(delete(products).where(products.c.id == values["id"]))
         await _count(conn, values["brand_id"], values["type_id"], -1)
+        await record_change(conn, values["id"])
 
     return hook
 
@@ -459,6 +489,28 @@ def bulk_rows(values: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]]
         rows.append(row)
         terms.extend(_term_rows(row, words_of))
     return rows, terms
+
+
+async def record_change(conn: AsyncConnection, product_id: str | None) -> None:
+    """Log a change of this product (None: of the brands or types) in the caller's transaction.
+
+    The version row is updated first, so it is locked until this transaction ends: a concurrent writer
+    waits, and the version it gets is higher only if it commits later (see ``catalog_version``)."""
+    await conn.execute(update(catalog_version).values(version=catalog_version.c.version + 1))
+    await conn.execute(
+        insert(catalog_changes).from_select(
+            ["version", "product_id"], select(catalog_version.c.version, literal(product_id, IdType))
+        )
+    )
+    if random.randrange(_PRUNE_ONE_IN) == 0:
+        kept_from = select(catalog_version.c.version).scalar_subquery() - CHANGES_KEPT
+        await conn.execute(delete(catalog_changes).where(catalog_changes.c.version <= kept_from))
+
+
+def create_change_log(_op: Any, conn: Any) -> None:
+    """Migration step: the change-log tables, starting at version 0."""
+    metadata.create_all(conn, tables=list(CHANGE_TABLES))
+    conn.execute(insert(catalog_version).values(id=1, version=0))
 
 
 async def rebuild_counts(conn: AsyncConnection) -> None:

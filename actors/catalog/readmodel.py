@@ -1,0 +1,433 @@
+"""The catalog's read model: every product, brand and type in memory, indexed for the read API.
+
+Reads (product detail, batch, list and search pages, brands, types) are answered from memory: no thread hop
+to a database driver and no query per request, only one shared freshness check (below). The model is loaded
+when the service starts and kept in step with the database through the change log that every write appends
+to in its own transaction (:func:`~actors.catalog.repository.record_change`: the ProductActor's commit hooks,
+and the brand/type creation).
+
+Freshness invariant: **a read that starts after a write's response was sent sees that write, on every
+instance.** A write commits (and so logs its version) before its response is sent. Each read waits for
+:meth:`CatalogReadModel.fresh`, which is answered only by a check of the change log that was *sent to the
+database after the read began* (reads waiting together share one check, as ``StateStore.version`` batches
+version reads; a read that arrives while a check is in flight waits for the next one). That check returns
+every change newer than the model's version; the model applies them, reading the changed rows after the log,
+before answering. Versions are handed out in commit order (the version row stays locked until the writer's
+transaction ends), so the log a check sees is a gap-free prefix and nothing committed before it is missed. A
+gap at the start of what a check finds means the log was pruned past the model's version: the model then
+reloads everything.
+
+Changes are applied without an ``await`` between reading the model and answering, so a request sees one
+consistent state; a full reload builds a new index and swaps it in.
+
+ETags: a product's body and ETag (a hash of the body, which carries the price, the stock and ``updated_at``)
+are made once when the product enters the model, so they change with every price or stock change and are
+the same on every instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hashlib
+import heapq
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from operator import attrgetter
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from actors.catalog import pictures
+from actors.catalog import repository as repo
+from runtime.jsonutil import dumps, isoformat
+from runtime.store import as_utc
+
+log = logging.getLogger(__name__)
+
+CENT = Decimal("0.01")
+_CHUNK = 500  # ids per IN (...) when loading changed products
+_SORT_KEY = {"name": attrgetter("name_order"), "price": attrgetter("price_order")}
+
+
+def product_json(row: Any) -> dict[str, Any]:
+    """A product as the API shows it, from a row of ``repository._product_select()``."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "price": str(Decimal(row.price).quantize(CENT)),
+        "currency": row.currency,
+        "brand_id": row.brand_id,
+        "brand": row.brand,
+        "type_id": row.type_id,
+        "type": row.type,
+        "picture_url": pictures.current_url(row.picture_url),
+        "available_stock": row.available_stock,
+        "restock_threshold": row.restock_threshold,
+        "max_stock": row.max_stock,
+        "created_at": isoformat(as_utc(row.created_at)),
+        "updated_at": isoformat(as_utc(row.updated_at)),
+    }
+
+
+def etag_of(body: bytes) -> str:
+    return f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    """One product as served: its JSON body and ETag made once, and its keys for sorting and search."""
+
+    id: str
+    brand_id: str
+    type_id: str
+    name_order: tuple[str, str]  # (name_key, id): the order of sort=name
+    price_order: tuple[Decimal, str]  # (price, id): the order of sort=price
+    terms: frozenset[str]  # search words of the name and the description
+    body: bytes
+    etag: str
+
+    @property
+    def search_key(self) -> tuple[Any, ...]:
+        """What search results depend on besides the terms: a change of these re-sorts or re-filters."""
+        return (self.name_order, self.price_order, self.brand_id, self.type_id)
+
+
+def _product(row: Any) -> Product:
+    data = product_json(row)
+    body = dumps(data)
+    price = Decimal(row.price).quantize(CENT)
+    return Product(
+        id=row.id,
+        brand_id=row.brand_id,
+        type_id=row.type_id,
+        name_order=(repo.name_key(row.name), row.id),
+        price_order=(price, row.id),
+        terms=frozenset(_words(row.name) + _words(row.description)),
+        body=body,
+        etag=etag_of(body),
+    )
+
+
+_words_cache: dict[str, list[str]] = {}
+
+
+def _words(text: str) -> list[str]:
+    """``repository.words`` with a bounded memo: catalogs repeat descriptions across variants."""
+    found = _words_cache.get(text)
+    if found is None:
+        found = repo.words(text)
+        if len(_words_cache) > 4096:
+            _words_cache.clear()
+        _words_cache[text] = found
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Named:
+    """The brands or the types: the list as served and the lookups ``brand``/``type`` filters use."""
+
+    items: list[dict[str, str]]  # sorted by name
+    body: bytes
+    etag: str
+    by_id: dict[str, str]
+    by_name: dict[str, str]  # lower-cased name -> id
+
+    @classmethod
+    def of(cls, rows: Iterable[Any]) -> Named:
+        items = sorted(({"id": r.id, "name": r.name} for r in rows), key=lambda i: i["name"])
+        body = dumps({"items": items, "total": len(items)})
+        return cls(
+            items=items,
+            body=body,
+            etag=etag_of(body),
+            by_id={i["id"]: i["name"] for i in items},
+            by_name={i["name"].strip().lower(): i["id"] for i in items},
+        )
+
+    def resolve(self, ref: str) -> str | None:
+        """The id named by ``ref`` (an id, or a name in any case), as ``repository.resolve_named``."""
+        as_id = repo.canonical_uuid(ref)
+        if as_id is not None:
+            return as_id if as_id in self.by_id else None
+        return self.by_name.get(ref.strip().lower())
+
+
+class _Index:
+    """Products by id, an inverted index of their words, and sorted listings (built on first use, then kept
+    in step with each change)."""
+
+    def __init__(self, products: Iterable[Product]) -> None:
+        self.products: dict[str, Product] = {}
+        self.by_term: dict[str, set[str]] = {}
+        self.terms: list[str] = []  # every key of by_term, sorted: prefix ranges by bisection
+        # (brand_id | None, type_id | None, "name" | "price") -> that listing's sort keys in order
+        self.listings: dict[tuple[str | None, str | None, str], list[tuple[Any, str]]] = {}
+        for p in products:
+            self.products[p.id] = p
+            for t in p.terms:
+                self.by_term.setdefault(t, set()).add(p.id)
+        self.terms = sorted(self.by_term)
+
+    # -- changes ----------------------------------------------------------------------------------
+
+    def put(self, new: Product) -> None:
+        old = self.products.get(new.id)
+        self.products[new.id] = new
+        had: frozenset[str] = frozenset()
+        if old is not None:
+            if old.search_key == new.search_key and old.terms == new.terms:
+                return  # a stock change: no listing or search order moves
+            self._unlist(old)
+            self._drop_terms(old.id, old.terms - new.terms)
+            had = old.terms
+        self._list(new)
+        self._add_terms(new.id, new.terms - had)
+
+    def remove(self, product_id: str) -> None:
+        old = self.products.pop(product_id, None)
+        if old is not None:
+            self._unlist(old)
+            self._drop_terms(old.id, old.terms)
+
+    def _groups(self, p: Product) -> list[tuple[str | None, str | None, str]]:
+        """The listings built so far that hold ``p``."""
+        return [
+            (brand, kind, field)
+            for brand in (None, p.brand_id)
+            for kind in (None, p.type_id)
+            for field in ("name", "price")
+            if (brand, kind, field) in self.listings
+        ]
+
+    def _unlist(self, p: Product) -> None:
+        for group in self._groups(p):
+            listing = self.listings[group]
+            key = _SORT_KEY[group[2]](p)
+            i = bisect.bisect_left(listing, key)
+            if i < len(listing) and listing[i] == key:
+                del listing[i]
+
+    def _list(self, p: Product) -> None:
+        for group in self._groups(p):
+            bisect.insort(self.listings[group], _SORT_KEY[group[2]](p))
+
+    def _drop_terms(self, product_id: str, terms: Iterable[str]) -> None:
+        for t in terms:
+            ids = self.by_term.get(t)
+            if ids is None:
+                continue
+            ids.discard(product_id)
+            if not ids:
+                del self.by_term[t]
+                i = bisect.bisect_left(self.terms, t)
+                if i < len(self.terms) and self.terms[i] == t:
+                    del self.terms[i]
+
+    def _add_terms(self, product_id: str, terms: Iterable[str]) -> None:
+        for t in terms:
+            ids = self.by_term.get(t)
+            if ids is None:
+                self.by_term[t] = ids = set()
+                bisect.insort(self.terms, t)
+            ids.add(product_id)
+
+    # -- queries ----------------------------------------------------------------------------------
+
+    def listing(self, brand_id: str | None, type_id: str | None, field: str) -> list[tuple[Any, str]]:
+        group = (brand_id, type_id, field)
+        found = self.listings.get(group)
+        if found is None:
+            key = _SORT_KEY[field]
+            found = sorted(
+                key(p)
+                for p in self.products.values()
+                if (brand_id is None or p.brand_id == brand_id) and (type_id is None or p.type_id == type_id)
+            )
+            self.listings[group] = found
+        return found
+
+    def matching(self, word: str) -> set[str]:
+        """Ids of the products with a word that is ``word`` (short words) or starts with it."""
+        if len(word) < repo.PREFIX_MIN:
+            return self.by_term.get(word, set())
+        low, high = repo.prefix_range(word)
+        start = bisect.bisect_left(self.terms, low)
+        end = len(self.terms) if high is None else bisect.bisect_left(self.terms, high, lo=start)
+        if end - start == 1:
+            return self.by_term[self.terms[start]]
+        found: set[str] = set()
+        for t in self.terms[start:end]:
+            found |= self.by_term[t]
+        return found
+
+
+class CatalogReadModel:
+    """The in-memory read side of the catalog (see the module docstring for its freshness invariant)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine  # plain reads: autocommit, each statement sees everything committed before it
+        self.version = -1  # the change-log version the model is in step with; -1: not loaded
+        self.index = _Index(())
+        self.brands = Named.of(())
+        self.types = Named.of(())
+        self._waiters: list[asyncio.Future[None]] = []
+        self._checking = False
+        self.checks = 0  # change-log queries made (each answers every read that waited for it)
+        self.reloads = 0  # full loads
+
+    # -- keeping fresh ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._reload()
+
+    async def fresh(self) -> None:
+        """Return once the model holds every change committed before this call (see the module docstring)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        if not self._checking:
+            self._checking = True
+            asyncio.get_running_loop().create_task(self._check_loop())
+        await fut
+
+    async def _check_loop(self) -> None:
+        try:
+            while self._waiters:
+                waiting, self._waiters = self._waiters, []  # later arrivals wait for the next check
+                try:
+                    await self._catch_up()
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting read (a 503 or 500 there)
+                    for fut in waiting:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for fut in waiting:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._checking = False
+
+    async def _catch_up(self) -> None:
+        if self.version < 0:
+            await self._reload()
+            return
+        self.checks += 1
+        log_ = repo.catalog_changes
+        async with self.engine.connect() as conn:
+            changes = (
+                await conn.execute(
+                    select(log_.c.version, log_.c.product_id)
+                    .where(log_.c.version > self.version)
+                    .order_by(log_.c.version)
+                )
+            ).all()
+            if not changes:
+                return
+            if changes[0].version != self.version + 1:  # pruned past us: what changed is unknown
+                log.info("catalog read model: change log pruned past version %d; reloading", self.version)
+                await self._reload(conn)
+                return
+            ids = list(dict.fromkeys(c.product_id for c in changes if c.product_id is not None))
+            named = await self._load_named(conn) if any(c.product_id is None for c in changes) else None
+            rows: dict[str, Any] = {}
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                for found in await conn.execute(repo._product_select().where(repo.products.c.id.in_(chunk))):
+                    rows[found.id] = found
+        # No await from here on: readers see the model before or after all of these changes.
+        if named is not None:
+            self.brands, self.types = named
+        for product_id in ids:
+            if product_id in rows:
+                self.index.put(_product(rows[product_id]))
+            else:
+                self.index.remove(product_id)
+        self.version = changes[-1].version
+
+    async def _load_named(self, conn: Any) -> tuple[Named, Named]:
+        brands = Named.of(await conn.execute(select(repo.brands.c.id, repo.brands.c.name)))
+        types = Named.of(await conn.execute(select(repo.product_types.c.id, repo.product_types.c.name)))
+        return brands, types
+
+    async def _reload(self, conn: Any = None) -> None:
+        """Load everything. The version is read first: rows read after it are at least that new, and any
+        change after it is applied (again, harmlessly) by the next check."""
+        if conn is None:
+            async with self.engine.connect() as own:
+                await self._reload(own)
+            return
+        self.reloads += 1
+        version = (await conn.execute(select(repo.catalog_version.c.version))).scalar_one()
+        brands, types = await self._load_named(conn)
+        rows = (await conn.execute(repo._product_select())).all()
+        products: list[Product] = []
+        for start in range(0, len(rows), 2000):
+            products.extend(_product(row) for row in rows[start : start + 2000])
+            await asyncio.sleep(0)  # a big catalog loads without stalling the reads already being served
+        index = _Index(products)
+        self.index, self.brands, self.types, self.version = index, brands, types, version
+        log.info("catalog read model: %d products loaded at version %d", len(products), version)
+
+    # -- queries (call after fresh()) -------------------------------------------------------------
+
+    def product(self, product_id: str) -> Product | None:
+        return self.index.products.get(product_id)
+
+    def products(self, ids: Sequence[str]) -> list[Product]:
+        """The products with these ids, in the order asked; unknown ids are left out."""
+        found = self.index.products
+        return [found[i] for i in ids if i in found]
+
+    def browse(self, query: repo.ProductQuery) -> tuple[list[Product], int]:
+        """One page of a listing (filtered, searched, sorted as :func:`repository.browse` documents) and the
+        number of products in the whole listing."""
+        index = self.index
+        field = query.sort.lstrip("-")
+        descending = query.sort.startswith("-")
+        start, size = query.offset, query.page_size
+        if not query.search:
+            listing = index.listing(query.brand_id, query.type_id, field)
+            total = len(listing)
+            if descending:
+                keys = listing[max(0, total - start - size) : max(0, total - start)][::-1]
+            else:
+                keys = listing[start : start + size]
+            return [index.products[k[1]] for k in keys], total
+        matched = self._search(query)
+        total = len(matched)
+        if start >= total:
+            return [], total
+        candidates = (index.products[i] for i in matched)
+        pick = heapq.nlargest if descending else heapq.nsmallest
+        return pick(start + size, candidates, key=_SORT_KEY[field])[start:], total
+
+    def _search(self, query: repo.ProductQuery) -> set[str] | frozenset[str]:
+        index = self.index
+        sets = sorted((index.matching(w) for w in query.search), key=len)
+        if not sets[0]:
+            return frozenset()
+        found = set(sets[0]).intersection(*sets[1:]) if len(sets) > 1 else sets[0]
+        if query.brand_id is not None or query.type_id is not None:
+            products = index.products
+            found = {
+                i
+                for i in found
+                if (query.brand_id is None or products[i].brand_id == query.brand_id)
+                and (query.type_id is None or products[i].type_id == query.type_id)
+            }
+        return found
+
+
+def page_body(items: Sequence[Product], page: int, page_size: int, total: int) -> bytes:
+    """A list page's JSON, joined from the products' ready-made bodies."""
+    tail = orjson.dumps({"page": page, "page_size": page_size, "total": total})
+    return b'{"items":[' + b",".join(p.body for p in items) + b"]," + tail[1:]
+
+
+def batch_body(items: Sequence[Product]) -> bytes:
+    return b'{"items":[' + b",".join(p.body for p in items) + b"]}"
