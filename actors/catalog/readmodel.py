@@ -30,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
-import heapq
 import logging
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import islice
 from operator import attrgetter
 from typing import Any
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 CENT = Decimal("0.01")
 _CHUNK = 500  # ids per IN (...) when loading changed products
 _SORT_KEY = {"name": attrgetter("name_order"), "price": attrgetter("price_order")}
+RESULTS_KEPT = 400_000  # product ids kept in remembered search results, all searches together
 
 
 def product_json(row: Any) -> dict[str, Any]:
@@ -87,7 +89,7 @@ class Product:
     brand_id: str
     type_id: str
     name_order: tuple[str, str]  # (name_key, id): the order of sort=name
-    price_order: tuple[Decimal, str]  # (price, id): the order of sort=price
+    price_order: tuple[int, str]  # (price in cents, id): the order of sort=price (ints compare fast)
     terms: frozenset[str]  # search words of the name and the description
     body: bytes
     etag: str
@@ -107,7 +109,7 @@ def _product(row: Any) -> Product:
         brand_id=row.brand_id,
         type_id=row.type_id,
         name_order=(repo.name_key(row.name), row.id),
-        price_order=(price, row.id),
+        price_order=(int(price * 100), row.id),
         terms=frozenset(_words(row.name) + _words(row.description)),
         body=body,
         etag=etag_of(body),
@@ -164,12 +166,22 @@ class _Index:
 
     def __init__(self, products: Iterable[Product]) -> None:
         self.products: dict[str, Product] = {}
+        self.by_brand: dict[str, set[str]] = {}
+        self.by_type: dict[str, set[str]] = {}
         self.by_term: dict[str, set[str]] = {}
         self.terms: list[str] = []  # every key of by_term, sorted: prefix ranges by bisection
         # (brand_id | None, type_id | None, "name" | "price") -> that listing's sort keys in order
         self.listings: dict[tuple[str | None, str | None, str], list[tuple[Any, str]]] = {}
+        # Search results depend on the words, the sort keys, the brand and the type of the products, not on
+        # their stock: those changes start a new generation, which drops the ranks and remembered results.
+        self.generation = 0
+        self._ranks: dict[str, tuple[int, dict[str, int]]] = {}  # field -> (generation, id -> position)
+        self.results: dict[tuple[Any, ...], list[str]] = {}  # search -> matching ids in order (this generation)
+        self._results_size = 0
         for p in products:
             self.products[p.id] = p
+            self.by_brand.setdefault(p.brand_id, set()).add(p.id)
+            self.by_type.setdefault(p.type_id, set()).add(p.id)
             for t in p.terms:
                 self.by_term.setdefault(t, set()).add(p.id)
         self.terms = sorted(self.by_term)
@@ -186,14 +198,23 @@ class _Index:
             self._unlist(old)
             self._drop_terms(old.id, old.terms - new.terms)
             had = old.terms
+        self._next_generation()
         self._list(new)
         self._add_terms(new.id, new.terms - had)
+        self.by_brand.setdefault(new.brand_id, set()).add(new.id)
+        self.by_type.setdefault(new.type_id, set()).add(new.id)
 
     def remove(self, product_id: str) -> None:
         old = self.products.pop(product_id, None)
         if old is not None:
+            self._next_generation()
             self._unlist(old)
             self._drop_terms(old.id, old.terms)
+
+    def _next_generation(self) -> None:
+        self.generation += 1
+        self.results.clear()
+        self._results_size = 0
 
     def _groups(self, p: Product) -> list[tuple[str | None, str | None, str]]:
         """The listings built so far that hold ``p``."""
@@ -206,6 +227,8 @@ class _Index:
         ]
 
     def _unlist(self, p: Product) -> None:
+        self.by_brand[p.brand_id].discard(p.id)
+        self.by_type[p.type_id].discard(p.id)
         for group in self._groups(p):
             listing = self.listings[group]
             key = _SORT_KEY[group[2]](p)
@@ -252,10 +275,28 @@ class _Index:
             self.listings[group] = found
         return found
 
-    def matching(self, word: str) -> set[str]:
+    def ranks(self, field: str) -> dict[str, int]:
+        """Each product's position in the whole catalog sorted by ``field``: sorting matches by these ints
+        is a C-speed sort, rebuilt once per generation."""
+        made = self._ranks.get(field)
+        if made is None or made[0] != self.generation:
+            made = (self.generation, {key[1]: n for n, key in enumerate(self.listing(None, None, field))})
+            self._ranks[field] = made
+        return made[1]
+
+    def remember(self, key: tuple[Any, ...], ordered: list[str]) -> None:
+        """Keep a search's ordered result for this generation, within a bounded number of ids in all."""
+        if len(ordered) > RESULTS_KEPT // 4:
+            return
+        while self.results and self._results_size + len(ordered) > RESULTS_KEPT:
+            self._results_size -= len(self.results.pop(next(iter(self.results))))  # the oldest first
+        self.results[key] = ordered
+        self._results_size += len(ordered)
+
+    def matching(self, word: str) -> AbstractSet[str]:
         """Ids of the products with a word that is ``word`` (short words) or starts with it."""
         if len(word) < repo.PREFIX_MIN:
-            return self.by_term.get(word, set())
+            return self.by_term.get(word, frozenset())
         low, high = repo.prefix_range(word)
         start = bisect.bisect_left(self.terms, low)
         end = len(self.terms) if high is None else bisect.bisect_left(self.terms, high, lo=start)
@@ -370,6 +411,9 @@ class CatalogReadModel:
             products.extend(_product(row) for row in rows[start : start + 2000])
             await asyncio.sleep(0)  # a big catalog loads without stalling the reads already being served
         index = _Index(products)
+        for field in _SORT_KEY:  # built here rather than by the first search to need them
+            await asyncio.sleep(0)
+            index.ranks(field)
         self.index, self.brands, self.types, self.version = index, brands, types, version
         log.info("catalog read model: %d products loaded at version %d", len(products), version)
 
@@ -398,29 +442,50 @@ class CatalogReadModel:
             else:
                 keys = listing[start : start + size]
             return [index.products[k[1]] for k in keys], total
-        matched = self._search(query)
-        total = len(matched)
-        if start >= total:
-            return [], total
-        candidates = (index.products[i] for i in matched)
-        pick = heapq.nlargest if descending else heapq.nsmallest
-        return pick(start + size, candidates, key=_SORT_KEY[field])[start:], total
+        key = (query.search, query.brand_id, query.type_id, field)
+        ordered = index.results.get(key)
+        if ordered is None:
+            matched = self._search(query)
+            total = len(matched)
+            if start >= total:
+                return [], total
+            page = self._walk(matched, field, descending, start, start + size)
+            if page is not None:
+                return [index.products[i] for i in page], total
+            ordered = sorted(matched, key=index.ranks(field).__getitem__)
+            index.remember(key, ordered)
+        total = len(ordered)
+        if descending:
+            ids = ordered[max(0, total - start - size) : max(0, total - start)][::-1]
+        else:
+            ids = ordered[start : start + size]
+        return [index.products[i] for i in ids], total
 
-    def _search(self, query: repo.ProductQuery) -> set[str] | frozenset[str]:
+    def _walk(self, matched: AbstractSet[str], field: str, descending: bool, start: int, end: int) -> list[str] | None:
+        """A page of a search that matches much of the catalog, found by walking the catalog in order until
+        the page is full: about ``end * catalog / matches`` steps, cheaper than sorting many matches. None
+        when the matches are few or bunched up (the walk would be long): sort them instead."""
+        listing = self.index.listing(None, None, field)
+        want = min(end, len(matched))
+        if len(matched) * 8 < len(listing):
+            return None
+        limit = 4 * want * len(listing) // len(matched) + 100
+        walk = reversed(listing) if descending else iter(listing)
+        hits = list(islice((k[1] for k in islice(walk, limit) if k[1] in matched), want))
+        return hits[start:] if len(hits) == want else None
+
+    def _search(self, query: repo.ProductQuery) -> AbstractSet[str]:
+        """Ids of the products with every search word, in the brand and type asked for."""
         index = self.index
-        sets = sorted((index.matching(w) for w in query.search), key=len)
-        if not sets[0]:
-            return frozenset()
-        found = set(sets[0]).intersection(*sets[1:]) if len(sets) > 1 else sets[0]
-        if query.brand_id is not None or query.type_id is not None:
-            products = index.products
-            found = {
-                i
-                for i in found
-                if (query.brand_id is None or products[i].brand_id == query.brand_id)
-                and (query.type_id is None or products[i].type_id == query.type_id)
-            }
-        return found
+        sets: list[AbstractSet[str]] = [index.matching(w) for w in query.search]
+        if query.brand_id is not None:
+            sets.append(index.by_brand.get(query.brand_id, frozenset()))
+        if query.type_id is not None:
+            sets.append(index.by_type.get(query.type_id, frozenset()))
+        sets.sort(key=len)
+        if len(sets) == 1 or not sets[0]:
+            return sets[0]
+        return set(sets[0]).intersection(*sets[1:])
 
 
 def page_body(items: Sequence[Product], page: int, page_size: int, total: int) -> bytes:

@@ -379,12 +379,12 @@ async def create_named(conn: AsyncConnection, table: Table, name: str) -> dict[s
     if taken is not None:
         return None
     row = {"id": stable_id(table.name, name), "name": name}
+    await record_change(conn, None)  # first, as every writer does (see record_change)
     try:
         async with conn.begin_nested():
             await conn.execute(insert(table).values(**row))
     except IntegrityError:
         return None
-    await record_change(conn, None)
     return row
 
 
@@ -395,8 +395,8 @@ async def ensure_named(conn: AsyncConnection, table: Table, names: Iterable[str]
         existing = await resolve_named(conn, table, name)
         if existing is None:
             existing = stable_id(table.name, name)
-            await conn.execute(insert(table).values(id=existing, name=name))
             await record_change(conn, None)
+            await conn.execute(insert(table).values(id=existing, name=name))
         ids[name] = existing
     return ids
 
@@ -437,10 +437,10 @@ def insert_product(values: Mapping[str, Any]) -> SqlHook:
     row = _row(values)
 
     async def hook(conn: AsyncConnection) -> None:
+        await record_change(conn, row["id"])
         await conn.execute(insert(products).values(**row))
         await _write_terms(conn, row)
         await _count(conn, row["brand_id"], row["type_id"], +1)
-        await record_change(conn, row["id"])
 
     return hook
 
@@ -454,6 +454,7 @@ def update_product(before: Mapping[str, Any], after: Mapping[str, Any]) -> SqlHo
     product_id = after["id"]
 
     async def hook(conn: AsyncConnection) -> None:
+        await record_change(conn, product_id)
         await conn.execute(update(products).where(products.c.id == product_id).values(**changes))
         if "name" in changes or "description" in changes:
             await _write_terms(conn, _row(after))
@@ -464,17 +465,16 @@ def update_product(before: Mapping[str, Any], after: Mapping[str, Any]) -> SqlHo
         if "brand_id" in changes or "type_id" in changes:
             await _count(conn, before["brand_id"], before["type_id"], -1)
             await _count(conn, after["brand_id"], after["type_id"], +1)
-        await record_change(conn, product_id)
 
     return hook
 
 
 def remove_product(values: Mapping[str, Any]) -> SqlHook:
     async def hook(conn: AsyncConnection) -> None:
+        await record_change(conn, values["id"])
         await conn.execute(delete(product_terms).where(product_terms.c.product_id == values["id"]))
         await conn.execute(delete(products).where(products.c.id == values["id"]))
         await _count(conn, values["brand_id"], values["type_id"], -1)
-        await record_change(conn, values["id"])
 
     return hook
 
@@ -494,8 +494,10 @@ def bulk_rows(values: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]]
 async def record_change(conn: AsyncConnection, product_id: str | None) -> None:
     """Log a change of this product (None: of the brands or types) in the caller's transaction.
 
-    The version row is updated first, so it is locked until this transaction ends: a concurrent writer
-    waits, and the version it gets is higher only if it commits later (see ``catalog_version``)."""
+    The version row is locked by this until the transaction ends: a concurrent writer waits, and the version
+    it gets is higher only if it commits later (see ``catalog_version``). Writers call this *before* their
+    other catalog writes, so the version row is the first catalog lock every such transaction takes and
+    two of them can never wait on each other's rows the other way round (a deadlock on PostgreSQL)."""
     await conn.execute(update(catalog_version).values(version=catalog_version.c.version + 1))
     await conn.execute(
         insert(catalog_changes).from_select(
