@@ -651,6 +651,7 @@ def setup(app: web.Application) -> None:
     app[READS] = runtime.engine.execution_options(isolation_level="AUTOCOMMIT")
     app[READ_MODEL] = model = CatalogReadModel(app[READS])
     runtime.on_start.append(model.start)  # loaded before the service takes requests
+    runtime.on_stop.append(model.stop)
     # "batch" before "{id}": the router tries resources in the order they were added.
     app.router.add_get(f"{PREFIX}/products/batch", batch_products)
     app.router.add_get(f"{PREFIX}/products", list_products)

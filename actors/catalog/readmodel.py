@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import gc
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -41,7 +43,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from actors.catalog import pictures
 from actors.catalog import repository as repo
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 CENT = Decimal("0.01")
 _CHUNK = 500  # ids per IN (...) when loading changed products
 _SORT_KEY = {"name": attrgetter("name_order"), "price": attrgetter("price_order")}
+FREEZE_FROM = 10_000  # products from which a full load is hidden from the garbage collector (see _reload)
 RESULTS_KEPT = 400_000  # product ids kept in remembered search results, all searches together
 
 
@@ -321,11 +324,25 @@ class CatalogReadModel:
         self._checking = False
         self.checks = 0  # change-log queries made (each answers every read that waited for it)
         self.reloads = 0  # full loads
+        # One connection kept for the checks: a pool checkout would cost a ping round trip per check.
+        self._conn: AsyncConnection | None = None
 
     # -- keeping fresh ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._reload()
+
+    async def stop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection needs no tidy close
+                await conn.close()
+
+    async def _connection(self) -> AsyncConnection:
+        if self._conn is None or self._conn.invalidated:
+            await self.stop()
+            self._conn = await self.engine.connect()
+        return self._conn
 
     async def fresh(self) -> None:
         """Return once the model holds every change committed before this call (see the module docstring)."""
@@ -354,32 +371,38 @@ class CatalogReadModel:
             self._checking = False
 
     async def _catch_up(self) -> None:
+        """Bring the model up to the log, on the kept connection; a failure closes it (the next check opens
+        another) and is handed to the reads that waited."""
+        try:
+            await self._catch_up_on(await self._connection())
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _catch_up_on(self, conn: AsyncConnection) -> None:
         if self.version < 0:
-            await self._reload()
+            await self._reload(conn)
             return
         self.checks += 1
         log_ = repo.catalog_changes
-        async with self.engine.connect() as conn:
-            changes = (
-                await conn.execute(
-                    select(log_.c.version, log_.c.product_id)
-                    .where(log_.c.version > self.version)
-                    .order_by(log_.c.version)
-                )
-            ).all()
-            if not changes:
-                return
-            if changes[0].version != self.version + 1:  # pruned past us: what changed is unknown
-                log.info("catalog read model: change log pruned past version %d; reloading", self.version)
-                await self._reload(conn)
-                return
-            ids = list(dict.fromkeys(c.product_id for c in changes if c.product_id is not None))
-            named = await self._load_named(conn) if any(c.product_id is None for c in changes) else None
-            rows: dict[str, Any] = {}
-            for start in range(0, len(ids), _CHUNK):
-                chunk = ids[start : start + _CHUNK]
-                for found in await conn.execute(repo._product_select().where(repo.products.c.id.in_(chunk))):
-                    rows[found.id] = found
+        changes = (
+            await conn.execute(
+                select(log_.c.version, log_.c.product_id).where(log_.c.version > self.version).order_by(log_.c.version)
+            )
+        ).all()
+        if not changes:
+            return
+        if changes[0].version != self.version + 1:  # pruned past us: what changed is unknown
+            log.info("catalog read model: change log pruned past version %d; reloading", self.version)
+            await self._reload(conn)
+            return
+        ids = list(dict.fromkeys(c.product_id for c in changes if c.product_id is not None))
+        named = await self._load_named(conn) if any(c.product_id is None for c in changes) else None
+        rows: dict[str, Any] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            for found in await conn.execute(repo._product_select().where(repo.products.c.id.in_(chunk))):
+                rows[found.id] = found
         # No await from here on: readers see the model before or after all of these changes.
         if named is not None:
             self.brands, self.types = named
@@ -395,7 +418,7 @@ class CatalogReadModel:
         types = Named.of(await conn.execute(select(repo.product_types.c.id, repo.product_types.c.name)))
         return brands, types
 
-    async def _reload(self, conn: Any = None) -> None:
+    async def _reload(self, conn: AsyncConnection | None = None) -> None:
         """Load everything. The version is read first: rows read after it are at least that new, and any
         change after it is applied (again, harmlessly) by the next check."""
         if conn is None:
@@ -415,6 +438,13 @@ class CatalogReadModel:
             await asyncio.sleep(0)
             index.ranks(field)
         self.index, self.brands, self.types, self.version = index, brands, types, version
+        if len(products) >= FREEZE_FROM:
+            # A big catalog is hundreds of thousands of long-lived objects: left to the cyclic garbage
+            # collector, each full collection would scan them all (a stall of every request for up to a
+            # second). They hold no reference cycles, so they are moved out of its sight (reference counting
+            # still frees them).
+            gc.collect()
+            gc.freeze()
         log.info("catalog read model: %d products loaded at version %d", len(products), version)
 
     # -- queries (call after fresh()) -------------------------------------------------------------
