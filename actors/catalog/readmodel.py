@@ -396,8 +396,8 @@ class CatalogReadModel:
             log.info("catalog read model: change log pruned past version %d; reloading", self.version)
             await self._reload(conn)
             return
-        ids = list(dict.fromkeys(c.product_id for c in changes if c.product_id is not None))
-        named = await self._load_named(conn) if any(c.product_id is None for c in changes) else None
+        ids = list(dict.fromkeys(c.product_id for c in changes if c.product_id != repo.NAMES_CHANGED))
+        named = await self._load_named(conn) if any(c.product_id == repo.NAMES_CHANGED for c in changes) else None
         rows: dict[str, Any] = {}
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]

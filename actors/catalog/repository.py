@@ -50,7 +50,6 @@ from sqlalchemy import (
     func,
     insert,
     intersect,
-    literal,
     select,
     update,
 )
@@ -162,12 +161,13 @@ catalog_version = Table(
 catalog_changes = Table(
     "catalog_changes",
     metadata,
-    Column("version", BigInteger, primary_key=True, autoincrement=False),
-    Column("product_id", IdType, nullable=True),  # None: the brands or types changed
+    Column("version", BigInteger, primary_key=True, autoincrement=False),  # one version per transaction
+    Column("product_id", IdType, primary_key=True),  # NAMES_CHANGED: the brands or types changed
 )
+NAMES_CHANGED = ""
 
 CHANGE_TABLES = (catalog_version, catalog_changes)
-CHANGES_KEPT = 10_000  # log rows kept; a reader further behind than this reloads everything
+CHANGES_KEPT = 10_000  # versions kept in the log; a reader further behind than this reloads everything
 _PRUNE_ONE_IN = 256  # writes between prunings, on average
 
 # Ids of named things (brands, types, demo products) made from their names, so seeding is repeatable.
@@ -494,19 +494,26 @@ def bulk_rows(values: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]]
 async def record_change(conn: AsyncConnection, product_id: str | None) -> None:
     """Log a change of this product (None: of the brands or types) in the caller's transaction.
 
-    The version row is locked by this until the transaction ends: a concurrent writer waits, and the version
-    it gets is higher only if it commits later (see ``catalog_version``). Writers call this *before* their
-    other catalog writes, so the version row is the first catalog lock every such transaction takes and
-    two of them can never wait on each other's rows the other way round (a deadlock on PostgreSQL)."""
-    await conn.execute(update(catalog_version).values(version=catalog_version.c.version + 1))
-    await conn.execute(
-        insert(catalog_changes).from_select(
-            ["version", "product_id"], select(catalog_version.c.version, literal(product_id, IdType))
-        )
-    )
-    if random.randrange(_PRUNE_ONE_IN) == 0:
-        kept_from = select(catalog_version.c.version).scalar_subquery() - CHANGES_KEPT
-        await conn.execute(delete(catalog_changes).where(catalog_changes.c.version <= kept_from))
+    A transaction steps the catalog version once, at its first change, and logs every product it changes
+    under that version (a group commit of many turns costs one step and one row per product). The step
+    locks the version row until the transaction ends: a concurrent writer waits, and the version it gets is
+    higher only if it commits later (see ``catalog_version``). Writers call this *before* their other
+    catalog writes, so the version row is the first catalog lock every such transaction takes and two of
+    them can never wait on each other's rows the other way round (a deadlock on PostgreSQL)."""
+    ref = NAMES_CHANGED if product_id is None else product_id
+    transaction = conn.sync_connection.get_transaction() if conn.sync_connection is not None else None
+    info = conn.sync_connection.info if conn.sync_connection is not None else {}
+    mine: tuple[Any, int, set[str]] | None = info.get("catalog_change")
+    if mine is None or transaction is None or mine[0] is not transaction:
+        stepped = update(catalog_version).values(version=catalog_version.c.version + 1)
+        version = (await conn.execute(stepped.returning(catalog_version.c.version))).scalar_one()
+        mine = info["catalog_change"] = (transaction, version, set())
+        if random.randrange(_PRUNE_ONE_IN) == 0:
+            await conn.execute(delete(catalog_changes).where(catalog_changes.c.version <= version - CHANGES_KEPT))
+    _, version, logged = mine
+    if ref not in logged:  # one row per product and version (several name changes in one transaction: one)
+        await conn.execute(insert(catalog_changes).values(version=version, product_id=ref))
+        logged.add(ref)
 
 
 def create_change_log(_op: Any, conn: Any) -> None:
