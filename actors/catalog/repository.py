@@ -5,7 +5,11 @@ its query copy, written by the actor's commit hooks (:func:`insert_product`, :fu
 :func:`remove_product`) in the same transaction as the state, so reads never go through an actor and never
 see a half-applied change.
 
-Reads stay fast at 100,000 products because nothing they do grows with the catalog:
+The service answers reads from memory (:mod:`actors.catalog.readmodel`), which these tables load and which
+the change log (``catalog_version``, ``catalog_changes``, written by :func:`record_change` in every write's
+transaction) keeps fresh on every instance. The SQL queries below (:func:`browse`) give the same answers and
+are what the read model is tested against; they stay fast at 100,000 products because nothing they do grows
+with the catalog:
 
 * pages come from an index in the requested order: ``(name_key, id)``, ``(price, id)``, and the same behind
   ``brand_id`` and ``type_id`` for filtered lists; ``id`` breaks ties so paging is stable;
