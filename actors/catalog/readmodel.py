@@ -60,7 +60,7 @@ RESULTS_KEPT = 400_000  # product ids kept in remembered search results, all sea
 
 
 def product_json(row: Any) -> dict[str, Any]:
-    """A product as the API shows it, from a row of ``repository._product_select()``."""
+    """A product as the API shows it, from a row of ``repository.product_select()``."""
     return {
         "id": row.id,
         "name": row.name,
@@ -401,7 +401,7 @@ class CatalogReadModel:
         rows: dict[str, Any] = {}
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
-            for found in await conn.execute(repo._product_select().where(repo.products.c.id.in_(chunk))):
+            for found in await conn.execute(repo.product_select().where(repo.products.c.id.in_(chunk))):
                 rows[found.id] = found
         # No await from here on: readers see the model before or after all of these changes.
         if named is not None:
@@ -428,7 +428,7 @@ class CatalogReadModel:
         self.reloads += 1
         version = (await conn.execute(select(repo.catalog_version.c.version))).scalar_one()
         brands, types = await self._load_named(conn)
-        rows = (await conn.execute(repo._product_select())).all()
+        rows = (await conn.execute(repo.product_select())).all()
         products: list[Product] = []
         for start in range(0, len(rows), 2000):
             products.extend(_product(row) for row in rows[start : start + 2000])

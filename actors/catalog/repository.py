@@ -256,7 +256,7 @@ _PRODUCT_COLUMNS = (
 )
 
 
-def _product_select() -> Select[Any]:
+def product_select() -> Select[Any]:
     return (
         select(*_PRODUCT_COLUMNS)
         .join(brands, brands.c.id == products.c.brand_id)
@@ -314,7 +314,7 @@ def page_statement(query: ProductQuery) -> Select[Any]:
     if not query.search:
         total = count_statement(query).scalar_subquery().label("total")
         return (
-            _product_select()
+            product_select()
             .add_columns(total)
             .where(*_group_conditions(products, query))
             .order_by(*_ordering(query.sort, products.c.name_key, products.c.price, products.c.id))
@@ -331,7 +331,7 @@ def page_statement(query: ProductQuery) -> Select[Any]:
         .subquery("page")
     )
     return (
-        _product_select()
+        product_select()
         .add_columns(page.c.total)
         .join(page, page.c.product_id == products.c.id)
         .order_by(*_ordering(query.sort, page.c.name_key, page.c.price, page.c.product_id))
@@ -352,7 +352,7 @@ async def get_products(conn: AsyncConnection, ids: Sequence[str]) -> list[Row[An
     """The products with these ids, in the order asked; unknown ids are left out."""
     if not ids:
         return []
-    rows = {r.id: r for r in await conn.execute(_product_select().where(products.c.id.in_(list(ids))))}
+    rows = {r.id: r for r in await conn.execute(product_select().where(products.c.id.in_(list(ids))))}
     return [rows[i] for i in ids if i in rows]
 
 
