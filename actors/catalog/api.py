@@ -1,7 +1,8 @@
 """HTTP API of the catalog service (served at these full paths; the gateway proxies them unchanged).
 
-Reads are plain repository queries (no actor) with an ``ETag``; a matching ``If-None-Match`` gets 304.
-Writes are admin-only and go through the product's :class:`~actors.catalog.actor.ProductActor`.
+Reads are answered from the in-memory read model (:mod:`actors.catalog.readmodel`, checked fresh against the
+change log on every read) with an ``ETag``; a matching ``If-None-Match`` gets 304. Writes are admin-only and
+go through the product's :class:`~actors.catalog.actor.ProductActor`.
 
     GET    /api/catalog/products?page=&page_size=&brand=&type=&q=&sort=name|-name|price|-price
     GET    /api/catalog/products/batch?ids=a,b,c       {"items": [...]}, unknown ids left out
@@ -19,7 +20,6 @@ Writes are admin-only and go through the product's :class:`~actors.catalog.actor
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,7 +30,6 @@ from typing import Any
 from aiohttp import web
 from marshmallow import Schema, ValidationError, fields, validate
 from sqlalchemy import Table
-from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from actors.catalog import pictures
@@ -42,10 +41,10 @@ from actors.catalog.messages import (
     RestockProduct,
     UpdateProduct,
 )
+from actors.catalog.readmodel import CatalogReadModel, Named, batch_body, etag_of, page_body, product_json
 from runtime.actors import ActorSystem
 from runtime.errors import Conflict, NotFound, ValidationProblem
-from runtime.host import AppKeyRuntime, dumps, isoformat, json_response
-from runtime.store import as_utc
+from runtime.host import AppKeyRuntime, json_response
 from runtime.web.endpoints import Auth, Reply, endpoint
 
 PREFIX = "/api/catalog"
@@ -61,6 +60,7 @@ EXISTING_BRAND = f"id or name of an existing brand (see {PREFIX}/brands)"
 EXISTING_TYPE = f"id or name of an existing product type (see {PREFIX}/types)"
 
 READS: web.AppKey[AsyncEngine] = web.AppKey("catalog_reads", AsyncEngine)
+READ_MODEL: web.AppKey[CatalogReadModel] = web.AppKey("catalog_read_model", CatalogReadModel)
 _LIST_PATH = {repo.brands.name: "brands", repo.product_types.name: "types"}  # table -> path under PREFIX
 
 
@@ -255,26 +255,6 @@ class RestockResultSchema(Schema):
 # Helpers
 
 
-def product_json(row: Row[Any]) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "name": row.name,
-        "description": row.description,
-        "price": str(Decimal(row.price).quantize(CENT)),
-        "currency": row.currency,
-        "brand_id": row.brand_id,
-        "brand": row.brand,
-        "type_id": row.type_id,
-        "type": row.type,
-        "picture_url": pictures.current_url(row.picture_url),
-        "available_stock": row.available_stock,
-        "restock_threshold": row.restock_threshold,
-        "max_stock": row.max_stock,
-        "created_at": isoformat(as_utc(row.created_at)),
-        "updated_at": isoformat(as_utc(row.updated_at)),
-    }
-
-
 def _etag_matches(header: str | None, etag: str) -> bool:
     """RFC 9110 If-None-Match: weak comparison against any listed tag, or ``*``."""
     if not header:
@@ -286,17 +266,28 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return False
 
 
-def cached_json(request: web.Request, data: Any) -> web.Response:
-    """``data`` as JSON with a strong ETag of its bytes, or 304 when the client has it already.
-
-    Hashing the body costs microseconds and needs no version bookkeeping that several processes would have
-    to share; clients and caches still skip the transfer and the parsing."""
-    body = dumps(data)
-    etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+def _cached_body(request: web.Request, body: bytes, etag: str | None = None) -> web.Response:
+    """JSON bytes with a strong ETag (``etag`` when it was made with the body, else a hash of it), or 304 when
+    the client has them already."""
+    etag = etag or etag_of(body)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _etag_matches(request.headers.get("If-None-Match"), etag):
         return web.Response(status=304, headers=headers)
     return web.Response(body=body, headers=headers, content_type="application/json")
+
+
+async def _fresh_model(request: web.Request) -> CatalogReadModel:
+    """The read model, holding every change committed before this request (its freshness invariant)."""
+    model = request.app[READ_MODEL]
+    await model.fresh()
+    return model
+
+
+def _named_ref(named: Named, ref: str, field: str) -> str:
+    found = named.resolve(ref)
+    if found is None:
+        raise ValidationProblem.field(field, f"there is no {field} {ref!r}; see {PREFIX}/{field}s")
+    return found
 
 
 def _engine(request: web.Request) -> AsyncEngine:
@@ -443,19 +434,17 @@ def _cached(schema: type[Schema]) -> dict[int, Reply]:
 )
 async def list_products(request: web.Request, listing: ProductListing) -> web.Response:
     words = _search_words(listing.q)
-    async with _engine(request).connect() as conn:
-        ids = await _resolve_brand_and_type(conn, {"brand": listing.brand, "type": listing.type})
-        query = repo.ProductQuery(
-            page=listing.page,
-            page_size=listing.page_size,
-            brand_id=ids.get("brand_id"),
-            type_id=ids.get("type_id"),
-            search=words,
-            sort=listing.sort,
-        )
-        rows, total = await repo.browse(conn, query)
-    page = {"items": [product_json(r) for r in rows], "page": query.page, "page_size": query.page_size, "total": total}
-    return cached_json(request, page)
+    model = await _fresh_model(request)
+    query = repo.ProductQuery(
+        page=listing.page,
+        page_size=listing.page_size,
+        brand_id=_named_ref(model.brands, listing.brand, "brand") if listing.brand is not None else None,
+        type_id=_named_ref(model.types, listing.type, "type") if listing.type is not None else None,
+        search=words,
+        sort=listing.sort,
+    )
+    items, total = model.browse(query)
+    return _cached_body(request, page_body(items, query.page, query.page_size, total))
 
 
 @endpoint(
@@ -467,9 +456,8 @@ async def list_products(request: web.Request, listing: ProductListing) -> web.Re
     responses=_cached(ProductBatchSchema),
 )
 async def batch_products(request: web.Request, batch: ProductBatch) -> web.Response:
-    async with _engine(request).connect() as conn:
-        rows = await repo.get_products(conn, batch.ids)
-    return cached_json(request, {"items": [product_json(r) for r in rows]})
+    model = await _fresh_model(request)
+    return _cached_body(request, batch_body(model.products(batch.ids)))
 
 
 @endpoint(
@@ -481,7 +469,11 @@ async def batch_products(request: web.Request, batch: ProductBatch) -> web.Respo
     responses=_cached(ProductSchema),
 )
 async def get_product(request: web.Request, product: ProductRef) -> web.Response:
-    return cached_json(request, await _product(request, str(product.id)))
+    product_id = str(product.id)
+    found = (await _fresh_model(request)).product(product_id)
+    if found is None:
+        raise NotFound(f"no product {product_id}")
+    return _cached_body(request, found.body, found.etag)
 
 
 def _named_list(table: Table) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -492,9 +484,9 @@ def _named_list(table: Table) -> Callable[[web.Request], Awaitable[web.StreamRes
         responses=_cached(NamedListSchema),
     )
     async def handler(request: web.Request) -> web.Response:
-        async with _engine(request).connect() as conn:
-            items = await repo.list_named(conn, table)
-        return cached_json(request, {"items": items, "total": len(items)})
+        model = await _fresh_model(request)
+        named = model.brands if table is repo.brands else model.types
+        return _cached_body(request, named.body, named.etag)
 
     return handler
 
@@ -654,9 +646,12 @@ def _named_create(table: Table) -> Callable[[web.Request], Awaitable[web.StreamR
 
 
 def setup(app: web.Application) -> None:
-    engine = app[AppKeyRuntime].engine
-    assert engine is not None  # the catalog service always has its database
-    app[READS] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    runtime = app[AppKeyRuntime]
+    assert runtime.engine is not None  # the catalog service always has its database
+    app[READS] = runtime.engine.execution_options(isolation_level="AUTOCOMMIT")
+    app[READ_MODEL] = model = CatalogReadModel(app[READS])
+    runtime.on_start.append(model.start)  # loaded before the service takes requests
+    runtime.on_stop.append(model.stop)
     # "batch" before "{id}": the router tries resources in the order they were added.
     app.router.add_get(f"{PREFIX}/products/batch", batch_products)
     app.router.add_get(f"{PREFIX}/products", list_products)

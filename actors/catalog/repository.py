@@ -5,7 +5,11 @@ its query copy, written by the actor's commit hooks (:func:`insert_product`, :fu
 :func:`remove_product`) in the same transaction as the state, so reads never go through an actor and never
 see a half-applied change.
 
-Reads stay fast at 100,000 products because nothing they do grows with the catalog:
+The service answers reads from memory (:mod:`actors.catalog.readmodel`), which these tables load and which
+the change log (``catalog_version``, ``catalog_changes``, written by :func:`record_change` in every write's
+transaction) keeps fresh on every instance. The SQL queries below (:func:`browse`) give the same answers and
+are what the read model is tested against; they stay fast at 100,000 products because nothing they do grows
+with the catalog:
 
 * pages come from an index in the requested order: ``(name_key, id)``, ``(price, id)``, and the same behind
   ``brand_id`` and ``type_id`` for filtered lists; ``id`` breaks ties so paging is stable;
@@ -24,6 +28,7 @@ prefix ranges are by code point everywhere (SQLite compares binary by default), 
 from __future__ import annotations
 
 import functools
+import random
 import re
 import unicodedata
 import uuid
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     ForeignKey,
@@ -145,6 +151,29 @@ catalog_meta = Table(
 
 TABLES = (brands, product_types, products, product_terms, product_counts, catalog_meta)
 
+# The change log that keeps every instance's in-memory read model (``readmodel.py``) fresh. Every write to a
+# product or to the brands/types bumps ``catalog_version`` (one row) and appends a ``catalog_changes`` row
+# with the new version, in the writer's transaction. The UPDATE locks that row until the transaction ends,
+# so versions are handed out in commit order: whoever sees version v committed sees every version below it.
+catalog_version = Table(
+    "catalog_version",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", BigInteger, nullable=False),
+)
+
+catalog_changes = Table(
+    "catalog_changes",
+    metadata,
+    Column("version", BigInteger, primary_key=True, autoincrement=False),  # one version per transaction
+    Column("product_id", IdType, primary_key=True),  # NAMES_CHANGED: the brands or types changed
+)
+NAMES_CHANGED = ""
+
+CHANGE_TABLES = (catalog_version, catalog_changes)
+CHANGES_KEPT = 10_000  # versions kept in the log; a reader further behind than this reloads everything
+_PRUNE_ONE_IN = 256  # writes between prunings, on average
+
 # Ids of named things (brands, types, demo products) made from their names, so seeding is repeatable.
 _ID_NAMESPACE = uuid.UUID("4f1c7a52-1f0e-4c69-9a43-2f6a3c2f8d11")
 
@@ -227,7 +256,7 @@ _PRODUCT_COLUMNS = (
 )
 
 
-def _product_select() -> Select[Any]:
+def product_select() -> Select[Any]:
     return (
         select(*_PRODUCT_COLUMNS)
         .join(brands, brands.c.id == products.c.brand_id)
@@ -285,7 +314,7 @@ def page_statement(query: ProductQuery) -> Select[Any]:
     if not query.search:
         total = count_statement(query).scalar_subquery().label("total")
         return (
-            _product_select()
+            product_select()
             .add_columns(total)
             .where(*_group_conditions(products, query))
             .order_by(*_ordering(query.sort, products.c.name_key, products.c.price, products.c.id))
@@ -302,7 +331,7 @@ def page_statement(query: ProductQuery) -> Select[Any]:
         .subquery("page")
     )
     return (
-        _product_select()
+        product_select()
         .add_columns(page.c.total)
         .join(page, page.c.product_id == products.c.id)
         .order_by(*_ordering(query.sort, page.c.name_key, page.c.price, page.c.product_id))
@@ -323,7 +352,7 @@ async def get_products(conn: AsyncConnection, ids: Sequence[str]) -> list[Row[An
     """The products with these ids, in the order asked; unknown ids are left out."""
     if not ids:
         return []
-    rows = {r.id: r for r in await conn.execute(_product_select().where(products.c.id.in_(list(ids))))}
+    rows = {r.id: r for r in await conn.execute(product_select().where(products.c.id.in_(list(ids))))}
     return [rows[i] for i in ids if i in rows]
 
 
@@ -354,6 +383,7 @@ async def create_named(conn: AsyncConnection, table: Table, name: str) -> dict[s
     if taken is not None:
         return None
     row = {"id": stable_id(table.name, name), "name": name}
+    await record_change(conn, None)  # first, as every writer does (see record_change)
     try:
         async with conn.begin_nested():
             await conn.execute(insert(table).values(**row))
@@ -369,6 +399,7 @@ async def ensure_named(conn: AsyncConnection, table: Table, names: Iterable[str]
         existing = await resolve_named(conn, table, name)
         if existing is None:
             existing = stable_id(table.name, name)
+            await record_change(conn, None)
             await conn.execute(insert(table).values(id=existing, name=name))
         ids[name] = existing
     return ids
@@ -410,6 +441,7 @@ def insert_product(values: Mapping[str, Any]) -> SqlHook:
     row = _row(values)
 
     async def hook(conn: AsyncConnection) -> None:
+        await record_change(conn, row["id"])
         await conn.execute(insert(products).values(**row))
         await _write_terms(conn, row)
         await _count(conn, row["brand_id"], row["type_id"], +1)
@@ -426,6 +458,7 @@ def update_product(before: Mapping[str, Any], after: Mapping[str, Any]) -> SqlHo
     product_id = after["id"]
 
     async def hook(conn: AsyncConnection) -> None:
+        await record_change(conn, product_id)
         await conn.execute(update(products).where(products.c.id == product_id).values(**changes))
         if "name" in changes or "description" in changes:
             await _write_terms(conn, _row(after))
@@ -442,6 +475,7 @@ def update_product(before: Mapping[str, Any], after: Mapping[str, Any]) -> SqlHo
 
 def remove_product(values: Mapping[str, Any]) -> SqlHook:
     async def hook(conn: AsyncConnection) -> None:
+        await record_change(conn, values["id"])
         await conn.execute(delete(product_terms).where(product_terms.c.product_id == values["id"]))
         await conn.execute(delete(products).where(products.c.id == values["id"]))
         await _count(conn, values["brand_id"], values["type_id"], -1)
@@ -459,6 +493,37 @@ def bulk_rows(values: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]]
         rows.append(row)
         terms.extend(_term_rows(row, words_of))
     return rows, terms
+
+
+async def record_change(conn: AsyncConnection, product_id: str | None) -> None:
+    """Log a change of this product (None: of the brands or types) in the caller's transaction.
+
+    A transaction steps the catalog version once, at its first change, and logs every product it changes
+    under that version (a group commit of many turns costs one step and one row per product). The step
+    locks the version row until the transaction ends: a concurrent writer waits, and the version it gets is
+    higher only if it commits later (see ``catalog_version``). Writers call this *before* their other
+    catalog writes, so the version row is the first catalog lock every such transaction takes and two of
+    them can never wait on each other's rows the other way round (a deadlock on PostgreSQL)."""
+    ref = NAMES_CHANGED if product_id is None else product_id
+    transaction = conn.sync_connection.get_transaction() if conn.sync_connection is not None else None
+    info = conn.sync_connection.info if conn.sync_connection is not None else {}
+    mine: tuple[Any, int, set[str]] | None = info.get("catalog_change")
+    if mine is None or transaction is None or mine[0] is not transaction:
+        stepped = update(catalog_version).values(version=catalog_version.c.version + 1)
+        version = (await conn.execute(stepped.returning(catalog_version.c.version))).scalar_one()
+        mine = info["catalog_change"] = (transaction, version, set())
+        if random.randrange(_PRUNE_ONE_IN) == 0:
+            await conn.execute(delete(catalog_changes).where(catalog_changes.c.version <= version - CHANGES_KEPT))
+    _, version, logged = mine
+    if ref not in logged:  # one row per product and version (several name changes in one transaction: one)
+        await conn.execute(insert(catalog_changes).values(version=version, product_id=ref))
+        logged.add(ref)
+
+
+def create_change_log(_op: Any, conn: Any) -> None:
+    """Migration step: the change-log tables, starting at version 0."""
+    metadata.create_all(conn, tables=list(CHANGE_TABLES))
+    conn.execute(insert(catalog_version).values(id=1, version=0))
 
 
 async def rebuild_counts(conn: AsyncConnection) -> None:

@@ -34,7 +34,12 @@ SEED_MARKER = "demo_catalog_seeded_at"
 
 SCHEMA = Component(
     NAME,
-    [Migration(1, "brands, product types, products (sort indexes), search terms, counts", create_tables(*repo.TABLES))],
+    [
+        Migration(
+            1, "brands, product types, products (sort indexes), search terms, counts", create_tables(*repo.TABLES)
+        ),
+        Migration(2, "change log of the in-memory read model", repo.create_change_log),
+    ],
 )
 
 
