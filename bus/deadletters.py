@@ -23,6 +23,10 @@ worst it is replayed and still listed, and the consumer's inbox drops the second
 Per backend: memory keeps dead letters in a list per queue; RabbitMQ reads the ``<queue>.dlq`` quorum queue
 (``basic.get`` without ack, acking only the one discarded); Azure Service Bus peeks the ``$DeadLetterQueue``
 subqueue and discards by receiving in peek-lock mode, completing the one and abandoning the others.
+
+Every bus also counts what its own consumers dead-lettered, in ``bus.dead_lettered[(name, kind)]`` (a
+``collections.Counter``, bumped at the one place each backend dead-letters; exported as
+``bus_dead_lettered_total`` by runtime/web/metrics.py). The broker's own dead-lettering is not in it.
 """
 
 from __future__ import annotations

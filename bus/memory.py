@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
@@ -146,6 +147,7 @@ class MemoryConsumer:
         dead, reason = note_failure(log, item.envelope, session, queue.label, item.failures, bus.max_attempts, exc)
         if dead:
             queue.dead.append(DeadLetter(queue.name, item.envelope, reason, item.failures, utc_now(), queue.kind))
+            bus.dead_lettered[queue.name, queue.kind] += 1
             queue.release(session, dispatch=False)
             bus._settled()
             return
@@ -170,6 +172,7 @@ class MemoryBus:
         self.max_attempts = max_attempts
         self.max_concurrent_sessions = max_concurrent_sessions
         self.redelivery_delay = redelivery_delay
+        self.dead_lettered: Counter[tuple[str, str]] = Counter()  # (name, kind): messages dead-lettered (metrics)
         self._queues: dict[str, _Queue] = {}
         self._subscriptions: dict[str, _Queue] = {}
         self._filters: dict[str, frozenset[str]] = {}

@@ -90,6 +90,7 @@ import logging
 import random
 import time
 import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Collection, Coroutine
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -255,7 +256,6 @@ class RabbitConsumer:
         # counters, for benchmarks and debugging
         self.delivered = 0  # handler calls
         self.completed = 0
-        self.dead_lettered = 0
         self.channels_lost = 0  # consumer channels that closed under us (and were reopened)
 
     @property
@@ -501,7 +501,7 @@ class RabbitConsumer:
                 backoff = min(backoff * 2, MAX_DEAD_LETTER_BACKOFF)
             else:
                 break
-        self.dead_lettered += 1
+        self._bus.dead_lettered[self._target.name, self._target.kind] += 1
         await self._ack(item)
 
     async def _ack(self, item: _Pending) -> None:
@@ -638,6 +638,7 @@ class RabbitBus:
         # counters, for health output and tests
         self.recoveries = 0  # recovery passes that brought everything back
         self.reconnects = 0  # new connections after the first
+        self.dead_lettered: Counter[tuple[str, str]] = Counter()  # (name, kind): messages dead-lettered (metrics)
         # Every queue/exchange this object declared (tests delete them at teardown).
         self.declared_queues: set[str] = set()
         self.declared_exchanges: set[str] = set()

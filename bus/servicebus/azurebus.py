@@ -8,6 +8,7 @@ import json
 import logging
 import ssl
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, timedelta
 from typing import Any
@@ -127,6 +128,7 @@ class AzureBus:
         self._ensure_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._dead_letter_receivers: dict[tuple[str, str], ServiceBusReceiver] = {}
         self._consumers: set[AzureConsumer] = set()
+        self.dead_lettered: Counter[tuple[str, str]] = Counter()  # (name, kind): messages dead-lettered (metrics)
         self._broadcasts: set[AzureBroadcast] = set()
         self.broadcast_auto_delete = BROADCAST_AUTO_DELETE
         self.broadcast_attempts = BROADCAST_ATTEMPTS

@@ -26,6 +26,7 @@ from bus.base import (
     Handler,
     MalformedMessage,
 )
+from bus.deadletters import QUEUE, SUBSCRIPTION
 from bus.envelope import Envelope, utc_now
 from bus.servicebus.messages import MAX_REASON, _body, _truncate
 from bus.tracing import traced
@@ -53,6 +54,9 @@ class AzureConsumer:
     ) -> None:
         self._bus = bus
         self.label = label
+        # (name, kind) as DeadLetter has them: a subscription's label is "<topic>/<subscription>"
+        topic, slash, subscription = label.partition("/")
+        self._source = (subscription, SUBSCRIPTION) if slash and topic == bus.topic else (label, QUEUE)
         self._on_missing = on_missing  # called when the entity is gone (e.g. to re-create it)
         self._make_receiver = make_receiver
         self._handler = traced(handler, "servicebus", label)  # a CONSUMER span per delivery when tracing is on
@@ -245,14 +249,7 @@ class AzureConsumer:
             envelope = Envelope.decode(_body(message))
         except MalformedMessage as exc:
             log.error("bus consumer %s: dead-lettering malformed message %s: %s", self.label, message.message_id, exc)
-            return await self._settle(
-                receiver.dead_letter_message(
-                    message,
-                    reason=_truncate(f"MalformedMessage: {exc}", MAX_REASON),
-                    error_description=json.dumps({"attempts": attempt, "dead_lettered_at": utc_now()}),
-                ),
-                message,
-            )
+            return await self._dead_letter(receiver, message, f"MalformedMessage: {exc}", attempt)
         envelope = envelope.with_headers(**{"delivery-count": str(attempt)})
         outcome, interrupted = await self._call_handler(envelope, lost)
         keep_going = await self._settle_outcome(receiver, message, envelope, attempt, outcome)
@@ -282,18 +279,24 @@ class AzureConsumer:
                 "dead-lettering %s %s (session %s) from %s after %d attempts: %s",
                 envelope.type, envelope.message_id, envelope.session_id, self.label, attempt, reason, exc_info=outcome,
             )  # fmt: skip
-            description = json.dumps({"attempts": attempt, "dead_lettered_at": utc_now()})
-            return await self._settle(
-                receiver.dead_letter_message(
-                    message, reason=_truncate(reason, MAX_REASON), error_description=description
-                ),
-                message,
-            )
+            return await self._dead_letter(receiver, message, reason, attempt)
         log.warning(
             "redelivering %s %s (session %s) on %s, attempt %d failed: %s",
             envelope.type, envelope.message_id, envelope.session_id, self.label, attempt, reason,
         )  # fmt: skip
         return await self._settle(receiver.abandon_message(message), message)
+
+    async def _dead_letter(
+        self, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage, reason: str, attempt: int
+    ) -> bool:
+        description = json.dumps({"attempts": attempt, "dead_lettered_at": utc_now()})
+        settlement = receiver.dead_letter_message(
+            message, reason=_truncate(reason, MAX_REASON), error_description=description
+        )
+        settled = await self._settle(settlement, message)
+        if settled:  # else Service Bus redelivers it: counted when it is dead-lettered for good
+            self._bus.dead_lettered[self._source] += 1
+        return settled
 
     async def _settle(self, settlement: Awaitable[None], message: ServiceBusReceivedMessage) -> bool:
         """Settle; False if that failed (Service Bus then redelivers the message).
