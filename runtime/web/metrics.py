@@ -1,4 +1,5 @@
-"""Prometheus metrics: request counts and latency per route, actor and runtime gauges, the outbox, ``/metrics``."""
+"""Prometheus metrics: request counts and latency per route, actor and runtime gauges, the outbox, dead letters,
+``/metrics``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 
+from bus.base import BusError
+from runtime.errors import ServiceUnavailable
+
 if TYPE_CHECKING:
     from runtime.web.resources import ServiceRuntime
 
@@ -22,6 +26,7 @@ __all__ = ["METRICS_KEY", "Metrics", "metrics_handler", "metrics_registry"]
 log = logging.getLogger(__name__)
 
 BACKLOG_TIMEOUT = 1.0  # seconds the outbox count may take at a scrape; past it the gauge is left out
+DEAD_LETTERS_TIMEOUT = 1.0  # the same for the dead-letter count (asked of the broker)
 
 
 class Metrics:
@@ -79,9 +84,13 @@ class Metrics:
         return metrics_middleware
 
     async def refresh(self) -> None:
-        """Before a scrape: count the outbox rows not yet on the bus (a database query, so it cannot run inside
-        the collector, which Prometheus' client calls synchronously). The gauge is left out of this scrape
-        when the database does not answer in time: a missing series, not a stale or made-up number."""
+        """Before a scrape: count the outbox rows not yet on the bus and the dead letters of the queues and
+        subscriptions the service consumes (a database query and broker calls, so they cannot run inside the
+        collector, which Prometheus' client calls synchronously). A gauge is left out of this scrape when
+        its source does not answer in time: a missing series, not a stale or made-up number."""
+        await asyncio.gather(self._refresh_backlog(), self._refresh_dead_letters())
+
+    async def _refresh_backlog(self) -> None:
         relay = self.runtime.relay
         self.collector.outbox_backlog = None
         if relay is None:
@@ -92,6 +101,22 @@ class Metrics:
         except (TimeoutError, OSError, SQLAlchemyError) as exc:
             log.warning("metrics: outbox backlog of %s not counted: %r", self.service, exc)
 
+    async def _refresh_dead_letters(self) -> None:
+        from runtime.deadletters import DeadLetterAdmin
+
+        runtime = self.runtime
+        self.collector.dead_letters = None
+        if runtime.bus is None or runtime.engine is None:
+            return
+        try:
+            async with asyncio.timeout(DEAD_LETTERS_TIMEOUT):
+                # The admin API's count (GET /admin/dead-letters), so the two always agree.
+                summary = await DeadLetterAdmin(self.service, runtime.engine, runtime.bus).summary()
+        except (TimeoutError, OSError, BusError, ServiceUnavailable) as exc:
+            log.warning("metrics: dead letters of %s not counted: %r", self.service, exc)
+            return
+        self.collector.dead_letters = [(q["queue"], q["kind"], q["count"]) for q in summary]
+
 
 class RuntimeCollector:
     """Actor and outbox gauges, read when /metrics is scraped."""
@@ -100,6 +125,7 @@ class RuntimeCollector:
         self.service = service
         self.runtime = runtime
         self.outbox_backlog: int | None = None  # set by Metrics.refresh before each scrape
+        self.dead_letters: list[tuple[str, str, int]] | None = None  # (queue, kind, count), likewise
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         relay = self.runtime.relay
@@ -116,6 +142,7 @@ class RuntimeCollector:
                 )
                 backlog.add_metric([self.service], self.outbox_backlog)
                 yield backlog
+        yield from self._dead_letter_metrics()
         system = self.runtime.system
         if system is None:
             return
@@ -130,6 +157,33 @@ class RuntimeCollector:
         for event, value in system.stats.items():
             counters.add_metric([self.service, event], value)
         yield counters
+
+    def _dead_letter_metrics(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        """Per queue/subscription the service consumes (runtime.deadletters.service_sources): the bus's
+        count of messages it dead-lettered (a process counter; broker-side dead-lettering, a consumer dying
+        before settling, is not in it), and the dead letters held now (the service's, shared by its
+        instances: each reports the same number)."""
+        from runtime.deadletters import service_sources
+
+        counted = getattr(self.runtime.bus, "dead_lettered", None)  # every backend has it (bus/deadletters.py)
+        if counted is not None:
+            total = CounterMetricFamily(
+                "bus_dead_lettered",
+                "Messages this process's bus dead-lettered after max_attempts failed deliveries (or malformed)",
+                labels=["service", "queue", "kind"],
+            )
+            for name, kind in service_sources(self.service):
+                total.add_metric([self.service, name, kind], counted.get((name, kind), 0))
+            yield total
+        if self.dead_letters is not None:
+            held = GaugeMetricFamily(
+                "bus_dead_letters",
+                "Dead letters held for the queue or subscription",
+                labels=["service", "queue", "kind"],
+            )
+            for name, kind, count in self.dead_letters:
+                held.add_metric([self.service, name, kind], count)
+            yield held
 
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("ecom_metrics")
