@@ -41,6 +41,8 @@ REQUIRED = {
     "live actors": "actor_activations",
     "mailbox depth": "actor_mailbox_depth",
     "outbox backlog": "outbox_backlog",
+    "dead letters": "bus_dead_letters",
+    "dead letters (rate)": "bus_dead_lettered_total",
 }
 
 
@@ -235,6 +237,11 @@ async def test_every_query_uses_only_exported_metrics_and_labels(exported):
     }
     missing = {what: name for what, name in REQUIRED.items() if name not in used}
     assert not missing, f"the dashboard shows nothing for {missing}"
+    # Dead letters are real samples of every consuming service (0 in a healthy shop), not only declared families,
+    # so the labels the panels group by are checked too (tests/test_deadletter_metrics.py shows them at 1).
+    for name in ("bus_dead_letters", "bus_dead_lettered_total"):
+        assert exported.labels[name] == {"service", "queue", "kind"}, name
+        assert exported.values[(name, "service")] == exported.values[(name, "queue")] == {"catalog", "cart", "order"}
 
 
 async def test_the_check_refuses_what_is_not_exported(exported):
@@ -246,3 +253,4 @@ async def test_the_check_refuses_what_is_not_exported(exported):
         "aggregation by servce: none of ['actor_mailbox_depth'] has that label"
     ]
     assert problems('max by (service) (outbox_backlog{service=~"$service"})', exported) == []
+    assert problems('bus_dead_letters{queue="orders"}', exported) == ['bus_dead_letters never has queue="orders"']
