@@ -4,6 +4,7 @@ Every backend dead-letters a message after ``max_attempts`` failed deliveries (b
 does too when consumers keep dying before settling one. :class:`DeadLetters` is what each bus offers on top
 of ``Bus.dead_letters(queue)`` (the list) so that an operator can act on them:
 
+- ``dead_letter_count(queue)``: how many there are (what metrics and the admin summary show);
 - ``dead_letter(queue, message_id)``: one dead letter, by the envelope's ``message_id`` (None: not there);
 - ``discard_dead_letter(queue, message_id)``: remove it from the dead-letter queue and return it (None: not
   there, e.g. already discarded or replayed by someone else);
@@ -47,6 +48,11 @@ KINDS = (QUEUE, SUBSCRIPTION)
 class DeadLetters(Protocol):
     async def dead_letters(self, queue: str) -> list[DeadLetter]:
         """Dead letters of the queue and/or subscription with that name, oldest first."""
+        ...
+
+    async def dead_letter_count(self, queue: str, *, kind: str | None = None) -> int:
+        """How many ``dead_letters(queue)`` holds (of that kind), without reading them where the broker can
+        say (RabbitMQ: a read returns every message to its DLQ, which counts against a delivery limit)."""
         ...
 
     async def dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None: ...

@@ -281,6 +281,10 @@ class MemoryBus:
         found = [letter for q in self._dead_letter_sources(queue) for letter in q.dead]
         return sorted(found, key=lambda letter: letter.dead_lettered_at)
 
+    async def dead_letter_count(self, queue: str, *, kind: str | None = None) -> int:
+        check_kind(kind)
+        return sum(len(q.dead) for q in self._dead_letter_sources(queue) if kind in (None, q.kind))
+
     async def dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None:
         check_kind(kind)
         return next((letter for letter in await self.dead_letters(queue) if matches(letter, message_id, kind)), None)

@@ -55,6 +55,8 @@ and an operator can still shovel or purge them). Two concurrent readers may each
 partition of the message's session of exactly that queue or subscription (bus/deadletters.py). Each read
 returns the messages to the DLQ, which on RabbitMQ 4.0-4.2 counts against the DLQ's default delivery limit
 (see the limits below): there, raise it with a ``delivery-limit`` policy on the ``*.dlq`` queues.
+``dead_letter_count`` (the admin summary, the ``bus_dead_letters`` metric at every scrape) reads nothing: a
+passive declare of each DLQ gives its message count.
 
 Limits worth knowing (documented, not hidden):
 
@@ -1096,6 +1098,35 @@ class RabbitBus:
             if channel is not None and not channel.is_closed:
                 await _close_quietly(channel, self.timeout)
         return letters
+
+    async def dead_letter_count(self, queue: str, *, kind: str | None = None) -> int:
+        """The DLQs' message counts (a passive declare each): no message is read, so none is returned to its
+        DLQ (which a delivery limit would count). Messages a concurrent listing holds unacked are not in it."""
+        self._check_open()
+        check_name("queue", queue)
+        count = 0
+        for target in self._dead_letter_targets(queue, kind):
+            count += await self._dead_letter_queue_size(target.dead_letter_queue)
+        return count
+
+    async def _dead_letter_queue_size(self, name: str) -> int:
+        connection = self._connection
+        if connection is None or connection.is_closed:
+            raise BusError(f"RabbitMQ connection to {_safe_url(self.url)} is down (reconnecting)")
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                channel = await connection.channel(publisher_confirms=False)  # a failed passive declare closes it
+                try:
+                    declared = await channel.queue_declare(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return 0  # never declared: nothing was ever dead-lettered there
+                return declared.message_count or 0
+        except Exception as exc:
+            raise BusError(f"cannot count dead letters of {name!r}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if channel is not None and not channel.is_closed:
+                await _close_quietly(channel, self.timeout)
 
     def _dead_letter_targets(self, queue: str, kind: str | None) -> list[_Target]:
         check_kind(kind)

@@ -100,11 +100,9 @@ class DeadLetterAdmin:
     async def summary(self) -> list[dict[str, Any]]:
         """Per queue/subscription of the service: how many dead letters it holds."""
         out: list[dict[str, Any]] = []
-        for name in dict.fromkeys(name for name, _ in self.sources):
-            letters = await self._bus_call("read dead letters", self.bus.dead_letters(name))
-            for source, kind in self.sources:
-                if source == name:
-                    out.append({"queue": name, "kind": kind, "count": sum(1 for x in letters if x.kind == kind)})
+        for name, kind in self.sources:
+            count = await self._bus_call("count dead letters", self.bus.dead_letter_count(name, kind=kind))
+            out.append({"queue": name, "kind": kind, "count": count})
         return out
 
     async def list(self, queue: str) -> list[DeadLetter]:

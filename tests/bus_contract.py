@@ -314,6 +314,9 @@ async def test_bus_poison_message_is_dead_lettered_and_session_continues(bus_fac
 
     await eventually(counted)
     assert bus.dead_lettered == {(queue, "queue"): 1}  # type: ignore[attr-defined]  # the one dead letter, for /metrics
+    counts = [await bus.dead_letter_count(queue, kind=kind) for kind in (None, "queue", "subscription")]  # type: ignore[attr-defined]  # DeadLetters, not Bus
+    assert counts == [1, 1, 0]
+    assert await bus.dead_letter_count(unique("never-used")) == 0  # type: ignore[attr-defined]  # DeadLetters, not Bus
 
 
 # 5 ------------------------------------------------------------------------------------------

@@ -516,6 +516,12 @@ class AzureBus:
             queue=name, envelope=envelope, reason=reason, attempts=attempts, dead_lettered_at=at, kind=kind
         )
 
+    async def dead_letter_count(self, queue: str, *, kind: str | None = None) -> int:
+        # Peeking locks nothing and leaves delivery counts alone, so counting the peeked ones is safe (the
+        # runtime properties would be cheaper, but need Manage rights a service may not have).
+        check_kind(kind)
+        return sum(1 for letter in await self.dead_letters(queue) if kind in (None, letter.kind))
+
     async def dead_letter(self, queue: str, message_id: str, *, kind: str | None = None) -> DeadLetter | None:
         check_kind(kind)
         return next((letter for letter in await self.dead_letters(queue) if matches(letter, message_id, kind)), None)
