@@ -12,6 +12,9 @@ method and the rest of the path (the *tail*, ``""`` or ``"/..."``); the first ma
 
 A path under a prefix that no rule matches is refused at the gateway (404): new endpoints get a policy before
 they are reachable.
+
+This module holds the machinery; each service declares its own entries next to its code, in a light
+``public.py`` (``actors/cart/public.py``: ``ROUTES``), and :data:`ROUTES` is their union in service order.
 """
 
 from __future__ import annotations
@@ -110,34 +113,17 @@ def admin_rules() -> tuple[Rule, ...]:
     )
 
 
-# The public API table of DESIGN.md. Services check the token again (defence in depth).
-ROUTES: tuple[Route, ...] = (
-    Route("/.well-known", "identity", (rule(ANY_TAIL, PUBLIC),)),
-    Route("/connect", "identity", (rule(ANY_TAIL, PUBLIC),)),
-    Route("/api/identity", "identity", (*admin_rules(), rule(ANY_TAIL, PUBLIC))),
-    Route(
-        "/api/catalog",
-        "catalog",
-        (
-            *admin_rules(),
-            rule(ANY_TAIL, OPTIONAL, methods=READS),  # browse, search, details: anyone
-            # writes to one product (PATCH, DELETE, restock) go to the process holding its ProductActor
-            rule(r"/products/(?P<key>[^/]+)(/.*)?", ADMIN, affinity=Affinity.PATH),
-            rule(ANY_TAIL, ADMIN),  # create products, brands, types
-        ),
-    ),
-    Route("/api/cart", "cart", (*admin_rules(), rule(ANY_TAIL, CUSTOMER, affinity=Affinity.SUB))),
-    Route(
-        "/api/orders",
-        "order",
-        (
-            rule(r"/(?P<key>[^/]+)/ship", ADMIN, methods=("POST",), affinity=Affinity.PATH),
-            rule(r"/(?P<key>[^/]+)(/.*)?", CUSTOMER, affinity=Affinity.PATH),
-            rule(r"/?", CUSTOMER),  # the caller's own orders: a query, balanced
-        ),
-    ),
-    Route("/api/order", "order", admin_rules()),
-)
+def __getattr__(name: str) -> tuple[Route, ...]:
+    """``ROUTES``: the public API table of DESIGN.md, assembled from every service's entries (its ``public.py``,
+    through :func:`runtime.services.gateway_routes`). Built on first use, not at import: those modules import
+    this one for :class:`Route` and the policies. Services check the token again (defence in depth)."""
+    if name == "ROUTES":
+        from runtime.services import gateway_routes
+
+        routes = gateway_routes()
+        globals()["ROUTES"] = routes
+        return routes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def services_of(routes: Sequence[Route]) -> list[str]:

@@ -1,7 +1,7 @@
-"""The gateway service: ``create_app(settings)`` wires the route table, upstreams, token verifier, rate limiter,
-CORS, access log and merged docs onto the shared host (health, metrics, request ids, problem+json).
+"""The gateway service, declared (:data:`SERVICE`): the route table, upstreams, token verifier, rate limiter, CORS,
+access log and merged docs on the shared host (health, metrics, request ids, problem+json).
 
-The gateway has no database and no actors (``SCHEMA = None``). Its readiness says whether any upstream instance
+The gateway has no database and no actors. Its readiness says whether any upstream instance
 can serve; per-instance health and breaker state are in ``/metrics`` (admin token required on this port).
 With a bus (``ecom run`` / ``ecom serve`` pass the process's), it hears identity's revocation announcements.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,95 +28,132 @@ from gateway.proxy import RouteProxy
 from gateway.ratelimit import AuthLimits, make_limiter
 from gateway.routes import ROUTES, Route, services_of
 from gateway.upstreams import Upstreams
-from runtime import host, revocation
+from runtime import host
 from runtime.auth import TokenVerifier, bearer_token, check_access
+from runtime.description import Http, Resource, ServiceContext, ServiceDescription
 from runtime.errors import NotFound
-from runtime.host import ServiceRuntime, json_response, make_verifier
-
-SCHEMA = None
+from runtime.host import AppKeyRuntime, json_response
 
 UPSTREAMS_KEY: web.AppKey[Upstreams] = web.AppKey("gateway_upstreams", Upstreams)
 
 
-def create_app(
-    settings: Settings,
-    *,
-    bus: Any = None,  # the process's bus (``ecom run``/``ecom serve`` pass it): revocation announcements
-    verifier: Any = None,
-    upstreams: Mapping[str, str | Sequence[str]] | None = None,
-    redis_url: str | None = None,
-    options: GatewayOptions | None = None,
-    routes: Sequence[Route] = ROUTES,
-) -> web.Application:
-    """The gateway application.
+@dataclass(frozen=True, slots=True)
+class GatewayOverrides:
+    """``create_app``'s overrides. ``upstreams``: the instances per service (``{"catalog": ["http://127.0.0.1:8002",
+    ...]}``); ``redis_url`` overrides ``options.redis_url`` (shared rate limits); ``options`` default to the
+    ``[gateway]`` settings; ``routes`` to the table the services declare (:data:`gateway.routes.ROUTES`)."""
 
-    ``upstreams`` overrides the instances per service (``{"catalog": ["http://127.0.0.1:8002", ...]}``);
-    ``redis_url`` overrides ``options.redis_url`` (shared rate limits); ``options`` default to the ``[gateway]`` settings.
-    """
-    opts = options if options is not None else gateway_options(settings)
-    if redis_url is not None:
-        opts = dataclasses.replace(opts, redis_url=redis_url)
-    runtime = ServiceRuntime(
-        name="gateway", settings=settings, verifier=verifier if verifier is not None else make_verifier(settings)
-    )
-    pool = Upstreams.from_settings(settings, services_of(routes), opts, upstreams)
-    limiter = make_limiter(opts.rate_limit, opts.rate_burst, opts.redis_url)
-    auth_limits = AuthLimits(opts.rate_limit, opts.rate_burst) if opts.rate_limit > 0 else None
-    docs = DocsMerger(routes, pool, ttl=opts.docs_ttl)
+    upstreams: Mapping[str, str | Sequence[str]] | None = None
+    redis_url: str | None = None
+    options: GatewayOptions | None = None
+    routes: Sequence[Route] | None = None
 
-    async def merged_docs(_request: web.Request) -> web.Response:
-        return json_response(await docs.document())
 
-    def add_routes(app: web.Application) -> None:
-        # Registered before the host's own docs route for the same path, so this one answers.
-        app.router.add_get(SPEC_PATH, merged_docs)
-        app.router.add_get(CALLBACK_PATH, callback_page)  # the web storefront's redirect URI (gateway/callback.py)
-        add_console_routes(app, settings, pool, routes)  # /admin: the admin console (gateway/console/)
-        for route in routes:
-            handler = RouteProxy(route, pool.services[route.service], runtime.verifier, limiter, opts, auth_limits)
-            app.router.add_route("*", route.prefix + "{tail:(/.*)?}", handler.handle)
+@dataclass(slots=True)
+class Edge:
+    """What the gateway's route handlers share: options, route table, upstream pool, rate limits, merged docs."""
 
-    middlewares: list[Any] = [admin_metrics_middleware(runtime.verifier)]
-    if opts.access_log:
-        middlewares.append(access_log_middleware)
-    cors = Cors(opts.origins) if opts.origins else None
-    if cors is not None:
-        middlewares.append(cors.preflight)
+    options: GatewayOptions
+    routes: Sequence[Route]
+    pool: Upstreams
+    limiter: Any
+    auth_limits: AuthLimits | None
+    docs: DocsMerger
+    cors: Cors | None
 
-    revocations: list[Any] = []  # the consumer of identity's revocation announcements, while running
+    @classmethod
+    def build(cls, ctx: ServiceContext) -> Edge:
+        given: GatewayOverrides = ctx.options
+        opts = given.options if given.options is not None else gateway_options(ctx.settings)
+        if given.redis_url is not None:
+            opts = dataclasses.replace(opts, redis_url=given.redis_url)
+        routes = given.routes if given.routes is not None else ROUTES
+        pool = Upstreams.from_settings(ctx.settings, services_of(routes), opts, given.upstreams)
+        return cls(
+            options=opts,
+            routes=routes,
+            pool=pool,
+            limiter=make_limiter(opts.rate_limit, opts.rate_burst, opts.redis_url),
+            auth_limits=AuthLimits(opts.rate_limit, opts.rate_burst) if opts.rate_limit > 0 else None,
+            docs=DocsMerger(routes, pool, ttl=opts.docs_ttl),
+            cors=Cors(opts.origins) if opts.origins else None,
+        )
 
-    async def start() -> None:
-        await pool.start()
-        if bus is not None:
-            # A revoked signing key or a signed-out/locked user is refused here within a bus hop, cached
-            # verifications included (runtime/revocation.py).
-            revocations.append(await revocation.listen(bus, runtime.verifier))
+    async def start(self) -> None:
+        await self.pool.start()
         _freeze_startup_objects()
 
-    async def stop() -> None:
-        while revocations:
-            await revocations.pop().stop()
-        await pool.close()
-        if limiter is not None:
-            await limiter.close()
+    async def close(self) -> None:
+        await self.pool.close()
+        if self.limiter is not None:
+            await self.limiter.close()
 
-    runtime.on_start.append(start)
-    runtime.on_stop.append(stop)
-    runtime.ready_checks["upstreams"] = pool.ready
 
-    app = host.create_app(
-        runtime,
-        routes=add_routes,
-        title="EcomGateway API",
-        client_max_size=opts.max_body,
-        extra_middlewares=middlewares,
-    )
-    app[UPSTREAMS_KEY] = pool
-    if cors is not None:
-        app.on_response_prepare.append(cors.on_response_prepare)
+EDGE: web.AppKey[Edge] = web.AppKey("gateway_edge", Edge)
+
+
+def add_routes(app: web.Application) -> None:
+    edge, verifier = app[EDGE], app[AppKeyRuntime].verifier
+
+    async def merged_docs(_request: web.Request) -> web.Response:
+        return json_response(await edge.docs.document())
+
+    # Registered before the host's own docs route for the same path, so this one answers.
+    app.router.add_get(SPEC_PATH, merged_docs)
+    app.router.add_get(CALLBACK_PATH, callback_page)  # the web storefront's redirect URI (gateway/callback.py)
+    settings = app[AppKeyRuntime].settings
+    add_console_routes(app, settings, edge.pool, edge.routes)  # /admin: the admin console (gateway/console/)
+    for route in edge.routes:
+        handler = RouteProxy(
+            route, edge.pool.services[route.service], verifier, edge.limiter, edge.options, edge.auth_limits
+        )
+        app.router.add_route("*", route.prefix + "{tail:(/.*)?}", handler.handle)
+
+
+def _middlewares(ctx: ServiceContext) -> list[Any]:
+    edge = ctx[EDGE]
+    middlewares: list[Any] = [admin_metrics_middleware(ctx.runtime.verifier)]
+    if edge.options.access_log:
+        middlewares.append(access_log_middleware)
+    if edge.cors is not None:
+        middlewares.append(edge.cors.preflight)
+    return middlewares
+
+
+def _on_app(ctx: ServiceContext, app: web.Application) -> None:
+    edge = ctx[EDGE]
+    ctx.runtime.ready_checks["upstreams"] = edge.pool.ready
+    if edge.cors is not None:
+        app.on_response_prepare.append(edge.cors.on_response_prepare)
     # the host's registry serves /metrics; the gateway's families are read from its objects when scraped
-    host.metrics_registry(app).register(GatewayCollector(pool, limiter))
-    return app
+    host.metrics_registry(app).register(GatewayCollector(edge.pool, edge.limiter))
+
+
+SERVICE = ServiceDescription(
+    "gateway",
+    options=GatewayOverrides,
+    database=False,
+    # With a bus (``ecom run``/``ecom serve`` pass the process's), the runtime hears identity's revocation
+    # announcements: a revoked signing key or a signed-out/locked user is refused here within a bus hop, cached
+    # verifications included (runtime/revocation.py). A bus that does not answer does not take the gateway out.
+    bus_readiness=False,
+    resources=(
+        Resource(EDGE, Edge.build, start=Edge.start, stop=Edge.close),
+        Resource(UPSTREAMS_KEY, lambda ctx: ctx[EDGE].pool),
+    ),
+    http=Http(
+        add_routes,
+        title="EcomGateway API",
+        client_max_size=lambda ctx: ctx[EDGE].options.max_body,
+        middlewares=_middlewares,
+        on_app=_on_app,
+    ),
+)
+
+
+def create_app(settings: Settings, **overrides: Any) -> web.Application:
+    """The gateway application (``overrides``: ``bus``, ``verifier`` and :class:`GatewayOverrides`)."""
+    return host.service_app(SERVICE, settings, **overrides)
 
 
 def admin_metrics_middleware(verifier: TokenVerifier) -> Any:

@@ -31,7 +31,6 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,23 +68,13 @@ class LoginPolicy:
 
 @dataclass(slots=True)
 class LoginContext:
-    """What login actors of one service need; installed per actor system by :func:`install`."""
+    """What login actors need: the :class:`LoginActor`'s injected dependency (the service description registers
+    it as ``ActorType(LoginActor, deps=...)``, :mod:`runtime.description`)."""
 
     repo: Repository
     passwords: Passwords
     policy: LoginPolicy
     clock: Callable[[], float] = time.time
-
-
-# Actors are built by the runtime from (id, system) only, so each service's dependencies are found by system.
-_contexts: weakref.WeakKeyDictionary[ActorSystem, LoginContext] = weakref.WeakKeyDictionary()
-
-
-def install(system: ActorSystem, context: LoginContext) -> None:
-    _contexts[system] = context
-    # the repository's outbox rows (revocation announcements) leave at once, like the actors' messages
-    context.repo.wake_outbox = system.on_outbox
-    system.register(LoginActor)
 
 
 def login_ref(system: ActorSystem, email: str) -> ActorRef:
@@ -108,12 +97,12 @@ _INITIAL: dict[str, Any] = {"failures": 0, "last_failure": 0.0, "locked_until": 
 class LoginActor(Actor):
     type_name = "login"
 
+    def __init__(self, actor_id: str, system: ActorSystem, *, context: LoginContext) -> None:
+        self.context = context
+        super().__init__(actor_id, system)
+
     def initial_state(self) -> dict[str, Any]:
         return dict(_INITIAL)
-
-    @property
-    def context(self) -> LoginContext:
-        return _contexts[self.system]
 
     @handles(Attempt)
     async def attempt(self, msg: Attempt, turn: Turn) -> LoginOutcome:

@@ -1,8 +1,8 @@
-"""The identity service: wiring of store, key ring, login throttle, token service and routes.
+"""The identity service, declared (:data:`SERVICE`): store, key ring, login throttle, token service and routes.
 
-``create_app(settings)`` builds the aiohttp application on the shared host (:mod:`runtime.host`); ``seed``
-creates what a first run needs — a signing key, the ``storefront`` and ``admin-console`` clients and the admin user — and nothing
-twice; ``SCHEMA`` is identity's database schema for ``ecom db upgrade``.
+``create_app(settings)`` builds the aiohttp application from it on the shared host (:mod:`runtime.host`); ``seed``
+creates what a first run needs — a signing key, the ``storefront`` and ``admin-console`` clients and the admin user —
+and nothing twice; ``SCHEMA`` is identity's database schema for ``ecom db upgrade``.
 
 ``password_hasher`` (``create_app`` and ``seed``) takes a :class:`identity.passwords.Passwords` with other
 argon2id parameters: tests pass a cheap one; production leaves it unset and gets the ``[auth] argon2_*`` settings.
@@ -15,16 +15,18 @@ import contextlib
 import functools
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 
 from config import ConfigError, Settings
-from identity import api, repository
+from contracts.identity import ANNOUNCEMENTS
+from identity import api, public, repository
 from identity.accounts import ADMIN_EMAIL, generate_password, register_user
-from identity.actor import LoginActor, LoginContext, LoginPolicy, install, login
+from identity.actor import LoginActor, LoginContext, LoginPolicy, login
 from identity.core import IDENTITY, Identity, KeyRingVerifier
 from identity.keystore import CHECK_INTERVAL, KeyManager
 from identity.oauth import API_SCOPE, SCOPES, STOREFRONT, TokenService, build_client
@@ -32,10 +34,9 @@ from identity.pages import CSRF_TOKENS, CsrfTokens
 from identity.passwords import Passwords
 from identity.repository import ClientExists, EmailTaken, Repository
 from identity.tokens import TokenIssuer
-from runtime import migrate
+from runtime import host, migrate
+from runtime.description import ActorType, Http, Resource, ServiceContext, ServiceDescription
 from runtime.errors import ValidationProblem
-from runtime.host import ServiceRuntime
-from runtime.host import create_app as create_host_app
 from runtime.store import create_engine, utcnow
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,45 @@ log = logging.getLogger(__name__)
 SCHEMA = migrate.Component("identity", repository.MIGRATIONS)
 
 
-def create_app(
-    settings: Settings,
-    *,
-    bus: Any = None,
-    database_url: str | None = None,
-    verifier: Any = None,
-    password_hasher: Passwords | None = None,
-) -> web.Application:
-    """The identity application. ``verifier`` defaults to one fed from identity's own key ring."""
-    runtime = ServiceRuntime.with_database("identity", settings, bus=bus, database_url=database_url, verifier=verifier)
-    repo = Repository(runtime.engine)  # type: ignore[arg-type]  # with_database always sets the engine
+@dataclass(frozen=True, slots=True)
+class IdentityOptions:
+    """``create_app``'s overrides: ``password_hasher``, argon2id with other parameters (tests pass a cheap one)."""
+
+    password_hasher: Passwords | None = None
+
+
+def login_policy(settings: Settings) -> LoginPolicy:
+    return LoginPolicy(settings.auth.lockout_after, settings.auth.lockout_seconds)
+
+
+@dataclass(slots=True)
+class Hashing:
+    """The password hasher: the caller's (tests), or one from the ``[auth] argon2_*`` settings whose argon2
+    threads are this app's, shut down with it."""
+
+    passwords: Passwords
+    owned: bool
+
+    @classmethod
+    def build(cls, ctx: ServiceContext) -> Hashing:
+        given: Passwords | None = ctx.options.password_hasher
+        return cls(given, False) if given is not None else cls(Passwords.from_settings(ctx.settings.auth), True)
+
+    async def stop(self) -> None:
+        if self.owned:
+            self.passwords.shutdown()
+
+
+HASHING: web.AppKey[Hashing] = web.AppKey("identity_hashing", Hashing)
+
+
+def _identity(ctx: ServiceContext) -> Identity:
+    """Store, key ring, token issuer and service. Unless the caller gave a verifier, identity verifies tokens
+    against its own key ring (it replaces the HTTP-fetching one the runtime made, which has opened nothing)."""
+    settings, runtime, system = ctx.settings, ctx.runtime, ctx.system
+    repo = Repository(ctx.engine)
     keys = KeyManager.from_settings(repo, settings)
-    if verifier is None:
-        # replaces the HTTP-fetching verifier with_database made (it has opened nothing yet)
+    if not ctx.verifier_given:
         runtime.verifier = KeyRingVerifier(
             keys,
             issuer=settings.issuer,
@@ -68,50 +94,47 @@ def create_app(
     keys.on_revoke = runtime.verifier.revoke_key  # this process refuses the key at once (others: the outbox)
     if runtime.relay is not None:
         keys.on_outbox = runtime.relay.notify  # the announcement leaves now, not at the next poll
-    passwords = password_hasher or Passwords.from_settings(settings.auth)
-    if password_hasher is None:
-        runtime.on_stop.append(_shutdown_passwords(passwords))  # its argon2 threads are this app's
-    system = runtime.system
-    assert system is not None
-    install(system, LoginContext(repo, passwords, login_policy(settings)))
+    # the repository's outbox rows (revocation announcements) leave at once, like the actors' messages
+    repo.wake_outbox = system.on_outbox
+    passwords = ctx[HASHING].passwords
     issuer = TokenIssuer(keys.ring, settings.issuer, settings.general.audience, settings.auth.access_token_ttl)
     tokens = TokenService(
         repo=repo, issuer=issuer, verifier=runtime.verifier, login=functools.partial(login, system), settings=settings
     )
-    identity = Identity(settings, repo, keys, issuer, passwords, runtime.verifier, system, tokens)
-    _add_lifecycle(runtime, identity)
-    app = create_host_app(runtime, routes=api.routes, title="EcomGateway identity (OAuth 2.0 / OpenID Connect)")
-    app[IDENTITY] = identity
-    app[CSRF_TOKENS] = CsrfTokens(functools.partial(keys.kek.hmac_secrets, "csrf"))
-    return app
+    return Identity(settings, repo, keys, issuer, passwords, runtime.verifier, system, tokens)
 
 
-def _shutdown_passwords(passwords: Passwords) -> Callable[[], Awaitable[None]]:
-    async def stop() -> None:
-        passwords.shutdown()
-
-    return stop
+async def _prepare(identity: Identity) -> None:
+    await identity.keys.ensure_active()  # first run without seed: a key is made here
+    await identity.passwords.warm_up()  # the dummy hash for unknown emails, before the first login
 
 
-def login_policy(settings: Settings) -> LoginPolicy:
-    return LoginPolicy(settings.auth.lockout_after, settings.auth.lockout_seconds)
+class Housekeeping:
+    """The periodic job (:func:`housekeep`) as a task, from start to stop."""
 
+    def __init__(self, identity: Identity, interval: float = CHECK_INTERVAL) -> None:
+        self.identity = identity
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
 
-def _add_lifecycle(runtime: ServiceRuntime, identity: Identity) -> None:
-    tasks: list[asyncio.Task[None]] = []
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="identity-housekeeping")
 
-    async def start() -> None:
-        await identity.keys.ensure_active()  # first run without seed: a key is made here
-        await identity.passwords.warm_up()  # the dummy hash for unknown emails, before the first login
-        tasks.append(asyncio.get_running_loop().create_task(_housekeeping(identity), name="identity-housekeeping"))
-
-    async def stop() -> None:
-        for task in tasks:
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(task, return_exceptions=True)
 
-    runtime.on_start.append(start)
-    runtime.on_stop.append(stop)
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await housekeep(self.identity)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("identity housekeeping failed; will retry", exc_info=True)
 
 
 async def housekeep(identity: Identity) -> None:
@@ -120,17 +143,6 @@ async def housekeep(identity: Identity) -> None:
     lifetime = login_policy(identity.settings).state_lifetime
     now = utcnow()
     await identity.repo.purge(now, idle_actor_type=LoginActor.type_name, idle_before=now - timedelta(seconds=lifetime))
-
-
-async def _housekeeping(identity: Identity, interval: float = CHECK_INTERVAL) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await housekeep(identity)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.warning("identity housekeeping failed; will retry", exc_info=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -229,3 +241,38 @@ async def _seed_admin(repo: Repository, settings: Settings, passwords: Passwords
             file=sys.stdout,
             flush=True,
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The service
+
+LOGIN: web.AppKey[LoginContext] = web.AppKey("identity_login", LoginContext)
+HOUSEKEEPING: web.AppKey[Housekeeping] = web.AppKey("identity_housekeeping", Housekeeping)
+
+SERVICE = ServiceDescription(
+    "identity",
+    options=IdentityOptions,
+    http=Http(api.routes, title="EcomGateway identity (OAuth 2.0 / OpenID Connect)"),
+    actors=(ActorType(LoginActor, deps=lambda ctx: {"context": ctx[LOGIN]}),),
+    resources=(
+        Resource(HASHING, Hashing.build, stop=Hashing.stop),
+        Resource(IDENTITY, _identity, start=_prepare),
+        Resource(
+            LOGIN, lambda ctx: LoginContext(ctx[IDENTITY].repo, ctx[IDENTITY].passwords, login_policy(ctx.settings))
+        ),
+        Resource(CSRF_TOKENS, lambda ctx: CsrfTokens(functools.partial(ctx[IDENTITY].keys.kek.hmac_secrets, "csrf"))),
+        Resource(
+            HOUSEKEEPING, lambda ctx: Housekeeping(ctx[IDENTITY]), start=Housekeeping.start, stop=Housekeeping.stop
+        ),
+    ),
+    publishes=ANNOUNCEMENTS,
+    gateway_routes=public.ROUTES,
+    schema=SCHEMA,
+    seed=seed,
+)
+
+
+def create_app(settings: Settings, **overrides: Any) -> web.Application:
+    """The identity application (``overrides``: ``bus``, ``database_url``, ``verifier`` (default: one fed from
+    identity's own key ring) and :class:`IdentityOptions`)."""
+    return host.service_app(SERVICE, settings, **overrides)

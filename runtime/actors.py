@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 M = TypeVar("M")
 A = TypeVar("A", bound="Actor")
 
+ActorFactory = Callable[[str, "ActorSystem"], "Actor"]
+"""Builds one activation: ``factory(actor_id, system)``; an actor class is one (it takes no dependencies)."""
+
 
 # ---------------------------------------------------------------------------------------------------
 # Errors
@@ -350,6 +353,7 @@ class ActorSystem:
         self.placement = placement
         self._activations: OrderedDict[tuple[str, str], _Activation] = OrderedDict()
         self._types: dict[str, type[Actor]] = {}
+        self._factories: dict[str, ActorFactory] = {}  # registered with dependencies; else the class builds it
         self._background: list[asyncio.Task[None]] = []
         self._reminders_in_flight: set[tuple[str, str, str]] = set()
         self._closing = False
@@ -381,10 +385,18 @@ class ActorSystem:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def register(self, *actor_classes: type[Actor]) -> None:
-        """Declare the actor types this system hosts (needed for reminders and admin lookups)."""
+    def register(self, *actor_classes: type[Actor], factory: ActorFactory | None = None) -> None:
+        """Declare the actor types this system hosts (needed for reminders and admin lookups).
+
+        ``factory(actor_id, system)`` builds each activation of them, for an actor with dependencies
+        (``functools.partial(CartActor, expiry_seconds=60)``: constructor injection, as in Orleans); without
+        one the class is called with ``(actor_id, system)``. Refs keep naming the class itself."""
         for cls in actor_classes:
             self._types[cls.type_name] = cls
+            if factory is not None:
+                self._factories[cls.type_name] = factory
+            else:
+                self._factories.pop(cls.type_name, None)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -467,7 +479,7 @@ class ActorSystem:
     def _activate(self, ref: ActorRef) -> _Activation:
         if len(self._activations) >= self.max_activations:
             self._evict(len(self._activations) - self.max_activations + 1)
-        act = _Activation(ref._key, ref.actor_class(ref.id, self))
+        act = _Activation(ref._key, self._factories.get(ref._key[0], ref.actor_class)(ref.id, self))
         self._activations[ref._key] = act
         self.stats["activations"] += 1
         return act

@@ -1,6 +1,9 @@
 """The aiohttp application factory every service uses, so every service answers alike.
 
-``create_app(runtime, routes=...)`` returns an application with:
+``service_app(description, settings, **overrides)`` builds a service from its declaration
+(:mod:`runtime.description`): its runtime, its actor types with their dependencies, its resources and bus
+consumers (each a cleanup context), its routes. ``create_app(runtime, routes=...)``, which it calls, returns
+an application with:
 
 - ``/health/live`` (the process runs) and ``/health/ready`` (database and bus answer),
 - ``/metrics`` in Prometheus text format (requests, latency, live actors, mailbox depth, outbox backlog),
@@ -23,8 +26,9 @@ The pieces live in :mod:`runtime.web` (responses, resources, middlewares, metric
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -55,6 +59,10 @@ from runtime.web.middlewares import (
     validation_error_callback,
 )
 from runtime.web.resources import AppKeyRuntime, ServiceRuntime, make_verifier
+
+if TYPE_CHECKING:
+    from config import Settings
+    from runtime.description import Queue, Resource, ServiceContext, ServiceDescription, Subscription
 from runtime.web.responses import (
     MAX_JSON_DEPTH,
     PROBLEM_JSON,
@@ -101,6 +109,7 @@ __all__ = [
     "request_id_var",
     "require_admin",
     "schema_validation_middleware",
+    "service_app",
     "validation_error_callback",
 ]
 
@@ -168,3 +177,124 @@ def _as_cleanup_ctx(context: Callable[[], Any]) -> Callable[[web.Application], A
 
     cleanup_ctx.__qualname__ = cleanup_ctx.__name__ = getattr(context, "__name__", "runtime_context")
     return cleanup_ctx
+
+
+# ---------------------------------------------------------------------------------------------------
+# A service from its description
+
+
+def service_app(
+    description: ServiceDescription,
+    settings: Settings,
+    *,
+    bus: Any = None,
+    database_url: str | None = None,
+    verifier: Any = None,
+    **options: Any,
+) -> web.Application:
+    """The application of the service ``description`` declares. ``bus``: the process's bus (consumers and the
+    outbox relay run on it; this service does not start or close it); ``database_url`` and ``verifier``
+    replace the settings' (tests); ``options``: the fields of ``description.options``."""
+    from runtime.description import ServiceContext
+
+    opts = description.options(**options)  # an unknown keyword is a TypeError, as for any function
+    if description.database:
+        runtime = ServiceRuntime.with_database(
+            description.name, settings, bus=bus, database_url=database_url, verifier=verifier
+        )
+    else:
+        if database_url is not None:
+            raise TypeError(f"service {description.name!r} has no database")
+        runtime = ServiceRuntime(
+            name=description.name,
+            settings=settings,
+            bus=bus,
+            verifier=verifier if verifier is not None else make_verifier(settings),
+        )
+    runtime.description = description
+    runtime.bus_readiness = description.bus_readiness
+    context = ServiceContext(description, settings, runtime, opts, verifier_given=verifier is not None)
+    for resource in description.resources:
+        context.resources[resource.key] = resource.build(context)
+        runtime.contexts.append((resource.name, _resource_context(resource, context.resources[resource.key])))
+    if runtime.system is not None:
+        for actor_type in description.actors:
+            runtime.system.register(actor_type.actor, factory=actor_type.factory(context))
+    elif description.actors:
+        raise TypeError(f"service {description.name!r} declares actors but no database")
+    for source in description.consumes:
+        runtime.contexts.append((f"consumer {source.name}", _consumer_context(source, context)))
+    http = description.http
+    app = create_app(
+        runtime,
+        routes=_with_resources(http.routes, context),
+        title=http.title,
+        client_max_size=http.client_max_size(context) if http.client_max_size else 1024 * 1024,
+        extra_middlewares=http.middlewares(context) if http.middlewares else (),
+    )
+    if http.on_app is not None:
+        http.on_app(context, app)
+    return app
+
+
+def _with_resources(
+    routes: Sequence[web.AbstractRouteDef] | Callable[[web.Application], None], context: ServiceContext
+) -> Callable[[web.Application], None]:
+    """The routes, added once the resources are in the app (a ``setup(app)`` may read them)."""
+
+    def setup(app: web.Application) -> None:
+        for key, value in context.resources.items():
+            app[key] = value
+        if callable(routes):
+            routes(app)
+        else:
+            app.router.add_routes(routes)
+
+    return setup
+
+
+def _resource_context(resource: Resource[Any], value: Any) -> Callable[[], Any]:
+    @asynccontextmanager
+    async def context() -> AsyncIterator[None]:
+        try:
+            if resource.start is not None:
+                await resource.start(value)
+            yield
+        finally:
+            if resource.stop is not None:
+                await resource.stop(value)
+
+    context.__name__ = f"resource_{resource.name}"
+    return context
+
+
+def _consumer_context(source: Queue | Subscription, service: ServiceContext) -> Callable[[], Any]:
+    """Consumes the queue or subscription from start to stop; nothing without a bus."""
+    from runtime.description import Queue, ToActor
+    from runtime.messages import BusBinding
+
+    @asynccontextmanager
+    async def context() -> AsyncIterator[None]:
+        runtime = service.runtime
+        bus = runtime.bus
+        if bus is None:
+            yield
+            return
+        assert runtime.system is not None, "a consumer delivers to this service's actors"
+        binding = BusBinding(runtime.system)
+        for delivery in source.deliveries:
+            if isinstance(delivery, ToActor):
+                binding.to_actor(delivery.message, delivery.actor, actor_id=delivery.actor_id)
+            else:
+                binding.to_handler(delivery.message.__name__, delivery.make(service, binding))
+        if isinstance(source, Queue):
+            consumer = await bus.consume(source.name, binding)
+        else:
+            consumer = await bus.subscribe(source.name, list(source.types), binding)
+        try:
+            yield
+        finally:
+            await consumer.stop()
+
+    context.__name__ = f"consumer_{source.name}"
+    return context

@@ -157,6 +157,19 @@ class BusBinding:
     ) -> None:
         """Envelopes of ``message_class`` go to ``actor_class``; the actor id is the envelope's session id
         unless ``actor_id(message, envelope)`` picks another (an event keyed by one entity, for another)."""
+        self.routes[message_class.__name__] = self.actor_route(
+            message_class, actor_class, actor_id=actor_id, timeout=timeout
+        )
+
+    def actor_route(
+        self,
+        message_class: type,
+        actor_class: type[Actor],
+        *,
+        actor_id: Callable[[Any, Envelope], str] | None = None,
+        timeout: float | None = None,
+    ) -> Route:
+        """The delivery :meth:`to_actor` registers, for a handler that does more around it."""
 
         async def route(env: Envelope) -> None:
             message: Any = from_body(message_class, env.body)
@@ -171,7 +184,7 @@ class BusBinding:
                     return
             await deliver(self.system.ref(actor_class, target), message, env, timeout=timeout)
 
-        self.routes[message_class.__name__] = route
+        return route
 
     def to_handler(self, type_name: str, handler: Route) -> None:
         """Envelopes of ``type_name`` go to a custom coroutine (e.g. one event fanned out to many actors)."""

@@ -105,6 +105,9 @@ def test_services_import_contract_messages_from_contracts() -> None:
 
 
 BUS_CALLS = {"send": "queue", "consume": "queue", "subscribe": "subscription"}
+# what a service description declares it consumes (runtime.description): the same names
+DECLARED = {"Queue": "queue", "Subscription": "subscription"}
+BUS_CALLS.update(DECLARED)
 
 
 def _bus_calls(path: Path) -> list[tuple[str, ast.expr]]:
@@ -121,6 +124,10 @@ def _bus_calls(path: Path) -> list[tuple[str, ast.expr]]:
             getattr(node.func.value, "id", None) == "turn"
             or getattr(node.func.value, "attr", getattr(node.func.value, "id", "")) == "bus"
         )
+    ] + [
+        (node.func.id, node.args[0])
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in DECLARED and node.args
     ]
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -63,7 +63,7 @@ from contracts.checkout import (
     PaymentDetails,
 )
 from contracts.queues import ORDER_QUEUE
-from runtime.actors import Actor, ReminderFired, Turn, handles
+from runtime.actors import Actor, ActorSystem, ReminderFired, Turn, handles
 from runtime.errors import Conflict, IdempotencyKeyReused, ValidationProblem
 from runtime.messages import envelope, from_body, to_body
 from runtime.money import CENT, money
@@ -202,21 +202,17 @@ def _keeps_index(handler: H) -> H:
 
 
 class CartActor(Actor):
+    """One customer's cart. Its dependency, ``expiry_seconds``, is injected by the actor system: the service
+    description registers it as ``ActorType(CartActor, deps=...)`` (:mod:`runtime.description`)."""
+
     type_name = "cart"
-    expiry_seconds: ClassVar[float] = DEFAULT_CART_EXPIRY
     state: CartState
 
-    @classmethod
-    def with_expiry(cls, seconds: float) -> type[CartActor]:
-        """The actor class with another expiry. Actors are built by the actor system, which passes no arguments,
-        so configuration is a class attribute; the service registers the configured class under the same type."""
-        if seconds <= 0:
+    def __init__(self, actor_id: str, system: ActorSystem, *, expiry_seconds: float = DEFAULT_CART_EXPIRY) -> None:
+        if expiry_seconds <= 0:
             raise ValueError("cart expiry must be a positive number of seconds")
-        if seconds == cls.expiry_seconds:
-            return cls
-        return type(
-            cls.__name__, (cls,), {"type_name": cls.type_name, "expiry_seconds": seconds, "__module__": __name__}
-        )
+        self.expiry_seconds = expiry_seconds
+        super().__init__(actor_id, system)
 
     # -- state (Decimals and datetimes as strings) -------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The cart service: CartActor per cart on its own database, the catalog client, and the bus subscription.
+"""The cart service, declared (:data:`SERVICE`): CartActor per cart on its own database, the catalog client and
+checkout admission as resources, and the ``"cart"`` subscription.
 
 Bus: subscription ``"cart"`` to ``ProductPriceChanged`` (catalog) and ``OrderStarted`` (order).
 
@@ -14,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from actors.cart import api, repository
+from actors.cart import api, public, repository
 from actors.cart.actor import CartActor
 from actors.cart.admission import Admission
 from actors.cart.catalog import CatalogClient
@@ -26,10 +28,19 @@ from actors.cart.upstream import Upstream, service_urls
 from bus.envelope import Envelope
 from config import Settings
 from contracts.catalog import ProductPriceChanged
-from contracts.checkout import OrderStarted
-from contracts.queues import CART_SUBSCRIPTION
+from contracts.checkout import CheckoutRequested, OrderStarted
+from contracts.queues import CART_SUBSCRIPTION, ORDER_QUEUE
 from runtime import host
-from runtime.host import ServiceRuntime
+from runtime.description import (
+    ActorType,
+    BusRoute,
+    Http,
+    Resource,
+    ServiceContext,
+    ServiceDescription,
+    Subscription,
+    ToHandler,
+)
 from runtime.messages import BusBinding, deliver, from_body
 from runtime.migrate import Component, Migration, create_tables
 
@@ -42,57 +53,48 @@ SCHEMA = Component(
 FAN_OUT_CONCURRENCY = 32  # carts updated at once for one price change
 
 
+@dataclass(frozen=True, slots=True)
+class CartOptions:
+    """``create_app``'s overrides (tests, embedded mode). ``catalog_url`` / ``order_url``: one URL, comma-separated
+    URLs or a list (default: the settings'); ``cart_expiry``: seconds (default ``ECOM_SHOP_CART_EXPIRY``)."""
+
+    catalog_url: str | Sequence[str] | None = None
+    order_url: str | Sequence[str] | None = None
+    cart_expiry: float | None = None
+
+
 def catalog_urls_from(settings: Settings) -> list[str]:
     """Every catalog instance: ``ECOM_CATALOG_UPSTREAMS`` when set, else the catalog's own port."""
     return service_urls(settings, "catalog")
 
 
-def create_app(
-    settings: Settings,
-    *,
-    bus: Any = None,
-    database_url: str | None = None,
-    verifier: Any = None,
-    catalog_url: str | Sequence[str] | None = None,
-    order_url: str | Sequence[str] | None = None,
-    cart_expiry: float | None = None,
-) -> web.Application:
-    runtime = ServiceRuntime.with_database("cart", settings, bus=bus, database_url=database_url, verifier=verifier)
-    assert runtime.system is not None and runtime.engine is not None
-    actor_class = CartActor.with_expiry(cart_expiry if cart_expiry is not None else settings.shop.cart_expiry)
-    runtime.system.register(actor_class)
-    # ``catalog_url``: one URL, comma-separated URLs or a list (tests and embedded mode); else the settings'.
-    catalog = CatalogClient(Upstream("catalog", catalog_url or catalog_urls_from(settings)))
-    runtime.on_start.append(catalog.start)
-    runtime.on_stop.append(catalog.close)
-    # ``order_url``: like ``catalog_url``, every order instance whose load checkout admission reads.
-    admission = Admission(
-        runtime.engine, Upstream("order", order_url or service_urls(settings, "order")), settings.shop
-    )
-    runtime.on_start.append(admission.start)
-    runtime.on_stop.append(admission.close)
-    if bus is not None:
-        _subscribe_on_start(runtime, actor_class, catalog, admission)
-    app = host.create_app(runtime, routes=api.setup)
-    app[api.CART] = api.CartContext(runtime.system, actor_class, catalog, admission)
-    return app
+CATALOG: web.AppKey[CatalogClient] = web.AppKey("cart_catalog", CatalogClient)
+ADMISSION: web.AppKey[Admission] = web.AppKey("cart_admission", Admission)
+
+
+def _catalog(ctx: ServiceContext) -> CatalogClient:
+    return CatalogClient(Upstream("catalog", ctx.options.catalog_url or catalog_urls_from(ctx.settings)))
+
+
+def _admission(ctx: ServiceContext) -> Admission:
+    # every order instance whose load checkout admission reads
+    order = Upstream("order", ctx.options.order_url or service_urls(ctx.settings, "order"))
+    return Admission(ctx.engine, order, ctx.settings.shop)
+
+
+def _cart_deps(ctx: ServiceContext) -> dict[str, Any]:
+    expiry = ctx.options.cart_expiry
+    return {"expiry_seconds": expiry if expiry is not None else ctx.settings.shop.cart_expiry}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Events
 
 
-def _subscribe_on_start(
-    runtime: ServiceRuntime, actor_class: type[CartActor], catalog: CatalogClient, admission: Admission | None = None
-) -> None:
-    system, engine = runtime.system, runtime.engine
-    assert system is not None and engine is not None
-    consumers: list[Any] = []
+def price_changed(ctx: ServiceContext, _binding: BusBinding) -> BusRoute:
+    system, engine, catalog = ctx.system, ctx.engine, ctx[CATALOG]
 
-    async def tell_cart(cart_id: str, event: Any, env: Envelope) -> None:
-        await deliver(system.ref(actor_class, cart_id), event, env)
-
-    async def price_changed(env: Envelope) -> None:
+    async def route(env: Envelope) -> None:
         event = from_body(ProductPriceChanged, env.body)
         catalog.forget(event.product_id)  # the next lookup must not serve the old price from the cache
         cart_ids = await repository.carts_holding(engine, event.product_id)
@@ -100,7 +102,7 @@ def _subscribe_on_start(
 
         async def one(cart_id: str) -> None:
             async with gate:
-                await tell_cart(cart_id, event, env)
+                await deliver(system.ref(CartActor, cart_id), event, env)
 
         results = await asyncio.gather(*(one(cart_id) for cart_id in cart_ids), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -113,26 +115,47 @@ def _subscribe_on_start(
             )
             raise failed[0]
 
-    async def subscribe() -> None:
-        binding = BusBinding(system)
-        binding.to_handler(ProductPriceChanged.__name__, price_changed)
-        # To the cart named in the body (the session is the order id); through ``to_actor`` so that in a cluster the
-        # event is handed to the instance owning the cart and its copy in memory is the one that empties.
-        binding.to_actor(OrderStarted, actor_class, actor_id=lambda event, _env: event.cart_id)
-        if admission is not None:
-            to_cart = binding.routes[OrderStarted.__name__]
+    return route
 
-            async def order_started(env: Envelope) -> None:
-                # The order service counts the order from now on: it is no longer in flight for admission.
-                admission.started(from_body(OrderStarted, env.body).order_id)
-                await to_cart(env)
 
-            binding.to_handler(OrderStarted.__name__, order_started)
-        consumers.append(await runtime.bus.subscribe(CART_SUBSCRIPTION, binding.types, binding))
+def order_started(ctx: ServiceContext, binding: BusBinding) -> BusRoute:
+    # To the cart named in the body (the session is the order id); through the actor route so that in a cluster the
+    # event is handed to the instance owning the cart and its copy in memory is the one that empties.
+    to_cart = binding.actor_route(OrderStarted, CartActor, actor_id=lambda event, _env: event.cart_id)
+    admission = ctx[ADMISSION]
 
-    async def unsubscribe() -> None:
-        for consumer in consumers:
-            await consumer.stop()
+    async def route(env: Envelope) -> None:
+        # The order service counts the order from now on: it is no longer in flight for admission.
+        admission.started(from_body(OrderStarted, env.body).order_id)
+        await to_cart(env)
 
-    runtime.on_start.append(subscribe)
-    runtime.on_stop.append(unsubscribe)
+    return route
+
+
+# ---------------------------------------------------------------------------------------------------
+# The service
+
+SERVICE = ServiceDescription(
+    "cart",
+    options=CartOptions,
+    http=Http(api.setup),
+    actors=(ActorType(CartActor, deps=_cart_deps),),
+    resources=(
+        Resource(CATALOG, _catalog, start=CatalogClient.start, stop=CatalogClient.close),
+        Resource(ADMISSION, _admission, start=Admission.start, stop=Admission.close),
+        Resource(api.CART, lambda ctx: api.CartContext(ctx.system, CartActor, ctx[CATALOG], ctx[ADMISSION])),
+    ),
+    consumes=(
+        Subscription(
+            CART_SUBSCRIPTION, (ToHandler(ProductPriceChanged, price_changed), ToHandler(OrderStarted, order_started))
+        ),
+    ),
+    sends={ORDER_QUEUE: (CheckoutRequested,)},
+    gateway_routes=public.ROUTES,
+    schema=SCHEMA,
+)
+
+
+def create_app(settings: Settings, **overrides: Any) -> web.Application:
+    """The cart application (``overrides``: ``bus``, ``database_url``, ``verifier`` and :class:`CartOptions`)."""
+    return host.service_app(SERVICE, settings, **overrides)

@@ -1,4 +1,4 @@
-"""The catalog service: schema, application factory, bus consumer and the demo catalog seed."""
+"""The catalog service, declared (:data:`SERVICE`), and its first-run seed (the demo catalog)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ import orjson
 from aiohttp import web
 from sqlalchemy import func, select
 
-from actors.catalog import api
+from actors.catalog import api, public
 from actors.catalog import repository as repo
 from actors.catalog.actor import ProductActor
 from actors.catalog.messages import CreateProduct
 from config import Settings
-from contracts.queues import CATALOG_QUEUE
-from contracts.stock import CommitReservation, ReleaseStock, ReserveStock
+from contracts.catalog import ProductDeleted, ProductLowStock, ProductPriceChanged
+from contracts.queues import CATALOG_QUEUE, ORDER_QUEUE
+from contracts.stock import CommitReservation, ReleaseStock, ReserveStock, StockRejected, StockReserved
 from runtime import host
 from runtime.actors import ActorSystem
+from runtime.description import ActorType, Http, Queue, ServiceDescription, ToActor
 from runtime.errors import Conflict
-from runtime.messages import BusBinding
 from runtime.migrate import RUNTIME, Component, Migration, create_tables, upgrade
 from runtime.store import StateStore, create_engine, utcnow
 
@@ -43,34 +44,9 @@ SCHEMA = Component(
 )
 
 
-def bus_binding(system: ActorSystem) -> BusBinding:
-    """Stock commands from the order service, each to the ProductActor named by the session id."""
-    binding = BusBinding(system)
-    for message_class in (ReserveStock, ReleaseStock, CommitReservation):
-        binding.to_actor(message_class, ProductActor)
-    return binding
-
-
-def create_app(
-    settings: Settings, *, bus: Any = None, database_url: str | None = None, verifier: Any = None
-) -> web.Application:
-    runtime = host.ServiceRuntime.with_database(NAME, settings, bus=bus, database_url=database_url, verifier=verifier)
-    system = runtime.system
-    assert system is not None
-    system.register(ProductActor)
-    if bus is not None:
-        consumers: list[Any] = []
-
-        async def consume() -> None:
-            consumers.append(await bus.consume(CATALOG_QUEUE, bus_binding(system)))
-
-        async def stop_consuming() -> None:
-            while consumers:
-                await consumers.pop().stop()
-
-        runtime.on_start.append(consume)
-        runtime.on_stop.append(stop_consuming)
-    return host.create_app(runtime, routes=api.setup)
+def create_app(settings: Settings, **overrides: Any) -> web.Application:
+    """The catalog application (``overrides``: ``bus``, ``database_url``, ``verifier``)."""
+    return host.service_app(SERVICE, settings, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,3 +116,26 @@ async def seed(settings: Settings, database_url: str | None = None) -> int:
         return created
     finally:
         await engine.dispose()
+
+
+SERVICE = ServiceDescription(
+    NAME,
+    http=Http(api.setup),
+    actors=(ActorType(ProductActor),),
+    # Stock commands from the order service, each to the ProductActor named by the session id.
+    consumes=(
+        Queue(
+            CATALOG_QUEUE,
+            (
+                ToActor(ReserveStock, ProductActor),
+                ToActor(ReleaseStock, ProductActor),
+                ToActor(CommitReservation, ProductActor),
+            ),
+        ),
+    ),
+    sends={ORDER_QUEUE: (StockReserved, StockRejected)},
+    publishes=(ProductPriceChanged, ProductLowStock, ProductDeleted),
+    gateway_routes=public.ROUTES,
+    schema=SCHEMA,
+    seed=seed,
+)

@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from actors.order import repository
 from actors.order.messages import (
@@ -91,7 +91,7 @@ from contracts.stock import (
     StockRejected,
     StockReserved,
 )
-from runtime.actors import Actor, ReminderFired, Turn, handles
+from runtime.actors import Actor, ActorSystem, ReminderFired, Turn, handles
 from runtime.errors import Conflict, IdempotencyKeyReused, NotFound
 from runtime.messages import envelope, from_body, to_body
 from runtime.money import CENT, money
@@ -108,8 +108,8 @@ NOT_REQUESTED, PENDING, RESERVED, REJECTED = "", "pending", "reserved", "rejecte
 
 @dataclass(frozen=True, slots=True)
 class SagaTimings:
-    """Seconds the saga waits. Class-level configuration of the actor (see :meth:`OrderActor.configured`); the
-    service builds it from ``[shop]`` settings (:func:`actors.order.service.timings_from`)."""
+    """Seconds the saga waits: the :class:`OrderActor`'s injected dependency, built by the service from ``[shop]``
+    settings (:func:`actors.order.service.timings_from`)."""
 
     validation_timeout: float = 900.0  # for every product to answer the reservation
     payment_timeout: float = 300.0  # from stock_confirmed to a payment result
@@ -271,17 +271,15 @@ def _keeps_summary(handler: H) -> H:
 
 
 class OrderActor(Actor):
+    """One order and its saga. Its dependency, the saga's ``timings``, is injected by the actor system: the
+    service description registers it as ``ActorType(OrderActor, deps=...)`` (:mod:`runtime.description`)."""
+
     type_name = "order"
-    timings: ClassVar[SagaTimings] = SagaTimings()
     state: OrderState
 
-    @classmethod
-    def configured(cls, timings: SagaTimings) -> type[OrderActor]:
-        """The actor class with other timings. The actor system builds actors without arguments, so configuration
-        is a class attribute; the service registers the configured class under the same type name."""
-        if timings == cls.timings:
-            return cls
-        return type(cls.__name__, (cls,), {"type_name": cls.type_name, "timings": timings, "__module__": __name__})
+    def __init__(self, actor_id: str, system: ActorSystem, *, timings: SagaTimings | None = None) -> None:
+        self.timings = timings if timings is not None else SagaTimings()
+        super().__init__(actor_id, system)
 
     def initial_state(self) -> OrderState:
         return OrderState()

@@ -1,4 +1,5 @@
-"""The order service: OrderActor per order on its own database, the payment processor, and the "order" queue.
+"""The order service, declared (:data:`SERVICE`): OrderActor per order on its own database, the payment processor,
+and the "order" queue.
 
 Queue ``"order"`` (session = order id) carries:
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +21,7 @@ from alembic.operations import Operations
 from sqlalchemy import Connection
 
 from actors.cart.upstream import Upstream, service_urls
-from actors.order import api, repository
+from actors.order import api, public, repository
 from actors.order.actor import OrderActor, SagaTimings
 from actors.order.checkouts import AcceptedCheckouts
 from actors.order.messages import ProcessPayment, ReversePayment
@@ -32,12 +34,22 @@ from actors.order.payment import (
 )
 from bus.envelope import Envelope
 from config import Settings
-from contracts.checkout import CheckoutRequested
-from contracts.queues import ORDER_QUEUE
-from contracts.stock import StockRejected, StockReserved
+from contracts.checkout import CheckoutRequested, OrderStarted, OrderStatusChanged
+from contracts.queues import CATALOG_QUEUE, ORDER_QUEUE
+from contracts.stock import CommitReservation, ReleaseStock, ReserveStock, StockRejected, StockReserved
 from runtime import host
 from runtime.actors import ActorSystem, DuplicateMessage
-from runtime.host import ServiceRuntime
+from runtime.description import (
+    ActorType,
+    BusRoute,
+    Http,
+    Queue,
+    Resource,
+    ServiceContext,
+    ServiceDescription,
+    ToActor,
+    ToHandler,
+)
 from runtime.messages import BusBinding, from_body
 from runtime.migrate import Component, Migration, create_tables
 
@@ -78,85 +90,113 @@ def timings_from(settings: Settings) -> SagaTimings:
     )
 
 
-def create_app(
-    settings: Settings,
-    *,
-    bus: Any = None,
-    database_url: str | None = None,
-    verifier: Any = None,
-    payment_provider: PaymentProvider | None = None,
-    timings: SagaTimings | None = None,
-    payment_policy: RetryPolicy | None = None,
-    cart_url: str | Sequence[str] | None = None,
-) -> web.Application:
-    runtime = ServiceRuntime.with_database(NAME, settings, bus=bus, database_url=database_url, verifier=verifier)
-    assert runtime.system is not None
-    actor_class = OrderActor.configured(timings or timings_from(settings))
-    runtime.system.register(actor_class)
-    if payment_provider is None:
+@dataclass(frozen=True, slots=True)
+class OrderOptions:
+    """``create_app``'s overrides (tests, embedded mode): the payment provider (default: the simulator, which keeps
+    its idempotency keys in this service's database), the saga's timings (default: :func:`timings_from`) and the
+    payment retry policy; ``cart_url``, the cart instances asked about orders not recorded here yet."""
+
+    payment_provider: PaymentProvider | None = None
+    timings: SagaTimings | None = None
+    payment_policy: RetryPolicy | None = None
+    cart_url: str | Sequence[str] | None = (
+        None  # like the cart's ``catalog_url``: the cart instances (default: settings')
+    )
+
+
+def _order_deps(ctx: ServiceContext) -> dict[str, Any]:
+    return {"timings": ctx.options.timings or timings_from(ctx.settings)}
+
+
+def _payments(ctx: ServiceContext) -> PaymentProcessor:
+    provider = ctx.options.payment_provider
+    if provider is None:
         log.warning("order: payments go to the SimulatedPaymentProvider; no real money moves")
-        payment_provider = SimulatedPaymentProvider()
-    if isinstance(payment_provider, SimulatedPaymentProvider):
+        provider = SimulatedPaymentProvider()
+    if isinstance(provider, SimulatedPaymentProvider):
         # The simulator keeps its idempotency keys in this service's database (its own table), durable across
         # restarts and shared by every instance, like a real provider's.
-        assert runtime.engine is not None
-        payment_provider.bind(runtime.engine)
-    processor = PaymentProcessor(payment_provider, _deliver_to(runtime.system, actor_class), payment_policy)
-    # Stop hooks run last-registered first: the bus consumer, then the payment processor, then the actors. The
-    # actors stop before the runtime stops the outbox relay, so no turn commits (and wakes the relay) while the
-    # relay is being cancelled: on Python 3.11 the relay's asyncio.wait_for can swallow a cancellation that comes
-    # with a wake-up, and shutdown then never ends. Stopping the actor system twice is harmless.
-    runtime.on_stop.append(runtime.system.stop)
-    runtime.on_stop.append(processor.close)
-    if bus is not None:
-        _consume_on_start(runtime, bus_binding(runtime.system, actor_class, processor))
-    app = host.create_app(runtime, routes=api.setup)
-    # ``cart_url``: like the cart's ``catalog_url``; the cart instances asked about orders not recorded here yet.
-    checkouts = AcceptedCheckouts(Upstream("cart", cart_url or service_urls(settings, "cart")))
-    runtime.on_start.append(checkouts.start)
-    runtime.on_stop.append(checkouts.close)
-    app[api.ORDERS] = api.OrderContext(runtime.system, actor_class, checkouts)
-    assert runtime.engine is not None
-    app[api.LOAD] = api.LoadGauge(runtime.engine)
-    app[PAYMENTS] = processor
-    return app
+        provider.bind(ctx.engine)
+    return PaymentProcessor(provider, _deliver_to(ctx.system), ctx.options.payment_policy)
 
 
-def bus_binding(system: ActorSystem, actor_class: type[OrderActor], processor: PaymentProcessor) -> BusBinding:
-    binding = BusBinding(system)
-    for message_class in (CheckoutRequested, StockReserved, StockRejected):
-        binding.to_actor(message_class, actor_class)
-
-    async def process_payment(env: Envelope) -> None:
-        processor.start_charge(from_body(ProcessPayment, env.body), env.message_id)
-
-    async def reverse_payment(env: Envelope) -> None:
-        await processor.reverse(from_body(ReversePayment, env.body), env.message_id)
-
-    binding.to_handler(ProcessPayment.__name__, process_payment)
-    binding.to_handler(ReversePayment.__name__, reverse_payment)
-    return binding
-
-
-def _deliver_to(system: ActorSystem, actor_class: type[OrderActor]) -> Deliver:
+def _deliver_to(system: ActorSystem) -> Deliver:
     async def deliver(order_id: str, message: Any, message_id: str) -> None:
         try:
-            await system.ref(actor_class, order_id).ask(message, message_id=message_id)
+            await system.ref(OrderActor, order_id).ask(message, message_id=message_id)
         except DuplicateMessage:
             log.debug("order %s: %s %s applied already", order_id, type(message).__name__, message_id)
 
     return deliver
 
 
-def _consume_on_start(runtime: ServiceRuntime, binding: BusBinding) -> None:
-    consumers: list[Any] = []
+def _checkouts(ctx: ServiceContext) -> AcceptedCheckouts:
+    # the cart instances, asked about an order not recorded here yet (GET never 404s after the checkout's 202)
+    return AcceptedCheckouts(Upstream("cart", ctx.options.cart_url or service_urls(ctx.settings, "cart")))
 
-    async def consume() -> None:
-        consumers.append(await runtime.bus.consume(ORDER_QUEUE, binding))
 
-    async def stop_consuming() -> None:
-        while consumers:
-            await consumers.pop().stop()
+def process_payment(ctx: ServiceContext, _binding: BusBinding) -> BusRoute:
+    processor = ctx[PAYMENTS]
 
-    runtime.on_start.append(consume)
-    runtime.on_stop.append(stop_consuming)
+    async def route(env: Envelope) -> None:
+        processor.start_charge(from_body(ProcessPayment, env.body), env.message_id)
+
+    return route
+
+
+def reverse_payment(ctx: ServiceContext, _binding: BusBinding) -> BusRoute:
+    processor = ctx[PAYMENTS]
+
+    async def route(env: Envelope) -> None:
+        await processor.reverse(from_body(ReversePayment, env.body), env.message_id)
+
+    return route
+
+
+# ---------------------------------------------------------------------------------------------------
+# The service
+
+# Stopped after the payment processor and before the runtime stops the outbox relay, so no turn commits (and wakes
+# the relay) while the relay is being cancelled: on Python 3.11 the relay's asyncio.wait_for can swallow a
+# cancellation that comes with a wake-up, and shutdown then never ends. Stopping the actor system twice is harmless.
+CHECKOUTS: web.AppKey[AcceptedCheckouts] = web.AppKey("order_checkouts", AcceptedCheckouts)
+ACTORS_STOPPED_FIRST: web.AppKey[ActorSystem] = web.AppKey("order_actors_stopped_first", ActorSystem)
+
+SERVICE = ServiceDescription(
+    NAME,
+    options=OrderOptions,
+    http=Http(api.setup),
+    actors=(ActorType(OrderActor, deps=_order_deps),),
+    resources=(
+        Resource(ACTORS_STOPPED_FIRST, lambda ctx: ctx.system, stop=ActorSystem.stop),
+        Resource(PAYMENTS, _payments, stop=PaymentProcessor.close),
+        Resource(CHECKOUTS, _checkouts, start=AcceptedCheckouts.start, stop=AcceptedCheckouts.close),
+        Resource(api.ORDERS, lambda ctx: api.OrderContext(ctx.system, OrderActor, ctx[CHECKOUTS])),
+        Resource(api.LOAD, lambda ctx: api.LoadGauge(ctx.engine)),
+    ),
+    consumes=(
+        Queue(
+            ORDER_QUEUE,
+            (
+                ToActor(CheckoutRequested, OrderActor),
+                ToActor(StockReserved, OrderActor),
+                ToActor(StockRejected, OrderActor),
+                # the order's own payment step: charged outside actor turns, the result told to the actor
+                ToHandler(ProcessPayment, process_payment),
+                ToHandler(ReversePayment, reverse_payment),
+            ),
+        ),
+    ),
+    sends={
+        CATALOG_QUEUE: (ReserveStock, ReleaseStock, CommitReservation),
+        ORDER_QUEUE: (ProcessPayment, ReversePayment),
+    },
+    publishes=(OrderStarted, OrderStatusChanged),
+    gateway_routes=public.ROUTES,
+    schema=SCHEMA,
+)
+
+
+def create_app(settings: Settings, **overrides: Any) -> web.Application:
+    """The order application (``overrides``: ``bus``, ``database_url``, ``verifier`` and :class:`OrderOptions`)."""
+    return host.service_app(SERVICE, settings, **overrides)

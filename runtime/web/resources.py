@@ -5,7 +5,7 @@ verifier, cluster membership) and the service's hooks. :meth:`ServiceRuntime.cle
 async context per resource, in dependency order:
 
     engine -> verifier -> bus -> cluster membership -> actor system -> outbox relay -> cluster leave
-    -> revocation listener -> service hooks
+    -> revocation listener -> the service's declared resources, then its bus consumers -> service hooks
 
 :func:`runtime.host.create_app` appends each to ``app.cleanup_ctx``, so aiohttp starts them in that order
 and stops them in reverse; when one fails to start (a service's ``on_start`` hook raising, say), the ones
@@ -58,6 +58,10 @@ class ServiceRuntime:
     ready_checks: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The service's own parts (runtime.description: its resources, then its consumers), each its own context.
+    contexts: list[tuple[str, ResourceContext]] = field(default_factory=list)
+    description: Any = None  # runtime.description.ServiceDescription, when built from one
+    bus_readiness: bool = True  # False: the bus is not one of the ready checks (the gateway's bus is optional)
     owns_bus: bool = False  # embedded mode shares one bus between services: only its owner closes it
     _revocations: Any = None  # the consumer of identity's revocation announcements
     _left_cluster: bool = False  # the cluster was left early on the way down
@@ -135,6 +139,7 @@ class ServiceRuntime:
             ("outbox relay", self._relay_context),
             ("cluster leave", self._leave_first_context),
             ("revocations", self._revocations_context),
+            *self.contexts,
             ("service hooks", self._hooks_context),
         ]
 
@@ -182,7 +187,8 @@ class ServiceRuntime:
         if bus is None:
             yield
             return
-        self.ready_checks.setdefault("bus", bus.ping)
+        if self.bus_readiness:
+            self.ready_checks.setdefault("bus", bus.ping)
         owned = self.owns_bus  # embedded mode shares one bus: only its owner starts and closes it
         if owned:
             await bus.start()
