@@ -33,7 +33,7 @@ Mapping of the Bus contract (bus/base.py) onto Service Bus:
 
 The code is in the package ``bus.servicebus`` (connection, messages, management, sending, receiving,
 broadcast, azurebus); this module is the backend's public face (``runtime.cli`` imports ``bus.<backend>``
-and calls ``create_bus``; ``register`` adds ``ecom bus provision``).
+and calls ``create_bus``; ``ecom bus provision``, in ``runtime.cli``, calls :func:`provision`).
 
 Configured by ``ECOM_BUS_URL`` (a connection string) or ``ECOM_BUS_NAMESPACE`` (with
 ``azure.identity.aio.DefaultAzureCredential``, imported only then).
@@ -41,17 +41,15 @@ Configured by ``ECOM_BUS_URL`` (a connection string) or ``ECOM_BUS_NAMESPACE`` (
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
 
 from bus.servicebus.azurebus import AzureBus
 from bus.servicebus.broadcast import AzureBroadcast
-from bus.servicebus.connection import _config_error, _connection_args
+from bus.servicebus.connection import _connection_args
 from bus.servicebus.management import _Provisioner, rule_name
 from bus.servicebus.messages import (
     DEFAULT_DUPLICATE_WINDOW,
@@ -62,11 +60,9 @@ from bus.servicebus.messages import (
 from bus.servicebus.receiving import AzureConsumer
 
 if TYPE_CHECKING:
-    import argparse
-
     from config import Settings
 
-__all__ = ["TOPIC", "AzureBroadcast", "AzureBus", "AzureConsumer", "create_bus", "provision", "register"]
+__all__ = ["TOPIC", "AzureBroadcast", "AzureBus", "AzureConsumer", "create_bus", "provision"]
 # Also importable from here, as before the split.
 __all__ += ["DEFAULT_DUPLICATE_WINDOW", "rule_name", "to_message"]
 
@@ -87,18 +83,18 @@ def create_bus(settings: Settings, **options: Any) -> AzureBus:
 
 
 def default_queues() -> list[str]:
-    """One queue per service that receives commands (every service but the gateway)."""
-    from config import SERVICES
+    """The queues the services consume, as their descriptions declare (:func:`runtime.services.bus_plan`)."""
+    from runtime.services import bus_plan
 
-    return [name for name in SERVICES if name != "gateway"]
+    return list(bus_plan().queues)
 
 
 def declared_subscriptions() -> dict[str, list[str]]:
-    """The services' subscriptions and their event types: ``contracts.queues.SUBSCRIPTIONS``, the list the
-    services subscribe with (tests/test_contracts.py holds them to it)."""
-    from contracts.queues import SUBSCRIPTIONS
+    """The services' subscriptions and their event types, as their descriptions declare
+    (:func:`runtime.services.bus_plan`; tests/test_contracts.py holds them to ``contracts.queues.SUBSCRIPTIONS``)."""
+    from runtime.services import bus_plan
 
-    return {name: sorted(types) for name, types in SUBSCRIPTIONS.items() if types}
+    return {name: sorted(types) for name, types in bus_plan().subscriptions.items() if types}
 
 
 async def provision(
@@ -113,7 +109,8 @@ async def provision(
     """Create the service queues, the ``ecom-events`` topic, and the subscriptions with their rules.
 
     Idempotent: existing entities are kept (their settings are not changed), rules are made to match
-    exactly the given event types. Returns one line per thing done or found, for the CLI to print.
+    exactly the given event types. Defaults: what the services' descriptions consume
+    (:func:`runtime.services.bus_plan`). Returns one line per thing done or found, for the CLI to print.
     """
     args = _connection_args(settings)
     options = dict(admin_options or {})
@@ -148,60 +145,3 @@ async def provision(
         if credential is not None:
             await credential.close()
     return report
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """``ecom bus provision``: create the Azure Service Bus entities (runtime/cli.py EXTRA_COMMANDS)."""
-    parser = subparsers.add_parser("bus", help="message bus administration: provisioning (Azure), dead letters")
-    sub = parser.add_subparsers(dest="bus_command", required=True)
-    prov = sub.add_parser(
-        "provision",
-        help="create the queues, the ecom-events topic, subscriptions and rules in Azure Service Bus",
-        description="Uses ECOM_BUS_URL (connection string with Manage rights) or ECOM_BUS_NAMESPACE "
-        "(Azure identity). Existing entities are kept; rules are set to exactly the given event types.",
-    )
-    prov.add_argument(
-        "--queue", action="append", metavar="NAME", help="a queue to create (repeatable; default: one per service)"
-    )
-    prov.add_argument(
-        "--ca-file",
-        metavar="PATH",
-        help="CA bundle to verify the namespace's TLS certificate with (default: the system's)",
-    )
-    prov.add_argument(
-        "--subscription",
-        action="append",
-        metavar="SERVICE=Type1,Type2",
-        help="a subscription and its event types (repeatable; default: contracts.queues.SUBSCRIPTIONS)",
-    )
-    prov.set_defaults(handler=_cli_bus)
-
-
-def _parse_subscriptions(values: Sequence[str] | None) -> dict[str, list[str]] | None:
-    if not values:
-        return None
-    parsed: dict[str, list[str]] = {}
-    for value in values:
-        name, sep, types = value.partition("=")
-        event_types = [t.strip() for t in types.split(",") if t.strip()]
-        if not sep or not name.strip() or not event_types:
-            raise _config_error(f"--subscription {value!r}: expected SERVICE=Type1,Type2")
-        parsed.setdefault(name.strip(), []).extend(event_types)
-    return parsed
-
-
-def _cli_bus(settings: Settings, args: argparse.Namespace) -> int:
-    if args.bus_command != "provision":  # pragma: no cover - argparse enforces the choices
-        return 2
-    subscriptions = _parse_subscriptions(args.subscription)
-    try:
-        options = {"connection_verify": args.ca_file} if args.ca_file else None
-        report = asyncio.run(provision(settings, queues=args.queue, subscriptions=subscriptions, admin_options=options))
-    except ValueError as exc:
-        raise _config_error(str(exc)) from exc
-    except (HttpResponseError, ClientAuthenticationError) as exc:
-        print(f"ecom bus provision: Service Bus refused: {exc}")
-        return 1
-    for line in report:
-        print(line)
-    return 0

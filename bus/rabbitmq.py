@@ -93,7 +93,7 @@ import random
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Coroutine
+from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -1013,6 +1013,11 @@ class RabbitBus:
         types = sorted(subscription_types(event_types))
         for event_type in types:
             check_name("event type", event_type)
+        target = await self._ensure_subscription(subscription, types)
+        return await self._attach(target, handler, max_concurrent_sessions)
+
+    async def _ensure_subscription(self, subscription: str, types: list[str]) -> _Target:
+        """The subscription's partitions and DLQ, the exchange, and a binding per event type and partition."""
         target = self._subscription_target(subscription)
         await self._ensure(target)
         exchange = await self._ensure_exchange()
@@ -1029,7 +1034,29 @@ class RabbitBus:
             except Exception as exc:
                 raise BusError(f"cannot bind {subscription!r} to {event_type!r}: {type(exc).__name__}: {exc}") from exc
             self._bound.add((base, event_type))
-        return await self._attach(target, handler, max_concurrent_sessions)
+        return target
+
+    async def provision(self, queues: Collection[str], subscriptions: Mapping[str, Collection[str]]) -> list[str]:
+        """Declare what consuming ``queues`` and subscribing ``subscriptions`` would, without consuming
+        (``ecom bus provision``): the partitions and dead-letter queue of each, the events exchange, and the
+        bindings of each subscription's event types. Idempotent; bindings of types no longer listed are kept
+        (RabbitMQ has no listing of them without the management plugin). One line per thing, for the CLI."""
+        self._check_open()
+        report: list[str] = []
+        for queue in queues:
+            check_name("queue", queue)
+            target = self._queue_target(queue)
+            await self._ensure(target)
+            report.append(f"queue {queue}: {len(target.partitions)} partitions + {target.dead_letter_queue}")
+        report.append(f"exchange {await self._ensure_exchange()}: declared")
+        for name, event_types in subscriptions.items():
+            check_name("subscription", name)
+            types = sorted(subscription_types(event_types))
+            for event_type in types:
+                check_name("event type", event_type)
+            target = await self._ensure_subscription(name, types)
+            report.append(f"subscription {name}: {len(target.partitions)} partitions bound to {', '.join(types)}")
+        return report
 
     async def broadcast(self, event_types: Collection[str], handler: Handler) -> RabbitBroadcast:
         """Every process calling this gets every published event of these types, in publish order, one

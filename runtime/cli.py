@@ -5,6 +5,7 @@
     ecom db upgrade [svc..]  create or migrate the databases
     ecom db status           schema versions per database
     ecom bench <name>        run a benchmark from bench/ (e.g. ``ecom bench actors``)
+    ecom bus provision       create the queues, subscriptions and topic the services declare (RabbitMQ, Azure)
 
 Services may add their own commands (``ecom users``, ``ecom keys``) through a ``cli.py`` with
 ``register(subparsers)``.
@@ -34,7 +35,7 @@ from runtime.store import create_engine
 
 log = logging.getLogger("ecom")
 
-EXTRA_COMMANDS = ("identity.cli", "bus.azure", "runtime.cli_deadletters")
+EXTRA_COMMANDS = ("identity.cli", "runtime.cli_deadletters")
 
 T = TypeVar("T")
 
@@ -286,6 +287,104 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
         tracing.shutdown()  # flushes the spans still batched for the exporter
 
 
+# ---------------------------------------------------------------------------------------------------
+# ecom bus provision
+
+
+def register_bus(subparsers: argparse._SubParsersAction) -> None:
+    """``ecom bus provision``: create what the services' descriptions consume (:func:`runtime.services.bus_plan`)
+    on the configured broker."""
+    parser = subparsers.add_parser("bus", help="message bus administration (RabbitMQ, Azure Service Bus)")
+    sub = parser.add_subparsers(dest="bus_command", required=True)
+    prov = sub.add_parser(
+        "provision",
+        help="create the queues, subscriptions and events topic/exchange the services consume",
+        description="Creates exactly what the services' descriptions declare they consume (or the --queue and "
+        "--subscription given) on ECOM_BUS: Azure Service Bus (ECOM_BUS_URL, a connection string with Manage "
+        "rights, or ECOM_BUS_NAMESPACE with an Azure identity; rules are set to exactly the given event types) "
+        "or RabbitMQ (ECOM_BUS_URL). Existing entities are kept. --dry-run prints the plan only.",
+    )
+    prov.add_argument(
+        "--queue", action="append", metavar="NAME", help="a queue to create (repeatable; default: the declared ones)"
+    )
+    prov.add_argument(
+        "--subscription",
+        action="append",
+        metavar="SERVICE=Type1,Type2",
+        help="a subscription and its event types (repeatable; default: the declared ones)",
+    )
+    prov.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        help="Azure: CA bundle to verify the namespace's TLS certificate with (default: the system's)",
+    )
+    prov.add_argument("--dry-run", action="store_true", help="print what would be provisioned, change nothing")
+    prov.set_defaults(handler=_cli_bus)
+
+
+def _parse_subscriptions(values: Sequence[str] | None) -> dict[str, list[str]] | None:
+    if not values:
+        return None
+    parsed: dict[str, list[str]] = {}
+    for value in values:
+        name, sep, types = value.partition("=")
+        event_types = [t.strip() for t in types.split(",") if t.strip()]
+        if not sep or not name.strip() or not event_types:
+            raise ConfigError(f"--subscription {value!r}: expected SERVICE=Type1,Type2")
+        parsed.setdefault(name.strip(), []).extend(event_types)
+    return parsed
+
+
+def _cli_bus(settings: Settings, args: argparse.Namespace) -> int:
+    if args.bus_command != "provision":  # pragma: no cover - argparse enforces the choices
+        return 2
+    plan = services.bus_plan()
+    queues: list[str] = args.queue or list(plan.queues)
+    subscriptions = _parse_subscriptions(args.subscription) or {n: list(t) for n, t in plan.subscriptions.items()}
+    backend = settings.bus.backend
+    if args.dry_run:
+        print(f"ecom bus provision ({backend}), would create:")
+        for line in services.BusPlan(tuple(queues), {n: tuple(t) for n, t in subscriptions.items()}, True).lines():
+            print(f"  {line}")
+        return 0
+    try:
+        if backend == "azure":
+            report = asyncio.run(_provision_azure(settings, queues, subscriptions, args.ca_file))
+        elif backend == "rabbitmq":
+            report = asyncio.run(_provision_rabbitmq(settings, queues, subscriptions))
+        else:
+            print(f"ecom bus provision: the {backend} bus lives in one process; there is nothing to provision")
+            return 0
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for line in report:
+        print(line)
+    return 0
+
+
+async def _provision_azure(
+    settings: Settings, queues: list[str], subscriptions: dict[str, list[str]], ca_file: str | None
+) -> list[str]:
+    from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
+
+    from bus.azure import provision
+
+    try:
+        options = {"connection_verify": ca_file} if ca_file else None
+        return await provision(settings, queues=queues, subscriptions=subscriptions, admin_options=options)
+    except (HttpResponseError, ClientAuthenticationError) as exc:
+        raise StartupError(f"bus provision: Service Bus refused: {exc}") from exc
+
+
+async def _provision_rabbitmq(settings: Settings, queues: list[str], subscriptions: dict[str, list[str]]) -> list[str]:
+    bus = await start_bus(settings)  # an unreachable broker is a StartupError naming it
+    try:
+        report: list[str] = await bus.provision(queues, subscriptions)
+        return report
+    finally:
+        await bus.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ecom", description="EcomGateway: microservice e-commerce backend")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser("bench", help="run a benchmark from bench/")
     p_bench.add_argument("name", help="benchmark module in bench/, e.g. actors")
     p_bench.add_argument("args", nargs=argparse.REMAINDER)
+    register_bus(sub)
     for module_name in EXTRA_COMMANDS:
         try:
             module = importlib.import_module(module_name)

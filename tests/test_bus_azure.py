@@ -24,9 +24,10 @@ from azure.servicebus.exceptions import (
 )
 
 from bus import Bus, BusError, Envelope
-from bus.azure import TOPIC, AzureBroadcast, AzureBus, create_bus, provision, register
+from bus.azure import TOPIC, AzureBroadcast, AzureBus, create_bus, provision
 from bus.servicebus.management import REPLAY_RULE
 from config import ConfigError, load_settings
+from runtime.cli import register_bus as register  # `ecom bus provision` (every backend)
 from tests.amqp_peer import AmqpPeer
 from tests.bus_contract import *  # the contract tests and the fixtures they use
 from tests.bus_contract import (

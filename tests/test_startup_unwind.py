@@ -1,20 +1,27 @@
 """Startup unwinds: each part of a ServiceRuntime is its own cleanup context, so when one fails to start
-(here a service's on_start hook) everything started before it stops, and a normal start/stop leaves no
-background task behind."""
+(here a service's on_start hook, or a resource its description declares) everything started before it stops,
+and a normal start/stop leaves no background task behind."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 import pytest
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from actors.cart import service as cart_service
+from actors.cart.admission import Admission
 from bus.memory import MemoryBus
 from config import load_settings
+from contracts import queues
 from runtime import migrate
-from runtime.host import ServiceRuntime, create_app
+from runtime.description import Http, Queue, Resource, ServiceDescription, ToActor
+from runtime.host import AppKeyRuntime, ServiceRuntime, create_app, service_app
+from runtime.store import create_engine
+from tests.test_service_description import Greet, GreeterActor
 
 
 class StartFailed(RuntimeError):
@@ -160,3 +167,151 @@ async def test_parts_stop_in_reverse_dependency_order(tmp_path) -> None:
     await runner.setup()
     await runner.cleanup()
     assert order == ["hooks", "relay", "actors", "bus", "verifier"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Declared resources and consumers (runtime.description) are cleanup contexts: a failed start unwinds fully
+
+
+class Part:
+    def __init__(self, name: str, events: list[str], fail: bool = False) -> None:
+        self.name, self.events, self.fail = name, events, fail
+
+    async def start(self) -> None:
+        self.events.append(f"{self.name} started")
+        if self.fail:
+            raise RuntimeError(f"{self.name} cannot start")
+
+    async def stop(self) -> None:
+        self.events.append(f"{self.name} stopped")
+
+
+A: web.AppKey[Part] = web.AppKey("a", Part)
+B: web.AppKey[Part] = web.AppKey("b", Part)
+C: web.AppKey[Part] = web.AppKey("c", Part)
+
+
+def _described(events: list[str], *, b_fails: bool) -> ServiceDescription:
+    return ServiceDescription(
+        "unwind",
+        http=Http(()),
+        actors=(),
+        resources=(
+            Resource(A, lambda ctx: Part("a", events), start=Part.start, stop=Part.stop),
+            Resource(B, lambda ctx: Part("b", events, fail=b_fails), start=Part.start, stop=Part.stop),
+            Resource(C, lambda ctx: Part("c", events), start=Part.start, stop=Part.stop),
+        ),
+        consumes=(Queue("unwind", (ToActor(Greet, GreeterActor),)),),
+    )
+
+
+class CountingBus(MemoryBus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.consumers: list[Any] = []
+        self.subscribed: list[str] = []
+
+    async def subscribe(self, subscription: str, event_types: Any, handler: Any, **kwargs: Any) -> Any:
+        self.subscribed.append(subscription)
+        return await super().subscribe(subscription, event_types, handler, **kwargs)
+
+    async def consume(self, queue: str, handler: Any, **kwargs: Any) -> Any:
+        consumer = await super().consume(queue, handler, **kwargs)
+        self.consumers.append(consumer)
+        return consumer
+
+
+async def _migrate(url: str, schema: migrate.Component | None = None) -> None:
+    engine = create_engine(url)
+    try:
+        await migrate.upgrade(engine, [migrate.RUNTIME, *([schema] if schema else [])])
+    finally:
+        await engine.dispose()
+
+
+async def test_a_resource_that_fails_to_start_unwinds_everything_started_before_it(
+    tmp_path: Any, disposed: list[AsyncEngine]
+) -> None:
+    events: list[str] = []
+    url = f"sqlite+aiosqlite:///{tmp_path / 'unwind.db'}"
+    await _migrate(url)
+    bus = CountingBus()
+    await bus.start()
+    settings = load_settings({"ECOM_DATA_DIR": str(tmp_path)})
+    app = service_app(_described(events, b_fails=True), settings, bus=bus, database_url=url)
+    runtime = app[AppKeyRuntime]
+    assert [name for name, _ in runtime.cleanup_contexts()][-6:] == [
+        "revocations",
+        "a",
+        "b",
+        "c",
+        "consumer unwind",
+        "service hooks",
+    ]
+    engine = runtime.engine
+    runner = web.AppRunner(app, handle_signals=False)
+    with pytest.raises(RuntimeError, match="b cannot start"):
+        await runner.setup()
+    await runner.cleanup()
+    # b's stop runs for its half-made start; c and the consumer never started; a stops last
+    assert events == ["a started", "b started", "b stopped", "a stopped"]
+    assert bus.consumers == []
+    assert runtime._revocations is None and runtime.relay._task is None
+    assert engine in disposed
+    await bus.close()
+
+
+async def test_a_normal_start_and_stop_runs_the_parts_in_order_and_back(tmp_path: Any) -> None:
+    events: list[str] = []
+    url = f"sqlite+aiosqlite:///{tmp_path / 'unwind.db'}"
+    await _migrate(url)
+    bus = CountingBus()
+    await bus.start()
+    settings = load_settings({"ECOM_DATA_DIR": str(tmp_path)})
+    app = service_app(_described(events, b_fails=False), settings, bus=bus, database_url=url)
+    assert app[A].name == "a"  # each resource is in the app under its key
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    assert events == ["a started", "b started", "c started"] and len(bus.consumers) == 1
+    await runner.cleanup()
+    assert events[3:] == ["c stopped", "b stopped", "a stopped"]
+    await bus.close()
+
+
+async def test_the_cart_service_unwinds_its_catalog_client_when_admission_fails(
+    tmp_path: Any, test_identity: Any
+) -> None:
+    """A real service: its admission control fails to start (fault injected), so the catalog client started before
+    it is closed again and the startup fails."""
+
+    async def refuse(_admission: Admission) -> None:
+        raise RuntimeError("admission cannot start")
+
+    # the cart's own description, with its admission control's start replaced by one that fails
+    resources = tuple(
+        dataclasses.replace(r, start=refuse) if r.key is cart_service.ADMISSION else r
+        for r in cart_service.SERVICE.resources
+    )
+    described = dataclasses.replace(cart_service.SERVICE, resources=resources)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cart.db'}"
+    await _migrate(url, cart_service.SCHEMA)
+    settings = load_settings({"ECOM_DATA_DIR": str(tmp_path)})
+    bus = CountingBus()
+    await bus.start()
+    app = service_app(
+        described,
+        settings,
+        bus=bus,
+        database_url=url,
+        verifier=test_identity.verifier(),
+        catalog_url="http://127.0.0.1:9",
+    )
+    catalog = app[cart_service.CATALOG]
+    runner = web.AppRunner(app, handle_signals=False)
+    with pytest.raises(RuntimeError, match="admission cannot start"):
+        await runner.setup()
+    await runner.cleanup()
+    assert catalog._session is None  # started, then closed by the unwind
+    assert app[AppKeyRuntime].system._background == []
+    assert queues.CART_SUBSCRIPTION not in bus.subscribed  # the subscription never started
+    await bus.close()

@@ -1,7 +1,8 @@
 """The admin endpoints, open only to the admin role (or to anyone when ``ECOM_ADMIN_OPEN=true``, for a local
 single-user setup):
 
-- actors: ``<prefix>/actors`` and ``<prefix>/actors/{type}/{id}``;
+- actors: ``<prefix>/actors`` and ``<prefix>/actors/{type}/{id}`` (the types the service's description
+  declares, :mod:`runtime.description`);
 - traces: ``<prefix>/traces?order_id=|trace_id=``, the recent spans of this process
   (:func:`runtime.tracing.recent_spans`);
 - dead letters of the service's queues and subscriptions (:mod:`runtime.deadletters`; replay and discard are
@@ -24,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from runtime.errors import Forbidden, NotFound, ValidationProblem
-from runtime.web.resources import AppKeyRuntime
+from runtime.web.resources import AppKeyRuntime, ServiceRuntime
 from runtime.web.responses import json_response
 
 _TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
@@ -55,21 +56,32 @@ async def require_admin(request: web.Request) -> None:
     check_access(await authenticate(request), roles=("admin",))
 
 
+def actor_types(runtime: ServiceRuntime) -> list[str]:
+    """The actor types the service declares (its description), else those its actor system knows."""
+    if runtime.description is not None:
+        return list(runtime.description.actor_types)
+    return list(runtime.system.actor_types()) if runtime.system is not None else []
+
+
 async def admin_actors(request: web.Request) -> web.Response:
     await require_admin(request)
     runtime = request.app[AppKeyRuntime]
     system = runtime.system
     limit = _int_query(request, "limit", 100, 0, 10_000)
-    body: dict[str, Any] = {"service": runtime.name, "types": system.introspect(limit=limit) if system else {}}
+    live = system.introspect(limit=limit) if system else {}
+    empty = {"live": 0, "mailbox_depth": 0, "handled": 0, "actors": []}
+    types = {name: live.get(name, empty) for name in actor_types(runtime)}
+    body: dict[str, Any] = {"service": runtime.name, "types": types}
     body["cluster"] = runtime.cluster.describe() if runtime.cluster is not None else None
     return json_response(body)
 
 
 async def admin_actor(request: web.Request) -> web.Response:
     await require_admin(request)
-    system = request.app[AppKeyRuntime].system
+    runtime = request.app[AppKeyRuntime]
+    system = runtime.system
     type_name, actor_id = request.match_info["type"], request.match_info["id"]
-    if system is None or type_name not in set(system.actor_types()):
+    if system is None or type_name not in actor_types(runtime):
         raise NotFound(f"this service has no actor type {type_name!r}")
     info = await system.inspect(type_name, actor_id)
     if info is None:
