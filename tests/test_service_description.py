@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
 import uuid
 from contextlib import suppress
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from runtime.cli import main
 from runtime.description import Http, Queue, ServiceDescription, ToActor
 from runtime.host import AppKeyRuntime
 from tests.conftest import require_server
+from tests.support.cluster import rabbitmqctl
 
 DESCRIPTIONS = {d.name: d for d in services.descriptions()}
 
@@ -230,3 +232,35 @@ async def test_rabbitmq_provision_declares_exactly_the_plan() -> None:
                 await channel.exchange_delete(f"{prefix}ecom-events")
         finally:
             await connection.close()
+
+
+@pytest.mark.rabbitmq
+async def test_ecom_bus_provision_creates_the_plan_in_its_own_vhost(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command as an operator runs it, on a vhost of its own: every queue in it afterwards is one the plan
+    names (partitions and dead-letter queues), and nothing else."""
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed (needed to give the test its own RabbitMQ vhost)")
+    vhost = f"provision-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(rabbitmqctl, "add_vhost", vhost)
+    try:
+        await asyncio.to_thread(rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        monkeypatch.setenv("ECOM_BUS", "rabbitmq")
+        monkeypatch.setenv("ECOM_BUS_URL", f"amqp://guest:guest@127.0.0.1:5672/{vhost}")
+        # `ecom` runs its own event loop, so off this test's loop
+        assert await asyncio.to_thread(main, ["bus", "provision"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert (
+            out[0] == "queue catalog: 8 partitions + catalog.dlq" and out[1] == "queue order: 8 partitions + order.dlq"
+        )
+        listed = await asyncio.to_thread(
+            rabbitmqctl, "list_queues", "-p", vhost, "--quiet", "--no-table-headers", "name"
+        )
+        names = {line.strip() for line in listed.splitlines() if line.strip()}
+        bases = ("catalog", "order", "cart.events")
+        assert names == {f"{b}.p{k}" for b in bases for k in range(8)} | {f"{b}.dlq" for b in bases}
+    finally:
+        with suppress(Exception):
+            await asyncio.to_thread(rabbitmqctl, "delete_vhost", vhost)
