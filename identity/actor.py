@@ -82,12 +82,12 @@ def login_ref(system: ActorSystem, email: str) -> ActorRef:
     return system.ref(LoginActor, hashlib.sha256(email.encode("utf-8")).hexdigest())
 
 
-async def login(system: ActorSystem, email: str, password: str) -> LoginOutcome:
-    """Check credentials through the login throttle of ``email`` (already normalised). While the hashing queue is
-    full the attempt is refused here (503 + Retry-After), before it costs a user lookup and a login actor."""
-    context = _contexts.get(system)
-    if context is not None:
-        context.passwords.admit()
+async def login(system: ActorSystem, email: str, password: str, passwords: Passwords | None = None) -> LoginOutcome:
+    """Check credentials through the login throttle of ``email`` (already normalised). While the hashing queue of
+    ``passwords`` (the login actors' hasher) is full the attempt is refused here (503 + Retry-After), before it
+    costs a user lookup and a login actor."""
+    if passwords is not None:
+        passwords.admit()
     return await login_ref(system, email).ask(Attempt(email, password))
 
 

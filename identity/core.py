@@ -76,7 +76,7 @@ class Identity:
     tokens: TokenService
 
     async def login(self, email: str, password: str) -> LoginOutcome:
-        return await login(self.system, email, password)
+        return await login(self.system, email, password, self.passwords)
 
     def discovery(self) -> Mapping[str, Any]:
         base = self.settings.issuer.rstrip("/")

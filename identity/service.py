@@ -99,7 +99,11 @@ def _identity(ctx: ServiceContext) -> Identity:
     passwords = ctx[HASHING].passwords
     issuer = TokenIssuer(keys.ring, settings.issuer, settings.general.audience, settings.auth.access_token_ttl)
     tokens = TokenService(
-        repo=repo, issuer=issuer, verifier=runtime.verifier, login=functools.partial(login, system), settings=settings
+        repo=repo,
+        issuer=issuer,
+        verifier=runtime.verifier,
+        login=functools.partial(login, system, passwords=passwords),
+        settings=settings,
     )
     return Identity(settings, repo, keys, issuer, passwords, runtime.verifier, system, tokens)
 
