@@ -82,26 +82,11 @@ def create_bus(settings: Settings, **options: Any) -> AzureBus:
     )
 
 
-def default_queues() -> list[str]:
-    """The queues the services consume, as their descriptions declare (:func:`runtime.services.bus_plan`)."""
-    from runtime.services import bus_plan
-
-    return list(bus_plan().queues)
-
-
-def declared_subscriptions() -> dict[str, list[str]]:
-    """The services' subscriptions and their event types, as their descriptions declare
-    (:func:`runtime.services.bus_plan`; tests/test_contracts.py holds them to ``contracts.queues.SUBSCRIPTIONS``)."""
-    from runtime.services import bus_plan
-
-    return {name: sorted(types) for name, types in bus_plan().subscriptions.items() if types}
-
-
 async def provision(
     settings: Settings,
     *,
-    queues: Sequence[str] | None = None,
-    subscriptions: Mapping[str, Collection[str]] | None = None,
+    queues: Sequence[str],
+    subscriptions: Mapping[str, Collection[str]],
     lock_duration: timedelta = timedelta(seconds=60),
     duplicate_detection_window: timedelta | None = DEFAULT_DUPLICATE_WINDOW,
     admin_options: Mapping[str, Any] | None = None,
@@ -109,7 +94,7 @@ async def provision(
     """Create the service queues, the ``ecom-events`` topic, and the subscriptions with their rules.
 
     Idempotent: existing entities are kept (their settings are not changed), rules are made to match
-    exactly the given event types. Defaults: what the services' descriptions consume
+    exactly the given event types. ``ecom bus provision`` passes what the services' descriptions consume
     (:func:`runtime.services.bus_plan`). Returns one line per thing done or found, for the CLI to print.
     """
     args = _connection_args(settings)
@@ -127,13 +112,13 @@ async def provision(
     )
     report: list[str] = []
     try:
-        for queue in default_queues() if queues is None else queues:
+        for queue in queues:
             _check_name("queue", queue)
             created = await provisioner.queue(queue)
             report.append(f"queue {queue}: {'created' if created else 'exists'}")
         created = await provisioner.ensure_topic()
         report.append(f"topic {TOPIC}: {'created' if created else 'exists'}")
-        for name, types in (declared_subscriptions() if subscriptions is None else subscriptions).items():
+        for name, types in subscriptions.items():
             _check_name("subscription", name)
             if isinstance(types, str) or not types:
                 raise ValueError(f"subscription {name}: give a non-empty collection of event types")

@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.routes import Kind, Route, services_of
 from gateway.upstreams import Upstreams
+from runtime.routes import Kind, Route, services_of
 
 log = logging.getLogger(__name__)
 

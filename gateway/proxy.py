@@ -27,7 +27,6 @@ from aiohttp import hdrs, web
 from gateway.client import Connection, Response, UpstreamError
 from gateway.options import GatewayOptions
 from gateway.ratelimit import AuthLimits, Limiter, LocalLimiter
-from gateway.routes import Affinity, Kind, Route
 from gateway.upstreams import Instance, Service
 from runtime import tracing
 from runtime.auth import (
@@ -48,6 +47,7 @@ from runtime.errors import (
     TooManyRequests,
 )
 from runtime.host import problem_response
+from runtime.routes import Affinity, Kind, Route
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,14 @@ from gateway.metrics import GatewayCollector
 from gateway.options import GatewayOptions, gateway_options
 from gateway.proxy import RouteProxy
 from gateway.ratelimit import AuthLimits, make_limiter
-from gateway.routes import ROUTES, Route, services_of
+from gateway.routes import ROUTES
 from gateway.upstreams import Upstreams
 from runtime import host
 from runtime.auth import TokenVerifier, bearer_token, check_access
 from runtime.description import Http, Resource, ServiceContext, ServiceDescription
 from runtime.errors import NotFound
 from runtime.host import AppKeyRuntime, json_response
+from runtime.routes import Route, services_of
 
 UPSTREAMS_KEY: web.AppKey[Upstreams] = web.AppKey("gateway_upstreams", Upstreams)
 

@@ -5,7 +5,7 @@ own endpoints take client credentials in ``Authorization``, so the gateway check
 
 from __future__ import annotations
 
-from gateway.routes import ANY_TAIL, PUBLIC, Route, admin_rules, rule
+from runtime.routes import ANY_TAIL, PUBLIC, Route, admin_rules, rule
 
 ROUTES: tuple[Route, ...] = (
     Route("/.well-known", "identity", (rule(ANY_TAIL, PUBLIC),)),

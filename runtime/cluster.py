@@ -420,9 +420,10 @@ def forwarding_middleware(key_of: KeyOf) -> Any:
 def route_key_of(service: str) -> KeyOf:
     """The entity a request to ``service`` is about, by the gateway's route table (its affinity rules), so the
     gateway and the instances agree on which requests name one entity and which entity that is."""
-    from gateway.routes import ROUTES, Affinity
+    from runtime.routes import Affinity
+    from runtime.services import gateway_routes  # lazily: the service registry imports this module's users
 
-    routes = [r for r in ROUTES if r.service == service]
+    routes = [r for r in gateway_routes() if r.service == service]
 
     async def key_of(request: web.Request) -> str | None:
         path = request.path

@@ -41,9 +41,9 @@ from runtime.actors import Actor, ActorFactory
 if TYPE_CHECKING:
     from bus.envelope import Envelope
     from config import Settings
-    from gateway.routes import Route
     from runtime.messages import BusBinding
     from runtime.migrate import Component
+    from runtime.routes import Route
     from runtime.web.resources import ServiceRuntime
 
 __all__ = [

@@ -23,7 +23,7 @@ from runtime.description import ServiceDescription
 from runtime.store import create_engine
 
 if TYPE_CHECKING:
-    from gateway.routes import Route
+    from runtime.routes import Route
 
 SERVICE_PACKAGES: dict[str, str] = {
     "identity": "identity",

@@ -37,8 +37,9 @@ from schemathesis.specs.openapi.checks import (
 
 from config import load_settings
 from gateway.options import GatewayOptions
-from gateway.routes import ROUTES, services_of
+from gateway.routes import ROUTES
 from gateway.service import create_app as create_gateway
+from runtime.routes import services_of
 from tests.test_openapi import SERVICES, _doc, bus, make_service  # noqa: F401  (fixtures)
 
 EXAMPLES = 25

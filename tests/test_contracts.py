@@ -24,10 +24,10 @@ from actors.cart import service as cart_service
 from actors.catalog import service as catalog_service
 from actors.order import service as order_service
 from bus import MemoryBus
-from bus.azure import declared_subscriptions
 from config import load_settings
 from contracts import queues
 from runtime.migrate import RUNTIME, upgrade
+from runtime.services import bus_plan
 from runtime.store import create_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +185,10 @@ def test_subscriptions_name_contract_events() -> None:
 
 
 def test_provisioning_reads_the_contract_subscriptions() -> None:
-    assert declared_subscriptions() == {name: sorted(types) for name, types in queues.SUBSCRIPTIONS.items()}
+    plan = bus_plan()
+    assert {name: sorted(types) for name, types in plan.subscriptions.items() if types} == {
+        name: sorted(types) for name, types in queues.SUBSCRIPTIONS.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ from bus.memory import MemoryBus
 from config import load_settings
 from gateway import docs as gateway_docs
 from gateway.options import GatewayOptions
-from gateway.routes import ROUTES, services_of
+from gateway.routes import ROUTES
 from gateway.service import create_app as create_gateway
 from identity import service as identity_service
 from identity.passwords import Passwords
 from runtime.migrate import RUNTIME, upgrade
+from runtime.routes import services_of
 from runtime.store import create_engine
 
 SPEC = "/api/docs/swagger.json"

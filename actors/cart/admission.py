@@ -25,7 +25,7 @@ renewed by the first checkout that finds it old; concurrent checkouts wait for t
 flight, shielded from a client that goes away) whose parts run concurrently and are bounded by ``timeout``.
 
 Failures never refuse a checkout on their own: an order instance that does not answer (or answers something that
-is not the contract) is left out — cooled down by its :class:`~actors.cart.upstream.Upstream`, so a dead
+is not the contract) is left out — cooled down by its :class:`~runtime.upstream.Upstream`, so a dead
 instance costs no time on the following measurements — and when none answers the order load is unknown; the
 outbox and the bus buffer the checkout meanwhile, and the local outbox check still applies. A local count that
 fails (database down) is unknown too: the checkout's own commit then fails with its own 503.
@@ -45,10 +45,10 @@ import aiohttp
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from actors.cart.upstream import Instance, Upstream
 from config import ShopSettings
 from runtime.errors import ServiceUnavailable
 from runtime.store import outbox
+from runtime.upstream import Instance, Upstream
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Prices never come from the client; they come from here. One :class:`CatalogClient` per service process:
 
-* every catalog instance (``ECOM_CATALOG_UPSTREAMS``) through an :class:`~actors.cart.upstream.Upstream`: the
+* every catalog instance (``ECOM_CATALOG_UPSTREAMS``) through an :class:`~runtime.upstream.Upstream`: the
   least busy available instance answers; one that cannot be reached, times out or answers 5xx is cooled down and
   the lookup (a GET: idempotent) moves on to another instance at once, at most ``max_attempts`` of them;
 * one shared ``aiohttp.ClientSession`` (opened with the service, closed with it) and a total timeout per attempt,
@@ -33,9 +33,9 @@ from typing import Any
 import aiohttp
 
 from actors.cart.messages import ProductQuote
-from actors.cart.upstream import Instance, InstanceFailed, NoInstance, Upstream
 from runtime.errors import BadGateway, ServiceUnavailable
 from runtime.host import request_id_var
+from runtime.upstream import Instance, InstanceFailed, NoInstance, Upstream
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Light on purpose (no service code): the gateway builds its table from every serv
 
 from __future__ import annotations
 
-from gateway.routes import ANY_TAIL, CUSTOMER, Affinity, Route, admin_rules, rule
+from runtime.routes import ANY_TAIL, CUSTOMER, Affinity, Route, admin_rules, rule
 
 # A customer's cart lives in one process: every request goes to the owner of the token's subject.
 ROUTES: tuple[Route, ...] = (

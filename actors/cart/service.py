@@ -24,7 +24,6 @@ from actors.cart import api, public, repository
 from actors.cart.actor import CartActor
 from actors.cart.admission import Admission
 from actors.cart.catalog import CatalogClient
-from actors.cart.upstream import Upstream, service_urls
 from bus.envelope import Envelope
 from config import Settings
 from contracts.catalog import ProductPriceChanged
@@ -43,6 +42,7 @@ from runtime.description import (
 )
 from runtime.messages import BusBinding, deliver, from_body
 from runtime.migrate import Component, Migration, create_tables
+from runtime.upstream import Upstream, service_urls
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from typing import Any
 
 import aiohttp
 
-from actors.cart.upstream import Instance, InstanceFailed, NoInstance, Upstream
 from runtime.host import request_id_var
+from runtime.upstream import Instance, InstanceFailed, NoInstance, Upstream
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Light on purpose (no service code): the gateway builds its table from every serv
 
 from __future__ import annotations
 
-from gateway.routes import ADMIN, CUSTOMER, Affinity, Route, admin_rules, rule
+from runtime.routes import ADMIN, CUSTOMER, Affinity, Route, admin_rules, rule
 
 ROUTES: tuple[Route, ...] = (
     Route(

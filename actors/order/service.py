@@ -20,7 +20,6 @@ from aiohttp import web
 from alembic.operations import Operations
 from sqlalchemy import Connection
 
-from actors.cart.upstream import Upstream, service_urls
 from actors.order import api, public, repository
 from actors.order.actor import OrderActor, SagaTimings
 from actors.order.checkouts import AcceptedCheckouts
@@ -52,6 +51,7 @@ from runtime.description import (
 )
 from runtime.messages import BusBinding, from_body
 from runtime.migrate import Component, Migration, create_tables
+from runtime.upstream import Upstream, service_urls
 
 log = logging.getLogger(__name__)
 

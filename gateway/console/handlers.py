@@ -15,9 +15,9 @@ import aiohttp
 from aiohttp import web
 
 from config import Settings
-from gateway.routes import ADMIN, Route
 from gateway.upstreams import BREAKER_STATES, Instance, Upstreams
 from runtime.auth import authenticate, check_access
+from runtime.routes import ADMIN, Route
 from runtime.web.admin import _int_query
 from runtime.web.responses import json_response
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from actors.cart import api
-from actors.cart.upstream import (
+from runtime.upstream import (
     Instance,
     InstanceFailed,
     NoInstance,

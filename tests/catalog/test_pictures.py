@@ -8,7 +8,8 @@ from xml.etree import ElementTree
 import pytest
 
 from actors.catalog import pictures, service
-from gateway.routes import OPTIONAL, ROUTES
+from gateway.routes import ROUTES
+from runtime.routes import OPTIONAL
 
 PICTURES = pictures.PICTURES_PATH
 

@@ -28,9 +28,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from config import load_settings
 from gateway.options import GatewayOptions
-from gateway.routes import ROUTES, Route, services_of
+from gateway.routes import ROUTES
 from gateway.service import UPSTREAMS_KEY, create_app
 from gateway.upstreams import Upstreams
+from runtime.routes import Route, services_of
 
 DEAD = "http://127.0.0.1:1"  # nothing listens on port 1: connection refused
 

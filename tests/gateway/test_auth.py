@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from joserfc import jwt
 
-from gateway.routes import ADMIN, ANY_TAIL, PUBLIC, Route, rule, scopes
 from identity.keys import generate_key
 from runtime.auth import VERIFIER_KEY
+from runtime.routes import ADMIN, ANY_TAIL, PUBLIC, Route, rule, scopes
 
 
 def b64(data: bytes) -> str:

@@ -18,9 +18,10 @@ from aiohttp import web
 from bus.memory import MemoryBus
 from config import load_settings
 from gateway.options import GatewayOptions
-from gateway.routes import ROUTES, services_of
+from gateway.routes import ROUTES
 from gateway.service import create_app
 from runtime.revocation import AccessRevoked, SigningKeyRevoked, announcement
+from runtime.routes import services_of
 from tests.gateway.conftest import DEAD, FAST, eventually
 
 PROBLEM = "application/problem+json"

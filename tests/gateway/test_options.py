@@ -6,8 +6,9 @@ import pytest
 
 from config import ConfigError, load_settings
 from gateway.options import GatewayOptions, load_options
-from gateway.routes import ROUTES, services_of
+from gateway.routes import ROUTES
 from gateway.upstreams import Upstreams, parse_upstreams
+from runtime.routes import services_of
 
 
 def test_defaults_and_environment():

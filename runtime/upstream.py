@@ -1,4 +1,5 @@
-"""Client-side balancing over every instance of another service (the cart calling the catalog and the order).
+"""Client-side balancing over every instance of another service (the cart calling the catalog and the order, the
+order asking the cart about checkouts).
 
 The gateway balances the requests that come from outside; a service calling another directly has to do the same,
 or one dead instance fails every call that picks it (issue 11: the cart used only the first catalog URL, and
