@@ -2,7 +2,7 @@
 
 The one place these names are spelled: producers (``turn.send(ORDER_QUEUE, ...)``), consumers
 (``bus.consume(CATALOG_QUEUE, ...)``, ``bus.subscribe(CART_SUBSCRIPTION, ...)``) and provisioning
-(``ecom bus provision``: :data:`SUBSCRIPTIONS`) all import them from here.
+(``ecom bus provision``, through the services' descriptions) all import them from here.
 
 * queues (point to point, ``session_id`` = the entity the message is for):
 
@@ -39,5 +39,5 @@ SUBSCRIPTIONS: dict[str, tuple[str, ...]] = {
 }
 """Subscription name -> the event types (envelope ``type``, the class name) it receives, sorted.
 
-``ecom bus provision`` creates exactly these subscriptions and rules; tests/test_contracts.py checks that the
-services subscribe to exactly these types."""
+The services' descriptions declare what they subscribe to, and ``ecom bus provision`` creates exactly that;
+tests/test_contracts.py checks that the descriptions and this table agree."""

@@ -47,7 +47,7 @@ class CliError(Exception):
 
 
 def register(subparsers: Any) -> None:
-    """Adds ``dead-letters`` under ``ecom bus`` (made by bus.azure's ``register``, or here if it is absent)."""
+    """Adds ``dead-letters`` under ``ecom bus`` (made by ``runtime.cli.register_bus``, or here if it is absent)."""
     bus_parser = subparsers.choices.get("bus") or subparsers.add_parser("bus", help="message bus administration")
     bus_sub = next((a for a in bus_parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     if bus_sub is None:

@@ -44,11 +44,14 @@ class Operator:
 
 
 def service_sources(service: str) -> list[tuple[str, str]]:
-    """(name, kind) of the queues and subscriptions ``service`` consumes."""
-    from contracts.queues import QUEUES, SUBSCRIPTIONS
+    """(name, kind) of the queues and subscriptions ``service`` consumes, as its description declares."""
+    from runtime import services  # lazily: the registry imports the services, which import this module's users
 
-    sources = [(name, QUEUE) for name in QUEUES if name == service]
-    return sources + [(name, SUBSCRIPTION) for name in SUBSCRIPTIONS if name == service]
+    loaded = services.load(service) if service in services.SERVICE_MODULES else None
+    if loaded is None:
+        return []
+    described = loaded.description
+    return [(q.name, QUEUE) for q in described.queues] + [(s.name, SUBSCRIPTION) for s in described.subscriptions]
 
 
 def letter_summary(letter: DeadLetter) -> dict[str, Any]:
