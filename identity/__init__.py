@@ -8,6 +8,7 @@
 - :mod:`identity.messages`, :mod:`identity.actor`: the login throttle, one actor per email (lock-out, back-off).
 - :mod:`identity.oauth`: the protocol — client authentication, scopes, PKCE, grants, revocation, introspection.
 - :mod:`identity.pages`: the sign-in page and its CSRF protection.
-- :mod:`identity.core`, :mod:`identity.api`, :mod:`identity.service`: composition, routes, app factory and seed.
+- :mod:`identity.core`, :mod:`identity.api`, :mod:`identity.service`, :mod:`identity.seed`: composition, routes,
+  the service declaration and app factory, the first-run seed.
 - :mod:`identity.cli`: ``ecom users``, ``ecom keys``, ``ecom clients``.
 """

@@ -48,7 +48,7 @@ from identity.keystore import KeyManager
 from identity.oauth import GRANT_TYPES, SCOPES, build_client, check_redirect_uri
 from identity.passwords import Passwords
 from identity.repository import ClientExists, EmailTaken, KeyConflict, Repository
-from identity.service import open_repository
+from identity.seed import open_repository
 from runtime.errors import ValidationProblem
 from runtime.store import utcnow
 

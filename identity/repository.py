@@ -162,7 +162,7 @@ def _v2_scopes_and_roles(op: Any, conn: Connection) -> None:
     conn.execute(update(clients).where(clients.c.client_id.in_(FIRST_PARTY_CLIENTS)).values(roles_allowed=True))
 
 
-# Identity's schema steps (``identity.service.SCHEMA`` is the component made of them).
+# Identity's schema steps (:data:`SCHEMA` is the component made of them).
 MIGRATIONS: list[migrate.Migration] = [
     migrate.Migration(
         1, "users, clients, signing keys, refresh tokens, authorization codes", migrate.create_tables(*TABLES)
@@ -171,6 +171,7 @@ MIGRATIONS: list[migrate.Migration] = [
         2, "users.password_change_required, clients.roles_allowed (first-party clients: true)", _v2_scopes_and_roles
     ),
 ]
+SCHEMA = migrate.Component("identity", MIGRATIONS)  # identity's database schema, for `ecom db upgrade`
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The identity service, declared (:data:`SERVICE`): store, key ring, login throttle, token service and routes.
 
-``create_app(settings)`` builds the aiohttp application from it on the shared host (:mod:`runtime.host`); ``seed``
-creates what a first run needs — a signing key, the ``storefront`` and ``admin-console`` clients and the admin user —
-and nothing twice; ``SCHEMA`` is identity's database schema for ``ecom db upgrade``.
+``create_app(settings)`` builds the aiohttp application from it on the shared host (:mod:`runtime.host`); the seed
+(:mod:`identity.seed`) creates what a first run needs and nothing twice; the schema is
+:data:`identity.repository.SCHEMA`.
 
 ``password_hasher`` (``create_app`` and ``seed``) takes a :class:`identity.passwords.Passwords` with other
 argon2id parameters: tests pass a cheap one; production leaves it unset and gets the ``[auth] argon2_*`` settings.
@@ -11,37 +11,31 @@ argon2id parameters: tests pass a cheap one; production leaves it unset and gets
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 
-from config import ConfigError, Settings
+from config import Settings
 from contracts.identity import ANNOUNCEMENTS
 from identity import api, public, repository
-from identity.accounts import ADMIN_EMAIL, generate_password, register_user
 from identity.actor import LoginActor, LoginContext, LoginPolicy, login
 from identity.core import IDENTITY, Identity, KeyRingVerifier
 from identity.keystore import CHECK_INTERVAL, KeyManager
-from identity.oauth import API_SCOPE, SCOPES, STOREFRONT, TokenService, build_client
+from identity.oauth import TokenService
 from identity.pages import CSRF_TOKENS, CsrfTokens
 from identity.passwords import Passwords
-from identity.repository import ClientExists, EmailTaken, Repository
+from identity.repository import Repository
+from identity.seed import seed
 from identity.tokens import TokenIssuer
-from runtime import host, migrate
+from runtime import host
 from runtime.description import ActorType, Http, Resource, ServiceContext, ServiceDescription
-from runtime.errors import ValidationProblem
-from runtime.store import create_engine, utcnow
+from runtime.store import utcnow
 
 log = logging.getLogger(__name__)
-
-SCHEMA = migrate.Component("identity", repository.MIGRATIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,104 +144,6 @@ async def housekeep(identity: Identity) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# First run
-
-
-@contextlib.asynccontextmanager
-async def open_repository(settings: Settings, database_url: str | None = None) -> AsyncIterator[Repository]:
-    """identity's database, migrated to the current schema (for seed and the CLI)."""
-    engine = create_engine(database_url or settings.database_url("identity"))
-    try:
-        await migrate.upgrade(engine, [migrate.RUNTIME, SCHEMA])
-        yield Repository(engine)
-    finally:
-        await engine.dispose()
-
-
-def storefront_redirect_uris(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(redirect URIs, post-logout redirect URIs) of the storefront: the web storefront behind the gateway and
-    the mobile app's private-use scheme (RFC 8252). More are added with ``ecom clients set-redirect-uris``."""
-    gateway = settings.public_url
-    return (f"{gateway}/callback", "com.ecomgateway.storefront:/callback"), (f"{gateway}/",)
-
-
-async def seed(
-    settings: Settings, database_url: str | None = None, *, password_hasher: Passwords | None = None
-) -> None:
-    """Create the signing key, the storefront and admin-console clients and the admin user when missing (idempotent)."""
-    async with open_repository(settings, database_url) as repo:
-        await KeyManager.from_settings(repo, settings).ensure_active()
-        await _seed_storefront(repo, settings)
-        await _seed_admin_console(repo, settings)
-        await _seed_admin(repo, settings, password_hasher or Passwords.from_settings(settings.auth))
-
-
-async def _seed_storefront(repo: Repository, settings: Settings) -> None:
-    if await repo.client(STOREFRONT) is not None:
-        return
-    redirects, logouts = storefront_redirect_uris(settings)
-    client, _ = build_client(
-        STOREFRONT,
-        name="EcomGateway storefront",
-        public=True,
-        audience=settings.general.audience,
-        redirect_uris=redirects,
-        post_logout_redirect_uris=logouts,
-        grant_types=("authorization_code", "refresh_token", "password"),
-        scopes=SCOPES,
-    )
-    with contextlib.suppress(ClientExists):  # another process seeded it just now
-        await repo.create_client(client, utcnow())
-
-
-ADMIN_CONSOLE = "admin-console"  # the gateway's admin page (gateway/console/): first-party, public, code + PKCE
-
-
-async def _seed_admin_console(repo: Repository, settings: Settings) -> None:
-    """The admin console's client: no secret (a page cannot keep one), the code flow only (no refresh token
-    kept in the browser: a session ends with its access token), redirect to ``<public URL>/admin/callback``."""
-    if await repo.client(ADMIN_CONSOLE) is not None:
-        return
-    client, _ = build_client(
-        ADMIN_CONSOLE,
-        name="EcomGateway admin console",
-        public=True,
-        audience=settings.general.audience,
-        redirect_uris=(f"{settings.public_url}/admin/callback",),
-        post_logout_redirect_uris=(f"{settings.public_url}/admin",),
-        grant_types=("authorization_code",),
-        scopes=("openid", "email", API_SCOPE),
-    )
-    with contextlib.suppress(ClientExists):  # another process seeded it just now
-        await repo.create_client(client, utcnow())
-
-
-async def _seed_admin(repo: Repository, settings: Settings, passwords: Passwords) -> None:
-    if await repo.user_by_email(ADMIN_EMAIL) is not None:
-        return
-    password = settings.general.admin_password
-    generated = not password
-    if generated:
-        password = generate_password()
-    try:
-        await register_user(
-            repo, passwords, email=ADMIN_EMAIL, password=password, name="Administrator", roles=("admin",)
-        )
-    except ValidationProblem as exc:
-        raise ConfigError(f"ECOM_ADMIN_PASSWORD: {exc.errors.get('password', exc.detail)}") from None
-    except EmailTaken:
-        return
-    if generated:
-        # stdout, not the log: shown once to whoever started the first run, never stored anywhere
-        print(
-            f"Created the admin user {ADMIN_EMAIL} with the generated password:\n\n    {password}\n\n"
-            "It is shown only this once. Set ECOM_ADMIN_PASSWORD before the first run to choose it instead.",
-            file=sys.stdout,
-            flush=True,
-        )
-
-
-# ---------------------------------------------------------------------------------------------------
 # The service
 
 LOGIN: web.AppKey[LoginContext] = web.AppKey("identity_login", LoginContext)
@@ -271,7 +167,7 @@ SERVICE = ServiceDescription(
     ),
     publishes=ANNOUNCEMENTS,
     gateway_routes=public.ROUTES,
-    schema=SCHEMA,
+    schema=repository.SCHEMA,
     seed=seed,
 )
 

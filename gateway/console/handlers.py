@@ -24,7 +24,7 @@ from runtime.web.responses import json_response
 __all__ = ["CLIENT_ID", "PATH", "SECURITY_HEADERS", "add_console_routes", "admin_services"]
 
 PATH = "/admin"
-CLIENT_ID = "admin-console"  # seeded by identity (identity/service.py)
+CLIENT_ID = "admin-console"  # seeded by identity (identity/seed.py)
 READY_TIMEOUT = 2.0  # seconds for one instance's /health/ready, asked live for the cluster view
 
 # Only this origin's script, style and fetches; nothing inline, no frames, no plugins, no base or form tricks.

@@ -23,7 +23,8 @@ from config import Settings, load_settings
 from identity.accounts import normalize_email
 from identity.core import IDENTITY, Identity
 from identity.passwords import Passwords
-from identity.service import create_app, seed, storefront_redirect_uris
+from identity.seed import seed, storefront_redirect_uris
+from identity.service import create_app
 from runtime.auth import TokenVerifier, principal, require
 from runtime.host import ServiceRuntime, json_response
 from runtime.host import create_app as create_host_app

@@ -15,7 +15,7 @@ import pytest
 
 from config import ConfigError, Settings, load_settings
 from identity.keystore import KeyManager
-from identity.service import open_repository, seed
+from identity.seed import open_repository, seed
 from identity.tokens import hash_token
 from runtime.cli import build_parser
 from tests.identity.conftest import CHEAP_PASSWORDS

@@ -13,7 +13,8 @@ from sqlalchemy import func, select
 from config import load_settings
 from identity.keystore import PUBLISH_AHEAD, KeyManager
 from identity.repository import KeyConflict, Repository, StoredKey, signing_keys
-from identity.service import create_app, housekeep, open_repository
+from identity.seed import open_repository
+from identity.service import create_app, housekeep
 from runtime.store import create_engine, utcnow
 from tests.identity.conftest import CHEAP_PASSWORDS, IdentityServer, Shop
 
@@ -153,7 +154,7 @@ async def identity_on_bus(db_url: str, tmp_path: Any, aiohttp_client: Any) -> An
     from aiohttp.test_utils import TestServer, unused_port
 
     from bus.memory import MemoryBus
-    from identity.service import seed
+    from identity.seed import seed
     from tests.identity.conftest import ADMIN_PASSWORD
 
     bus = MemoryBus()

@@ -20,7 +20,7 @@ from identity.cli import register
 from identity.keys import generate_key
 from identity.keystore import SEALED_PREFIX, KekError, KeyEncryptionKeys, KeyManager
 from identity.repository import Repository, signing_keys
-from identity.service import open_repository, seed
+from identity.seed import open_repository, seed
 from runtime.store import create_engine, utcnow
 from tests.identity.conftest import CHEAP_PASSWORDS, IdentityServer
 

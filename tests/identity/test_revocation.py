@@ -18,7 +18,8 @@ from bus.memory import MemoryBus
 from config import load_settings
 from identity.accounts import set_disabled
 from identity.repository import Repository
-from identity.service import create_app, seed
+from identity.seed import seed
+from identity.service import create_app
 from runtime import revocation
 from runtime.store import create_engine, outbox
 from tests.identity.conftest import (

@@ -18,7 +18,8 @@ from argon2 import profiles
 from config import ConfigError, load_settings
 from identity.accounts import normalize_email
 from identity.passwords import Passwords, PasswordsBusy
-from identity.service import create_app, seed
+from identity.seed import seed
+from identity.service import create_app
 from runtime.store import utcnow
 from tests.identity.conftest import ADMIN_PASSWORD, PASSWORD, IdentityServer
 from tests.support.cluster import free_base_port
