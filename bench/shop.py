@@ -30,7 +30,6 @@ from pathlib import Path
 
 PORT_LOW, PORT_HIGH = 20000, 32000  # below the ephemeral range (32768-60999): no clash with outgoing connections
 SERVICES = ("gateway", "identity", "catalog", "cart", "order")  # one port each, from the base port up
-ADMIN_EMAIL = "admin@example.com"  # the admin identity creates on first run (identity/accounts.py)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -57,8 +57,9 @@ from urllib.parse import urlencode, urlsplit
 import orjson
 
 from bench.report import figure
-from bench.shop import ADMIN_EMAIL, EmbeddedShop, RssSampler, port_listening
+from bench.shop import EmbeddedShop, RssSampler, port_listening
 from gateway.client import Pool, UpstreamError
+from identity.accounts import ADMIN_EMAIL  # the admin identity creates on its first run
 
 DEFAULT_MIX = {"browse": 30, "search": 15, "details": 25, "cart": 15, "checkout": 5, "orders": 10}
 SEARCH_WORDS = ("red", "shirt", "mug", "blue", "cap", "net", "green", "bag", "black", "pen")
