@@ -670,9 +670,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.embedded and args.target:
         parser.error("--embedded starts its own shop: leave --target out")
 
-    target = (args.target or load_settings().base_url("gateway")).rstrip("/")
     try:
-        _, port = check_target(target)
+        # --embedded needs no settings: under bench.all the environment holds ECOM_BENCH_RESULTS, which
+        # load_settings refuses as an unknown setting
+        target = "" if args.embedded else (args.target or load_settings().base_url("gateway")).rstrip("/")
+        port = 0 if args.embedded else check_target(target)[1]
         tokens: list[str] = []
         if args.tokens:
             with open(args.tokens, encoding="utf-8") as fh:
