@@ -671,8 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--embedded starts its own shop: leave --target out")
 
     try:
-        # --embedded needs no settings: under bench.all the environment holds ECOM_BENCH_RESULTS, which
-        # load_settings refuses as an unknown setting
+        # --embedded needs no settings: it starts its own shop on ports of its own
         target = "" if args.embedded else (args.target or load_settings().base_url("gateway")).rstrip("/")
         port = 0 if args.embedded else check_target(target)[1]
         tokens: list[str] = []

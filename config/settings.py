@@ -465,11 +465,11 @@ SECTIONS: dict[str, type] = {
 
 # ECOM_* variables read outside the settings: the TOML file, identity's key-encryption key file, the admin token
 # of `ecom bus dead-letters` (runtime/cli_deadletters.py), the chaos switch of the fault tests; ``ECOM_TEST_*``
-# variables belong to the test suite (tests/conftest.py).
+# variables belong to the test suite (tests/conftest.py), ``ECOM_BENCH_*`` to the benchmarks (bench/report.py).
 OTHER_VARIABLES = frozenset({"ECOM_CONFIG", "ECOM_IDENTITY_KEK_FILE", "ECOM_CHAOS", "ECOM_ADMIN_TOKEN"})
 # Settings that were replaced: the old name is refused with the new one named (not a guess by spelling).
 RENAMED = {"ECOM_ISSUER": "ECOM_PUBLIC_URL ([general] public_url): the gateway's public URL is the issuer now"}
-OTHER_PREFIXES = ("ECOM_TEST_",)
+OTHER_PREFIXES = ("ECOM_TEST_", "ECOM_BENCH_")
 
 
 def setting_variables() -> frozenset[str]:
