@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.support.cluster import PORT_OFFSET, admin_token, embedded_env, free_base_port
+from tests.support.cluster import PORT_OFFSET, admin_token, embedded_shop
 
 EXAMPLES = 12  # per operation; about 50 operations per document
 SEED = 20261201
@@ -35,36 +33,10 @@ def _st() -> str:
 
 @pytest.fixture
 async def shop(tmp_path):
-    base = free_base_port(max(PORT_OFFSET.values()) + 1)
-    env = embedded_env(base, tmp_path / "var", ECOM_GATEWAY_RATE_LIMIT="0", ECOM_LOG_LEVEL="WARNING")
-    log_path = tmp_path / "shop.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    gateway = f"http://127.0.0.1:{base + PORT_OFFSET['gateway']}"
-    try:
-        deadline = time.monotonic() + 60
+    async with embedded_shop(tmp_path, ECOM_GATEWAY_RATE_LIMIT="0") as running:
         async with aiohttp.ClientSession() as http:
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    async with http.get(f"{gateway}/health/ready") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "shop not ready in 60 s\n" + log_path.read_text()[-3000:]
-                await asyncio.sleep(0.3)
-            token = await admin_token(http, gateway)
-        yield base, token, log_path
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            token = await admin_token(http, running.url)
+        yield running.base, token, running.log_path
 
 
 def _schemathesis(url: str, token: str | None, report: Path) -> subprocess.CompletedProcess[str]:

@@ -9,13 +9,8 @@ groups by must be one that metric carries, and each label value it names (``even
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,7 +22,7 @@ import promql_parser
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.cluster import PORT_OFFSET, admin_token, bearer, embedded_env, free_base_port
+from tests.support.cluster import PORT_OFFSET, admin_token, bearer, embedded_shop
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "ecomgateway.json"
 
@@ -156,25 +151,9 @@ def problems(expr: str, exported: Exported) -> list[str]:
 @pytest.fixture
 async def exported(tmp_path) -> AsyncIterator[Exported]:
     """The metrics of every service of a running embedded shop, after a little traffic."""
-    base = free_base_port(max(PORT_OFFSET.values()) + 1)
-    env = embedded_env(base, tmp_path / "var", ECOM_LOG_LEVEL="WARNING")
-    log_path = tmp_path / "shop.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log, stderr=log)
-    gateway = f"http://127.0.0.1:{base + PORT_OFFSET['gateway']}"
-    try:
+    async with embedded_shop(tmp_path) as shop:
+        base, gateway = shop.base, shop.url
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    async with http.get(f"{gateway}/health/ready") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "shop not ready in 60 s\n" + log_path.read_text()[-3000:]
-                await asyncio.sleep(0.3)
             token = await admin_token(http, gateway)
             for path in ("/api/catalog/products", "/api/catalog/brands", "/api/cart", "/api/orders"):
                 async with http.get(gateway + path, headers=bearer(token)) as resp:
@@ -186,13 +165,6 @@ async def exported(tmp_path) -> AsyncIterator[Exported]:
                     assert resp.status == 200, f"{service} /metrics: {resp.status}"
                     metrics.add(await resp.text())
         yield metrics
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_dashboard_is_grafana_json_with_unique_panel_ids():

@@ -12,14 +12,9 @@ screenshot of the callback page is kept in var/test-artifacts/.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,10 +26,8 @@ import pytest
 from tests.support.browser import artifact_path, chromium, require_chromium
 from tests.support.cluster import (
     PASSWORD,
-    PORT_OFFSET,
     bearer,
-    embedded_env,
-    free_base_port,
+    embedded_shop,
     new_email,
     request_json,
     token_claims,
@@ -48,35 +41,8 @@ READY_WITHIN = 90.0  # seconds for `ecom run` to migrate and start every service
 async def gateway(tmp_path: Path) -> AsyncIterator[str]:
     """The embedded system running; yields the gateway's URL (the public URL: the default, not set)."""
     require_chromium()  # before starting anything
-    base = free_base_port(max(PORT_OFFSET.values()) + 1)
-    env = embedded_env(base, tmp_path / "var", ECOM_LOG_LEVEL="WARNING")
-    url = f"http://127.0.0.1:{base + PORT_OFFSET['gateway']}"
-    log_path = tmp_path / "shop.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + READY_WITHIN
-        async with aiohttp.ClientSession() as http:
-            while True:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    async with http.get(f"{url}/health/ready") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "not ready in time\n" + log_path.read_text()[-3000:]
-                await asyncio.sleep(0.3)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    async with embedded_shop(tmp_path, ready_within=READY_WITHIN) as shop:
+        yield shop.url
 
 
 def pkce_pair() -> tuple[str, str]:

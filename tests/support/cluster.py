@@ -145,6 +145,52 @@ def embedded_env(base: int, data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class EmbeddedShop:
+    """A running one-process ``ecom run``: its base port, the gateway's URL and the log file."""
+
+    base: int
+    url: str  # the gateway: the shop's public URL
+    log_path: Path
+
+    def port(self, service: str) -> int:
+        return self.base + PORT_OFFSET[service]
+
+
+@contextlib.asynccontextmanager
+async def embedded_shop(workdir: Path, *, ready_within: float = 60.0, **extra_env: str) -> AsyncIterator[EmbeddedShop]:
+    """Start the embedded default (``python -m runtime.cli run``: SQLite files in ``workdir``, the memory bus) on
+    free ports, wait until the gateway is ready, and stop it (SIGINT, then kill) on the way out."""
+    base = free_base_port(max(PORT_OFFSET.values()) + 1)
+    env = embedded_env(base, workdir / "var", **{"ECOM_LOG_LEVEL": "WARNING", **extra_env})
+    shop = EmbeddedShop(base, f"http://127.0.0.1:{base + PORT_OFFSET['gateway']}", workdir / "shop.log")
+    with open(shop.log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "run"], env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + ready_within
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert proc.poll() is None, shop.log_path.read_text()[-3000:]
+                try:
+                    async with http.get(f"{shop.url}/health/ready") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, (
+                    f"shop not ready in {ready_within:.0f} s\n" + shop.log_path.read_text()[-3000:]
+                )
+                await asyncio.sleep(0.3)
+        yield shop
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The process cluster
 
