@@ -40,7 +40,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import figure
+from bench.shop import free_port
 
 HOST = "127.0.0.1"
 UPSTREAM_CPU = "0"
@@ -239,23 +239,6 @@ def run_raw_front(port: int, upstream: int, jwks_file: str, issuer: str) -> None
 
 # ---------------------------------------------------------------------------------------------------
 # Orchestration
-
-
-PORT_LOW, PORT_HIGH = 20000, 32000  # below the ephemeral range (32768+), where outgoing connections take ports
-
-
-def free_port() -> int:
-    """A free port on 127.0.0.1 in 20000-32000, so a listener never collides with an outgoing connection's port."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(PORT_LOW, PORT_HIGH)
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORT_LOW}-{PORT_HIGH} on {HOST}")
 
 
 def pinned(cpu: str, cmd: list[str]) -> list[str]:

@@ -37,13 +37,14 @@ from aiohttp import web
 from bench.actors import (
     _pg_url as pg_database,  # a throw-away database on the server, dropped after
 )
-from bench.gateway import free_port
 from bench.report import figure
+from bench.shop import free_port
 from config import Settings, load_settings
 from identity.accounts import register_user
 from identity.core import IDENTITY
 from identity.passwords import Passwords
-from identity.service import create_app, open_repository, seed
+from identity.seed import open_repository, seed
+from identity.service import create_app
 from runtime.auth import TokenVerifier
 
 PASSWORD = "Bench-Password-42"

@@ -50,14 +50,20 @@ def port_listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def free_base_port(span: int, attempts: int = 200) -> int:
-    """A base port such that base .. base + span - 1 are all free, all within 20000-32000."""
+def free_base_port(span: int, *, low: int = PORT_LOW, high: int = PORT_HIGH, attempts: int = 200) -> int:
+    """A base port such that base .. base + span - 1 are all free, all within ``low``-``high`` (the benches and the
+    tests' process clusters share this one finder)."""
     rng = random.Random()
     for _ in range(attempts):
-        base = rng.randrange(PORT_LOW, PORT_HIGH - span)
+        base = rng.randrange(low, high - span)
         if all(port_free(base + i) for i in range(span)):
             return base
-    raise RuntimeError(f"no free range of {span} ports in {PORT_LOW}-{PORT_HIGH}")
+    raise RuntimeError(f"no free range of {span} ports in {low}-{high}")
+
+
+def free_port() -> int:
+    """One free port on 127.0.0.1 in 20000-32000."""
+    return free_base_port(1)
 
 
 @dataclass

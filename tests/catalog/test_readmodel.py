@@ -25,6 +25,7 @@ import aiohttp
 from actors.catalog import readmodel
 from actors.catalog import repository as repo
 from actors.catalog.messages import UpdateProduct
+from bench.shop import port_listening
 from contracts.stock import ReleaseStock, ReserveStock, StockReserved
 from tests.support.cluster import (
     REPO_ROOT,
@@ -32,7 +33,6 @@ from tests.support.cluster import (
     admin_token,
     bearer,
     free_base_port,
-    port_up,
     process_cluster,
 )
 
@@ -126,7 +126,7 @@ async def catalog_process(db_url: str, data_dir: str) -> AsyncIterator[str]:
     )
     try:
         deadline = time.monotonic() + 90
-        while not port_up(port):
+        while not port_listening(port):
             assert proc.poll() is None and time.monotonic() < deadline, _tail(log.name)
             await asyncio.sleep(0.2)
         yield f"http://127.0.0.1:{port}"

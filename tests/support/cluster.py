@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,13 +37,13 @@ import aiohttp
 import orjson
 import pytest
 
+from bench.shop import free_base_port
 from tests.conftest import PG_HOST, PG_PORT, PG_USER, pg_admin, require_server
 
 SERVICES = ("identity", "catalog", "cart", "order")  # services with a database
 ACTOR_SERVICES = ("catalog", "cart", "order")  # the ones ``--instances`` scales
 PORT_OFFSET = {"gateway": 0, "identity": 1, "catalog": 2, "cart": 3, "order": 4}
 INSTANCE_PORT_STEP = 10  # as runtime.processes: extra instances listen on port + 10, + 20...
-PORT_LOW, PORT_HIGH = 20000, 32000  # below the ephemeral range (32768-60999)
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "correct-horse-battery-staple-9"
@@ -57,33 +56,6 @@ T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------------
 # Ports
-
-
-def port_free(port: int) -> bool:
-    """Nobody listens on ``port`` (SO_REUSEADDR: a connection in TIME_WAIT does not count, as for the servers)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def port_up(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def free_base_port(span: int, *, low: int = PORT_LOW, high: int = PORT_HIGH, attempts: int = 200) -> int:
-    """A base port such that base .. base + span - 1 are all free, every one of them below ``high``."""
-    rng = random.Random()
-    for _ in range(attempts):
-        base = rng.randrange(low, high - span)
-        if all(port_free(base + i) for i in range(span)):
-            return base
-    raise RuntimeError(f"no free range of {span} ports in {low}-{high}")
 
 
 def ports_span(instances: int) -> int:
