@@ -16,7 +16,19 @@ Rules the actor enforces (the HTTP layer only parses and fetches catalog data):
   confirms by checking out again;
   otherwise it sends ``CheckoutRequested`` to the order queue through the outbox and remembers the checkout
   (bounded), so a retry with the same ``Idempotency-Key`` gets the same order id and no second order;
-* ``OrderStarted`` removes what that checkout ordered (quantities added after checkout stay), once;
+* what the shopper last set is what the cart holds: ``OrderStarted`` removes, once, the lines its checkout
+  ordered that the shopper has not set since, and nothing else. The cart keeps showing the ordered lines between
+  the checkout's 202 and ``OrderStarted`` (the order is not known to exist before), so a shopper may set a line
+  in between; that line is theirs, as the 200 answered it: a new quantity of an ordered product stays exactly as
+  set (not reduced by what was ordered), and so does a product added after the checkout (also a repeated PUT of
+  the ordered quantity). How: every shopper write of a line (PUT) stamps it with the cart's next sequence
+  number (``Line.set_seq``, from ``CartState.seq``, which only grows, even across an expiry), a checkout
+  remembers the last number given (``CheckoutRecord.seq``), and ``OrderStarted`` drops an ordered line only
+  when its stamp is not newer. Prices moved by events or by checkout's re-check are not shopper writes. A
+  redelivered or repeated ``OrderStarted`` finds its checkout ``started`` and removes nothing (besides the
+  inbox dropping same-id copies). There is no failed-order path to restore from: the order service publishes
+  ``OrderStarted`` for every checkout it receives (an invalid one is cancelled after it), and a cancelled order
+  leaves the cart as it is;
 * a durable reminder empties a cart no customer command has changed for ``expiry_seconds``; it is armed on the
   first change and, when it fires early because the cart changed since, re-armed for the new deadline (so a busy
   cart does not rewrite its reminder on every turn);
@@ -141,6 +153,8 @@ class Line:
     # The unit price the customer last saw (the cart answered to them, or checkout's 409 named it). None: a line
     # stored before this field existed; its unit price stands in.
     shown_price: Decimal | None = None
+    # CartState.seq when the shopper last set this line (0: before stamps existed); see on_order_started.
+    set_seq: int = 0
 
     @property
     def seen_price(self) -> Decimal:
@@ -161,9 +175,12 @@ class CheckoutRecord:
     order_id: str
     idempotency_key: str | None
     fingerprint: str  # of the address and payment, to tell a retry from a different request with the same key
-    quantities: dict[str, int]  # what was ordered, removed from the cart on OrderStarted
+    quantities: dict[str, int]  # what was ordered: removed from the cart on OrderStarted unless set since
     requested_at: datetime
     started: bool = False
+    # CartState.seq at checkout: a line stamped later was set by the shopper after this checkout (0: a checkout
+    # stored before stamps existed; every line stamped since is newer).
+    seq: int = 0
     # The CheckoutRequested sent (payment details left out) until its order starts: what the order service answers
     # for the order while it has not recorded it yet (``GET /api/orders/{id}`` never 404s after the 202).
     order: dict[str, Any] | None = None
@@ -177,6 +194,7 @@ class CartState:
     checkouts: list[CheckoutRecord] = field(default_factory=list)
     changed_at: datetime | None = None  # last change by a customer command (the expiry clock)
     expiry_due: datetime | None = None  # when the armed expiry reminder fires; None: not armed
+    seq: int = 0  # the last stamp given to a line the shopper set (Line.set_seq); only grows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,8 +262,14 @@ class CartActor(Actor):
         self._check_can_sell(quote, msg.quantity, currency=state.currency if others else "")
         wanted = Line(quote.product_id, quote.name, quote.unit_price, msg.quantity, quote.picture_url)
         current = state.lines.get(quote.product_id)
-        if current is not None and replace(current, shown_price=None) == wanted:
+        if (
+            current is not None
+            and replace(current, shown_price=None, set_seq=0) == wanted
+            and not self._awaits_order(current)
+        ):
             return self.shown()  # a repeated PUT: nothing to write (unless a price moved since the last look)
+        state.seq += 1
+        wanted.set_seq = state.seq
         if current is None:
             if len(state.lines) >= MAX_LINES:
                 raise CartFull(f"a cart holds at most {MAX_LINES} different products; remove some first")
@@ -253,6 +277,7 @@ class CartActor(Actor):
         else:
             self._reprice(current, quote.unit_price, turn.now)
             current.name, current.quantity, current.picture_url = wanted.name, wanted.quantity, wanted.picture_url
+            current.set_seq = wanted.set_seq
         state.currency = quote.currency
         self._changed(turn)
         return self.shown()
@@ -320,6 +345,7 @@ class CartActor(Actor):
                 {p: line.quantity for p, line in state.lines.items()},
                 turn.now,
                 order={k: v for k, v in to_body(request).items() if k != "payment"},  # never keep the payment token
+                seq=state.seq,
             )
         )
         del state.checkouts[:-MAX_CHECKOUTS]
@@ -347,14 +373,11 @@ class CartActor(Actor):
         if record is None or record.started:
             return  # not ours (or forgotten), or applied already
         record.started, record.order = True, None  # the order service has the order now
-        for product_id, ordered in record.quantities.items():
+        for product_id in record.quantities:
             line = self.state.lines.get(product_id)
-            if line is None:
-                continue
-            if line.quantity <= ordered:
+            # A line set after the checkout holds what the shopper set then (answered 200): never taken from.
+            if line is not None and line.set_seq <= record.seq:
                 self._drop_line(product_id)
-            else:
-                line.quantity -= ordered  # units the customer added after checking out stay in the cart
 
     @handles(ReminderFired)
     @_keeps_index
@@ -370,7 +393,8 @@ class CartActor(Actor):
             return
         log.info("cart %s expired after %gs unchanged", self.id, self.expiry_seconds)
         # Checkouts whose order has not started stay: their 202 was given, and the order service may still ask.
-        self.state = CartState(checkouts=[c for c in state.checkouts if not c.started])
+        # The stamps go on growing: a line set after the expiry must stay newer than those checkouts.
+        self.state = CartState(checkouts=[c for c in state.checkouts if not c.started], seq=state.seq)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -428,6 +452,13 @@ class CartActor(Actor):
     def _arm_expiry(self, turn: Turn, due: datetime) -> None:
         turn.set_reminder(EXPIRY_REMINDER, due_at=due)
         self.state.expiry_due = due
+
+    def _awaits_order(self, line: Line) -> bool:
+        """Whether ``line``, as it is, belongs to a checkout whose ``OrderStarted`` has not come: it would be removed
+        then, so a shopper's PUT of it must stamp it even when it changes nothing."""
+        return any(
+            not c.started and line.product_id in c.quantities and line.set_seq <= c.seq for c in self.state.checkouts
+        )
 
     def _checkout_with_key(self, key: str | None) -> CheckoutRecord | None:
         if key is None:

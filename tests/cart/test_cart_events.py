@@ -8,6 +8,7 @@ from decimal import Decimal
 from actors.cart import repository
 from actors.cart.actor import EXPIRY_REMINDER, CartActor
 from contracts.catalog import ProductPriceChanged
+from contracts.checkout import OrderStarted
 from runtime.host import AppKeyRuntime
 from tests.cart.conftest import eventually
 
@@ -78,6 +79,23 @@ async def test_a_cart_unchanged_for_the_expiry_time_is_emptied_by_its_reminder(m
 
     await idle.put(bulb, 2)  # an expired cart is an ordinary empty cart again
     assert (await idle.get())["item_count"] == 2
+
+
+async def test_a_line_set_after_an_expiry_stays_when_an_earlier_checkout_starts(make_shop, catalog):
+    shop = await make_shop(catalog.url, cart_expiry=1.0)
+    lamp, bulb = await catalog.add("Lamp"), await catalog.add("Bulb")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    await me.put(bulb, 1)
+    resp = await me.checkout()
+    assert resp.status == 202, await resp.text()
+    order_id = (await resp.json())["order_id"]
+    await eventually(lambda: _is_empty(me), timeout=5)  # expired; the checkout awaiting its order is kept
+
+    await me.put(lamp, 1)
+    await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)
+    await shop.settle()
+    assert [(line["product_id"], line["quantity"]) for line in (await me.get())["lines"]] == [(lamp, 1)]
 
 
 async def _is_empty(shopper) -> bool:

@@ -147,26 +147,93 @@ async def test_a_malformed_idempotency_key_is_422(shop):
     assert resp.status == 422 and (await resp.json())["errors"][0]["field"] == "Idempotency-Key"
 
 
+def lines(cart: dict) -> list[tuple[str, int]]:
+    return [(line["product_id"], line["quantity"]) for line in cart["lines"]]
+
+
+async def order_started(shop, me, order_id: str):
+    env = await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)
+    await shop.settle()
+    return env
+
+
 async def test_order_started_removes_what_was_ordered_once(shop, catalog):
+    lamp, bulb = await catalog.add("Lamp"), await catalog.add("Bulb")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    await me.put(bulb, 1)
+    order_id = (await (await me.checkout()).json())["order_id"]
+    assert lines(await me.get()) == [(lamp, 2), (bulb, 1)]  # until the order exists
+
+    env = await order_started(shop, me, order_id)
+    cart = await me.get()
+    assert cart["lines"] == [] and cart["currency"] is None
+
+    await me.put(lamp, 2)  # the same product and quantity again, for a next order: not the ordered line
+    await shop.bus.publish(env)  # redelivered
+    await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)  # sent twice by the order service
+    await shop.publish(OrderStarted(str(uuid.uuid4()), me.sub, me.sub), session_id="x")  # not from this cart
+    await shop.settle()
+    assert lines(await me.get()) == [(lamp, 2)]
+    assert (await me.checkout()).status == 202
+    assert await shop.bus.dead_letters("cart") == []
+
+
+@pytest.mark.parametrize("new_quantity", [1, 2, 5], ids=["fewer", "same", "more"])
+async def test_a_quantity_set_after_checkout_is_what_the_cart_holds_once_the_order_starts(shop, catalog, new_quantity):
+    """The bench's unexplained 409 cart-empty: checkout, PUT an ordered product (200), OrderStarted, checkout."""
     lamp, bulb, cable = await catalog.add("Lamp"), await catalog.add("Bulb"), await catalog.add("Cable")
     me = shop.shopper()
     await me.put(lamp, 2)
     await me.put(bulb, 1)
     order_id = (await (await me.checkout()).json())["order_id"]
-    await me.put(lamp, 3)  # added after checking out: one lamp stays
-    await me.put(cable, 1)
+    answered = await me.put(lamp, new_quantity)  # after the 202, before OrderStarted
+    assert (lamp, new_quantity) in lines(answered)
+    await me.put(cable, 3)  # a product the order does not hold
 
-    env = await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)
+    env = await order_started(shop, me, order_id)
+    assert lines(await me.get()) == [(lamp, new_quantity), (cable, 3)]
+    await shop.bus.publish(env)  # redelivered: nothing is removed twice
     await shop.settle()
-    cart = await me.get()
-    assert [(line["product_id"], line["quantity"]) for line in cart["lines"]] == [(lamp, 1), (cable, 1)]
+    assert lines(await me.get()) == [(lamp, new_quantity), (cable, 3)]
 
-    await shop.bus.publish(env)  # redelivered
-    await shop.publish(OrderStarted(order_id, me.sub, me.sub), session_id=order_id)  # sent twice by the order service
-    await shop.publish(OrderStarted(str(uuid.uuid4()), me.sub, me.sub), session_id="x")  # not from this cart
+    resp = await me.checkout()
+    assert resp.status == 202, await resp.text()
     await shop.settle()
-    assert await me.get() == cart
-    assert await shop.bus.dead_letters("cart") == []
+    assert [(line.product_id, line.quantity) for line in shop.checkout_requests()[-1].lines] == [
+        (lamp, new_quantity),
+        (cable, 3),
+    ]
+
+
+async def test_a_line_removed_and_added_again_after_checkout_stays(shop, catalog):
+    lamp, bulb = await catalog.add("Lamp"), await catalog.add("Bulb")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    await me.put(bulb, 1)
+    order_id = (await (await me.checkout()).json())["order_id"]
+    resp = await shop.client.delete(f"/api/cart/items/{lamp}", headers=me.headers)
+    assert resp.status == 200, await resp.text()
+    await me.put(lamp, 2)
+
+    await order_started(shop, me, order_id)
+    assert lines(await me.get()) == [(lamp, 2)]
+
+
+async def test_two_checkouts_before_their_orders_start_each_remove_only_their_own_lines(shop, catalog):
+    lamp, bulb = await catalog.add("Lamp"), await catalog.add("Bulb")
+    me = shop.shopper()
+    await me.put(lamp, 2)
+    first = (await (await me.checkout()).json())["order_id"]
+    await me.put(lamp, 3)
+    await me.put(bulb, 1)
+    second = (await (await me.checkout()).json())["order_id"]  # orders lamp x3 and bulb x1
+    await me.put(bulb, 4)
+
+    await order_started(shop, me, second)  # the order service may start them in either order
+    assert lines(await me.get()) == [(bulb, 4)]
+    await order_started(shop, me, first)
+    assert lines(await me.get()) == [(bulb, 4)]
 
 
 async def test_the_cart_and_its_checkout_keys_survive_a_restart(make_shop, catalog):
@@ -187,6 +254,21 @@ async def test_the_cart_and_its_checkout_keys_survive_a_restart(make_shop, catal
     resp = await again.checkout("k")
     assert resp.status == 202 and (await resp.json())["order_id"] == order_id
     assert await second.outbox_rows() == 1
+
+
+async def test_what_was_set_after_checkout_survives_a_restart_before_the_order_starts(make_shop, catalog):
+    first = await make_shop(catalog.url, with_bus=False)
+    lamp, bulb = await catalog.add("Lamp"), await catalog.add("Bulb")
+    me = first.shopper()
+    await me.put(lamp, 2)
+    await me.put(bulb, 1)
+    order_id = (await (await me.checkout()).json())["order_id"]
+    await me.put(lamp, 1)
+
+    second = await make_shop(catalog.url)  # another process on the same database takes the event
+    again = second.shopper(me.sub)
+    await order_started(second, again, order_id)
+    assert lines(await again.get()) == [(lamp, 1)]
 
 
 async def test_a_price_the_event_applied_silently_is_still_409_once_at_checkout_on_any_instance(make_shop, catalog):
