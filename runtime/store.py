@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -38,6 +39,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Text,
@@ -46,6 +48,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    or_,
     select,
     text,
     update,
@@ -153,7 +156,26 @@ _UPDATE_STATE = (
     .values(version=bindparam("nv"), state=bindparam("s"), updated_at=bindparam("now"))
 )
 _SEEN = select(inbox.c.message_id).where(inbox.c.consumer == bindparam("c"), inbox.c.message_id == bindparam("m"))
-_SEEN_ANY = select(inbox.c.consumer, inbox.c.message_id).where(inbox.c.message_id.in_(bindparam("ids", expanding=True)))
+
+
+_SEEN_CHUNK = 256  # pairs a statement: the default batch in one, under SQLite's expression depth (1,000)
+
+
+@functools.lru_cache(maxsize=64)
+def _seen_pairs(n: int) -> Select[tuple[str, str]]:
+    """Which of ``n`` (consumer, message id) pairs the inbox holds: one probe of the primary key per pair, bound
+    as ``c0, m0, c1, m1...``; built once per batch size.
+
+    Each pair names both key columns. ``message_id IN (...)`` alone (the second column of the key) made SQLite
+    scan the whole inbox at every commit, on the event loop, slower with every message ever consumed (issue 14);
+    ``consumer IN (...) AND message_id IN (...)`` probes every combination, quadratic in a large batch; a row-value
+    ``IN`` is a scan again on SQLite and does not exist on SQL Server. An OR of pairs is a probe per pair on
+    SQLite, PostgreSQL and SQL Server (2 parameters a pair: a full batch stays under SQL Server's 2,100)."""
+    return select(inbox.c.consumer, inbox.c.message_id).where(
+        or_(*(and_(inbox.c.consumer == bindparam(f"c{i}"), inbox.c.message_id == bindparam(f"m{i}")) for i in range(n)))
+    )
+
+
 _INSERT_INBOX = insert(inbox).values(consumer=bindparam("c"), message_id=bindparam("m"), processed_at=bindparam("now"))
 _INSERT_OUTBOX = insert(outbox)
 _REMINDER_KEY = and_(
@@ -677,9 +699,13 @@ class StateStore:
         wanted = [(w.consumer, w.inbox_id) for w in writes if w.inbox_id is not None]
         if not wanted:
             return set()
-        ids = sorted({mid for _, mid in wanted})
-        rows = await conn.execute(_SEEN_ANY, {"ids": ids})
-        return {(r.consumer, r.message_id) for r in rows} & set(wanted)
+        pairs: list[tuple[str, str]] = sorted(set(wanted))
+        seen: set[tuple[str, str]] = set()
+        for start in range(0, len(pairs), _SEEN_CHUNK):
+            chunk = pairs[start : start + _SEEN_CHUNK]
+            params = {f"{col}{i}": value for i, pair in enumerate(chunk) for col, value in zip("cm", pair, strict=True)}
+            seen.update((r.consumer, r.message_id) for r in await conn.execute(_seen_pairs(len(chunk)), params))
+        return seen
 
     async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]]) -> None:
         """Write one turn.

@@ -12,8 +12,9 @@ from datetime import timedelta
 
 import orjson
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select
 
+from runtime import migrate
 from runtime.actors import Actor, ActorSystem, Turn, handles
 from runtime.store import (
     CommitOutcome,
@@ -21,6 +22,7 @@ from runtime.store import (
     ReminderChange,
     StateStore,
     TurnWrite,
+    create_engine,
     inbox,
     outbox,
     reminders,
@@ -107,6 +109,52 @@ async def test_fired_reminder_on_current_version_consumes_it_once(store_factory,
     assert await store.commit(again) == CommitOutcome.DUPLICATE
     a = await store.load("t", "a")
     assert a is not None and a.version == 3, "the no-change turn that consumed the reminder stepped the version"
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group", "single"])
+async def test_inbox_dedup_matches_consumer_and_message_id_together(store_factory, group_commit):
+    store = await store_factory(group_commit=group_commit)
+    for actor_id in ("a", "c"):
+        assert await store.commit(TurnWrite("t", actor_id, 0, _state(1), inbox_id="m1")) == CommitOutcome.OK
+    writes = [
+        TurnWrite("t", "a", 1, _state(2), inbox_id="m1"),  # redelivered to the consumer that applied it
+        TurnWrite("t", "b", 0, _state(1), inbox_id="m1"),  # the same message id, another consumer: new to it
+        TurnWrite("t", "c", 1, _state(2), inbox_id="m2"),  # its own m1 is in the inbox, m2 is new
+    ]
+    outcomes = await asyncio.gather(*(store.commit(w) for w in writes))
+    assert outcomes == [CommitOutcome.DUPLICATE, CommitOutcome.OK, CommitOutcome.OK]
+    assert await _count(store, select(func.count()).select_from(inbox)) == 4
+
+
+async def test_inbox_dedup_probes_the_primary_key_instead_of_scanning_the_inbox(tmp_path):
+    # Every commit of a turn that consumed a message asks the inbox whether it saw the id; that ran on the event
+    # loop, and a scan of the whole inbox made each commit slower with every message ever consumed (issue 14).
+    # The plan is SQLite's, the embedded default's: PostgreSQL answers the same statement from the same key.
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'inbox.db'}")
+    try:
+        await migrate.upgrade(engine, [migrate.RUNTIME])
+        store = StateStore(engine)
+        asked: list[tuple[str, object]] = []
+
+        def capture(_conn, _cursor, statement, parameters, _context, _many) -> None:
+            if statement.lstrip().upper().startswith("SELECT") and "FROM inbox" in statement:
+                asked.append((statement, parameters))
+
+        event.listen(engine.sync_engine, "before_cursor_execute", capture)
+        assert await store.commit(TurnWrite("t", "a", 0, _state(1), inbox_id="m1")) == CommitOutcome.OK
+        batch = [TurnWrite("t", f"b{i}", 0, _state(1), inbox_id=f"m{i}") for i in range(3)]  # one group commit
+        assert await asyncio.gather(*(store.commit(w) for w in batch)) == [CommitOutcome.OK] * 3
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+
+        assert len(asked) == 2, asked
+        for statement, parameters in asked:
+            async with engine.connect() as conn:
+                plan = " | ".join(
+                    str(row[-1]) for row in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+                )
+            assert "SCAN inbox" not in plan and "SEARCH inbox USING" in plan, plan
+    finally:
+        await engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------------------
