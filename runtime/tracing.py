@@ -67,6 +67,9 @@ DEFAULT_BUFFER_SPANS = 2048
 # Health checks and scrapes would otherwise be most of the spans (the gateway polls every instance): left out
 # unless the OTEL_PYTHON_*_EXCLUDED_URLS variables say otherwise.
 DEFAULT_EXCLUDED_URLS = "/health/live,/health/ready,/metrics"
+# The storefront's OAuth redirect target carries the authorization code in its query: never recorded (a server
+# span of the gateway would otherwise keep it; client spans drop every query, see _url_without_query).
+DEFAULT_SERVER_EXCLUDED_URLS = DEFAULT_EXCLUDED_URLS + ",/callback"
 
 _tracer: Tracer | None = None  # None: tracing is off; every hook tests this first
 _provider: TracerProvider | None = None
@@ -171,8 +174,8 @@ def _instrument_aiohttp(provider: TracerProvider, environ: Mapping[str, str]) ->
 
     # The instrumentations read their exclusions from the process environment when instrumenting.
     if "OTEL_PYTHON_EXCLUDED_URLS" not in environ:
-        for side in ("SERVER", "CLIENT"):
-            os.environ.setdefault(f"OTEL_PYTHON_AIOHTTP_{side}_EXCLUDED_URLS", DEFAULT_EXCLUDED_URLS)
+        os.environ.setdefault("OTEL_PYTHON_AIOHTTP_SERVER_EXCLUDED_URLS", DEFAULT_SERVER_EXCLUDED_URLS)
+        os.environ.setdefault("OTEL_PYTHON_AIOHTTP_CLIENT_EXCLUDED_URLS", DEFAULT_EXCLUDED_URLS)
     # Servers: every web.Application made from now on gets the middleware that continues the caller's trace.
     # Clients: every aiohttp.ClientSession made from now on sends traceparent (cart -> catalog, cart -> order,
     # cluster forwarding, JWKS fetches).
@@ -180,7 +183,13 @@ def _instrument_aiohttp(provider: TracerProvider, environ: Mapping[str, str]) ->
         # aiohttp discourages subclassing web.Application, which is how the server instrumentation installs itself.
         warnings.filterwarnings("ignore", "Inheritance class", DeprecationWarning)
         AioHttpServerInstrumentor().instrument(tracer_provider=provider)
-    AioHttpClientInstrumentor().instrument(tracer_provider=provider)
+    AioHttpClientInstrumentor().instrument(tracer_provider=provider, url_filter=_url_without_query)
+
+
+def _url_without_query(url: Any) -> str:
+    """A client span's URL without its query string: queries between services can carry ids, tokens or codes,
+    and trace data is kept and shown (ring buffer, admin console, exporters) where requests' data should not be."""
+    return str(url.with_query(None).with_fragment(None))
 
 
 def _uninstrument_aiohttp() -> None:

@@ -250,6 +250,8 @@ async def test_one_checkout_is_one_trace_from_the_gateway_to_paid(shop_with_gate
         s for s in in_trace if _label(s) == "CLIENT" and s.parent and s.parent.span_id == cart_server.context.span_id
     ]
     assert cart_calls, "the cart's calls to the catalog (fresh prices) are client spans of its request"
+    urls = [str(s.attributes.get(k)) for s in cart_calls for k in ("http.url", "url.full") if k in s.attributes]
+    assert urls and not any("?" in url for url in urls), f"client spans keep no query string: {urls}"
 
     # The admin endpoint finds the checkout's trace in the ring buffer by the order id, and by the trace id.
     trace_hex = format(trace_id, "032x")
