@@ -128,8 +128,8 @@ Delivery = ToActor | ToHandler
 
 
 @dataclass(frozen=True, slots=True)
-class Queue:
-    """A queue the service consumes (point to point, session = the entity)."""
+class _Consumed:
+    """What a service consumes from the bus: a name and a delivery per message type."""
 
     name: str
     deliveries: tuple[Delivery, ...]
@@ -140,15 +140,13 @@ class Queue:
 
 
 @dataclass(frozen=True, slots=True)
-class Subscription:
+class Queue(_Consumed):
+    """A queue the service consumes (point to point, session = the entity)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription(_Consumed):
     """The service's subscription to published events: it receives exactly the types of its deliveries."""
-
-    name: str
-    deliveries: tuple[Delivery, ...]
-
-    @property
-    def types(self) -> tuple[str, ...]:
-        return tuple(sorted(d.message.__name__ for d in self.deliveries))
 
 
 @dataclass(frozen=True, slots=True)
