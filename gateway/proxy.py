@@ -21,6 +21,8 @@ import asyncio
 import logging
 import random
 import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import hdrs, web
 
@@ -76,6 +78,14 @@ _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 UPSTREAM_KEY: web.RequestKey[str] = web.RequestKey("gateway_upstream", str)
 
 
+class _HasStatus(Protocol):
+    @property
+    def status(self) -> int: ...
+
+
+_R = TypeVar("_R", bound=_HasStatus)
+
+
 class RouteProxy:
     """The handler of one route prefix (bound method :meth:`handle`)."""
 
@@ -107,52 +117,51 @@ class RouteProxy:
         self.note_upstream = options.access_log  # the instance is recorded on the request for the access log
         self._loop: asyncio.AbstractEventLoop | None = None  # asyncio.get_running_loop() costs a getpid()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        try:
-            method = request.method
-            raw_path = request.raw_path
-            if "/." in raw_path or "%2e" in raw_path or "%2E" in raw_path:  # cheap test, then the real one
-                _refuse_dot_segments(request)
-            found = self.route.resolve(method, request.match_info["tail"])
-            if found is None:
-                raise NotFound(f"no route for {method} {request.path}")
-            rule, match = found
-            access = rule.access
-            principal: Principal | None = None
-            counted = False  # taken from the address's bucket already (a full token check or a missing token)
-            if access.kind is not Kind.PUBLIC:
-                principal, counted = await self._principal(request, access.kind is Kind.TOKEN)
-            limiter = self.limiter
-            if limiter is not None:
-                if principal is not None:
-                    await self._take("sub:" + principal.sub)
-                elif not counted:
-                    await self._take("addr:" + (request.remote or "-"))
-            if principal is not None and access.checks_claims:
-                check_access(principal, roles=access.roles, scopes=access.scopes)
-            guard = self.guards.get(method) if self.guards else None
-            if guard is not None and request.path.rstrip("/") == guard[0]:
-                return await self._guarded(request, method, raw_path, guard[1])
-            affinity = rule.affinity
-            if affinity is Affinity.NONE:
-                key = None
-            elif affinity is Affinity.SUB:
-                key = principal.sub  # type: ignore[union-attr]  # SUB rules require a token
-            else:
-                key = match["key"]
-            with tracing.proxy_span(self.service.name, request):  # writes traceparent upstream
-                return await self._exchange(request, method, raw_path, key)
-        except Problem as problem:
-            return problem_response(problem, request)
+    # -- the policy, shared by both fronts (aiohttp's handler below, gateway.front's protocol) ----------
 
-    async def _principal(self, request: web.Request, required: bool) -> tuple[Principal | None, bool]:
+    async def admit(
+        self, method: str, raw_path: str, path: str, tail: str, authorization: list[str], remote: str | None
+    ) -> tuple[str | None, str | None]:
+        """Route, token, rate limit and access checks of one request, in that order (each refusal a
+        :class:`Problem`). ``path``/``tail``: the decoded path and its part after the route prefix;
+        ``authorization``: the values of the ``Authorization`` headers. -> (affinity key, the AuthLimits bucket
+        that guards this request or None)."""
+        if "/." in raw_path or "%2e" in raw_path or "%2E" in raw_path:  # cheap test, then the real one
+            _refuse_dot_segments(path)
+        found = self.route.resolve(method, tail)
+        if found is None:
+            raise NotFound(f"no route for {method} {path}")
+        rule, match = found
+        access = rule.access
+        principal: Principal | None = None
+        counted = False  # taken from the address's bucket already (a full token check or a missing token)
+        if access.kind is not Kind.PUBLIC:
+            principal, counted = await self._principal(authorization, remote, access.kind is Kind.TOKEN)
+        limiter = self.limiter
+        if limiter is not None:
+            if principal is not None:
+                await self._take("sub:" + principal.sub)
+            elif not counted:
+                await self._take("addr:" + (remote or "-"))
+        if principal is not None and access.checks_claims:
+            check_access(principal, roles=access.roles, scopes=access.scopes)
+        guard = self.guards.get(method) if self.guards else None
+        if guard is not None and path.rstrip("/") == guard[0]:
+            return None, guard[1]
+        affinity = rule.affinity
+        if affinity is Affinity.NONE:
+            return None, None
+        if affinity is Affinity.SUB:
+            return principal.sub, None  # type: ignore[union-attr]  # SUB rules require a token
+        return match["key"], None
+
+    async def _principal(self, values: list[str], remote: str | None, required: bool) -> tuple[Principal | None, bool]:
         """-> (the verified principal or None, whether the address's bucket was charged already).
 
         A token verified before comes from the cache and is charged to its subject. Everything else (a missing
         token where one is needed, a token checked in full, which is what every bad or forged one is) is charged
         to the client's address first, so a flood of forged tokens is refused with 429 before its crypto runs.
         """
-        values = request.headers.getall(hdrs.AUTHORIZATION, ())
         if len(values) == 1:
             value = values[0]
             if value.startswith("Bearer "):
@@ -162,13 +171,13 @@ class RouteProxy:
         elif not values:
             if required:
                 if self.limiter is not None:
-                    await self._take("addr:" + (request.remote or "-"))
+                    await self._take("addr:" + (remote or "-"))
                 raise MissingToken()
             return None, False
         if self.limiter is not None:
-            await self._take("addr:" + (request.remote or "-"))
+            await self._take("addr:" + (remote or "-"))
         # full check: one header, the Bearer scheme, a well-formed token; then signature and claims
-        token = bearer_token(request)
+        token = bearer_token(_AuthorizationOnly(values))  # type: ignore[arg-type]  # it reads only .headers
         assert token is not None
         return await self.verifier.verify(token), True
 
@@ -180,26 +189,135 @@ class RouteProxy:
         if wait:
             raise TooManyRequests(f"too many requests from this client; retry in {wait:.1f} s", retry_after=wait)
 
-    async def _guarded(self, request: web.Request, method: str, raw_path: str, kind: str) -> web.StreamResponse:
-        """Sign-ins and registrations, under the tighter per-address buckets of :class:`AuthLimits`."""
+    async def guarded(self, kind: str, remote: str | None, exchange: Callable[[], Awaitable[_R]]) -> _R:
+        """Sign-ins and registrations (``kind`` from :meth:`admit`), under the tighter per-address buckets of
+        :class:`AuthLimits`: a registration takes a token before it is forwarded, a sign-in is refused while its
+        bucket is empty and takes a token only when it fails (400 or 401)."""
         limits = self.auth_limits
         assert limits is not None
-        addr = "addr:" + (request.remote or "-")
+        addr = "addr:" + (remote or "-")
         if kind == "register":
             wait = limits.register.take(addr)
             if wait:
                 raise TooManyRequests(f"too many registrations from this address; retry in {wait:.0f} s", wait)
-            return await self._exchange(request, method, raw_path, None)
+            return await exchange()
         wait = limits.signin.peek(addr)
         if wait:
             limits.signin.limited += 1
             raise TooManyRequests(f"too many failed sign-ins from this address; retry in {wait:.0f} s", wait)
-        response = await self._exchange(request, method, raw_path, None)
+        response = await exchange()
         if response.status in (400, 401):
             limits.signin.take(addr)
         return response
 
-    # -- forwarding ---------------------------------------------------------------------------------
+    def header_block(
+        self,
+        raw_headers: Iterable[tuple[bytes, bytes]],
+        tail: bytes,
+        extra: frozenset[bytes] = frozenset(),
+    ) -> bytes:
+        """Every request header after the Host line: the client's, filtered, then ``tail`` (the gateway's own
+        headers and the body framing, ending with the blank line)."""
+        parts: list[bytes] = []
+        extend = parts.extend
+        drop = DROP_REQUEST
+        prefixes = IDENTITY_PREFIXES
+        for name, value in raw_headers:
+            lname = name.lower()
+            if lname in drop or lname.startswith(prefixes) or lname in extra:
+                if lname == b"connection" and not extra:
+                    tokens = _connection_tokens(value)
+                    if tokens:  # headers the client marked hop-by-hop (rare): filter again without them
+                        return self.header_block(raw_headers, tail, tokens)
+                continue
+            extend((name, b": ", value, b"\r\n"))
+        parts.append(tail)
+        return b"".join(parts)
+
+    async def forward(
+        self,
+        method: str,
+        path: str,
+        request_line: bytes,
+        block: bytes,
+        body: bytes | None,
+        key: str | None,
+        send_streamed: Callable[[Instance, bytes], Awaitable[Response]] | None = None,
+        note: Callable[[str], None] | None = None,
+    ) -> Response:
+        """Send the request to an instance of the service (``key``: the affinity key), retrying when it is safe;
+        a failed hop is a :class:`Problem`. ``send_streamed``: sends a body that is not buffered (never repeated
+        once it started); ``note``: told the instance's URL of every attempt (for the access log)."""
+        service = self.service
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        no_body = method == "HEAD"
+        replayable = send_streamed is None
+        idempotent = method in IDEMPOTENT
+        attempt = 0
+        avoid: Instance | None = None
+        while True:
+            inst = service.pick(key, loop.time(), avoid)
+            if inst is None:
+                raise ServiceUnavailable(f"no instance of the {service.name} service is available right now", 1.0)
+            if note is not None:
+                note(inst.url)
+            breaker = inst.breaker
+            breaker.begin()
+            inst.in_flight += 1
+            inst.requests += 1
+            head = b"".join((request_line, inst.host_line, block))
+            try:
+                if send_streamed is not None:
+                    resp = await send_streamed(inst, head)
+                else:
+                    resp = await inst.pool.request(head, body, no_body=no_body, timeout=self.timeout)
+            except UpstreamError as exc:
+                inst.in_flight -= 1
+                inst.errors[exc.kind] = inst.errors.get(exc.kind, 0) + 1
+                if exc.kind == "busy":
+                    breaker.abandon()  # our pool was full: no verdict on the instance
+                else:
+                    breaker.failure(loop.time())
+                if attempt < self.retries and exc.kind != "timeout" and (not exc.sent or (idempotent and replayable)):
+                    attempt += 1
+                    service.retries += 1
+                    avoid = inst
+                    log.info("retrying %s %s (attempt %d): %s", method, path, attempt + 1, exc)
+                    await asyncio.sleep(random.uniform(0, self.backoff * 2**attempt))  # full jitter
+                    continue
+                raise _problem(exc, service.name) from None
+            except BaseException:
+                inst.in_flight -= 1
+                breaker.abandon()
+                raise
+            inst.in_flight -= 1
+            breaker.success()
+            return resp
+
+    # -- the aiohttp front --------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            method = request.method
+            raw_path = request.raw_path
+            key, guard = await self.admit(
+                method,
+                raw_path,
+                request.path,
+                request.match_info["tail"],
+                request.headers.getall(hdrs.AUTHORIZATION, []),
+                request.remote,
+            )
+            if guard is not None:
+                return await self.guarded(
+                    guard, request.remote, lambda: self._exchange(request, method, raw_path, None)
+                )
+            with tracing.proxy_span(self.service.name, request):  # writes traceparent upstream
+                return await self._exchange(request, method, raw_path, key)
+        except Problem as problem:
+            return problem_response(problem, request)
 
     async def _exchange(self, request: web.Request, method: str, raw_path: str, key: str | None) -> web.StreamResponse:
         body: bytes | None = None
@@ -223,108 +341,47 @@ class RouteProxy:
 
         target = raw_path if raw_path.startswith("/") else request.rel_url.raw_path_qs
         request_line = f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
-        block = self._header_block(request, body, streamed, chunked)
+        if chunked:
+            framing = b"Transfer-Encoding: chunked\r\n\r\n"
+        elif streamed:
+            framing = b"Content-Length: %d\r\n\r\n" % length  # type: ignore[str-format]  # streamed, not chunked: Content-Length was sent
+        else:
+            framing = b"Content-Length: %d\r\n\r\n" % len(body) if body is not None else b"\r\n"
+        host = request.headers.get(hdrs.HOST)
+        block = self.header_block(
+            request.raw_headers,
+            gateway_headers(
+                request.get("request_id"),  # set by the host's request-id middleware: created or passed on
+                request.remote,
+                request.secure,
+                host.encode("latin-1", "replace") if host else None,
+                tracing.traceparent_line(request.headers),
+                framing,
+            ),
+        )
+        send_streamed = None
+        if streamed:
+            prefix = body or b""
 
-        service = self.service
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        no_body = method == "HEAD"
-        replayable = not streamed
-        idempotent = method in IDEMPOTENT
-        attempt = 0
-        avoid: Instance | None = None
-        while True:
-            inst = service.pick(key, loop.time(), avoid)
-            if inst is None:
-                raise ServiceUnavailable(f"no instance of the {service.name} service is available right now", 1.0)
-            if self.note_upstream:
-                request[UPSTREAM_KEY] = inst.url
-            breaker = inst.breaker
-            breaker.begin()
-            inst.in_flight += 1
-            inst.requests += 1
-            head = b"".join((request_line, inst.host_line, block))
-            try:
-                if streamed:
-                    resp = await self._send_streamed(request, inst, head, body or b"", chunked)
-                else:
-                    resp = await inst.pool.request(head, body, no_body=no_body, timeout=self.timeout)
-            except UpstreamError as exc:
-                inst.in_flight -= 1
-                inst.errors[exc.kind] = inst.errors.get(exc.kind, 0) + 1
-                if exc.kind == "busy":
-                    breaker.abandon()  # our pool was full: no verdict on the instance
-                else:
-                    breaker.failure(loop.time())
-                if attempt < self.retries and exc.kind != "timeout" and (not exc.sent or (idempotent and replayable)):
-                    attempt += 1
-                    service.retries += 1
-                    avoid = inst
-                    log.info("retrying %s %s (attempt %d): %s", method, request.path, attempt + 1, exc)
-                    await asyncio.sleep(random.uniform(0, self.backoff * 2**attempt))  # full jitter
-                    continue
-                raise _problem(exc, service.name) from None
-            except BaseException:
-                inst.in_flight -= 1
-                breaker.abandon()
-                raise
-            inst.in_flight -= 1
-            breaker.success()
-            break
+            def send_streamed(inst: Instance, head: bytes) -> Awaitable[Response]:
+                return self._send_streamed(request, inst, head, prefix, chunked)
 
+        def note(url: str) -> None:
+            request[UPSTREAM_KEY] = url
+
+        resp = await self.forward(
+            method,
+            request.path,
+            request_line,
+            block,
+            body,
+            key,
+            send_streamed,
+            note if self.note_upstream else None,
+        )
         if resp.body is not None:
             return web.Response(body=resp.body, status=resp.status, headers=resp.headers)
         return await self._stream_back(request, resp)
-
-    def _header_block(
-        self,
-        request: web.Request,
-        body: bytes | None,
-        streamed: bool,
-        chunked: bool,
-        extra: frozenset[bytes] = frozenset(),
-    ) -> bytes:
-        """Every request header after the Host line: the client's, filtered, then the gateway's own."""
-        parts: list[bytes] = []
-        extend = parts.extend
-        drop = DROP_REQUEST
-        prefixes = IDENTITY_PREFIXES
-        for name, value in request.raw_headers:
-            lname = name.lower()
-            if lname in drop or lname.startswith(prefixes) or lname in extra:
-                if lname == b"connection" and not extra:
-                    tokens = _connection_tokens(value)
-                    if tokens:  # headers the client marked hop-by-hop (rare): filter again without them
-                        return self._header_block(request, body, streamed, chunked, tokens)
-                continue
-            extend((name, b": ", value, b"\r\n"))
-        self._gateway_headers(request, parts, body, streamed, chunked)
-        return b"".join(parts)
-
-    @staticmethod
-    def _gateway_headers(
-        request: web.Request, parts: list[bytes], body: bytes | None, streamed: bool, chunked: bool
-    ) -> None:
-        rid = request.get("request_id")  # set by the host's request-id middleware: created or passed on
-        if rid:
-            parts.append(b"X-Request-Id: " + rid.encode("ascii") + b"\r\n")
-        remote = request.remote
-        if remote:
-            parts.append(b"X-Forwarded-For: " + remote.encode("ascii", "replace") + b"\r\n")
-        parts.append(b"X-Forwarded-Proto: https\r\n" if request.secure else b"X-Forwarded-Proto: http\r\n")
-        parts.append(tracing.traceparent_line(request.headers))
-        host = request.headers.get(hdrs.HOST)
-        if host:
-            parts.append(b"X-Forwarded-Host: " + host.encode("latin-1", "replace") + b"\r\n")
-        if chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif streamed:
-            parts.append(b"Content-Length: %d\r\n\r\n" % request.content_length)  # type: ignore[str-format]  # streamed, not chunked: Content-Length was sent
-        elif body is not None:
-            parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
-        else:
-            parts.append(b"\r\n")
 
     async def _read_prefix(self, request: web.Request) -> tuple[bytes, bool]:
         """A body of unknown size (chunked): read up to ``buffer_limit``. -> (bytes read, more follows)."""
@@ -416,9 +473,41 @@ def _connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(t for t in tokens if t and t not in (b"close", b"keep-alive"))
 
 
-def _refuse_dot_segments(request: web.Request) -> None:
+def gateway_headers(
+    rid: str | None, remote: str | None, secure: bool, host: bytes | None, trace: bytes, framing: bytes
+) -> bytes:
+    """The header lines the gateway adds to a forwarded request, then ``framing`` (the body's Content-Length or
+    Transfer-Encoding and the blank line): the request id, X-Forwarded-*, the trace context (``trace``, from
+    :func:`runtime.tracing.traceparent_line`)."""
+    parts: list[bytes] = []
+    if rid:
+        parts.append(b"X-Request-Id: " + rid.encode("ascii") + b"\r\n")
+    if remote:
+        parts.append(b"X-Forwarded-For: " + remote.encode("ascii", "replace") + b"\r\n")
+    parts.append(b"X-Forwarded-Proto: https\r\n" if secure else b"X-Forwarded-Proto: http\r\n")
+    parts.append(trace)
+    if host:
+        parts.append(b"X-Forwarded-Host: " + host + b"\r\n")
+    parts.append(framing)
+    return b"".join(parts)
+
+
+class _AuthorizationOnly:
+    """What :func:`runtime.auth.bearer_token` reads of a request (``headers.getall``), from the values alone."""
+
+    __slots__ = ("headers", "values")
+
+    def __init__(self, values: list[str]) -> None:
+        self.values = values
+        self.headers = self
+
+    def getall(self, _name: str, _default: Any = None) -> list[str]:
+        return self.values
+
+
+def _refuse_dot_segments(path: str) -> None:
     """``/api/catalog/../cart`` would be routed (and policed) as catalog but may be served as cart upstream."""
-    if _DOT_SEGMENT.search(request.path):
+    if _DOT_SEGMENT.search(path):
         raise BadRequest("the path must not contain '.' or '..' segments")
 
 
