@@ -103,6 +103,9 @@ class GatewaySettings(ServiceSettings):
     """The gateway's service settings plus its proxy, health, rate-limit and CORS options."""
 
     port: int = 8000
+    # "fast": gateway.front serves the proxied routes and hands everything else to aiohttp on the same port;
+    # "aiohttp": aiohttp's server serves everything (the reference the front's behaviour is tested against)
+    front: str = "fast"
     # -- upstream hop
     connect_timeout: float = 2.0  # seconds to open a connection to an upstream instance
     timeout: float = 30.0  # seconds for one attempt: request sent and response head (and a buffered body) back
@@ -138,6 +141,7 @@ class GatewaySettings(ServiceSettings):
             "docs_ttl",
         ):
             _check(getattr(self, name) > 0, name, "expected a positive number of seconds")
+        _check(self.front in ("fast", "aiohttp"), "front", "expected fast or aiohttp")
         _check(self.retries >= 0, "retries", "expected 0 or more")
         _check(self.retry_backoff >= 0, "retry_backoff", "expected 0 or more seconds")
         for name in ("pool_size", "breaker_failures", "health_failures", "rate_burst", "max_body"):

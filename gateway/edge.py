@@ -88,17 +88,32 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         status = exc.status
         raise
     finally:
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                orjson.dumps(
-                    {
-                        "method": request.method,
-                        "path": request.path,
-                        "status": status,
-                        "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-                        "upstream": request.get(UPSTREAM_KEY, "-"),
-                        "request_id": request.get("request_id", "-"),
-                        "client": request.remote,
-                    }
-                ).decode()
-            )
+        log_access(
+            request.method,
+            request.path,
+            status,
+            start,
+            request.get(UPSTREAM_KEY, "-"),
+            request.get("request_id", "-"),
+            request.remote,
+        )
+
+
+def log_access(
+    method: str, path: str, status: int, start: float, upstream: str, request_id: str, client: str | None
+) -> None:
+    """The access log line of one request (``start``: its ``time.perf_counter()`` when it arrived)."""
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            orjson.dumps(
+                {
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                    "upstream": upstream,
+                    "request_id": request_id,
+                    "client": client,
+                }
+            ).decode()
+        )

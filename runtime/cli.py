@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -247,6 +247,7 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
     # One bus for the whole process: in embedded mode that is what connects the services.
     bus = await start_bus(settings)
     runners: list[web.AppRunner] = []
+    fronts: list[Any] = []  # the gateway's gateway.front.Front, when it serves the gateway's port
     try:
         # Every database is migrated before any is seeded: one that cannot be reached stops start-up before
         # anything else happens (the first-run seed creates keys and prints the admin password).
@@ -268,7 +269,13 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
             runners.append(runner)
             port = settings.services[service.name].port
             try:
-                await web.TCPSite(runner, settings.general.host, port, backlog=1024, reuse_address=True).start()
+                if _fast_front(settings, service.name):
+                    # by module name, like runtime.services reaches the services (runtime never imports them)
+                    front = importlib.import_module("gateway.front").Front(runner)
+                    await front.start(settings.general.host, port, backlog=1024, reuse_address=True)
+                    fronts.append(front)
+                else:
+                    await web.TCPSite(runner, settings.general.host, port, backlog=1024, reuse_address=True).start()
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise StartupError(port_taken_message(settings.general.host, port, service.name)) from None
@@ -281,10 +288,19 @@ async def serve(settings: Settings, names: Sequence[str]) -> None:
     finally:
         if runners:
             log.info("stopping")
+        for front in fronts:  # stop listening, finish in-flight requests; then the runners close the rest
+            await front.stop()
         for runner in reversed(runners):
             await runner.cleanup()
         await bus.close()
         tracing.shutdown()  # flushes the spans still batched for the exporter
+
+
+def _fast_front(settings: Settings, name: str) -> bool:
+    """Whether ``name``'s port is served by the gateway's front (``[gateway] front = "fast"``)."""
+    if name != "gateway":
+        return False
+    return getattr(settings.services[name], "front", "aiohttp") == "fast"
 
 
 # ---------------------------------------------------------------------------------------------------

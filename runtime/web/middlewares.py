@@ -22,9 +22,11 @@ __all__ = [
     "authorize_first_middleware",
     "error_middleware",
     "flatten_errors",
+    "request_id_for",
     "request_id_middleware",
     "request_id_var",
     "schema_validation_middleware",
+    "unexpected_problem",
     "validation_error_callback",
 ]
 
@@ -38,11 +40,26 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _rng = random.Random()  # request ids need uniqueness, not secrecy
 
 
+def request_id_for(incoming: str) -> str:
+    """The request id of a request that came with ``X-Request-Id: incoming`` ("" without one): a well-formed one
+    is passed on, otherwise a new one is made (128 random bits as hex: as unique as a uuid4 without its system
+    call and object per request)."""
+    return incoming if incoming and _REQUEST_ID_OK.match(incoming) else f"{_rng.getrandbits(128):032x}"
+
+
+def unexpected_problem(request_id: str) -> Problem:
+    """The 500 answered for an error nobody handled (logged by the caller; no details reach the client)."""
+    return Problem(
+        f"an unexpected error occurred; quote request id {request_id} when reporting it",
+        status=500,
+        slug="internal",
+        title="Internal error",
+    )
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    incoming = request.headers.get("X-Request-Id", "")
-    # 128 random bits as hex: as unique as a uuid4 without its system call and object per request.
-    rid = incoming if incoming and _REQUEST_ID_OK.match(incoming) else f"{_rng.getrandbits(128):032x}"
+    rid = request_id_for(request.headers.get("X-Request-Id", ""))
     request["request_id"] = rid
     token = request_id_var.set(rid)
     try:
@@ -88,13 +105,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return problem_response(BadRequest(f"the request body is {what}"), request)
     except Exception:
         log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request.get("request_id"))
-        problem = Problem(
-            f"an unexpected error occurred; quote request id {request.get('request_id', '-')} when reporting it",
-            status=500,
-            slug="internal",
-            title="Internal error",
-        )
-        return problem_response(problem, request)
+        return problem_response(unexpected_problem(request.get("request_id", "-")), request)
 
 
 @web.middleware

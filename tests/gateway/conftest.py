@@ -32,6 +32,7 @@ from gateway.routes import ROUTES
 from gateway.service import UPSTREAMS_KEY, create_app
 from gateway.upstreams import Upstreams
 from runtime.routes import Route, services_of
+from tests.support.front import FrontTestServer
 
 DEAD = "http://127.0.0.1:1"  # nothing listens on port 1: connection refused
 
@@ -145,9 +146,16 @@ FAST: dict[str, Any] = {  # quick health checks and breakers, no rate limits, no
 }
 
 
+@pytest.fixture(params=["fast", "aiohttp"])
+def gateway_front(request: pytest.FixtureRequest) -> str:
+    """Which front serves the gateways a test makes: gateway.front (``fast``) or aiohttp's server alone."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_gateway(aiohttp_client: Any, test_identity: Any) -> Callable[..., Awaitable[TestClient]]:
-    """A gateway on a real port, routing the given services to the given instances (the rest to a dead port)."""
+def make_gateway(aiohttp_client: Any, test_identity: Any, gateway_front: str) -> Callable[..., Awaitable[TestClient]]:
+    """A gateway on a real port, routing the given services to the given instances (the rest to a dead port),
+    served through each front in turn (``gateway_front``)."""
 
     async def make(
         upstreams: dict[str, str | Sequence[str]] | None = None,
@@ -166,7 +174,7 @@ def make_gateway(aiohttp_client: Any, test_identity: Any) -> Callable[..., Await
             options=GatewayOptions(**{**FAST, **options}),
             routes=routes,
         )
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(FrontTestServer(app) if gateway_front == "fast" else app)
         client.admin_headers = test_identity.headers(test_identity.admin_token())  # type: ignore[attr-defined]
         return client
 

@@ -1,0 +1,607 @@
+"""The gateway's public port: a lean HTTP/1.1 front for the proxied routes, aiohttp for everything else.
+
+Why: behind aiohttp's server, every proxied request builds a Request and a Response object and walks the host's
+middleware chain (request id, metrics, errors, authorize-first, the admin-metrics guard, schema validation):
+measured, about half of the gateway's CPU per request. This front parses requests with llhttp (``httptools``,
+the parser aiohttp itself uses) on an asyncio protocol and runs the same policy object (:class:`RouteProxy`:
+route, token, rate limit, access, affinity, forwarding with retries) on plain values, writing the response with
+one ``transport.write``.
+
+Which requests it serves itself (the fast path): HTTP/1.0 or 1.1 requests under a proxied route prefix, with a
+plain ``/...`` target (no ``%``-escapes, no fragment), no body or a ``Content-Length`` body of at most
+``buffer_limit`` bytes, no ``Expect``, ``Upgrade`` or ``Transfer-Encoding``, no ``Origin`` when CORS is
+configured, and tracing off. Everything else, and anything llhttp refuses, is handed to aiohttp: on a message
+boundary with no response outstanding, aiohttp's protocol for the connection is made from the runner's server,
+takes over the transport and is fed every byte received from the start of that message, so it serves the rest
+of the connection's life exactly as it serves a connection of its own (``/health``, ``/metrics``, ``/admin``,
+docs, 400 for a malformed request, 413 for a large declared body, streamed uploads, CORS, traced requests).
+
+What a fast-path request keeps of the aiohttp path (the gateway's test-suite runs through both): the request id
+(a valid ``X-Request-Id`` passed on, else a new one; echoed), problem+json refusals with the same statuses,
+bodies and headers, the ``http_requests``/``http_request_duration_seconds`` samples under the route's canonical
+path, the access log, HEAD, keep-alive and ``Connection: close``, HTTP/1.0, pipelining (answered in order,
+one at a time), ``Date``/``Server``/``Content-Type`` defaults as aiohttp writes them, streamed large responses
+(chunked, or close-delimited for HTTP/1.0) with back-pressure.
+
+Limits: a request head must arrive within ``header_timeout`` (a slowloris is cut) and an idle keep-alive
+connection is closed after ``keepalive_timeout``; a head larger than aiohttp's line and field limits allow is
+handed to aiohttp, which refuses it. :meth:`Front.stop` closes the listening socket and idle connections, lets
+in-flight requests finish (then closes their connections), and aborts what is left after the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+import httptools
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from gateway.client import Response, UpstreamError
+from gateway.edge import log_access
+from gateway.proxy import RouteProxy, gateway_headers
+from gateway.service import EDGE
+from runtime import tracing
+from runtime.errors import Problem
+from runtime.web.metrics import METRICS_KEY
+from runtime.web.middlewares import request_id_for, request_id_var, unexpected_problem
+from runtime.web.resources import AppKeyRuntime
+from runtime.web.responses import PROBLEM_JSON, dumps
+
+log = logging.getLogger(__name__)
+
+HEAD_LIMIT = 8190  # a larger head goes to aiohttp, which enforces its line and field limits (8190 bytes each)
+MAX_HEADERS = 128  # aiohttp's limit on the number of header fields
+PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered while one is answered; then reading pauses
+HEADER_TIMEOUT = 10.0  # seconds a request head may take to arrive (from its first byte, or from connecting)
+KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection is kept
+_SWEEP = 1.0  # seconds between the timeout sweeps (one timer per front, not one per connection)
+
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+_EMPTY = frozenset({204, 304})
+
+
+class Front:
+    """Serves ``runner``'s gateway application on a listening socket (``runner.setup()`` done first)."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        *,
+        header_timeout: float = HEADER_TIMEOUT,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+    ) -> None:
+        app = runner.app
+        server = runner.server
+        assert server is not None, "runner.setup() first"
+        self.handoff_factory: Callable[[], asyncio.Protocol] = server  # aiohttp's protocol for one connection
+        edge = app[EDGE]
+        self.metrics = app[METRICS_KEY]
+        self.max_body = edge.options.max_body
+        self.buffer_limit = edge.options.buffer_limit
+        self.access_log = edge.options.access_log
+        self.cors = edge.cors is not None
+        # A process in a cluster forwards requests between its nodes in a middleware: aiohttp serves everything.
+        self.enabled = app[AppKeyRuntime].cluster is None
+        self.header_timeout = header_timeout
+        self.keepalive_timeout = keepalive_timeout
+        # (prefix, its proxy, the resource's canonical path for the metrics), in aiohttp's matching order
+        self.routes: list[tuple[str, RouteProxy, str]] = []
+        # Routes registered before a proxied prefix that may match paths under it (aiohttp tries them first):
+        # such paths go to aiohttp. (static beginning of the route, whether it is the whole path)
+        self.shadows: list[tuple[str, bool]] = []
+        earlier: list[tuple[str, bool]] = []
+        for resource in app.router.resources():
+            proxy = next(
+                (owner for r in resource if isinstance(owner := getattr(r.handler, "__self__", None), RouteProxy)),
+                None,
+            )
+            if proxy is None:
+                static = resource.canonical.split("{", 1)[0]
+                earlier.append((static, isinstance(resource, web.PlainResource)))
+                continue
+            prefix = proxy.route.prefix
+            self.routes.append((prefix, proxy, resource.canonical))
+            for static, exact in earlier:
+                if static == prefix or static.startswith(prefix + "/") or (not exact and prefix.startswith(static)):
+                    self.shadows.append((static, exact))
+        self.connections: set[_Connection] = set()
+        self.server: asyncio.Server | None = None
+        self.closing = False
+        self.date_line = b""
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._idle: asyncio.Event | None = None  # set when the last in-flight request ends during stop()
+
+    async def start(self, host: str, port: int, *, backlog: int = 1024, reuse_address: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self._date()
+        self.server = await loop.create_server(
+            lambda: _Connection(self), host, port, backlog=backlog, reuse_address=reuse_address
+        )
+        self._sweeper = loop.call_later(_SWEEP, self._sweep)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None and self.server.sockets
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop listening, close idle connections, let in-flight requests finish (``grace`` seconds at most).
+        Connections handed to aiohttp are closed by the runner's cleanup, which follows."""
+        self.closing = True
+        if self.server is not None:
+            self.server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+        if any(c.busy for c in self.connections):
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.warning("%d requests still in flight after %g s: cut", len(self.connections), grace)
+        for conn in list(self.connections):
+            conn.abort()
+
+    def _done(self, conn: _Connection) -> None:
+        self.connections.discard(conn)
+        if self._idle is not None and not any(c.busy for c in self.connections):
+            self._idle.set()
+
+    def _date(self) -> None:
+        self.date_line = b"Date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
+
+    def _sweep(self) -> None:
+        """Once a second: the Date header, and the connections past their head or keep-alive deadline."""
+        self._date()
+        now = time.monotonic()
+        for conn in [c for c in self.connections if c.deadline and c.deadline < now and not c.busy]:
+            conn.close()
+        if not self.closing:
+            self._sweeper = asyncio.get_running_loop().call_later(_SWEEP, self._sweep)
+
+    def match(self, path: str) -> tuple[RouteProxy, str, str] | None:
+        """The proxy of a fast-path ``path``: (proxy, the path after its prefix, the canonical route) or None."""
+        for prefix, proxy, canonical in self.routes:
+            if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+                for static, exact in self.shadows:
+                    if path == static if exact else path.startswith(static):
+                        return None
+                return proxy, path[len(prefix) :], canonical
+        return None
+
+
+class _Plan(NamedTuple):
+    """A request the fast path serves, as parsed."""
+
+    method: str
+    target: bytes
+    path: str
+    keep_alive: bool
+    length: int
+    headers: list[tuple[bytes, bytes]]
+    http10: bool
+    proxy: RouteProxy
+    tail: str
+    canonical: str
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection, until it closes or is handed to aiohttp. Requests are answered one at a time, in
+    order; ``buf`` holds what has arrived from the start of the next request on."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote: str | None = None
+        self.buf = b""
+        self.busy = False  # a request is being answered
+        self.deadline = 0.0  # time.monotonic() by which the next head must be in (0: none)
+        self.head_deadline = False  # the deadline is a head's (bytes of it arrived), not the idle one
+        self.reading_paused = False
+        self.handed_off = False
+        self.closed = False
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+        # the message being parsed (parser callbacks)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = True
+        self.version = ""
+        self.method = b""
+        self.task: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP server's transport
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, (tuple, list)) else None
+        front = self.front
+        if front.closing:
+            transport.close()
+            return
+        front.connections.add(self)
+        self.deadline = time.monotonic() + front.header_timeout
+        if not front.enabled:
+            self._hand_off()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.transport = None
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if not self.busy:
+            self.front._done(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        if not self.busy:
+            self._advance()
+        elif len(self.buf) > PIPELINE_LIMIT and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    # -- parser callbacks ---------------------------------------------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # read here: llhttp resets its flags once the message is complete
+        parser = self.parser
+        self.keep_alive = parser.should_keep_alive()
+        self.version = parser.get_http_version()
+        self.method = parser.get_method()
+        self.headers_done = True
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Take the next whole request from ``buf``: serve it, hand the connection off, or wait for more bytes."""
+        buf = self.buf
+        if self.handed_off or self.closed:
+            return
+        if not buf:
+            self.head_deadline = False
+            return
+        if buf[0] in b"\r\n":  # empty lines before a request: llhttp's and aiohttp's business
+            return self._hand_off()
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > HEAD_LIMIT:
+                return self._hand_off()
+            if not self.head_deadline:
+                self.head_deadline = True
+                self.deadline = time.monotonic() + self.front.header_timeout
+            return
+        head_len = end + 4
+        self.url = b""
+        self.headers = []
+        self.headers_done = self.complete = False
+        try:
+            self.parser.feed_data(memoryview(buf)[:head_len])
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers these
+            return self._hand_off()
+        if not self.headers_done:
+            return self._hand_off()
+        plan = self._plan() if head_len <= HEAD_LIMIT and len(self.headers) <= MAX_HEADERS else None
+        if plan is None:
+            return self._hand_off()
+        length = plan.length
+        if len(buf) < head_len + length:
+            if not self.head_deadline:  # the body has the rest of the head's time to arrive
+                self.head_deadline = True
+                self.deadline = time.monotonic() + self.front.header_timeout
+            self.parser = httptools.HttpRequestParser(self)  # fed again from the start when the body is in
+            return
+        body = buf[head_len : head_len + length] if length else None
+        if body is not None:
+            try:
+                self.parser.feed_data(body)
+            except httptools.HttpParserError:  # pragma: no cover - llhttp counted the same Content-Length
+                return self._hand_off()
+        if not self.complete:  # pragma: no cover - as above
+            return self._hand_off()
+        self.buf = buf[head_len + length :]
+        self.busy = True
+        self.deadline = 0.0
+        self.head_deadline = False
+        self.task = asyncio.ensure_future(self._serve(plan, body))
+
+    def _plan(self) -> _Plan | None:
+        """The fast path's view of the parsed head, or None when aiohttp should serve the request."""
+        front = self.front
+        target = self.url
+        if not target.startswith(b"/") or b"%" in target or b"#" in target:
+            return None
+        version = self.version
+        if version != "1.1" and version != "1.0":
+            return None
+        if tracing.enabled():
+            return None  # aiohttp's path opens the server span the proxy span nests in
+        length = 0
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = int(value)  # digits only, one value: checked by llhttp
+            elif lname in (b"transfer-encoding", b"expect", b"upgrade") or (lname == b"origin" and front.cors):
+                return None
+        if length > front.buffer_limit:
+            return None  # streamed (or refused with 413) by the aiohttp path
+        path = target.split(b"?", 1)[0].decode("utf-8", "surrogateescape")
+        found = front.match(path)
+        if found is None:
+            return None
+        method = self.method.decode("ascii")
+        return _Plan(method, target, path, self.keep_alive, length, self.headers, version == "1.0", *found)
+
+    async def _serve(self, plan: _Plan, body: bytes | None) -> None:
+        method, target, path, keep_alive, _length, headers, http10, proxy, tail, canonical = plan
+        front = self.front
+        start = time.perf_counter()
+        rid_in = ""
+        authorization: list[str] = []
+        host: bytes | None = None
+        trace: dict[str, str] | None = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"authorization":
+                authorization.append(value.decode("utf-8", "surrogateescape"))
+            elif lname == b"x-request-id":
+                if not rid_in:
+                    rid_in = value.decode("utf-8", "surrogateescape")
+            elif lname == b"host":
+                host = value
+            elif lname == b"traceparent" or lname == b"tracestate":
+                trace = trace or {}
+                trace.setdefault(lname.decode(), value.decode("latin-1"))
+        rid = request_id_for(rid_in)
+        token = request_id_var.set(rid)
+        status = 500
+        upstream = "-"
+        remote = self.remote
+
+        def note(url: str) -> None:
+            nonlocal upstream
+            upstream = url
+
+        try:
+            try:
+                key, guard = await proxy.admit(method, target.decode("ascii", "surrogateescape"), path, tail,
+                                               authorization, remote)  # fmt: skip
+                if body is None and method in ("POST", "PUT", "PATCH"):
+                    body = b""
+                framing = b"Content-Length: %d\r\n\r\n" % len(body) if body is not None else b"\r\n"
+                block = proxy.header_block(
+                    headers,
+                    gateway_headers(rid, remote, False, host, tracing.traceparent_line(trace or {}), framing),
+                )
+                request_line = b"%s %s HTTP/1.1\r\n" % (method.encode(), target)
+
+                def exchange() -> Awaitable[Response]:
+                    return proxy.forward(
+                        method, path, request_line, block, body, key, None, note if front.access_log else None
+                    )
+
+                if guard is not None:
+                    resp = await proxy.guarded(guard, remote, exchange)
+                else:
+                    resp = await exchange()
+            except Problem as problem:
+                status = problem.status
+                keep_alive = self._write_problem(problem, path, rid, method, keep_alive, http10)
+            else:
+                status = resp.status
+                if resp.body is not None:
+                    keep_alive = self._write_response(resp, resp.body, rid, method, keep_alive, http10)
+                else:
+                    keep_alive = await self._stream_back(resp, rid, method, keep_alive, http10)
+        except Exception:
+            log.exception("unhandled error on %s %s (request %s)", method, path, rid)
+            status = 500
+            keep_alive = self._write_problem(unexpected_problem(rid), path, rid, method, False, http10)
+        finally:
+            request_id_var.reset(token)
+            front.metrics.observe(method, canonical, status, time.perf_counter() - start)
+            if front.access_log:
+                log_access(method, path, status, start, upstream, rid, remote)
+        self._finished(keep_alive)
+
+    def _finished(self, keep_alive: bool) -> None:
+        self.busy = False
+        front = self.front
+        if self.closed:
+            front._done(self)
+            return
+        if not keep_alive or front.closing:
+            self.close()
+            return
+        self.deadline = time.monotonic() + front.keepalive_timeout
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self._advance()
+
+    # -- responses ----------------------------------------------------------------------------------
+
+    def _head(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        rid: str,
+        method: str,
+        length: int | None,
+        keep_alive: bool,
+        http10: bool,
+    ) -> bytearray:
+        """A response head as aiohttp writes it for a web.Response (``length``: the body's size, None when it
+        streams with no size known): Content-Length, Content-Type, Date and Server defaults, Connection."""
+        out = bytearray(b"HTTP/1.0 " if http10 else b"HTTP/1.1 ")
+        out += b"%d %s\r\n" % (status, _REASONS.get(status, "").encode())
+        empty = method == "HEAD" or status < 200 or status in _EMPTY
+        has_length = has_type = has_date = has_server = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == "x-request-id":
+                continue  # the gateway's own replaces the upstream's
+            if lname == "content-length":
+                if status < 200 or status == 204:
+                    continue
+                has_length = True
+            elif lname == "content-type":
+                has_type = True
+            elif lname == "date":
+                has_date = True
+            elif lname == "server":
+                has_server = True
+            out += f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+        if (
+            not has_length
+            and not (status < 200 or status == 204)
+            and length is not None
+            and (length or not (status == 304 or method == "HEAD"))
+        ):
+            out += b"Content-Length: %d\r\n" % length
+            has_length = True
+        if not empty and length != 0 and not has_type:
+            out += b"Content-Type: application/octet-stream\r\n"
+        if not has_date:
+            out += self.front.date_line
+        if not has_server:
+            out += b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
+        if length is None and not empty and not has_length:
+            if http10:
+                keep_alive = False  # close-delimited
+            else:
+                out += b"Transfer-Encoding: chunked\r\n"
+        if keep_alive:
+            if http10:
+                out += b"Connection: keep-alive\r\n"
+        elif not http10:
+            out += b"Connection: close\r\n"
+        out += b"X-Request-Id: " + rid.encode() + b"\r\n\r\n"
+        return out
+
+    def _write_response(
+        self, resp: Response, body: bytes, rid: str, method: str, keep_alive: bool, http10: bool
+    ) -> bool:
+        out = self._head(resp.status, resp.headers, rid, method, len(body), keep_alive, http10)
+        if body and method != "HEAD" and resp.status >= 200 and resp.status not in _EMPTY:
+            out += body
+        if self.transport is not None:
+            self.transport.write(out)
+        return keep_alive
+
+    def _write_problem(
+        self, problem: Problem, path: str, rid: str, method: str, keep_alive: bool, http10: bool
+    ) -> bool:
+        body = dumps(problem.to_dict(instance=path))
+        headers = [*problem.headers.items(), ("Content-Type", PROBLEM_JSON)]
+        out = self._head(problem.status, headers, rid, method, len(body), keep_alive, http10)
+        if method != "HEAD":
+            out += body
+        if self.transport is not None:
+            self.transport.write(out)
+        return keep_alive
+
+    async def _stream_back(self, resp: Response, rid: str, method: str, keep_alive: bool, http10: bool) -> bool:
+        """A large, chunked or close-delimited upstream body, passed on as it arrives, with back-pressure."""
+        headers = resp.headers
+        if resp.length is not None:
+            headers = [*headers, ("Content-Length", str(resp.length))]
+        chunked = resp.length is None and not http10
+        if resp.length is None and http10:
+            keep_alive = False
+        transport = self.transport
+        if transport is None:
+            resp.close()
+            return False
+        transport.write(self._head(resp.status, headers, rid, method, resp.length, keep_alive, http10))
+        try:
+            while True:
+                chunk = await resp.read()
+                if self.transport is None:  # the client left
+                    resp.close()
+                    return False
+                if not chunk:
+                    break
+                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if self._write_paused:
+                    self._drain = asyncio.get_running_loop().create_future()
+                    await self._drain
+                    self._drain = None
+        except UpstreamError as exc:
+            # The head is gone already: cut the client's connection so it sees a truncated body, not a whole one.
+            log.warning("%s: upstream failed mid-response: %s", rid, exc)
+            resp.close()
+            self.abort()
+            return False
+        except BaseException:
+            resp.close()
+            raise
+        if chunked and self.transport is not None:
+            self.transport.write(b"0\r\n\r\n")
+        return keep_alive
+
+    # -- the connection -----------------------------------------------------------------------------
+
+    def _hand_off(self) -> None:
+        """aiohttp's protocol takes the connection over, starting with the bytes of the current request."""
+        transport = self.transport
+        if transport is None or self.handed_off:
+            return
+        self.handed_off = True
+        self.deadline = 0.0
+        self.front.connections.discard(self)
+        protocol = self.front.handoff_factory()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+        buf, self.buf = self.buf, b""
+        if buf:
+            protocol.data_received(buf)
+        self.front._done(self)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.handed_off:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.handed_off:
+            self.transport.abort()
+
+
+async def serve(runner: web.AppRunner, host: str, port: int, **kwargs: Any) -> Front:
+    """Start a :class:`Front` for ``runner`` (set up) on ``host:port``."""
+    front = Front(runner, **kwargs)
+    await front.start(host, port)
+    return front
