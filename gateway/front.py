@@ -218,6 +218,8 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
         self.complete = False
+        self.fed = 0  # bytes of the current request's head given to the parser
+        self.plan: _Plan | None = None  # the current request's, once its head is in
         self.keep_alive = True
         self.version = ""
         self.method = b""
@@ -284,42 +286,49 @@ class _Connection(asyncio.Protocol):
     # -- requests -----------------------------------------------------------------------------------
 
     def _advance(self) -> None:
-        """Take the next whole request from ``buf``: serve it, hand the connection off, or wait for more bytes."""
+        """Take the next whole request from ``buf``: serve it, hand the connection off, or wait for more bytes.
+
+        The head is given to llhttp as it arrives (``fed`` bytes so far), so a malformed or foreign stream (a
+        TLS hello, bare LF line ends) is handed to aiohttp, which refuses it, without waiting for a blank line
+        that may never come. The body (``Content-Length``, at most ``buffer_limit``) is given once whole."""
         buf = self.buf
         if self.handed_off or self.closed:
             return
         if not buf:
             self.head_deadline = False
             return
-        if buf[0] in b"\r\n":  # empty lines before a request: llhttp's and aiohttp's business
+        fed = self.fed
+        if fed == 0 and buf[0] in b"\r\n":  # empty lines before a request: llhttp's and aiohttp's business
             return self._hand_off()
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > HEAD_LIMIT:
-                return self._hand_off()
-            if not self.head_deadline:
-                self.head_deadline = True
-                self.deadline = time.monotonic() + self.front.header_timeout
-            return
-        head_len = end + 4
-        self.url = b""
-        self.headers = []
-        self.headers_done = self.complete = False
-        try:
-            self.parser.feed_data(memoryview(buf)[:head_len])
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers these
-            return self._hand_off()
-        if not self.headers_done:
-            return self._hand_off()
-        plan = self._plan() if head_len <= HEAD_LIMIT and len(self.headers) <= MAX_HEADERS else None
+        plan = self.plan
         if plan is None:
-            return self._hand_off()
+            end = buf.find(b"\r\n\r\n", fed - 3 if fed > 3 else 0)
+            upto = end + 4 if end >= 0 else len(buf)
+            if upto > HEAD_LIMIT:
+                return self._hand_off()  # aiohttp enforces its limits on the head
+            if upto > fed:
+                try:
+                    self.parser.feed_data(memoryview(buf)[fed:upto])
+                except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers these
+                    return self._hand_off()
+                self.fed = upto
+            if end < 0:
+                if not self.head_deadline:
+                    self.head_deadline = True
+                    self.deadline = time.monotonic() + self.front.header_timeout
+                return
+            if not self.headers_done or len(self.headers) > MAX_HEADERS:
+                return self._hand_off()
+            plan = self._plan()
+            if plan is None:
+                return self._hand_off()
+            self.plan = plan
+        head_len = self.fed
         length = plan.length
         if len(buf) < head_len + length:
             if not self.head_deadline:  # the body has the rest of the head's time to arrive
                 self.head_deadline = True
                 self.deadline = time.monotonic() + self.front.header_timeout
-            self.parser = httptools.HttpRequestParser(self)  # fed again from the start when the body is in
             return
         body = buf[head_len : head_len + length] if length else None
         if body is not None:
@@ -330,6 +339,11 @@ class _Connection(asyncio.Protocol):
         if not self.complete:  # pragma: no cover - as above
             return self._hand_off()
         self.buf = buf[head_len + length :]
+        self.fed = 0
+        self.plan = None
+        self.url = b""
+        self.headers = []
+        self.headers_done = self.complete = False
         self.busy = True
         self.deadline = 0.0
         self.head_deadline = False
@@ -416,14 +430,17 @@ class _Connection(asyncio.Protocol):
                     resp = await exchange()
             except Problem as problem:
                 status = problem.status
+                keep_alive = keep_alive and not front.closing  # a stopping front closes after the answer
                 keep_alive = self._write_problem(problem, path, rid, method, keep_alive, http10)
             else:
                 status = resp.status
+                keep_alive = keep_alive and not front.closing
                 if resp.body is not None:
                     keep_alive = self._write_response(resp, resp.body, rid, method, keep_alive, http10)
                 else:
                     keep_alive = await self._stream_back(resp, rid, method, keep_alive, http10)
         except Exception:
+            # (the front's own bugs: the proxy's failures are problems already)
             log.exception("unhandled error on %s %s (request %s)", method, path, rid)
             status = 500
             keep_alive = self._write_problem(unexpected_problem(rid), path, rid, method, False, http10)
