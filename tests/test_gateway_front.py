@@ -362,3 +362,30 @@ async def test_the_access_log_has_the_front_requests(
     assert len(lines) == 1 and '"request_id":"logged-1"' in lines[0] and '"path":"/api/cart"' in lines[0]
     assert '"status":200' in lines[0] and '"upstream":"http://127.0.0.1' in lines[0]
     writer.close()
+
+
+async def test_trace_context_passes_through_when_tracing_is_off(
+    serve: Any, customer: bytes, upstream: Upstream
+) -> None:
+    server = await serve()
+    reader, writer = await connect(server)
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    writer.write(b"GET /api/cart HTTP/1.1\r\nHost: shop\r\nTraceparent: %s\r\n%s\r\n" % (parent.encode(), customer))
+    assert (await read_response(reader))[0] == 200
+    assert upstream.seen[-1]["headers"]["traceparent"] == parent
+    assert aiohttp_saw(server) == 0
+    writer.close()
+
+
+async def test_identity_headers_never_reach_the_upstream(serve: Any, customer: bytes, upstream: Upstream) -> None:
+    server = await serve()
+    reader, writer = await connect(server)
+    writer.write(
+        b"GET /api/cart HTTP/1.1\r\nHost: shop\r\nX-User-Id: admin\r\nX-Principal: root\r\nConnection: x-secret\r\n"
+        b"X-Secret: 1\r\nX-Kept: yes\r\n%s\r\n" % customer
+    )
+    assert (await read_response(reader))[0] == 200
+    seen = upstream.seen[-1]["headers"]
+    assert "X-User-Id" not in seen and "X-Principal" not in seen and "X-Secret" not in seen
+    assert seen["X-Kept"] == "yes" and seen["X-Forwarded-For"] == "127.0.0.1" and seen["X-Forwarded-Host"] == "shop"
+    writer.close()
