@@ -81,18 +81,29 @@ class PoolExhausted(UpstreamError):
 
 
 class Response:
-    """An upstream response head; ``body`` holds the whole body, or is None when it streams via ``read()``."""
+    """An upstream response head; ``body`` holds the whole body, or is None when it streams via ``read()``.
+    ``raw_headers``: the end-to-end headers as received (names and values as bytes, hop-by-hop ones dropped)."""
 
-    __slots__ = ("_conn", "body", "headers", "length", "status")
+    __slots__ = ("_conn", "body", "length", "raw_headers", "status")
 
     def __init__(
-        self, status: int, headers: list[tuple[str, str]], body: bytes | None, length: int | None, conn: Connection
+        self,
+        status: int,
+        raw_headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+        length: int | None,
+        conn: Connection,
     ) -> None:
         self.status = status
-        self.headers = headers
+        self.raw_headers = raw_headers
         self.body = body
         self.length = length  # Content-Length of a streamed body, when the upstream sent one
         self._conn = conn
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The headers decoded (names as latin-1, values as UTF-8 with U+FFFD for what is not)."""
+        return [(n.decode("latin-1"), v.decode("utf-8", "replace")) for n, v in self.raw_headers]
 
     async def read(self) -> bytes:
         """The next chunk of a streamed body; b"" at its end."""
@@ -135,7 +146,7 @@ class Connection(asyncio.Protocol):
         self._in_head = False  # header callbacks are the head's (after it: trailers, ignored)
         self._interim = False  # a 1xx response: the final one follows
         self._status = 0
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._length: int | None = None
         self._chunked = False
         self._connection: bytes | None = None  # the Connection header's value
@@ -284,7 +295,7 @@ class Connection(asyncio.Protocol):
             elif lname == b"connection":
                 self._connection = value if self._connection is None else self._connection + b"," + value
             return
-        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -300,7 +311,7 @@ class Connection(asyncio.Protocol):
             raise _Malformed("both Content-Length and Transfer-Encoding")
         self._status = status
         if self._connection is not None:
-            named = _connection_tokens(self._connection)
+            named = connection_tokens(self._connection)
             if named:  # headers the upstream marked hop-by-hop
                 self._headers = [(n, v) for n, v in self._headers if n.lower() not in named]
         self._keep_alive = self._parser.should_keep_alive()
@@ -310,7 +321,7 @@ class Connection(asyncio.Protocol):
         length = self._length
         if self._no_body:
             if length is not None:
-                self._headers.append(("Content-Length", str(length)))  # HEAD: the size the GET would have
+                self._headers.append((b"Content-Length", b"%d" % length))  # HEAD: the size the GET would have
             # keep-alive by the version and Connection alone (llhttp would judge by the body it expects)
             tokens = self._connection.lower() if self._connection is not None else b""
             if self._parser.get_http_version() == "1.0":
@@ -532,10 +543,10 @@ class Connection(asyncio.Protocol):
             self.pool.discard(self)
 
 
-def _connection_tokens(value: bytes) -> frozenset[str]:
+def connection_tokens(value: bytes) -> frozenset[bytes]:
     """The header names listed in a Connection header (lower case), without ``close`` and ``keep-alive``."""
     tokens = {t.strip().lower() for t in value.split(b",")}
-    return frozenset(t.decode("latin-1") for t in tokens if t and t not in (b"close", b"keep-alive"))
+    return frozenset(t for t in tokens if t and t not in (b"close", b"keep-alive"))
 
 
 class Pool:

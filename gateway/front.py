@@ -63,7 +63,8 @@ HEADER_TIMEOUT = 10.0  # seconds a request head may take to arrive (from its fir
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection is kept
 _SWEEP = 1.0  # seconds between the timeout sweeps (one timer per front, not one per connection)
 
-_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+_STATUS_LINES = {s.value: b"%d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
+_SERVER_LINE = b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
 _EMPTY = frozenset({204, 304})
 
 
@@ -193,6 +194,10 @@ class _Plan(NamedTuple):
     proxy: RouteProxy
     tail: str
     canonical: str
+    authorization: list[str]  # the Authorization headers' values
+    request_id: str  # the first X-Request-Id's value, "" without one
+    host: bytes | None
+    trace: dict[str, str] | None  # traceparent and tracestate
 
 
 class _Connection(asyncio.Protocol):
@@ -361,10 +366,24 @@ class _Connection(asyncio.Protocol):
         if tracing.enabled():
             return None  # aiohttp's path opens the server span the proxy span nests in
         length = 0
+        authorization: list[str] = []
+        rid = ""
+        host: bytes | None = None
+        trace: dict[str, str] | None = None
         for name, value in self.headers:
             lname = name.lower()
-            if lname == b"content-length":
+            if lname == b"authorization":
+                authorization.append(value.decode("utf-8", "surrogateescape"))
+            elif lname == b"host":
+                host = value
+            elif lname == b"x-request-id":
+                if not rid:
+                    rid = value.decode("utf-8", "surrogateescape")
+            elif lname == b"content-length":
                 length = int(value)  # digits only, one value: checked by llhttp
+            elif lname == b"traceparent" or lname == b"tracestate":
+                trace = trace or {}
+                trace.setdefault(lname.decode(), value.decode("latin-1"))
             elif lname in (b"transfer-encoding", b"expect", b"upgrade") or (lname == b"origin" and front.cors):
                 return None
         if length > front.buffer_limit:
@@ -374,28 +393,16 @@ class _Connection(asyncio.Protocol):
         if found is None:
             return None
         method = self.method.decode("ascii")
-        return _Plan(method, target, path, self.keep_alive, length, self.headers, version == "1.0", *found)
+        return _Plan(
+            method, target, path, self.keep_alive, length, self.headers, version == "1.0", *found,
+            authorization, rid, host, trace,
+        )  # fmt: skip
 
     async def _serve(self, plan: _Plan, body: bytes | None) -> None:
-        method, target, path, keep_alive, _length, headers, http10, proxy, tail, canonical = plan
+        (method, target, path, keep_alive, _length, headers, http10, proxy, tail, canonical,
+         authorization, rid_in, host, trace) = plan  # fmt: skip
         front = self.front
         start = time.perf_counter()
-        rid_in = ""
-        authorization: list[str] = []
-        host: bytes | None = None
-        trace: dict[str, str] | None = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"authorization":
-                authorization.append(value.decode("utf-8", "surrogateescape"))
-            elif lname == b"x-request-id":
-                if not rid_in:
-                    rid_in = value.decode("utf-8", "surrogateescape")
-            elif lname == b"host":
-                host = value
-            elif lname == b"traceparent" or lname == b"tracestate":
-                trace = trace or {}
-                trace.setdefault(lname.decode(), value.decode("latin-1"))
         rid = request_id_for(rid_in)
         token = request_id_var.set(rid)
         status = 500
@@ -471,7 +478,7 @@ class _Connection(asyncio.Protocol):
     def _head(
         self,
         status: int,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         rid: str,
         method: str,
         length: int | None,
@@ -481,24 +488,26 @@ class _Connection(asyncio.Protocol):
         """A response head as aiohttp writes it for a web.Response (``length``: the body's size, None when it
         streams with no size known): Content-Length, Content-Type, Date and Server defaults, Connection."""
         out = bytearray(b"HTTP/1.0 " if http10 else b"HTTP/1.1 ")
-        out += b"%d %s\r\n" % (status, _REASONS.get(status, "").encode())
+        out += _STATUS_LINES.get(status) or b"%d \r\n" % status
         empty = method == "HEAD" or status < 200 or status in _EMPTY
         has_length = has_type = has_date = has_server = False
         for name, value in headers:
             lname = name.lower()
-            if lname == "x-request-id":
+            if lname == b"x-request-id":
                 continue  # the gateway's own replaces the upstream's
-            if lname == "content-length":
+            if lname == b"content-length":
                 if status < 200 or status == 204:
                     continue
                 has_length = True
-            elif lname == "content-type":
+            elif lname == b"content-type":
                 has_type = True
-            elif lname == "date":
+            elif lname == b"date":
                 has_date = True
-            elif lname == "server":
+            elif lname == b"server":
                 has_server = True
-            out += f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+            if not value.isascii():  # as aiohttp's path writes it: decoded as UTF-8 (U+FFFD for what is not)
+                value = value.decode("utf-8", "replace").encode()
+            out += b"%s: %s\r\n" % (name, value)
         if (
             not has_length
             and not (status < 200 or status == 204)
@@ -512,7 +521,7 @@ class _Connection(asyncio.Protocol):
         if not has_date:
             out += self.front.date_line
         if not has_server:
-            out += b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
+            out += _SERVER_LINE
         if length is None and not empty and not has_length:
             if http10:
                 keep_alive = False  # close-delimited
@@ -529,7 +538,7 @@ class _Connection(asyncio.Protocol):
     def _write_response(
         self, resp: Response, body: bytes, rid: str, method: str, keep_alive: bool, http10: bool
     ) -> bool:
-        out = self._head(resp.status, resp.headers, rid, method, len(body), keep_alive, http10)
+        out = self._head(resp.status, resp.raw_headers, rid, method, len(body), keep_alive, http10)
         if body and method != "HEAD" and resp.status >= 200 and resp.status not in _EMPTY:
             out += body
         if self.transport is not None:
@@ -540,7 +549,8 @@ class _Connection(asyncio.Protocol):
         self, problem: Problem, path: str, rid: str, method: str, keep_alive: bool, http10: bool
     ) -> bool:
         body = dumps(problem.to_dict(instance=path))
-        headers = [*problem.headers.items(), ("Content-Type", PROBLEM_JSON)]
+        headers = [(k.encode(), v.encode()) for k, v in problem.headers.items()]
+        headers.append((b"Content-Type", PROBLEM_JSON.encode()))
         out = self._head(problem.status, headers, rid, method, len(body), keep_alive, http10)
         if method != "HEAD":
             out += body
@@ -550,9 +560,9 @@ class _Connection(asyncio.Protocol):
 
     async def _stream_back(self, resp: Response, rid: str, method: str, keep_alive: bool, http10: bool) -> bool:
         """A large, chunked or close-delimited upstream body, passed on as it arrives, with back-pressure."""
-        headers = resp.headers
+        headers = resp.raw_headers
         if resp.length is not None:
-            headers = [*headers, ("Content-Length", str(resp.length))]
+            headers = [*headers, (b"Content-Length", b"%d" % resp.length)]
         chunked = resp.length is None and not http10
         if resp.length is None and http10:
             keep_alive = False

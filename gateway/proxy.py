@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import hdrs, web
 
-from gateway.client import Connection, Response, UpstreamError
+from gateway.client import Connection, Response, UpstreamError, connection_tokens
 from gateway.options import GatewayOptions
 from gateway.ratelimit import AuthLimits, Limiter, LocalLimiter
 from gateway.upstreams import Instance, Service
@@ -226,7 +226,7 @@ class RouteProxy:
             lname = name.lower()
             if lname in drop or lname.startswith(prefixes) or lname in extra:
                 if lname == b"connection" and not extra:
-                    tokens = _connection_tokens(value)
+                    tokens = connection_tokens(value)
                     if tokens:  # headers the client marked hop-by-hop (rare): filter again without them
                         return self.header_block(raw_headers, tail, tokens)
                 continue
@@ -466,11 +466,6 @@ class RouteProxy:
 
 
 # aiohttp-apispec's validation middleware (installed by the host for every route) takes an exception path,
-
-
-def _connection_tokens(value: bytes) -> frozenset[bytes]:
-    tokens = {t.strip().lower() for t in value.split(b",")}
-    return frozenset(t for t in tokens if t and t not in (b"close", b"keep-alive"))
 
 
 def gateway_headers(
