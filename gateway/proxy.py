@@ -102,6 +102,7 @@ class RouteProxy:
         self.service = service
         self.verifier = verifier
         self.limiter = limiter
+        self.local_limiter = isinstance(limiter, LocalLimiter)  # take() answers at once: no await needed
         self.auth_limits = auth_limits
         # method -> (path, kind) of the requests under this prefix that AuthLimits guards
         self.guards: dict[str, tuple[str, str]] = {}
@@ -136,13 +137,17 @@ class RouteProxy:
         principal: Principal | None = None
         counted = False  # taken from the address's bucket already (a full token check or a missing token)
         if access.kind is not Kind.PUBLIC:
-            principal, counted = await self._principal(authorization, remote, access.kind is Kind.TOKEN)
+            if len(authorization) == 1 and authorization[0].startswith("Bearer "):
+                principal = self.verifier.verify_cached(authorization[0][7:])  # the hot path: no crypto, no I/O
+            if principal is None:
+                principal, counted = await self._principal(authorization, remote, access.kind is Kind.TOKEN)
         limiter = self.limiter
-        if limiter is not None:
-            if principal is not None:
-                await self._take("sub:" + principal.sub)
-            elif not counted:
-                await self._take("addr:" + (remote or "-"))
+        if limiter is not None and (principal is not None or not counted):
+            client = "sub:" + principal.sub if principal is not None else "addr:" + (remote or "-")
+            if self.local_limiter:  # no coroutine for the in-process bucket
+                _refuse(limiter.take(client))  # type: ignore[union-attr]  # a LocalLimiter
+            else:
+                await self._take(client)
         if principal is not None and access.checks_claims:
             check_access(principal, roles=access.roles, scopes=access.scopes)
         guard = self.guards.get(method) if self.guards else None
@@ -156,19 +161,14 @@ class RouteProxy:
         return match["key"], None
 
     async def _principal(self, values: list[str], remote: str | None, required: bool) -> tuple[Principal | None, bool]:
-        """-> (the verified principal or None, whether the address's bucket was charged already).
+        """The principal of a request whose token is not in the verified-token cache (:meth:`admit` looked):
+        -> (the verified principal or None, whether the address's bucket was charged already).
 
         A token verified before comes from the cache and is charged to its subject. Everything else (a missing
         token where one is needed, a token checked in full, which is what every bad or forged one is) is charged
         to the client's address first, so a flood of forged tokens is refused with 429 before its crypto runs.
         """
-        if len(values) == 1:
-            value = values[0]
-            if value.startswith("Bearer "):
-                p = self.verifier.verify_cached(value[7:])  # the hot path: no crypto, no I/O
-                if p is not None:
-                    return p, False
-        elif not values:
+        if not values:
             if required:
                 if self.limiter is not None:
                     await self._take("addr:" + (remote or "-"))
@@ -185,9 +185,7 @@ class RouteProxy:
         """A token from ``client``'s bucket, else 429 with Retry-After."""
         limiter = self.limiter
         assert limiter is not None
-        wait = limiter.take(client) if isinstance(limiter, LocalLimiter) else await limiter.acquire(client)
-        if wait:
-            raise TooManyRequests(f"too many requests from this client; retry in {wait:.1f} s", retry_after=wait)
+        _refuse(limiter.take(client) if self.local_limiter else await limiter.acquire(client))  # type: ignore[union-attr]
 
     async def guarded(self, kind: str, remote: str | None, exchange: Callable[[], Awaitable[_R]]) -> _R:
         """Sign-ins and registrations (``kind`` from :meth:`admit`), under the tighter per-address buckets of
@@ -498,6 +496,12 @@ class _AuthorizationOnly:
 
     def getall(self, _name: str, _default: Any = None) -> list[str]:
         return self.values
+
+
+def _refuse(wait: float) -> None:
+    """429 with Retry-After when the client's bucket said to wait ``wait`` seconds (0: go ahead)."""
+    if wait:
+        raise TooManyRequests(f"too many requests from this client; retry in {wait:.1f} s", retry_after=wait)
 
 
 def _refuse_dot_segments(path: str) -> None:
