@@ -7,7 +7,8 @@ Starts, side by side on 127.0.0.1:
 * the upstream: a plain aiohttp JSON handler on uvloop, one process (it also serves the JWKS the gateway
   verifies tokens with, and ``/health/ready``);
 * the gateway: ``ecom serve gateway`` in one process (uvloop), every service routed to that upstream, the
-  access log off, rate limits on (one bucket per token, set high enough never to refuse);
+  access log off, rate limits on (one bucket per token, set high enough never to refuse), its port served by
+  ``gateway/front.py`` (the default ``[gateway] front = "fast"``);
 * nginx (the Debian package): one worker, keep-alive upstream pool, access log off, no token checks.
 
 The upstream is pinned to CPU 0 and each proxy to CPU 1 (taskset), wrk runs where the OS puts it. Each round
@@ -20,7 +21,8 @@ rounds are printed with the ratios:
 * CPU time per request of each proxy process and of the upstream (from /proc): on a busy shared machine this is
   steadier than req/s, and it says what each proxy would do with a core of its own.
 
-``--naive`` adds, for reference, the proxy everyone writes first (aiohttp, one shared ClientSession, no token
+``--aiohttp-front`` adds the same gateway with ``ECOM_GATEWAY_FRONT=aiohttp`` (aiohttp's server serves everything:
+the gateway before gateway/front.py), measured side by side. ``--naive`` adds, for reference, the proxy everyone writes first (aiohttp, one shared ClientSession, no token
 check). ``--raw-front`` adds the gateway's hot-path work for this request (token cache, role, rate limit, header
 filter, request id, gateway.client's pool) on a bare httptools front: what the checks cost without aiohttp's server
 and middleware chain. ``--profile FILE`` records the gateway with py-spy during its first run and prints the top
@@ -364,6 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also measure a naive aiohttp proxy (one shared ClientSession, no token check)",
     )
     parser.add_argument(
+        "--aiohttp-front",
+        action="store_true",
+        help="also measure the gateway with ECOM_GATEWAY_FRONT=aiohttp (aiohttp's server for every request)",
+    )
+    parser.add_argument(
         "--raw-front",
         action="store_true",
         help="also measure the gateway's hot-path work on a bare httptools front (no aiohttp server), for reference",
@@ -438,6 +445,15 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
         )
         targets["nginx"] = f"http://{HOST}:{ng_port}{args.path}"
     targets["gateway"] = f"http://{HOST}:{gw_port}{args.path}"
+    if args.aiohttp_front:
+        ah_port = free_port()
+        slow = procs.start(
+            pinned(PROXY_CPU, [py, "-m", "runtime.cli", "serve", "gateway"]),
+            env={**env, "ECOM_GATEWAY_PORT": str(ah_port), "ECOM_GATEWAY_FRONT": "aiohttp"},
+            log=tmp / "gateway-aiohttp.log",
+        )
+        targets["aiohttpgw"] = f"http://{HOST}:{ah_port}{args.path}"
+        proxy_pids["aiohttpgw"] = [slow.pid]
     if args.naive:
         nv_port = free_port()
         naive = procs.start(
@@ -535,6 +551,12 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     )
     if "naive" in med:
         print(f"  naive cpu / upstream cpu per request   {med['naive']['proxy_us'] / direct['upstream_us']:.2f}")
+    if "aiohttpgw" in med:
+        ah = med["aiohttpgw"]
+        print(f"  gateway / gateway on aiohttp's front req/s {gw['rps'] / ah['rps']:.2f}")
+        print(f"  gateway cpu / aiohttp-front cpu per request {gw['proxy_us'] / ah['proxy_us']:.2f}")
+        if "nginx" in med:
+            print(f"  gateway on aiohttp's front / nginx req/s {ah['rps'] / med['nginx']['rps']:.2f}")
     if "rawfront" in med:
         rf = med["rawfront"]
         print(

@@ -149,9 +149,11 @@ class Front:
             try:
                 await asyncio.wait_for(self._idle.wait(), grace)
             except TimeoutError:
-                log.warning("%d requests still in flight after %g s: cut", len(self.connections), grace)
-        for conn in list(self.connections):
-            conn.abort()
+                busy = [c for c in self.connections if c.busy]
+                log.warning("%d requests still in flight after %g s: cut", len(busy), grace)
+                for conn in busy:
+                    conn.abort()
+        # the others were closed gracefully (their last answer is flushed, then the socket closes)
 
     def _done(self, conn: _Connection) -> None:
         self.connections.discard(conn)
@@ -264,7 +266,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
         if not self.busy:
-            self._advance()
+            self._next()
         elif len(self.buf) > PIPELINE_LIMIT and not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
@@ -289,6 +291,13 @@ class _Connection(asyncio.Protocol):
         self.complete = True
 
     # -- requests -----------------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        try:
+            self._advance()
+        except Exception:  # a bug of ours: never a traceback to the client, never a stuck connection
+            log.exception("gateway front: cannot take the next request from %s", self.remote)
+            self.abort()
 
     def _advance(self) -> None:
         """Take the next whole request from ``buf``: serve it, hand the connection off, or wait for more bytes.
@@ -358,7 +367,7 @@ class _Connection(asyncio.Protocol):
         """The fast path's view of the parsed head, or None when aiohttp should serve the request."""
         front = self.front
         target = self.url
-        if not target.startswith(b"/") or b"%" in target or b"#" in target:
+        if not target.startswith(b"/") or b"%" in target or b"#" in target or not target.isascii():
             return None
         version = self.version
         if version != "1.1" and version != "1.0":
@@ -471,7 +480,7 @@ class _Connection(asyncio.Protocol):
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()
-        self._advance()
+        self._next()
 
     # -- responses ----------------------------------------------------------------------------------
 
