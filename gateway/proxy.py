@@ -1,4 +1,8 @@
-"""The streaming proxy: one aiohttp handler per route prefix.
+"""The streaming proxy: one :class:`RouteProxy` per route prefix, the policy both fronts run.
+
+:meth:`RouteProxy.admit`, :meth:`~RouteProxy.guarded`, :meth:`~RouteProxy.header_block` and
+:meth:`~RouteProxy.forward` take plain values, so aiohttp's handler (:meth:`RouteProxy.handle`, which also streams
+large bodies both ways) and the lean front (:mod:`gateway.front`) share one implementation of each rule.
 
 Per request, in order: match the route's rule (policy and affinity), check the bearer token (the verified-token
 cache first, full verification on a miss), take a rate-limit token, choose the upstream instance, forward the

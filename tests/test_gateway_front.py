@@ -389,3 +389,28 @@ async def test_identity_headers_never_reach_the_upstream(serve: Any, customer: b
     assert "X-User-Id" not in seen and "X-Principal" not in seen and "X-Secret" not in seen
     assert seen["X-Kept"] == "yes" and seen["X-Forwarded-For"] == "127.0.0.1" and seen["X-Forwarded-Host"] == "shop"
     writer.close()
+
+
+async def test_with_tracing_on_requests_go_through_aiohttp_and_carry_the_proxy_span(
+    serve: Any, customer: bytes, upstream: Upstream
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from runtime import tracing
+
+    memory = InMemorySpanExporter()
+    assert tracing.configure("ecom-test", environ={}, processors=[SimpleSpanProcessor(memory)])
+    try:
+        server = await serve()
+        reader, writer = await connect(server)
+        writer.write(b"GET /api/cart HTTP/1.1\r\nHost: shop\r\n%s\r\n" % customer)
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+    finally:
+        tracing.shutdown()
+    assert aiohttp_saw(server) == 1
+    proxy = [s for s in memory.get_finished_spans() if s.name == "proxy GET cart"]
+    assert len(proxy) == 1
+    sent = upstream.seen[-1]["headers"]["traceparent"]
+    assert sent.split("-")[1] == format(proxy[0].context.trace_id, "032x")
