@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import http
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import httptools
@@ -114,13 +115,14 @@ class Front:
                     self.shadows.append((static, exact))
         self.connections: set[_Connection] = set()
         self.server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start()
         self.closing = False
         self.date_line = b""
         self._sweeper: asyncio.TimerHandle | None = None
         self._idle: asyncio.Event | None = None  # set when the last in-flight request ends during stop()
 
     async def start(self, host: str, port: int, *, backlog: int = 1024, reuse_address: bool = True) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self._date()
         self.server = await loop.create_server(
             lambda: _Connection(self), host, port, backlog=backlog, reuse_address=reuse_address
@@ -361,7 +363,7 @@ class _Connection(asyncio.Protocol):
         self.busy = True
         self.deadline = 0.0
         self.head_deadline = False
-        self.task = asyncio.ensure_future(self._serve(plan, body))
+        self.task = self.front.loop.create_task(self._serve(plan, body))
 
     def _plan(self) -> _Plan | None:
         """The fast path's view of the parsed head, or None when aiohttp should serve the request."""
@@ -415,13 +417,9 @@ class _Connection(asyncio.Protocol):
         rid = request_id_for(rid_in)
         token = request_id_var.set(rid)
         status = 500
-        upstream = "-"
         remote = self.remote
-
-        def note(url: str) -> None:
-            nonlocal upstream
-            upstream = url
-
+        noted: list[str] = []  # the instances tried, for the access log
+        note = noted.append if front.access_log else None
         try:
             try:
                 key, guard = await proxy.admit(method, target.decode("ascii", "surrogateescape"), path, tail,
@@ -434,16 +432,13 @@ class _Connection(asyncio.Protocol):
                     gateway_headers(rid, remote, False, host, tracing.traceparent_line(trace or {}), framing),
                 )
                 request_line = b"%s %s HTTP/1.1\r\n" % (method.encode(), target)
-
-                def exchange() -> Awaitable[Response]:
-                    return proxy.forward(
-                        method, path, request_line, block, body, key, None, note if front.access_log else None
-                    )
-
-                if guard is not None:
-                    resp = await proxy.guarded(guard, remote, exchange)
+                if guard is None:
+                    resp = await proxy.forward(method, path, request_line, block, body, key, None, note)
                 else:
-                    resp = await exchange()
+                    exchange = functools.partial(
+                        proxy.forward, method, path, request_line, block, body, None, None, note
+                    )
+                    resp = await proxy.guarded(guard, remote, exchange)
             except Problem as problem:
                 status = problem.status
                 keep_alive = keep_alive and not front.closing  # a stopping front closes after the answer
@@ -464,7 +459,7 @@ class _Connection(asyncio.Protocol):
             request_id_var.reset(token)
             front.metrics.observe(method, canonical, status, time.perf_counter() - start)
             if front.access_log:
-                log_access(method, path, status, start, upstream, rid, remote)
+                log_access(method, path, status, start, noted[-1] if noted else "-", rid, remote)
         self._finished(keep_alive)
 
     def _finished(self, keep_alive: bool) -> None:
