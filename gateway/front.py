@@ -35,6 +35,7 @@ import asyncio
 import email.utils
 import functools
 import http
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from typing import Any, NamedTuple
 import httptools
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.web_protocol import RequestHandler
 
 from gateway.client import Response, UpstreamError
 from gateway.edge import log_access
@@ -61,7 +63,9 @@ HEAD_LIMIT = 8190  # a larger head goes to aiohttp, which enforces its line and 
 MAX_HEADERS = 128  # aiohttp's limit on the number of header fields
 PIPELINE_LIMIT = 256 * 1024  # bytes of pipelined requests buffered while one is answered; then reading pauses
 HEADER_TIMEOUT = 10.0  # seconds a request head may take to arrive (from its first byte, or from connecting)
-KEEPALIVE_TIMEOUT = 75.0  # seconds an idle keep-alive connection is kept
+# seconds an idle keep-alive connection is kept: aiohttp's own default, so both fronts keep a connection alike
+# (load balancers expect the backend to outlast their own idle timeout)
+KEEPALIVE_TIMEOUT: float = inspect.signature(RequestHandler.__init__).parameters["keepalive_timeout"].default
 _SWEEP = 1.0  # seconds between the timeout sweeps (one timer per front, not one per connection)
 
 _STATUS_LINES = {s.value: b"%d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
@@ -77,7 +81,7 @@ class Front:
         runner: web.AppRunner,
         *,
         header_timeout: float = HEADER_TIMEOUT,
-        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        keepalive_timeout: float | None = None,
     ) -> None:
         app = runner.app
         server = runner.server
@@ -92,7 +96,12 @@ class Front:
         # A process in a cluster forwards requests between its nodes in a middleware: aiohttp serves everything.
         self.enabled = app[AppKeyRuntime].cluster is None
         self.header_timeout = header_timeout
-        self.keepalive_timeout = keepalive_timeout
+        # the runner's setting when it has one (AppRunner(keepalive_timeout=...)), else aiohttp's default
+        self.keepalive_timeout = (
+            keepalive_timeout
+            if keepalive_timeout is not None
+            else float(getattr(server, "_kwargs", {}).get("keepalive_timeout", KEEPALIVE_TIMEOUT))
+        )
         # (prefix, its proxy, the resource's canonical path for the metrics), in aiohttp's matching order
         self.routes: list[tuple[str, RouteProxy, str]] = []
         # Routes registered before a proxied prefix that may match paths under it (aiohttp tries them first):

@@ -414,3 +414,32 @@ async def test_with_tracing_on_requests_go_through_aiohttp_and_carry_the_proxy_s
     assert len(proxy) == 1
     sent = upstream.seen[-1]["headers"]["traceparent"]
     assert sent.split("-")[1] == format(proxy[0].context.trace_id, "032x")
+
+
+async def test_a_request_arriving_in_pieces_is_served_whole(serve: Any, customer: bytes) -> None:
+    server = await serve(front_options={"header_timeout": 5.0})
+    reader, writer = await connect(server)
+    head = b"PUT /api/cart/items/p-1 HTTP/1.1\r\nHost: shop\r\nContent-Length: 10\r\n%s\r\n" % customer
+    for piece in (head[:7], head[7:30], head[30:], b"0123", b"456789"):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"body_len": 10' in body
+    assert aiohttp_saw(server) == 0
+    writer.close()
+
+
+async def test_expect_continue_is_handed_to_aiohttp(serve: Any, customer: bytes) -> None:
+    server = await serve()
+    reader, writer = await connect(server)
+    writer.write(
+        b"PUT /api/cart/items/p-1 HTTP/1.1\r\nHost: shop\r\nContent-Length: 4\r\nExpect: 100-continue\r\n%s\r\n"
+        % customer
+    )
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100")
+    writer.write(b"abcd")
+    status, _, body = await read_response(reader)
+    assert status == 200 and b'"body_len": 4' in body
+    assert aiohttp_saw(server) == 1
+    writer.close()
