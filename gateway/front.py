@@ -71,6 +71,9 @@ _SWEEP = 1.0  # seconds between the timeout sweeps (one timer per front, not one
 _STATUS_LINES = {s.value: b"%d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
 _SERVER_LINE = b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
 _EMPTY = frozenset({204, 304})
+# headers aiohttp's request parser refuses to see twice (RFC 9110 singletons)
+_SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+                         b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})  # fmt: skip
 
 
 class Front:
@@ -288,7 +291,8 @@ class _Connection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # llhttp strips the whitespace before a value, aiohttp also the whitespace after it
+        self.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         # read here: llhttp resets its flags once the message is complete
@@ -332,9 +336,12 @@ class _Connection(asyncio.Protocol):
             if upto > HEAD_LIMIT:
                 return self._hand_off()  # aiohttp enforces its limits on the head
             if upto > fed:
+                refused = False
                 try:
                     self.parser.feed_data(memoryview(buf)[fed:upto])
                 except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers these
+                    refused = True  # (handed off outside the except: aiohttp's own log needs no context)
+                if refused:
                     return self._hand_off()
                 self.fed = upto
             if end < 0:
@@ -390,8 +397,16 @@ class _Connection(asyncio.Protocol):
         rid = ""
         host: bytes | None = None
         trace: dict[str, str] | None = None
+        seen: set[bytes] | None = None
         for name, value in self.headers:
             lname = name.lower()
+            if b"\0" in value:
+                return None  # aiohttp refuses it (400)
+            if lname in _SINGLETONS:  # aiohttp refuses a second one (400)
+                seen = seen or set()
+                if lname in seen:
+                    return None
+                seen.add(lname)
             if lname == b"authorization":
                 authorization.append(value.decode("utf-8", "surrogateescape"))
             elif lname == b"host":
@@ -408,6 +423,8 @@ class _Connection(asyncio.Protocol):
                 return None
         if length > front.buffer_limit:
             return None  # streamed (or refused with 413) by the aiohttp path
+        if host is None and version == "1.1":
+            return None  # aiohttp refuses it (400)
         path = target.split(b"?", 1)[0].decode("utf-8", "surrogateescape")
         found = front.match(path)
         if found is None:

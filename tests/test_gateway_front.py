@@ -166,6 +166,9 @@ async def test_health_and_admin_are_handed_to_aiohttp_on_the_same_connection(ser
         b"GET /api/cart HTTP/9.9\r\nHost: shop\r\n\r\n",
         b"GET /api/cart HTTP/1.1\r\nHost: shop\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(200)),  # a TLS hello on the plain port
+        b"GET /api/cart HTTP/1.1\r\nX-A: b\r\n\r\n",  # HTTP/1.1 without Host
+        b"GET /api/cart HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # a singleton header twice
+        b"GET /api/cart HTTP/1.1\r\nHost: a\r\nX-A: b\x00c\r\n\r\n",  # NUL in a value
     ],
 )
 async def test_a_malformed_request_gets_400_and_the_connection_closes(
