@@ -245,6 +245,7 @@ class _Connection(asyncio.Protocol):
         self.version = ""
         self.method = b""
         self.task: asyncio.Future[None] | None = None
+        self.streaming = False  # a streamed answer's head is written, its body is not finished
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
@@ -480,7 +481,11 @@ class _Connection(asyncio.Protocol):
             # (the front's own bugs: the proxy's failures are problems already)
             log.exception("unhandled error on %s %s (request %s)", method, path, rid)
             status = 500
-            keep_alive = self._write_problem(unexpected_problem(rid), path, rid, method, False, http10)
+            keep_alive = False
+            if self.streaming:  # a head is out already: cut the connection, the client sees a truncated body
+                self.abort()
+            else:
+                self._write_problem(unexpected_problem(rid), path, rid, method, False, http10)
         finally:
             request_id_var.reset(token)
             front.metrics.observe(method, canonical, status, time.perf_counter() - start)
@@ -601,6 +606,7 @@ class _Connection(asyncio.Protocol):
             resp.close()
             return False
         transport.write(self._head(resp.status, headers, rid, method, resp.length, keep_alive, http10))
+        self.streaming = True
         try:
             while True:
                 chunk = await resp.read()
@@ -625,6 +631,7 @@ class _Connection(asyncio.Protocol):
             raise
         if chunked and self.transport is not None:
             self.transport.write(b"0\r\n\r\n")
+        self.streaming = False
         return keep_alive
 
     # -- the connection -----------------------------------------------------------------------------
