@@ -1,6 +1,7 @@
 """Checkout benchmark: completed orders/s end to end (checkout to ``paid``) and the checkout -> paid latency.
 
     python -m bench.checkout [--quick] [--no-pg] [--no-sqlite] [--orders N] [--pg-url URL] [--concurrency N] [--log-level L] [--all-cores]
+                             [--count] [--profile FILE]
 
 The catalog, cart and order services run in this process, each on its own database, listening on 127.0.0.1
 over real HTTP and joined by one memory bus, as in the embedded mode. Buyers fill their carts first (not timed);
@@ -17,12 +18,17 @@ Payments go to the SimulatedPaymentProvider with no latency, so the numbers are 
 bounded in time and prints what it got; afterwards every order is checked to be paid and every product's stock
 to have gone down by exactly what was ordered. ``ECOM_*`` settings apply (e.g. ``ECOM_BUS_OUTBOX_POLL_INTERVAL``).
 Pinned to one core (the database server runs where the OS puts it). Numbers only: it never fails on speed.
+
+``--count`` adds, per paid order of the load phase, what the work was made of: SQL statements per service and per
+kind, transactions (commits), turns committed, bus deliveries per queue, HTTP requests per service, outbox relay
+passes. ``--profile FILE`` runs the load phase under cProfile (the event loop's thread) and writes the stats there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import logging
 import os
 import random
@@ -30,12 +36,15 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from actors.cart import service as cart_service
 from actors.catalog import service as catalog_service
@@ -125,6 +134,73 @@ class PaidWatch:
         return len(self.paid) + len(self.cancelled)
 
 
+class Counts:
+    """What the load phase's work was made of (``--count``): SQL per service and kind, commits, HTTP requests."""
+
+    def __init__(self, databases: dict[str, str]) -> None:
+        from sqlalchemy.engine import make_url
+
+        self.services = {str(make_url(url).database): name for name, url in databases.items()}
+        self.sql: Counter[str] = Counter()
+        self.commits: Counter[str] = Counter()
+        self.http: Counter[str] = Counter()
+        self.on = False
+
+    def install(self) -> None:
+        event.listen(Engine, "before_cursor_execute", self._statement)
+        event.listen(Engine, "commit", self._commit)
+
+    def uninstall(self) -> None:
+        event.remove(Engine, "before_cursor_execute", self._statement)
+        event.remove(Engine, "commit", self._commit)
+
+    def _service(self, conn: Any) -> str:
+        return self.services.get(str(conn.engine.url.database), "other")
+
+    @staticmethod
+    def _kind(statement: str) -> str:
+        words = statement.split()
+        verb = words[0].upper() if words else "?"
+        table = "?"
+        for marker in ("FROM", "INTO", "UPDATE"):
+            if marker in (w.upper() for w in words):
+                i = [w.upper() for w in words].index(marker)
+                if i + 1 < len(words):
+                    table = words[i + 1].strip('"')
+                    break
+        return f"{verb} {table}"
+
+    def _statement(self, conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if self.on:
+            self.sql[f"{self._service(conn)}: {self._kind(statement)}"] += 1
+
+    def _commit(self, conn: Any) -> None:
+        if self.on:
+            self.commits[self._service(conn)] += 1
+
+    def count_http(self, service: str) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+        async def prepared(_request: web.Request, _response: web.StreamResponse) -> None:
+            if self.on:
+                self.http[service] += 1
+
+        return prepared
+
+    def report(self, orders: int, bus_before: dict[str, dict[str, int]], bus_after: dict[str, dict[str, int]]) -> None:
+        n = max(1, orders)
+        print(f"    per paid order ({orders} orders):")
+        for service in SERVICES:
+            sql = {k.split(": ", 1)[1]: v for k, v in self.sql.items() if k.startswith(service + ": ")}
+            total = sum(sql.values())
+            detail = ", ".join(f"{kind} {v / n:.2f}" for kind, v in sorted(sql.items(), key=lambda kv: -kv[1]))
+            print(
+                f"      {service:8} commits {self.commits[service] / n:5.2f} statements {total / n:5.2f}"
+                f" http requests {self.http[service] / n:4.2f} | {detail}"
+            )
+        for label, after in bus_after.items():
+            delivered = after["delivered"] - bus_before.get(label, {}).get("delivered", 0)
+            print(f"      bus {label:30} deliveries {delivered / n:5.2f}")
+
+
 @dataclass
 class System:
     urls: dict[str, str]
@@ -141,7 +217,7 @@ class System:
         await self.bus.close()
 
 
-async def start_system(settings: Settings, databases: dict[str, str]) -> System:
+async def start_system(settings: Settings, databases: dict[str, str], counts: Counts | None = None) -> System:
     for name, module in SERVICES.items():
         engine = create_engine(databases[name])
         try:
@@ -164,7 +240,10 @@ async def start_system(settings: Settings, databases: dict[str, str]) -> System:
         if name == "order":
             kwargs["payment_provider"] = SimulatedPaymentProvider(limit=STOCK * 100)
             kwargs["cart_url"] = urls["cart"]
-        runner = web.AppRunner(module.create_app(settings, **kwargs), access_log=None, handle_signals=False)
+        app = module.create_app(settings, **kwargs)
+        if counts is not None:
+            app.on_response_prepare.append(counts.count_http(name))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, HOST, 0, backlog=1024).start()
         runners.append(runner)
@@ -293,23 +372,43 @@ async def verify(system: System, databases: dict[str, str], carts: list[Any], pr
 
 async def bench_database(label: str, databases: dict[str, str], settings: Settings, args: argparse.Namespace) -> None:
     load_orders, single_orders = (200, 20) if args.quick else (args.orders, 50)
-    system = await start_system(settings, databases)
+    counts = Counts(databases) if args.count else None
+    system = await start_system(settings, databases, counts)
     try:
         rng = random.Random(7)
         products = await make_products(system)
         carts = await fill_carts(system, products, load_orders + single_orders, rng)
         load_carts, single_carts = carts[:load_orders], carts[load_orders:]
 
+        bus_before = system.bus.stats()
+        if counts is not None:
+            counts.install()
+            counts.on = True
+        profiler = cProfile.Profile() if args.profile else None
+        if args.announce:
+            print(f"  {label:10} load phase starts (pid {os.getpid()})", flush=True)
         cpu_before = time.process_time()
+        if profiler is not None:
+            profiler.enable()
         paid, seconds = await phase_load(system, load_carts, args.concurrency, args.phase_timeout)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{args.profile}.{label}")
         # CPU of this process (every thread: the event loop and the database driver's), per paid order.
         cpu_per_order = (time.process_time() - cpu_before) / max(1, len(paid)) * 1000
+        if counts is not None:
+            # Let the tail of the phase (events after the last paid order) settle before reading the counters.
+            await system.bus.wait_idle(timeout=10)
+            counts.on = False
+            counts.uninstall()
         rate = len(paid) / seconds
         print(
             f"  {label:10} load, {len(load_carts)} orders, {args.concurrency} buyers at a time: {rate:7.1f} paid orders/s"
             f" | checkout->paid p50 {pct(paid, 0.5):7.1f} ms p99 {pct(paid, 0.99):7.1f} ms"
             f" | CPU {cpu_per_order:5.1f} ms/order"
         )
+        if counts is not None:
+            counts.report(len(paid), bus_before, system.bus.stats())
         single = await phase_one_at_a_time(system, single_carts, args.phase_timeout)
         print(
             f"  {label:10} one at a time, {len(single)} orders: checkout->paid p50 {pct(single, 0.5):6.1f} ms "
@@ -363,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase-timeout", type=float, default=300.0, help="seconds a phase may take at most")
     parser.add_argument("--log-level", default="ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     parser.add_argument("--all-cores", action="store_true", help="do not pin the process to one core")
+    parser.add_argument("--count", action="store_true", help="count SQL, commits, HTTP and bus work per paid order")
+    parser.add_argument("--announce", action="store_true", help="say when the load phase starts (to attach py-spy)")
+    parser.add_argument("--profile", metavar="FILE", help="cProfile the load phase into FILE.<database>")
     args = parser.parse_args(argv)
     if not args.all_cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
