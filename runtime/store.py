@@ -509,6 +509,58 @@ class TurnWrite:
         return self.expected_version + 1 if (self.changed or self.expected_version) else 0
 
 
+class _Rows:
+    """The inbox, outbox and reminder rows of a transaction's turns, written after its last turn: one statement per
+    table (an executemany), however many turns the transaction holds.
+
+    Written in turn order, so outbox ids still follow commit order (the relay sends in id order). Reminder changes
+    are folded per (actor, name) into the last one: a delete of every changed key, then an insert of those whose
+    last change sets a time, which is what deleting and inserting them one by one in order would leave. A fired
+    reminder is deleted or moved by its turn before this runs, so a change of the same name set by that turn wins,
+    as before. Hooks (query tables) still run per turn and never read these tables.
+    """
+
+    __slots__ = ("inbox", "outbox", "reminders")
+
+    def __init__(self) -> None:
+        self.inbox: list[dict[str, Any]] = []
+        self.outbox: list[dict[str, Any]] = []
+        self.reminders: dict[tuple[str, str, str], ReminderChange] = {}
+
+    def add(self, w: TurnWrite, now: datetime) -> None:
+        if w.inbox_id is not None:
+            self.inbox.append({"c": w.consumer, "m": w.inbox_id, "now": now})
+        for m in w.outbox:
+            self.outbox.append(
+                {
+                    "message_id": m.message_id,
+                    "kind": m.kind,
+                    "destination": m.destination,
+                    "envelope": m.envelope,
+                    "created_at": now,
+                }
+            )
+        for change in w.reminders:
+            key = (w.actor_type, w.actor_id, change.name)
+            self.reminders.pop(key, None)  # re-inserted last: dict order is the order of the last changes
+            self.reminders[key] = change
+
+    async def write(self, conn: AsyncConnection) -> None:
+        if self.inbox:
+            await conn.execute(_INSERT_INBOX, self.inbox)
+        if self.outbox:
+            await conn.execute(_INSERT_OUTBOX, self.outbox)
+        if self.reminders:
+            await conn.execute(_REMINDER_DELETE, [{"t": t, "i": i, "n": n} for (t, i, n) in self.reminders])
+            inserts = [
+                {"t": t, "i": i, "n": n, "due": c.due_at, "period": c.period, "payload": c.payload}
+                for (t, i, n), c in self.reminders.items()
+                if c.due_at is not None
+            ]
+            if inserts:
+                await conn.execute(_REMINDER_INSERT, inserts)
+
+
 class CommitOutcome:
     OK = "ok"
     CONFLICT = "conflict"  # another writer changed the entity since the turn's version
@@ -661,7 +713,9 @@ class StateStore:
     async def _commit_alone(self, write: TurnWrite) -> str:
         try:
             async with self.engine.begin() as conn:
-                await self._apply(conn, write, await self._seen_ids(conn, [write]))
+                rows = _Rows()
+                await self._apply(conn, write, await self._seen_ids(conn, [write]), rows)
+                await rows.write(conn)
             self.commits += 1
             self.turns_committed += 1
             return CommitOutcome.OK
@@ -680,9 +734,10 @@ class StateStore:
         outcomes: list[str] = []
         async with self.engine.begin() as conn:
             seen = await self._seen_ids(conn, writes)
+            rows = _Rows()
             for write in writes:
                 try:
-                    await self._apply(conn, write, seen)
+                    await self._apply(conn, write, seen, rows)
                 except _Conflict:
                     outcomes.append(CommitOutcome.CONFLICT)
                 except _Duplicate:
@@ -691,6 +746,7 @@ class StateStore:
                     outcomes.append(CommitOutcome.OK)
                     if write.inbox_id is not None:
                         seen.add((write.consumer, write.inbox_id))
+            await rows.write(conn)
         self.commits += 1
         self.turns_committed += outcomes.count(CommitOutcome.OK)
         return outcomes
@@ -707,13 +763,18 @@ class StateStore:
             seen.update((r.consumer, r.message_id) for r in await conn.execute(_seen_pairs(len(chunk)), params))
         return seen
 
-    async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]]) -> None:
+    async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]], rows: _Rows) -> None:
         """Write one turn.
 
         Every check that may refuse the turn runs before its first write, so a refused turn inside a group
         commit has written nothing and the batch goes on: group and single commits give the same outcome.
         The version step comes first among the writes; once it holds, this transaction owns the entity's row
         (row lock until commit), so what the checks read about this entity cannot change before the commit.
+
+        The turn's inbox, outbox and reminder rows are not written here but added to ``rows``, which the
+        transaction writes after its last turn, one statement per table for all its turns (issue 14: statements,
+        not rows, were the cost). Only turns that passed their checks add rows, so a refused turn still writes
+        nothing; they are in the same transaction as the version steps, so a turn is still all or nothing.
         """
         now = utcnow()
         if w.inbox_id is not None and (w.consumer, w.inbox_id) in seen:
@@ -726,10 +787,14 @@ class StateStore:
             if (await conn.execute(_FIRED_EXISTS, fired)).first() is None:
                 raise _Duplicate  # already fired (another process) or cancelled since
         if w.expected_version == 0:
-            if (await conn.execute(_EXISTS, key)).first() is not None:
-                raise _Conflict
             if w.changed:
+                # No look-up first: a row stored meanwhile (another process created the entity) fails this insert
+                # on the primary key, which rolls the transaction back; alone, that is the CONFLICT it would have
+                # been (see _commit_alone), in a group the batch is retried turn by turn. One query per new
+                # entity saved, for a race that needs two processes to create the same entity at once.
                 await conn.execute(_INSERT_STATE, {**key, "s": w.state, "now": now})
+            elif (await conn.execute(_EXISTS, key)).first() is not None:
+                raise _Conflict
         else:
             params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
             if (await conn.execute(_UPDATE_STATE, params)).rowcount != 1:
@@ -745,29 +810,7 @@ class StateStore:
                 # Only turns of this entity touch its reminders, and they all step the version we hold: so
                 # this means a write outside the runtime. Undo the whole transaction rather than guess.
                 raise _LateDuplicate
-        if w.inbox_id is not None:
-            await conn.execute(_INSERT_INBOX, {"c": w.consumer, "m": w.inbox_id, "now": now})
-        if w.outbox:
-            await conn.execute(
-                _INSERT_OUTBOX,
-                [
-                    {
-                        "message_id": m.message_id,
-                        "kind": m.kind,
-                        "destination": m.destination,
-                        "envelope": m.envelope,
-                        "created_at": now,
-                    }
-                    for m in w.outbox
-                ],
-            )
-        for change in w.reminders:
-            one = {**key, "n": change.name}
-            await conn.execute(_REMINDER_DELETE, one)
-            if change.due_at is not None:
-                await conn.execute(
-                    _REMINDER_INSERT, {**one, "due": change.due_at, "period": change.period, "payload": change.payload}
-                )
+        rows.add(w, now)
         for hook in w.hooks:
             await hook(conn)
 
