@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["WIRE", "default", "dumps", "dumps_text", "isoformat", "loads", "to_jsonable"]
+__all__ = ["WIRE", "default", "dumps", "dumps_text", "field_names", "isoformat", "loads", "to_jsonable"]
 
 WIRE = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z  # datetimes as RFC 3339 with 'Z'; naive ones are UTC
 
@@ -55,7 +55,45 @@ def isoformat(value: datetime | date) -> str:
 
 def to_jsonable(value: Any) -> Any:
     """``value`` in plain JSON types: dataclasses as dicts, Decimal as str, datetimes via :func:`isoformat`,
-    sequences and sets as lists (sets sorted when their items compare), mapping keys as strings."""
+    sequences and sets as lists (sets sorted when their items compare), mapping keys as strings.
+
+    Dispatches on the exact type first (JSON scalars, Decimal, datetime, list, tuple, dict, a dataclass with its
+    field names cached per class): every actor state and bus message body goes through here, and the generic
+    ``isinstance``/``dataclasses.fields`` chain was a hot spot of a checkout (issue 14). Any other type (a subclass,
+    a set, a Mapping) takes that chain, which gives the same result as before."""
+    cls = type(value)
+    if cls in _PLAIN:
+        return value
+    if cls is list or cls is tuple:
+        return [to_jsonable(v) for v in value]
+    if cls is Decimal:
+        return str(value)
+    if cls is datetime:
+        return isoformat(value)
+    if cls is dict:
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    names = field_names(cls)
+    if names is not None:
+        return {name: to_jsonable(getattr(value, name)) for name in names}
+    return _to_jsonable_any(value)
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+
+
+def field_names(cls: type) -> tuple[str, ...] | None:
+    """The field names of dataclass ``cls`` in declaration order (what ``dataclasses.fields`` lists), None when
+    ``cls`` is not a dataclass; looked up once per class."""
+    try:
+        return _FIELD_NAMES[cls]
+    except KeyError:
+        names = tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
+        _FIELD_NAMES[cls] = names
+        return names
+
+
+def _to_jsonable_any(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Decimal):
