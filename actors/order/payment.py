@@ -196,6 +196,14 @@ class SimulatedPaymentProvider:
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         self.calls += 1
+        if not (self.latency or self.failure_rate) and request.token not in (Tokens.FLAKY, Tokens.TIMEOUT):
+            # Nothing can happen between taking the key on and deciding (no latency, no transient failure): the
+            # first call claims and decides in one insert of the decided row. A key already there (a repeated
+            # call, a reversal that voided it) fails the insert and takes the general path below, which answers
+            # what was recorded first: the same rules, one statement instead of four for the usual charge.
+            result = self._decide(request)
+            if await self._record_decided(request, result):
+                return result
         record = await self._claim(request)
         if record.amount is not None and (record.amount, record.currency) != (request.amount, request.currency):
             return ChargeResult(False, code="idempotency_key_reused", message=_DECLINES["idempotency_key_reused"])
@@ -269,6 +277,31 @@ class SimulatedPaymentProvider:
         raise PaymentUnavailable("the key kept changing during the reversal; try again")
 
     # -- the records -------------------------------------------------------------------------------
+
+    async def _record_decided(self, request: ChargeRequest, result: ChargeResult) -> bool:
+        """Insert the key's row already decided; False (nothing written) when the key has a row already."""
+        now = _now()
+        try:
+            async with self._db().begin() as conn:
+                await conn.execute(
+                    _INSERT_CHARGE,
+                    {
+                        "idempotency_key": request.idempotency_key,
+                        "order_id": request.idempotency_key,
+                        "amount": str(request.amount),
+                        "currency": request.currency,
+                        "status": APPROVED if result.approved else DECLINED,
+                        "charge_id": result.charge_id,
+                        "decline_code": result.code,
+                        "message": result.message[:255],
+                        "attempts": 1,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
+                )
+        except IntegrityError:
+            return False
+        return True
 
     async def _claim(self, request: ChargeRequest) -> SimulatedCharge:
         """The key's record, created ``pending`` by the first call; every call is counted in ``attempts``."""
@@ -361,6 +394,9 @@ class SimulatedPaymentProvider:
         )
         async with self._db().connect() as conn:
             return [_record(row) for row in await conn.execute(query)]
+
+
+_INSERT_CHARGE = insert(payment_simulator_charges)  # built once: the hot path of every simulated charge
 
 
 def _record(row: Any) -> SimulatedCharge:
