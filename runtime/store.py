@@ -23,6 +23,7 @@ import os
 import random
 import sqlite3
 import stat
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_dbapi,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -231,7 +232,9 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
     if backend == "postgresql":
         if parsed.get_driver_name() != "asyncpg":
             raise ValueError(f"PostgreSQL needs the async driver: use postgresql+asyncpg:// (got {url!r})")
-        return create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True)
+        engine = create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2)
+        _ping_when_idle(engine)
+        return engine
     if backend == "mssql":
         if parsed.get_driver_name() != "aioodbc":
             raise ValueError(f"SQL Server needs the async driver: use mssql+aioodbc:// (got {url!r})")
@@ -242,6 +245,38 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
     raise ValueError(
         f"unsupported database URL {url!r}: expected sqlite+aiosqlite, postgresql+asyncpg or mssql+aioodbc"
     )
+
+
+PING_AFTER_IDLE = 2.0  # seconds a pooled PostgreSQL connection may rest before it is checked at its next checkout
+
+
+def _ping_when_idle(engine: AsyncEngine, idle: float = PING_AFTER_IDLE) -> None:
+    """``pool_pre_ping``, but only for a connection that rested in the pool longer than ``idle`` seconds.
+
+    Pre-ping costs a round trip at every checkout, and a turn checks a connection out for its load and again for its
+    commit (issue 14: round trips are what a PostgreSQL commit costs). What it is for is a connection the server
+    dropped while it sat in the pool (a server restart, an idle timeout, a network cut); one in constant use fails
+    its next statement in such a case anyway, which the caller sees as it would see the failure a moment later. A
+    connection that fails the ping is replaced (the pool retries the checkout), as with pre-ping."""
+    sync = engine.sync_engine
+
+    @event.listens_for(sync, "connect")
+    def _connected(_dbapi_connection: Any, record: Any) -> None:
+        record.info["ecom_rested_since"] = time.monotonic()
+
+    @event.listens_for(sync, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info["ecom_rested_since"] = time.monotonic()
+
+    @event.listens_for(sync, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("ecom_rested_since", 0.0) <= idle:
+            return
+        try:
+            sync.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # any failure means: do not use this connection
+            raise DisconnectionError(f"pooled connection failed its ping: {exc!r}") from exc
 
 
 def _private_sqlite_file(db: Path) -> None:
