@@ -177,6 +177,20 @@ def _seen_pairs(n: int) -> Select[tuple[str, str]]:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _version_pairs(n: int) -> Select[tuple[str, str, int]]:
+    """The stored versions of ``n`` entities, bound as ``t0, i0, t1, i1...``: a probe of the primary key per entity
+    (an OR of pairs, for the reasons :func:`_seen_pairs` gives)."""
+    return select(actor_state.c.actor_type, actor_state.c.actor_id, actor_state.c.version).where(
+        or_(
+            *(
+                and_(actor_state.c.actor_type == bindparam(f"t{i}"), actor_state.c.actor_id == bindparam(f"i{i}"))
+                for i in range(n)
+            )
+        )
+    )
+
+
 _INSERT_INBOX = insert(inbox).values(consumer=bindparam("c"), message_id=bindparam("m"), processed_at=bindparam("now"))
 _INSERT_OUTBOX = insert(outbox)
 _REMINDER_KEY = and_(
@@ -610,6 +624,10 @@ class _Duplicate(Exception):
     """Refused before the turn wrote anything: the message or reminder was consumed already."""
 
 
+class _BatchConflict(Exception):
+    """A batch's version steps, made in one statement, did not all hold: the batch is committed turn by turn."""
+
+
 class _LateDuplicate(Exception):
     """Found after the turn's first write: the whole transaction must roll back (a batch then retries alone)."""
 
@@ -769,6 +787,11 @@ class StateStore:
         outcomes: list[str] = []
         async with self.engine.begin() as conn:
             seen = await self._seen_ids(conn, writes)
+            if conn.dialect.supports_sane_multi_rowcount:
+                outcomes = await self._commit_stepped(conn, writes, seen)
+                self.commits += 1
+                self.turns_committed += outcomes.count(CommitOutcome.OK)
+                return outcomes
             rows = _Rows()
             for write in writes:
                 try:
@@ -785,6 +808,68 @@ class StateStore:
         self.commits += 1
         self.turns_committed += outcomes.count(CommitOutcome.OK)
         return outcomes
+
+    async def _commit_stepped(
+        self, conn: AsyncConnection, writes: Sequence[TurnWrite], seen: set[tuple[str, str]]
+    ) -> list[str]:
+        """A group commit in a constant number of statements where the driver counts the rows of an executemany
+        (SQLite): one probe of the batch's versions, then one UPDATE stepping every accepted turn's version and
+        one INSERT of the new entities, then the turns' own writes (fired reminders, hooks) and their rows.
+
+        The same outcomes as :meth:`_apply` turn by turn: every check runs before the batch's first write, against
+        the versions read in this transaction, so a stale turn is refused having written nothing (its hooks never
+        run). Should the stored versions move between the probe and the step (another process committed in
+        between: SQLite then refuses the stale snapshot's write anyway), the step updates fewer rows than it names
+        and the whole batch rolls back, to be committed turn by turn, each with its own outcome."""
+        versions = await self._versions(conn, writes)
+        outcomes: list[str] = []
+        accepted: list[tuple[TurnWrite, dict[str, Any] | None]] = []
+        for w in writes:
+            try:
+                fired = await self._check(conn, w, seen)
+                if versions.get((w.actor_type, w.actor_id), 0) != w.expected_version:
+                    raise _Conflict
+            except _Conflict:
+                outcomes.append(CommitOutcome.CONFLICT)
+            except _Duplicate:
+                outcomes.append(CommitOutcome.DUPLICATE)
+            else:
+                outcomes.append(CommitOutcome.OK)
+                accepted.append((w, fired))
+                if w.inbox_id is not None:
+                    seen.add((w.consumer, w.inbox_id))
+        now = utcnow()
+        steps = [
+            {"t": w.actor_type, "i": w.actor_id, "v": w.expected_version, "nv": w.expected_version + 1}
+            | {"s": w.state, "now": now}
+            for w, _ in accepted
+            if w.expected_version
+        ]
+        if steps and (await conn.execute(_UPDATE_STATE, steps)).rowcount != len(steps):
+            raise _BatchConflict(f"the versions of {len(steps)} entities moved on during the group commit")
+        created = [
+            {"t": w.actor_type, "i": w.actor_id, "s": w.state, "now": now}
+            for w, _ in accepted
+            if not w.expected_version and w.changed
+        ]
+        if created:
+            await conn.execute(_INSERT_STATE, created)
+        rows = _Rows()
+        for w, fired in accepted:
+            await self._after_step(conn, w, fired, rows, now)
+        await rows.write(conn)
+        return outcomes
+
+    async def _versions(self, conn: AsyncConnection, writes: Sequence[TurnWrite]) -> dict[tuple[str, str], int]:
+        """The stored version of each entity of ``writes`` (absent: never stored)."""
+        keys = sorted({(w.actor_type, w.actor_id) for w in writes})
+        found: dict[tuple[str, str], int] = {}
+        for start in range(0, len(keys), _SEEN_CHUNK):
+            chunk = keys[start : start + _SEEN_CHUNK]
+            params = {f"{col}{i}": value for i, key in enumerate(chunk) for col, value in zip("ti", key, strict=True)}
+            for r in await conn.execute(_version_pairs(len(chunk)), params):
+                found[(r.actor_type, r.actor_id)] = int(r.version)
+        return found
 
     async def _seen_ids(self, conn: AsyncConnection, writes: Sequence[TurnWrite]) -> set[tuple[str, str]]:
         wanted = [(w.consumer, w.inbox_id) for w in writes if w.inbox_id is not None]
@@ -811,16 +896,9 @@ class StateStore:
         not rows, were the cost). Only turns that passed their checks add rows, so a refused turn still writes
         nothing; they are in the same transaction as the version steps, so a turn is still all or nothing.
         """
+        fired = await self._check(conn, w, seen)
         now = utcnow()
-        if w.inbox_id is not None and (w.consumer, w.inbox_id) in seen:
-            raise _Duplicate
         key = {"t": w.actor_type, "i": w.actor_id}
-        fired = None
-        if w.fired_reminder is not None:
-            name, due_at, period = w.fired_reminder
-            fired = {**key, "n": name, "due": due_at}
-            if (await conn.execute(_FIRED_EXISTS, fired)).first() is None:
-                raise _Duplicate  # already fired (another process) or cancelled since
         if w.expected_version == 0:
             if w.changed:
                 # No look-up first: a row stored meanwhile (another process created the entity) fails this insert
@@ -834,6 +912,25 @@ class StateStore:
             params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
             if (await conn.execute(_UPDATE_STATE, params)).rowcount != 1:
                 raise _Conflict
+        await self._after_step(conn, w, fired, rows, now)
+
+    async def _check(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]]) -> dict[str, Any] | None:
+        """The checks of a turn that need no version: a consumed message seen before, a fired reminder gone
+        (raises :class:`_Duplicate`). Returns the fired reminder's key, for :meth:`_after_step`."""
+        if w.inbox_id is not None and (w.consumer, w.inbox_id) in seen:
+            raise _Duplicate
+        if w.fired_reminder is None:
+            return None
+        name, due_at, _ = w.fired_reminder
+        fired = {"t": w.actor_type, "i": w.actor_id, "n": name, "due": due_at}
+        if (await conn.execute(_FIRED_EXISTS, fired)).first() is None:
+            raise _Duplicate  # already fired (another process) or cancelled since
+        return fired
+
+    async def _after_step(
+        self, conn: AsyncConnection, w: TurnWrite, fired: dict[str, Any] | None, rows: _Rows, now: datetime
+    ) -> None:
+        """A turn's writes after its version step: the fired reminder done, its rows, its hooks."""
         if fired is not None:
             assert w.fired_reminder is not None
             _, due_at, period = w.fired_reminder
