@@ -264,8 +264,8 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
 PING_AFTER_IDLE = 2.0  # seconds a pooled PostgreSQL connection may rest before it is checked at its next checkout
 
 
-def _ping_when_idle(engine: AsyncEngine, idle: float = PING_AFTER_IDLE) -> None:
-    """``pool_pre_ping``, but only for a connection that rested in the pool longer than ``idle`` seconds.
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    """``pool_pre_ping``, but only for a connection that rested in the pool longer than ``PING_AFTER_IDLE`` seconds.
 
     Pre-ping costs a round trip at every checkout, and a turn checks a connection out for its load and again for its
     commit (issue 14: round trips are what a PostgreSQL commit costs). What it is for is a connection the server
@@ -285,7 +285,7 @@ def _ping_when_idle(engine: AsyncEngine, idle: float = PING_AFTER_IDLE) -> None:
 
     @event.listens_for(sync, "checkout")
     def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        if time.monotonic() - record.info.get("ecom_rested_since", 0.0) <= idle:
+        if time.monotonic() - record.info.get("ecom_rested_since", 0.0) <= PING_AFTER_IDLE:
             return
         try:
             sync.dialect.do_ping(dbapi_connection)

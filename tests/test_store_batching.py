@@ -1,0 +1,238 @@
+"""What a commit costs in statements, and that the cheaper forms keep every outcome (issue 14).
+
+A group commit writes the inbox, outbox and reminder rows of all its turns in one statement per table, and on
+SQLite probes and steps every version in one statement each; on PostgreSQL a pooled connection is pinged only
+after it rested. Runs on a SQLite file and on the real PostgreSQL (``db_url``), like the fence tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import event, func, insert, select, text
+
+from runtime import store as store_module
+from runtime.store import (
+    CommitOutcome,
+    OutboxMessage,
+    ReminderChange,
+    StateStore,
+    TurnWrite,
+    create_engine,
+    inbox,
+    outbox,
+    reminders,
+    utcnow,
+)
+
+
+def _state(n: int) -> str:
+    return orjson.dumps({"n": n}).decode()
+
+
+async def _scalar(store: StateStore, stmt: Any) -> Any:
+    async with store.engine.connect() as conn:
+        return (await conn.execute(stmt)).scalar_one()
+
+
+class _Statements:
+    """Counts the statements the engine sends, by table written or read."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.counts: Counter[str] = Counter()
+        self._engine = store.engine.sync_engine
+        event.listen(self._engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        self.counts[" ".join(statement.split()[:3])] += 1
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def close(self) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._seen)
+
+
+def _turn(i: int, version: int) -> TurnWrite:
+    """A turn of actor ``a<i>`` that consumes a message, sends two and sets a reminder."""
+    return TurnWrite(
+        "t",
+        f"a{i}",
+        version,
+        _state(version + 1),
+        inbox_id=f"in-{i}-{version}",
+        outbox=[OutboxMessage("send", "q", f"out-{i}-{version}-{k}", "{}") for k in range(2)],
+        reminders=[ReminderChange("wake", utcnow() + timedelta(hours=1))],
+    )
+
+
+async def test_a_group_commit_writes_each_table_once_whatever_the_number_of_turns(store_factory):
+    store = await store_factory(group_commit=True)
+    for i in range(10):  # every actor stored once (version 1), so the batch below steps existing entities
+        assert await store.commit(_turn(i, 0)) == CommitOutcome.OK
+    statements = _Statements(store)
+    commits = store.commits
+    try:
+        outcomes = await asyncio.gather(*(store.commit(_turn(i, 1)) for i in range(10)))
+    finally:
+        statements.close()
+    assert outcomes == [CommitOutcome.OK] * 10
+    assert store.commits == commits + 1, "the ten turns were meant to share one transaction"
+    # inbox probe, inbox, outbox, reminders (delete + insert) and the version steps: one UPDATE per turn where the
+    # driver cannot count an executemany's rows (asyncpg), else a probe and one UPDATE for all
+    steps = 2 if store.engine.dialect.supports_sane_multi_rowcount else 10
+    assert statements.total() <= 5 + steps, statements.counts
+    assert await _scalar(store, select(func.count()).select_from(outbox)) == 40
+    assert await _scalar(store, select(func.count()).select_from(inbox)) == 20
+    assert await _scalar(store, select(func.count()).select_from(reminders)) == 10
+    for i in range(10):
+        record = await store.load("t", f"a{i}")
+        assert record is not None and record.version == 2
+    # The outbox keeps commit order: ids follow the turns, two messages each, in the order they were sent.
+    async with store.engine.connect() as conn:
+        ids = [r.message_id for r in await conn.execute(select(outbox.c.message_id).order_by(outbox.c.id))]
+    assert ids[20:] == [f"out-{i}-1-{k}" for i in range(10) for k in range(2)]
+
+
+@pytest.mark.parametrize("group_commit", [True, False], ids=["group", "single"])
+async def test_reminder_changes_of_a_turn_apply_in_order(store_factory, group_commit):
+    """Folded to the last change per name, they leave what deleting and inserting them one by one left."""
+    store = await store_factory(group_commit=group_commit)
+    soon, later = utcnow() + timedelta(minutes=1), utcnow() + timedelta(hours=1)
+    writes = [
+        TurnWrite(
+            "t", "set-then-cancel", 0, _state(1), reminders=[ReminderChange("r", soon), ReminderChange("r", None)]
+        ),
+        TurnWrite(
+            "t", "cancel-then-set", 0, _state(1), reminders=[ReminderChange("r", None), ReminderChange("r", soon)]
+        ),
+        TurnWrite("t", "set-twice", 0, _state(1), reminders=[ReminderChange("r", soon), ReminderChange("r", later)]),
+        TurnWrite("t", "two-names", 0, _state(1), reminders=[ReminderChange("r", soon), ReminderChange("s", later)]),
+    ]
+    assert await asyncio.gather(*(store.commit(w) for w in writes)) == [CommitOutcome.OK] * 4
+    async with store.engine.connect() as conn:
+        rows = {(r.actor_id, r.name): store_module.as_utc(r.due_at) for r in await conn.execute(select(reminders))}
+    assert set(rows) == {("cancel-then-set", "r"), ("set-twice", "r"), ("two-names", "r"), ("two-names", "s")}
+    assert abs((rows[("set-twice", "r")] - later).total_seconds()) < 1
+
+
+async def test_a_fired_reminder_set_again_by_its_turn_stays_set(store_factory):
+    store = await store_factory(group_commit=True)
+    due = (utcnow() - timedelta(seconds=1)).replace(microsecond=0)
+    again = utcnow() + timedelta(hours=1)
+    assert await store.commit(TurnWrite("t", "a", 0, _state(1), reminders=[ReminderChange("wake", due)])) == "ok"
+    assert await store.commit(TurnWrite("t", "b", 0, _state(1))) == CommitOutcome.OK
+    fired = TurnWrite(
+        "t", "a", 1, _state(2), fired_reminder=("wake", due, None), reminders=[ReminderChange("wake", again)]
+    )
+    other = TurnWrite("t", "b", 1, _state(2), inbox_id="m")  # so the two share a batch
+    assert await asyncio.gather(store.commit(fired), store.commit(other)) == [CommitOutcome.OK] * 2
+    async with store.engine.connect() as conn:
+        rows = list(await conn.execute(select(reminders.c.name, reminders.c.due_at)))
+    assert len(rows) == 1 and abs((store_module.as_utc(rows[0].due_at) - again).total_seconds()) < 1
+
+
+class _StaleProbe(StateStore):
+    """A store whose version probe answers what each turn expects: stands for another process committing between
+    the probe and the step of a group commit."""
+
+    async def _versions(self, conn, writes):  # type: ignore[no-untyped-def]  # the test's fault injection
+        return {(w.actor_type, w.actor_id): w.expected_version for w in writes}
+
+
+async def test_a_version_moved_between_probe_and_step_commits_the_batch_turn_by_turn(db_url):
+    engine = create_engine(db_url)
+    try:
+        from runtime import migrate
+
+        await migrate.upgrade(engine, [migrate.RUNTIME])
+        store = _StaleProbe(engine, group_commit=True)
+        if not engine.dialect.supports_sane_multi_rowcount:
+            pytest.skip("the probe-and-step group commit runs where the driver counts an executemany's rows")
+        assert await store.commit(TurnWrite("t", "a", 0, _state(1))) == CommitOutcome.OK
+        assert await store.commit(TurnWrite("t", "a", 1, _state(2))) == CommitOutcome.OK  # the database is at 2
+        hook_rows: list[str] = []
+
+        async def hook(conn) -> None:  # type: ignore[no-untyped-def]
+            hook_rows.append("ran")
+            await conn.execute(
+                insert(inbox).values(consumer="hook/probe", message_id="from-hook", processed_at=utcnow())
+            )
+
+        stale = TurnWrite("t", "a", 1, _state(9), hooks=[hook], outbox=[OutboxMessage("send", "q", "stale", "{}")])
+        fresh = TurnWrite("t", "b", 0, _state(1), inbox_id="fresh", outbox=[OutboxMessage("send", "q", "fresh", "{}")])
+        assert await asyncio.gather(store.commit(stale), store.commit(fresh)) == [
+            CommitOutcome.CONFLICT,
+            CommitOutcome.OK,
+        ]
+        assert (
+            await _scalar(store, select(func.count()).select_from(inbox).where(inbox.c.message_id == "from-hook")) == 0
+        )
+        assert hook_rows == [], "the step failed before any hook ran; alone, the stale turn is refused first"
+        assert store.commits == 3, "the batch rolled back; the fresh turn committed alone"
+        assert [r async for r in _outbox_ids(store)] == ["fresh"]
+        a = await store.load("t", "a")
+        assert a is not None and (a.version, orjson.loads(a.state)) == (2, {"n": 2})
+    finally:
+        await engine.dispose()
+
+
+async def _outbox_ids(store: StateStore):  # type: ignore[no-untyped-def]
+    async with store.engine.connect() as conn:
+        for row in await conn.execute(select(outbox.c.message_id).order_by(outbox.c.id)):
+            yield row.message_id
+
+
+async def test_a_new_entity_stored_meanwhile_is_a_conflict_not_an_error(store_factory):
+    """No existence probe before a new entity's insert: the primary key refuses the second one."""
+    store = await store_factory(group_commit=False)
+    assert await store.commit(TurnWrite("t", "n", 0, _state(1))) == CommitOutcome.OK
+    assert await store.commit(TurnWrite("t", "n", 0, _state(5), inbox_id="x")) == CommitOutcome.CONFLICT
+    grouped = await store_factory(group_commit=True)
+    outcomes = await asyncio.gather(
+        grouped.commit(TurnWrite("t", "n", 0, _state(6), outbox=[OutboxMessage("send", "q", "lost", "{}")])),
+        grouped.commit(TurnWrite("t", "m", 0, _state(1))),
+    )
+    assert outcomes == [CommitOutcome.CONFLICT, CommitOutcome.OK]
+    assert [r async for r in _outbox_ids(store)] == []
+    n = await store.load("t", "n")
+    assert n is not None and (n.version, orjson.loads(n.state)) == (1, {"n": 1})
+
+
+async def test_postgresql_replaces_a_pooled_connection_dropped_while_it_rested(db_url, monkeypatch):
+    if not db_url.startswith("postgresql"):
+        pytest.skip("pinging after rest is for PostgreSQL's pool")
+    monkeypatch.setattr(store_module, "PING_AFTER_IDLE", 0.05)
+    engine = create_engine(db_url)
+    other = create_engine(db_url)
+    dialect = engine.sync_engine.dialect
+    pings: list[object] = []
+
+    def counted_ping(dbapi_connection: Any) -> bool:
+        pings.append(dbapi_connection)
+        return type(dialect).do_ping(dialect, dbapi_connection)
+
+    monkeypatch.setattr(dialect, "do_ping", counted_ping)
+    try:
+        async with engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        async with other.connect() as conn:
+            await conn.execute(text(f"SELECT pg_terminate_backend({int(pid)})"))
+        await asyncio.sleep(0.2)
+        async with engine.connect() as conn:  # the dead one fails its ping and is replaced: no error here
+            assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() != pid
+        assert len(pings) >= 1
+        # In constant use (no rest), no ping: the checkout costs no round trip of its own.
+        monkeypatch.setattr(store_module, "PING_AFTER_IDLE", 60.0)
+        pings.clear()
+        for _ in range(3):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        assert pings == []
+    finally:
+        await engine.dispose()
+        await other.dispose()
