@@ -332,7 +332,7 @@ class ActorSystem:
         conflict_retries: int = 5,
         reminder_poll_interval: float = 1.0,
         inbox_retention: float = 7 * 24 * 3600.0,
-        on_outbox: Callable[[], None] | None = None,
+        on_outbox: Callable[..., None] | None = None,
         name: str = "actors",
         exclusive: bool = False,
         placement: Placement | None = None,
@@ -347,6 +347,9 @@ class ActorSystem:
         self.reminder_poll_interval = reminder_poll_interval
         self.inbox_retention = inbox_retention
         self.on_outbox = on_outbox  # the outbox relay's wake-up, so committed messages leave at once
+        # ... and, where it takes them (OutboxRelay.notify), the committed messages themselves, so the relay need not
+        # read them back; only when this process is the table's one writer (exclusive): see runtime.outbox.
+        self._outbox_takes_messages = on_outbox is not None and _takes_one_argument(on_outbox)
         # exclusive: no other process writes this store (the embedded shape), so a copy in memory is the
         # newest by construction. Otherwise a turn that only reads checks its copy's version first.
         self.exclusive = exclusive
@@ -656,7 +659,10 @@ class ActorSystem:
                 act.handled += 1
                 self.stats["handled"] += 1
                 if write.outbox and self.on_outbox is not None:
-                    self.on_outbox()
+                    if self.exclusive and self._outbox_takes_messages:
+                        self.on_outbox(write.outbox)
+                    else:
+                        self.on_outbox()
                 _reply(fut, result)
                 return
             self._rollback(act)
@@ -832,6 +838,14 @@ class _PeriodicReminder(ReminderFired):
 
 def _reminder_period(message: ReminderFired) -> float | None:
     return message.period if isinstance(message, _PeriodicReminder) else None
+
+
+def _takes_one_argument(fn: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(fn).bind(())
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _reply(fut: asyncio.Future[Any] | None, result: Any) -> None:

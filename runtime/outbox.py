@@ -8,6 +8,16 @@ next start: delivery is at-least-once and consumers deduplicate by ``message_id`
 The relay wakes at once when a turn commits messages (``notify``) and otherwise polls, so rows left by a
 previous process are picked up too. Sent rows are kept for ``retention`` seconds for inspection.
 
+A turn that commits messages hands them to the relay in memory (``notify(messages)``), so the relay sends them
+without reading them back: the rows stay the source of truth (they are marked sent by message id afterwards, and a
+crash before that re-sends them from the table), the hand-over only saves the read. Order is kept: handed-over
+messages are sent only after every poll that was due (start, a failure, a wake without messages, the poll timer,
+which runs every ``poll_interval`` also under a steady flow of hand-overs) has sent what the table held, in id
+order; a message the poll sent already is not sent again. A failure drops what was handed over and goes back to
+polling, which finds those rows in the table. Only a process that is the one writer of its table hands messages
+over (:class:`runtime.actors.ActorSystem` with ``exclusive``): in a cluster a peer's rows may be older than ours,
+and there every wake polls, in id order, as before.
+
 It lives in ``runtime`` (it reads the runtime's ``outbox`` table) and only uses the bus through the
 :class:`bus.base.Bus` protocol: ``runtime`` depends on ``bus``, never the other way round.
 
@@ -20,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -30,7 +42,7 @@ from bus.base import Bus, BusError, DeadLetter
 from bus.deadletters import parse_replay_destination, replay_destination
 from bus.envelope import Envelope
 from runtime import tracing
-from runtime.store import outbox, utcnow
+from runtime.store import OutboxMessage, outbox, utcnow
 
 __all__ = ["REPLAY", "OutboxRelay", "ReplayPending", "enqueue_replay"]
 
@@ -80,12 +92,17 @@ log = logging.getLogger(__name__)
 
 # Built once (the relay runs them on every wake-up): SQLAlchemy reuses their compiled form.
 _UNSENT = (
-    select(outbox.c.id, outbox.c.kind, outbox.c.destination, outbox.c.envelope)
+    select(outbox.c.id, outbox.c.message_id, outbox.c.kind, outbox.c.destination, outbox.c.envelope)
     .where(outbox.c.sent_at.is_(None))
     .order_by(outbox.c.id)
     .limit(bindparam("limit"))
 )
 _MARK_SENT = update(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(sent_at=bindparam("now"))
+_MARK_SENT_BY_MESSAGE = (
+    update(outbox)
+    .where(outbox.c.message_id.in_(bindparam("message_ids", expanding=True)))
+    .values(sent_at=bindparam("now"))
+)
 
 
 class OutboxRelay:
@@ -104,12 +121,28 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.retention = retention
         self.relayed = 0
+        self.handed_over = 0  # messages sent as handed over, without reading their rows back
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
+        self._handed: deque[OutboxMessage] = deque()
+        self._poll_due = True  # rows may wait in the table that were not handed over: poll before the hand-overs
+        # Message ids the last two polls sent: a hand-over of one of them (its turn handed it over after the poll
+        # had read it from the table) is dropped, not sent twice.
+        self._polled: set[str] = set()
+        self._polled_before: set[str] = set()
+        self._last_poll = float("-inf")
 
-    def notify(self) -> None:
-        """Called after a turn committed outbox rows: relay them now instead of at the next poll."""
+    def notify(self, messages: Sequence[OutboxMessage] = ()) -> None:
+        """Called after a transaction committed outbox rows: relay them now instead of at the next poll.
+
+        ``messages``: the rows just committed, in the order they were written (a turn's own), handed over so they
+        need not be read back; without them (any other writer of the table) the relay polls the table."""
+        if messages and len(self._handed) < self.batch_size * 4:
+            self._handed.extend(messages)
+        else:
+            self._poll_due = True  # nothing handed over, or the relay is far behind: the table has them
+            self._handed.clear()
         self._wake.set()
 
     def start(self) -> None:
@@ -127,14 +160,26 @@ class OutboxRelay:
             # Clear before relaying: a turn that commits while this batch is in flight sets it again, so
             # its rows go out right after instead of waiting a whole poll interval.
             self._wake.clear()
+            loop_time = asyncio.get_running_loop().time()
+            if loop_time - self._last_poll >= self.poll_interval:
+                self._poll_due = True  # the poll timer, also under constant hand-overs: rows of other writers
             try:
-                while await self.relay_once() == self.batch_size:
-                    pass  # a full batch: more may be waiting
+                if self._poll_due:
+                    self._poll_due = False
+                    self._last_poll = loop_time
+                    self._polled_before, self._polled = self._polled, set()
+                    while await self.relay_once() == self.batch_size:
+                        pass  # a full batch: more may be waiting
+                while self._handed:
+                    await self._relay_handed()
                 backoff = self.poll_interval
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 the relay must outlive any bus or database failure; logged, retried
-                # Bus or database down: keep the rows, try again later with growing patience.
+                # Bus or database down: keep the rows, try again later with growing patience (polling: the table
+                # holds everything that was handed over and not marked sent).
+                self._poll_due = True
+                self._handed.clear()
                 log.warning("outbox relay failed (%r); retrying in %.1fs", exc, backoff)
                 backoff = min(backoff * 2, 30.0)
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that arrives
@@ -152,16 +197,9 @@ class OutboxRelay:
         sent: list[int] = []
         try:
             for row in rows:
-                envelope = Envelope.decode(row.envelope)
-                # The row's envelope carries the traceparent of the turn that wrote it; the hand-over is its child.
-                with tracing.producing(self.bus.name, row.kind, row.destination, envelope) as envelope:
-                    if row.kind == "send":
-                        await self.bus.send(row.destination, envelope)
-                    elif row.kind == REPLAY:
-                        await _redeliver(self.bus, row.destination, envelope)
-                    else:
-                        await self.bus.publish(envelope)
+                await self._send(row.kind, row.destination, row.envelope)
                 sent.append(row.id)
+                self._polled.add(row.message_id)
         finally:
             # Mark what did go out even if a later row failed, so it is not sent again needlessly.
             if sent:
@@ -170,6 +208,35 @@ class OutboxRelay:
                 self.relayed += len(sent)
         await self._purge()
         return len(rows)
+
+    async def _relay_handed(self) -> None:
+        """Send what turns handed over (up to a batch), in hand-over order, and mark their rows sent."""
+        batch: list[str] = []
+        try:
+            while self._handed and len(batch) < self.batch_size:
+                message = self._handed[0]
+                if message.message_id not in self._polled and message.message_id not in self._polled_before:
+                    await self._send(message.kind, message.destination, message.envelope)
+                    batch.append(message.message_id)
+                self._handed.popleft()
+        finally:
+            if batch:
+                async with self.engine.begin() as conn:
+                    await conn.execute(_MARK_SENT_BY_MESSAGE, {"message_ids": batch, "now": utcnow()})
+                self.relayed += len(batch)
+                self.handed_over += len(batch)
+        await self._purge()
+
+    async def _send(self, kind: str, destination: str, text: str) -> None:
+        envelope = Envelope.decode(text)
+        # The row's envelope carries the traceparent of the turn that wrote it; the hand-over is its child.
+        with tracing.producing(self.bus.name, kind, destination, envelope) as envelope:
+            if kind == "send":
+                await self.bus.send(destination, envelope)
+            elif kind == REPLAY:
+                await _redeliver(self.bus, destination, envelope)
+            else:
+                await self.bus.publish(envelope)
 
     async def pending(self) -> int:
         async with self.engine.connect() as conn:
