@@ -44,6 +44,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TextClause,
     and_,
     bindparam,
     delete,
@@ -189,6 +190,38 @@ def _version_pairs(n: int) -> Select[tuple[str, str, int]]:
             )
         )
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _step_returning_sql(n: int) -> TextClause:
+    """PostgreSQL: step ``n`` entities' versions in one statement, returning those whose version held (bound as
+    ``t0, i0, v0, s0, t1...`` and ``now``; the casts type the VALUES list, which PostgreSQL would take as text)."""
+    rows = ", ".join(
+        f"(CAST(:t{k} AS VARCHAR), CAST(:i{k} AS VARCHAR), CAST(:v{k} AS BIGINT), CAST(:s{k} AS TEXT))"
+        for k in range(n)
+    )
+    return text(
+        "UPDATE actor_state AS a SET version = v.ver + 1, state = v.s, updated_at = :now "
+        f"FROM (VALUES {rows}) AS v (t, i, ver, s) "
+        "WHERE a.actor_type = v.t AND a.actor_id = v.i AND a.version = v.ver "
+        "RETURNING a.actor_type, a.actor_id"
+    )
+
+
+async def _step_returning(conn: AsyncConnection, writes: Sequence[TurnWrite], now: datetime) -> set[tuple[str, str]]:
+    """The entities of ``writes`` (each at most once) whose version step held; the others were not written."""
+    stepped: set[tuple[str, str]] = set()
+    for start in range(0, len(writes), _SEEN_CHUNK):
+        chunk: list[tuple[str, str, int, str]] = [
+            (w.actor_type, w.actor_id, w.expected_version, w.state) for w in writes[start : start + _SEEN_CHUNK]
+        ]
+        size = 1 << (len(chunk) - 1).bit_length()  # padded with rows that match nothing: 9 statement shapes
+        chunk += [("", "", -1, "")] * (size - len(chunk))
+        params: dict[str, Any] = {"now": now}
+        for k, (t, i, v, st) in enumerate(chunk):
+            params.update({f"t{k}": t, f"i{k}": i, f"v{k}": v, f"s{k}": st})
+        stepped.update((r.actor_type, r.actor_id) for r in await conn.execute(_step_returning_sql(size), params))
+    return stepped
 
 
 def _padded(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -801,7 +834,7 @@ class StateStore:
         outcomes: list[str] = []
         async with self.engine.begin() as conn:
             seen = await self._seen_ids(conn, writes)
-            if conn.dialect.supports_sane_multi_rowcount:
+            if conn.dialect.supports_sane_multi_rowcount or conn.dialect.name == "postgresql":
                 outcomes = await self._commit_stepped(conn, writes, seen)
                 self.commits += 1
                 self.turns_committed += outcomes.count(CommitOutcome.OK)
@@ -826,22 +859,34 @@ class StateStore:
     async def _commit_stepped(
         self, conn: AsyncConnection, writes: Sequence[TurnWrite], seen: set[tuple[str, str]]
     ) -> list[str]:
-        """A group commit in a constant number of statements where the driver counts the rows of an executemany
-        (SQLite): one probe of the batch's versions, then one UPDATE stepping every accepted turn's version and
-        one INSERT of the new entities, then the turns' own writes (fired reminders, hooks) and their rows.
+        """A group commit in a constant number of statements: every version step of the batch in one UPDATE, the new
+        entities in one INSERT, then the turns' own writes (fired reminders, hooks) and their rows.
 
-        The same outcomes as :meth:`_apply` turn by turn: every check runs before the batch's first write, against
-        the versions read in this transaction, so a stale turn is refused having written nothing (its hooks never
-        run). Should the stored versions move between the probe and the step (another process committed in
-        between: SQLite then refuses the stale snapshot's write anyway), the step updates fewer rows than it names
-        and the whole batch rolls back, to be committed turn by turn, each with its own outcome."""
-        versions = await self._versions(conn, writes)
+        The same outcomes as :meth:`_apply` turn by turn: every check runs before the batch's first write, so a stale
+        turn is refused having written nothing (its hooks never run). How the one UPDATE tells which steps held:
+
+        * where the driver counts the rows of an executemany (SQLite), the batch's versions are probed first (one
+          statement) and the stale turns refused; should a version move between the probe and the step (another
+          process committed in between: SQLite refuses the stale snapshot's write anyway), the step updates fewer
+          rows than it names and the whole batch rolls back, to be committed turn by turn;
+        * on PostgreSQL, ``UPDATE ... FROM (VALUES ...) RETURNING`` names the entities it stepped: the others are
+          the stale turns, refused before any other write of the batch (one round trip for the batch's steps instead
+          of one per turn)."""
+        probe = conn.dialect.supports_sane_multi_rowcount
+        versions = await self._versions(conn, writes) if probe else {}
         outcomes: list[str] = []
-        accepted: list[tuple[TurnWrite, dict[str, Any] | None]] = []
+        checked: list[tuple[int, TurnWrite, dict[str, Any] | None]] = []
         for w in writes:
             try:
                 fired = await self._check(conn, w, seen)
-                if versions.get((w.actor_type, w.actor_id), 0) != w.expected_version:
+                if probe:
+                    if versions.get((w.actor_type, w.actor_id), 0) != w.expected_version:
+                        raise _Conflict
+                elif (
+                    not w.expected_version
+                    and not w.changed
+                    and (await conn.execute(_EXISTS, {"t": w.actor_type, "i": w.actor_id})).first() is not None
+                ):
                     raise _Conflict
             except _Conflict:
                 outcomes.append(CommitOutcome.CONFLICT)
@@ -849,27 +894,35 @@ class StateStore:
                 outcomes.append(CommitOutcome.DUPLICATE)
             else:
                 outcomes.append(CommitOutcome.OK)
-                accepted.append((w, fired))
-                if w.inbox_id is not None:
-                    seen.add((w.consumer, w.inbox_id))
+                checked.append((len(outcomes) - 1, w, fired))
         now = utcnow()
-        steps = [
-            {"t": w.actor_type, "i": w.actor_id, "v": w.expected_version, "nv": w.expected_version + 1}
-            | {"s": w.state, "now": now}
-            for w, _ in accepted
-            if w.expected_version
-        ]
-        if steps and (await conn.execute(_UPDATE_STATE, steps)).rowcount != len(steps):
-            raise _BatchConflict(f"the versions of {len(steps)} entities moved on during the group commit")
+        stepping = [w for _, w, _ in checked if w.expected_version]
+        if stepping and probe:
+            steps = [
+                {"t": w.actor_type, "i": w.actor_id, "v": w.expected_version, "nv": w.expected_version + 1}
+                | {"s": w.state, "now": now}
+                for w in stepping
+            ]
+            if (await conn.execute(_UPDATE_STATE, steps)).rowcount != len(steps):
+                raise _BatchConflict(f"the versions of {len(steps)} entities moved on during the group commit")
+        elif stepping:
+            stepped = await _step_returning(conn, stepping, now)
+            for k, w, _ in checked:
+                if w.expected_version and (w.actor_type, w.actor_id) not in stepped:
+                    outcomes[k] = CommitOutcome.CONFLICT
+        accepted = [(w, fired) for k, w, fired in checked if outcomes[k] == CommitOutcome.OK]
         created = [
             {"t": w.actor_type, "i": w.actor_id, "s": w.state, "now": now}
             for w, _ in accepted
             if not w.expected_version and w.changed
         ]
         if created:
+            # A row stored meanwhile fails this insert on the primary key: the batch is then retried turn by turn.
             await conn.execute(_INSERT_STATE, created)
         rows = _Rows()
         for w, fired in accepted:
+            if w.inbox_id is not None:
+                seen.add((w.consumer, w.inbox_id))
             await self._after_step(conn, w, fired, rows, now)
         await rows.write(conn)
         return outcomes
