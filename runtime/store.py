@@ -897,6 +897,10 @@ class StateStore:
                 checked.append((len(outcomes) - 1, w, fired))
         now = utcnow()
         stepping = [w for _, w, _ in checked if w.expected_version]
+        if len({(w.actor_type, w.actor_id) for w in stepping}) != len(stepping):
+            # Two turns of one entity in a batch (never from one ActorSystem: its turns of an entity are sequential):
+            # one statement could not tell which of the two steps held. Turn by turn, the second one is refused.
+            raise _BatchConflict("an entity appears twice in the batch")
         if stepping and probe:
             steps = [
                 {"t": w.actor_type, "i": w.actor_id, "v": w.expected_version, "nv": w.expected_version + 1}

@@ -236,3 +236,19 @@ async def test_postgresql_replaces_a_pooled_connection_dropped_while_it_rested(d
     finally:
         await engine.dispose()
         await other.dispose()
+
+
+async def test_two_turns_of_one_entity_in_a_batch_get_one_step(store_factory):
+    """Never sent by one ActorSystem, but the store must not let both pass one statement's version step."""
+    store = await store_factory(group_commit=True)
+    assert await store.commit(TurnWrite("t", "twice", 0, _state(1))) == CommitOutcome.OK
+    outcomes = await asyncio.gather(
+        store.commit(TurnWrite("t", "twice", 1, _state(2), outbox=[OutboxMessage("send", "q", "first", "{}")])),
+        store.commit(TurnWrite("t", "twice", 1, _state(3), outbox=[OutboxMessage("send", "q", "second", "{}")])),
+    )
+    assert sorted(outcomes) == [CommitOutcome.CONFLICT, CommitOutcome.OK]
+    record = await store.load("t", "twice")
+    assert record is not None and record.version == 2
+    winner = "first" if outcomes[0] == CommitOutcome.OK else "second"
+    assert orjson.loads(record.state) == {"n": 2 if winner == "first" else 3}
+    assert [r async for r in _outbox_ids(store)] == [winner]
