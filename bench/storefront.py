@@ -51,6 +51,7 @@ from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -301,6 +302,12 @@ class Recorder:
         )
         if self.rss is not None:
             rows.append(self.rss.summary())
+            if self.rss.wall and self.total:
+                rows.append(
+                    f"server CPU {self.rss.cpu:.1f} s in {self.rss.wall:.1f} s "
+                    f"({100 * self.rss.cpu / self.rss.wall:.0f}% of one core): "
+                    f"{1e6 * self.rss.cpu / self.total:.0f} us per request"
+                )
         return "\n".join(rows)
 
 
@@ -664,6 +671,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--proxy-get", metavar="PATH", help="only GET this path, as fast as possible")
     parser.add_argument("--concurrency", type=int, default=64, help="connections for --proxy-get (default 64)")
     parser.add_argument("--token", help="bearer token for --proxy-get")
+    parser.add_argument(
+        "--shop-repo",
+        default=None,
+        help="with --embedded: run the shop of this checkout (e.g. the main branch's, to compare two versions "
+        "with the same generator)",
+    )
     args = parser.parse_args(argv)
     users = args.users if args.users is not None else (20 if args.quick else 50)
     duration = args.duration if args.duration is not None else (30.0 if args.quick else 300.0)
@@ -687,7 +700,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     embedded = args.embedded or (not args.target and not port_listening(port))
     if not embedded:
         return _run(args, target, users, duration, tokens, mix, shop=None)
-    shop = EmbeddedShop()
+    shop = EmbeddedShop(repo=Path(args.shop_repo).resolve()) if args.shop_repo else EmbeddedShop()
     print("starting the embedded shop (python -m runtime.cli run) ...", file=sys.stderr, flush=True)
     try:
         took = shop.start()

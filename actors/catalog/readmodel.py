@@ -42,7 +42,7 @@ from operator import attrgetter
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from actors.catalog import pictures
@@ -57,6 +57,14 @@ _CHUNK = 500  # ids per IN (...) when loading changed products
 _SORT_KEY = {"name": attrgetter("name_order"), "price": attrgetter("price_order")}
 FREEZE_FROM = 10_000  # products from which a full load is hidden from the garbage collector (see _reload)
 RESULTS_KEPT = 400_000  # product ids kept in remembered search results, all searches together
+
+# The freshness check, built once: it runs for every burst of reads, and building the expression each time cost
+# more than running it (SQLAlchemy caches the compiled SQL of a statement, not the statement).
+_CHANGES_SINCE = (
+    select(repo.catalog_changes.c.version, repo.catalog_changes.c.product_id)
+    .where(repo.catalog_changes.c.version > bindparam("since"))
+    .order_by(repo.catalog_changes.c.version)
+)
 
 
 def product_json(row: Any) -> dict[str, Any]:
@@ -385,12 +393,7 @@ class CatalogReadModel:
             await self._reload(conn)
             return
         self.checks += 1
-        log_ = repo.catalog_changes
-        changes = (
-            await conn.execute(
-                select(log_.c.version, log_.c.product_id).where(log_.c.version > self.version).order_by(log_.c.version)
-            )
-        ).all()
+        changes = (await conn.execute(_CHANGES_SINCE, {"since": self.version})).all()
         if not changes:
             return
         if changes[0].version != self.version + 1:  # pruned past us: what changed is unknown
