@@ -56,6 +56,7 @@ from runtime.web.middlewares import (
     host_middleware,
     request_id_middleware,
     request_id_var,
+    schema_validation,
     schema_validation_middleware,
     validation_error_callback,
 )
@@ -143,7 +144,7 @@ def create_app(
         middlewares=[
             host_middleware(metrics.observe, validate=not inner),
             *inner,
-            *([schema_validation_middleware] if inner else []),
+            *([schema_validation()] if inner else []),
         ],
         client_max_size=client_max_size,
     )

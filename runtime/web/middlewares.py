@@ -28,6 +28,7 @@ __all__ = [
     "request_id_for",
     "request_id_middleware",
     "request_id_var",
+    "schema_validation",
     "schema_validation_middleware",
     "unexpected_problem",
     "validation_error_callback",
@@ -155,6 +156,26 @@ async def schema_validation_middleware(request: web.Request, handler: Handler) -
     if _validation_of(request.match_info.handler) == _APISPEC:
         return await _apispec_validation(request, handler)
     return await handler(request)
+
+
+def schema_validation() -> Any:
+    """:func:`schema_validation_middleware` for one application, each route's treatment decided at its first
+    request rather than looked up at every one."""
+    decided: dict[Any, int] = {}  # by route object: registered routes only (a 404's route is made anew)
+
+    @web.middleware
+    async def schema_validation_(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route
+        how = decided.get(route)
+        if how is None:
+            how = _validation_of(route.handler)
+            if not isinstance(route, SystemRoute):
+                decided[route] = how
+        if how == _APISPEC:
+            return await _apispec_validation(request, handler)
+        return await handler(request)
+
+    return schema_validation_
 
 
 async def _apispec_validation(request: web.Request, handler: Handler) -> web.StreamResponse:
