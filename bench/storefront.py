@@ -1,7 +1,8 @@
 """Storefront load generator: many virtual shoppers against the gateway.
 
-    ecom bench storefront [--embedded | --target http://127.0.0.1:8000] [--quick] [--users 50] [--duration 300]
-                          [--requests N] [--tokens FILE] [--mix browse=30,search=15,details=25,cart=15,checkout=5,orders=10]
+    ecom bench storefront [--embedded [--shop-repo DIR] | --target http://127.0.0.1:8000] [--quick] [--users 50]
+                          [--duration 300] [--requests N] [--tokens FILE]
+                          [--mix browse=30,search=15,details=25,cart=15,checkout=5,orders=10]
     ecom bench storefront --proxy-get /api/catalog/products [--concurrency 64] [--token T] [--duration 10]
 
 Which shop: ``--target`` names a running gateway. ``--embedded`` starts the embedded default
@@ -26,7 +27,10 @@ A progress line is printed while it runs; at the end, per operation: requests, t
 (with the problem type of each refusal, e.g. ``409 insufficient-stock``) and latency percentiles; then the
 throughput per window (10 s, or 1 minute for runs of 3 minutes or more) and the last full window over the first,
 the worst p99, the 5xx, the 4xx split into those a shopper's own action explains (:data:`EXPLAINED`) and the
-others (listed), the server's RSS over time (embedded) and the generator's own CPU share. The headline figures
+others (listed), the server's RSS over time and its CPU time per request (embedded: the figure to compare
+versions by on a machine shared with other load, where throughput swings) and the generator's own CPU share.
+``--shop-repo DIR`` runs the embedded shop of another checkout (say the main branch's, exported with
+``git archive``) with this generator, so two versions are measured side by side with the same client. The headline figures
 go to :func:`bench.report.figure`. ``--proxy-get PATH`` instead sends one plain GET as fast as it can from
 ``--concurrency`` connections, so the gateway's own cost shows next to a direct call of the upstream.
 
