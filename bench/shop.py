@@ -6,7 +6,9 @@ in 20000-32000 on 127.0.0.1, the per-address limits off (every virtual shopper c
 admin password (so the bench can stock the shelves as an operator would). No ``ECOM_*`` variable of the caller's
 shell leaks in. ``stop()`` sends Ctrl-C (the shop shuts down cleanly) and kills it only if it does not exit.
 
-:class:`RssSampler` reads ``VmRSS`` of the shop's process tree from ``/proc`` every few seconds.
+:class:`RssSampler` reads ``VmRSS`` of the shop's process tree from ``/proc`` every few seconds, and the CPU
+time the tree used while it ran (so a change's cost per request shows even on a machine shared with other load,
+where throughput alone swings).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class EmbeddedShop:
     base: int = 0
     proc: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
+    # The checkout whose shop runs (its own .venv's Python when it has one): another checkout's shop can be
+    # measured with this generator, so two versions compare side by side with the same client.
+    repo: Path = REPO_ROOT
 
     @property
     def url(self) -> str:
@@ -88,7 +93,7 @@ class EmbeddedShop:
     def env(self) -> dict[str, str]:
         assert self.workdir is not None
         env = {k: v for k, v in os.environ.items() if not k.startswith("ECOM_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.repo), env.get("PYTHONPATH", "")) if p)
         env.update(
             ECOM_HOST="127.0.0.1",
             ECOM_DATA_DIR=str(self.workdir / "var"),
@@ -105,11 +110,12 @@ class EmbeddedShop:
         started = time.monotonic()
         self.workdir = Path(tempfile.mkdtemp(prefix="ecom-bench-shop-"))
         self.base = free_base_port(len(SERVICES))
+        python = self.repo / ".venv" / "bin" / "python"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime.cli", "run"],
+                [str(python) if python.exists() else sys.executable, "-m", "runtime.cli", "run"],
                 env=self.env(),
-                cwd=REPO_ROOT,
+                cwd=self.repo,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C in the bench's terminal reaches the shop only through stop()
@@ -184,12 +190,23 @@ def _ready(port: int) -> bool:
 # Memory
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of ``pid`` and all its descendants, in KiB (0 once they are gone)."""
-    total = 0
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (those still running)."""
+    found = []
     todo = [pid]
     while todo:
         p = todo.pop()
+        found.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+    return found
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` and all its descendants, in KiB (0 once they are gone)."""
+    total = 0
+    for p in _tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
         except OSError:
@@ -198,22 +215,46 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
                 break
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
     return total
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its running descendants, in seconds (0 once they are gone)."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        parts = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": field 3 on; utime, stime are 14, 15
+        total += int(parts[11]) + int(parts[12])
+    return total / _TICK
 
 
 @dataclass
 class RssSampler:
-    """``samples``: (seconds since start, RSS in MiB) every ``interval`` seconds while ``run()`` runs."""
+    """``samples``: (seconds since start, RSS in MiB) every ``interval`` seconds while ``run()`` runs;
+    ``cpu``: the CPU seconds the process tree used meanwhile, ``wall``: the seconds it ran."""
 
     pid: int
     interval: float = 5.0
     samples: list[tuple[float, float]] = field(default_factory=list)
+    cpu: float = 0.0
+    wall: float = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         started = time.perf_counter()
+        cpu_before = cpu_seconds(self.pid)
+        try:
+            await self._sample(stop, started)
+        finally:
+            self.cpu = cpu_seconds(self.pid) - cpu_before
+            self.wall = time.perf_counter() - started
+
+    async def _sample(self, stop: asyncio.Event, started: float) -> None:
         while True:
             self.samples.append((time.perf_counter() - started, rss_kib(self.pid) / 1024))
             try:

@@ -1,7 +1,8 @@
 """Storefront load generator: many virtual shoppers against the gateway.
 
-    ecom bench storefront [--embedded | --target http://127.0.0.1:8000] [--quick] [--users 50] [--duration 300]
-                          [--requests N] [--tokens FILE] [--mix browse=30,search=15,details=25,cart=15,checkout=5,orders=10]
+    ecom bench storefront [--embedded [--shop-repo DIR] | --target http://127.0.0.1:8000] [--quick] [--users 50]
+                          [--duration 300] [--requests N] [--tokens FILE]
+                          [--mix browse=30,search=15,details=25,cart=15,checkout=5,orders=10]
     ecom bench storefront --proxy-get /api/catalog/products [--concurrency 64] [--token T] [--duration 10]
 
 Which shop: ``--target`` names a running gateway. ``--embedded`` starts the embedded default
@@ -26,7 +27,10 @@ A progress line is printed while it runs; at the end, per operation: requests, t
 (with the problem type of each refusal, e.g. ``409 insufficient-stock``) and latency percentiles; then the
 throughput per window (10 s, or 1 minute for runs of 3 minutes or more) and the last full window over the first,
 the worst p99, the 5xx, the 4xx split into those a shopper's own action explains (:data:`EXPLAINED`) and the
-others (listed), the server's RSS over time (embedded) and the generator's own CPU share. The headline figures
+others (listed), the server's RSS over time and its CPU time per request (embedded: the figure to compare
+versions by on a machine shared with other load, where throughput swings) and the generator's own CPU share.
+``--shop-repo DIR`` runs the embedded shop of another checkout (say the main branch's, exported with
+``git archive``) with this generator, so two versions are measured side by side with the same client. The headline figures
 go to :func:`bench.report.figure`. ``--proxy-get PATH`` instead sends one plain GET as fast as it can from
 ``--concurrency`` connections, so the gateway's own cost shows next to a direct call of the upstream.
 
@@ -51,6 +55,7 @@ from array import array
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -301,6 +306,12 @@ class Recorder:
         )
         if self.rss is not None:
             rows.append(self.rss.summary())
+            if self.rss.wall and self.total:
+                rows.append(
+                    f"server CPU {self.rss.cpu:.1f} s in {self.rss.wall:.1f} s "
+                    f"({100 * self.rss.cpu / self.rss.wall:.0f}% of one core): "
+                    f"{1e6 * self.rss.cpu / self.total:.0f} us per request"
+                )
         return "\n".join(rows)
 
 
@@ -664,6 +675,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--proxy-get", metavar="PATH", help="only GET this path, as fast as possible")
     parser.add_argument("--concurrency", type=int, default=64, help="connections for --proxy-get (default 64)")
     parser.add_argument("--token", help="bearer token for --proxy-get")
+    parser.add_argument(
+        "--shop-repo",
+        default=None,
+        help="with --embedded: run the shop of this checkout (e.g. the main branch's, to compare two versions "
+        "with the same generator)",
+    )
     args = parser.parse_args(argv)
     users = args.users if args.users is not None else (20 if args.quick else 50)
     duration = args.duration if args.duration is not None else (30.0 if args.quick else 300.0)
@@ -687,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     embedded = args.embedded or (not args.target and not port_listening(port))
     if not embedded:
         return _run(args, target, users, duration, tokens, mix, shop=None)
-    shop = EmbeddedShop()
+    shop = EmbeddedShop(repo=Path(args.shop_repo).resolve()) if args.shop_repo else EmbeddedShop()
     print("starting the embedded shop (python -m runtime.cli run) ...", file=sys.stderr, flush=True)
     try:
         took = shop.start()

@@ -78,12 +78,16 @@ def _routes(app: web.Application) -> None:
     async def form(request: web.Request) -> web.Response:
         return json_response(dict(await request.post()))
 
+    async def moved(_request: web.Request) -> web.Response:
+        raise web.HTTPFound("/health/live")
+
     app["gate"] = asyncio.Event()
     app.router.add_post("/api/test/form", form)
     app.router.add_post("/api/test/counters/{id}", add)
     app.router.add_post("/api/test/raw", raw)
     app.router.add_get("/api/test/crash", crash)
     app.router.add_post("/api/test/hold", hold)
+    app.router.add_get("/api/test/moved", moved)
 
 
 @pytest.fixture
@@ -204,6 +208,28 @@ async def test_metrics_count_requests_and_actors(make_client):
     assert 'http_requests_total{method="POST",route="/api/test/counters/{id}",service="test",status="200"} 1.0' in text
     assert 'actor_activations{service="test",type="counter"} 1.0' in text
     assert "http_request_duration_seconds_bucket" in text
+
+
+async def test_every_answer_has_its_request_id_and_is_counted_with_its_status(make_client):
+    """The host's chain is one middleware: a problem, a redirect raised by a handler and an unmatched path each
+    keep the request id and are counted with the status the client got, under the route's label."""
+    client = await make_client()
+    conflict = await client.post("/api/test/counters/m2", json={"amount": 13}, headers={"X-Request-Id": "r-409"})
+    assert conflict.status == 409 and conflict.headers["X-Request-Id"] == "r-409"
+    invalid = await client.post("/api/test/counters/m2", json={"amount": 0}, headers={"X-Request-Id": "r-422"})
+    assert invalid.status == 422 and invalid.headers["X-Request-Id"] == "r-422"
+    moved = await client.get("/api/test/moved", allow_redirects=False, headers={"X-Request-Id": "r-302"})
+    assert moved.status == 302 and moved.headers["X-Request-Id"] == "r-302"
+    missing = await client.get("/api/test/nowhere", headers={"X-Request-Id": "r-404"})
+    assert missing.status == 404 and missing.headers["X-Request-Id"] == "r-404"
+    text = await (await client.get("/metrics")).text()
+    for line in (
+        'http_requests_total{method="POST",route="/api/test/counters/{id}",service="test",status="409"} 1.0',
+        'http_requests_total{method="POST",route="/api/test/counters/{id}",service="test",status="422"} 1.0',
+        'http_requests_total{method="GET",route="/api/test/moved",service="test",status="302"} 1.0',
+        'http_requests_total{method="GET",route="unmatched",service="test",status="404"} 1.0',
+    ):
+        assert line in text
 
 
 async def test_metrics_report_the_outbox_backlog(aiohttp_client, tmp_path):

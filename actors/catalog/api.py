@@ -321,9 +321,23 @@ async def _resolve_brand_and_type(conn: AsyncConnection, data: dict[str, Any]) -
 _TYPED_WORD = re.compile(r"[A-Za-z0-9_]+")  # a word as the document's pattern counts it (ECMA-262 \w)
 
 
+_QUERY_WORDS: dict[str, tuple[str, ...]] = {}  # the words of recent accepted queries (folding them costs)
+_QUERY_WORDS_KEPT = 4096
+
+
 def _search_words(q: str | None) -> tuple[str, ...]:
     if q is None:
         return ()
+    found = _QUERY_WORDS.get(q)
+    if found is None:
+        found = _query_words(q)
+        if len(_QUERY_WORDS) >= _QUERY_WORDS_KEPT:
+            _QUERY_WORDS.clear()
+        _QUERY_WORDS[q] = found
+    return found
+
+
+def _query_words(q: str) -> tuple[str, ...]:
     found = tuple(dict.fromkeys(repo.words(q)))
     if not found:
         raise ValidationProblem.field("q", "must contain a letter or a digit to search for")

@@ -42,7 +42,7 @@ from operator import attrgetter
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from actors.catalog import pictures
@@ -57,6 +57,14 @@ _CHUNK = 500  # ids per IN (...) when loading changed products
 _SORT_KEY = {"name": attrgetter("name_order"), "price": attrgetter("price_order")}
 FREEZE_FROM = 10_000  # products from which a full load is hidden from the garbage collector (see _reload)
 RESULTS_KEPT = 400_000  # product ids kept in remembered search results, all searches together
+
+# The freshness check, built once: it runs for every burst of reads, and building the expression each time cost
+# more than running it (SQLAlchemy caches the compiled SQL of a statement, not the statement).
+_CHANGES_SINCE = (
+    select(repo.catalog_changes.c.version, repo.catalog_changes.c.product_id)
+    .where(repo.catalog_changes.c.version > bindparam("since"))
+    .order_by(repo.catalog_changes.c.version)
+)
 
 
 def product_json(row: Any) -> dict[str, Any]:
@@ -347,11 +355,22 @@ class CatalogReadModel:
 
     async def fresh(self) -> None:
         """Return once the model holds every change committed before this call (see the module docstring)."""
+        if not self._checking:
+            # No check in flight: this read makes one itself, at once, in its own task. When the check does not
+            # suspend (SQLite, whose statements run in place) the read costs no trip through the event loop, where
+            # a shared check would cost two (its task's turn, then the reads' wake-up), each as long as everything
+            # else that is ready. Reads that arrive while it is suspended wait for the next check (the invariant).
+            self._checking = True
+            try:
+                await self._catch_up()
+            finally:
+                if self._waiters:
+                    asyncio.get_running_loop().create_task(self._check_loop())  # it clears _checking when done
+                else:
+                    self._checking = False
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
-        if not self._checking:
-            self._checking = True
-            asyncio.get_running_loop().create_task(self._check_loop())
         await fut
 
     async def _check_loop(self) -> None:
@@ -385,12 +404,7 @@ class CatalogReadModel:
             await self._reload(conn)
             return
         self.checks += 1
-        log_ = repo.catalog_changes
-        changes = (
-            await conn.execute(
-                select(log_.c.version, log_.c.product_id).where(log_.c.version > self.version).order_by(log_.c.version)
-            )
-        ).all()
+        changes = (await conn.execute(_CHANGES_SINCE, {"since": self.version})).all()
         if not changes:
             return
         if changes[0].version != self.version + 1:  # pruned past us: what changed is unknown

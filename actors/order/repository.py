@@ -155,20 +155,33 @@ class Page:
     total: int
 
 
-async def list_orders(engine: AsyncEngine, *, buyer_id: str | None, page: int, page_size: int) -> Page:
-    """One page of orders, newest first: the buyer's, or everybody's when ``buyer_id`` is None (admins)."""
-    where = [] if buyer_id is None else [orders.c.buyer_id == buyer_id]
-    query = (
+def _page_query(*, of_buyer: bool) -> tuple[Any, Any]:
+    where = [orders.c.buyer_id == bindparam("buyer_id")] if of_buyer else []
+    page = (
         select(orders)
         .where(*where)
         .order_by(orders.c.created_at.desc(), orders.c.id.desc())
-        .limit(page_size)
-        .offset((page - 1) * page_size)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
     )
-    count = select(func.count()).select_from(orders).where(*where)
+    return page, select(func.count()).select_from(orders).where(*where)
+
+
+# Built once, like the statements above: building them cost more than running them (GET /api/orders).
+_BUYER_PAGE, _BUYER_COUNT = _page_query(of_buyer=True)
+_ALL_PAGE, _ALL_COUNT = _page_query(of_buyer=False)
+
+
+async def list_orders(engine: AsyncEngine, *, buyer_id: str | None, page: int, page_size: int) -> Page:
+    """One page of orders, newest first: the buyer's, or everybody's when ``buyer_id`` is None (admins)."""
+    paging = {"limit": page_size, "offset": (page - 1) * page_size}
     async with engine.connect() as conn:
-        rows = (await conn.execute(query)).all()
-        total = (await conn.execute(count)).scalar_one()
+        if buyer_id is None:
+            rows = (await conn.execute(_ALL_PAGE, paging)).all()
+            total = (await conn.execute(_ALL_COUNT)).scalar_one()
+        else:
+            rows = (await conn.execute(_BUYER_PAGE, {**paging, "buyer_id": buyer_id})).all()
+            total = (await conn.execute(_BUYER_COUNT, {"buyer_id": buyer_id})).scalar_one()
     return Page([_summary(row) for row in rows], total)
 
 

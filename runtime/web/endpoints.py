@@ -42,6 +42,7 @@ from aiohttp_apispec import (
     querystring_schema,
 )
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
+from marshmallow.utils import missing
 
 from runtime.auth import authenticate, require
 from runtime.errors import Problem, ValidationProblem
@@ -144,30 +145,72 @@ def _wire_names(schema: Schema) -> dict[str, fields.Field]:
     return {field.data_key or name: field for name, field in schema.fields.items()}
 
 
-def _pick(schema: Schema, source: Mapping[str, str], getall: Callable[[str], list[str]] | None) -> dict[str, Any]:
-    """The values of ``source`` for the schema's fields only (by wire name); lists for ``List`` fields."""
-    out: dict[str, Any] = {}
-    for name, field in _wire_names(schema).items():
-        if name not in source:
-            continue
-        out[name] = getall(name) if getall is not None and isinstance(field, fields.List) else source[name]
-    return out
+class _Loader:
+    """``schema.load(data, unknown=EXCLUDE)``, with marshmallow's machinery skipped when it has nothing to do.
+
+    For a schema without hooks (``pre_load``, ``validates``, ``post_load``...), ``many`` or ``partial``, a valid
+    input is loaded by calling each field's own ``deserialize`` (its type, ``required``, ``load_default`` and
+    validators) exactly as :meth:`Schema.load` does, but without its error store, processors and per-field
+    closures: a third of the cost. Any :class:`ValidationError` sends the input to ``schema.load`` itself, so an
+    invalid input is answered word for word as marshmallow answers it."""
+
+    __slots__ = ("fast", "schema", "wire")
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.wire = _wire_names(schema)  # by wire name, for picking a location's values
+        self.fast: tuple[tuple[str, str, fields.Field], ...] | None = _fast_plan(schema)
+
+    def load(self, data: Mapping[str, Any]) -> Any:
+        if self.fast is not None:
+            out: dict[str, Any] = {}
+            try:
+                for key, name, field in self.fast:
+                    value = field.deserialize(data.get(name, missing), name, data, partial=False)
+                    if value is not missing:
+                        out[key] = value
+                return out
+            except ValidationError:
+                pass  # marshmallow's own load names every failing field, as it always did
+        return self.schema.load(data, unknown=EXCLUDE)
+
+    def pick(self, source: Mapping[str, str], getall: Callable[[str], list[str]] | None) -> dict[str, Any]:
+        """The values of ``source`` for the schema's fields only (by wire name); lists for ``List`` fields."""
+        out: dict[str, Any] = {}
+        for name, field in self.wire.items():
+            if name not in source:
+                continue
+            out[name] = getall(name) if getall is not None and isinstance(field, fields.List) else source[name]
+        return out
 
 
-def _load(schema: Schema, data: Any, location: str, errors: dict[str, Any]) -> dict[str, Any]:
+def _fast_plan(schema: Schema) -> tuple[tuple[str, str, fields.Field], ...] | None:
+    """(output key, wire name, field) per loaded field, or None when the schema needs marshmallow's whole load."""
+    if schema.many or schema.partial or any(schema._hooks.values()):
+        return None
+    plan = []
+    for attr, field in schema.load_fields.items():
+        key = field.attribute or attr
+        if "." in key:  # marshmallow nests a dotted attribute: leave that to it
+            return None
+        plan.append((key, field.data_key if field.data_key is not None else attr, field))
+    return tuple(plan)
+
+
+def _load(loader: _Loader, data: Any, location: str, errors: dict[str, Any]) -> dict[str, Any]:
     try:
-        loaded = schema.load(data, unknown=EXCLUDE)
+        loaded = loader.load(data)
     except ValidationError as exc:
         messages = exc.messages
         if isinstance(messages, Mapping):
             if location == "headers":  # name the header as sent, not the attribute
-                wire = {attr: f.data_key or attr for attr, f in schema.fields.items()}
+                wire = {attr: f.data_key or attr for attr, f in loader.schema.fields.items()}
                 messages = {wire.get(str(k), k): v for k, v in messages.items()}
             errors.update(messages)
         else:
             errors["body" if location == "body" else location] = messages
         return {}
-    return dict(loaded) if isinstance(loaded, Mapping) else {"value": loaded}
+    return loaded if type(loaded) is dict else dict(loaded) if isinstance(loaded, Mapping) else {"value": loaded}
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -193,46 +236,66 @@ async def _form_body(request: web.Request) -> Mapping[str, str]:
     return {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Inputs:
-    """The schemas of one endpoint, by location, and how to build its input dataclass."""
+# How the input dataclass takes a field: a location's whole mapping, the principal, or one value by name.
+_WHOLE, _PRINCIPAL, _VALUE = 0, 1, 2
 
-    schemas: Mapping[str, Schema]
-    model: type[Any] | None
+
+class _Inputs:
+    """The schemas of one endpoint, by location, and how to build its input dataclass (both worked out once,
+    when the endpoint is declared)."""
+
+    __slots__ = ("loaders", "model", "plan")
+
+    def __init__(self, schemas: Mapping[str, Schema], model: type[Any] | None) -> None:
+        self.loaders = tuple((location, _Loader(schema)) for location, schema in schemas.items())
+        self.model = model
+        plan: list[tuple[str, int]] = []
+        for f in dataclasses.fields(model) if model is not None else ():
+            if f.name in LOCATIONS and f.name in schemas:
+                plan.append((f.name, _WHOLE))
+            elif f.name == "principal":
+                plan.append((f.name, _PRINCIPAL))
+            else:
+                plan.append((f.name, _VALUE))
+        self.plan = tuple(plan)
 
     async def read(self, request: web.Request) -> Any:
         errors: dict[str, Any] = {}
         values: dict[str, dict[str, Any]] = {}
-        for location, schema in self.schemas.items():
+        for location, loader in self.loaders:
             if location == "path":
-                raw: Any = _pick(schema, request.match_info, None)
+                raw: Any = loader.pick(request.match_info, None)
             elif location == "query":
-                raw = _pick(schema, request.query, request.query.getall)
+                query = request.query
+                raw = loader.pick(query, query.getall) if query else {}
             elif location == "headers":
-                raw = _pick(schema, request.headers, request.headers.getall)
+                headers = request.headers
+                raw = loader.pick(headers, headers.getall)
             elif location == "form":
-                raw = _pick(schema, await _form_body(request), None)
+                raw = loader.pick(await _form_body(request), None)
             else:
                 raw = await _json_body(request)
                 if not isinstance(raw, dict):
                     errors["body"] = "must be a JSON object"
                     continue
-            values[location] = _load(schema, raw, location, errors)
+            values[location] = _load(loader, raw, location, errors)
         if errors:
             raise ValidationProblem(flatten_errors(errors) or {"body": "invalid"})
         if self.model is None:
             return None
         merged: dict[str, Any] = {}
         for location in LOCATIONS:
-            merged.update(values.get(location, {}))
+            found = values.get(location)
+            if found:
+                merged.update(found)
         args: dict[str, Any] = {}
-        for f in dataclasses.fields(self.model):
-            if f.name in values and f.name in LOCATIONS:
-                args[f.name] = values[f.name]
-            elif f.name == "principal":
-                args[f.name] = await authenticate(request)
-            elif f.name in merged:
-                args[f.name] = merged[f.name]
+        for name, how in self.plan:
+            if how == _WHOLE:
+                args[name] = values[name]
+            elif how == _PRINCIPAL:
+                args[name] = await authenticate(request)
+            elif name in merged:
+                args[name] = merged[name]
         return self.model(**args)
 
 
