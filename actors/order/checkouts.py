@@ -28,7 +28,9 @@ This holds in a cluster: the record is durable in the cart's database before the
 answers from it (a read there checks its copy against the stored version). What it does not cover: an admin
 reading another buyer's order before it is recorded (the record is found through the caller's own cart), and a
 checkout the cart has forgotten before its order started (more than ``MAX_CHECKOUTS`` newer checkouts meanwhile).
-A cart that cannot be reached makes a miss a 404, as before, after at most ``timeout`` seconds.
+A cart that cannot say (no instance answers within ``timeout``, or every one fails) makes a miss a 503 with
+``Retry-After``, never a 404: a 404 would tell a buyer whose 202 was sent that the order does not exist, when all
+that is known is that the cart could not be asked (under load, a 1 s lookup timing out answered 404 before).
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ from typing import Any
 
 import aiohttp
 
+from runtime.errors import ServiceUnavailable
 from runtime.host import request_id_var
 from runtime.upstream import Instance, InstanceFailed, NoInstance, Upstream
 
 log = logging.getLogger(__name__)
 
 CHECKOUT_PATH = "/api/cart/checkouts/"
-DEFAULT_TIMEOUT = 1.0  # seconds for one cart instance's answer
+DEFAULT_TIMEOUT = 2.0  # seconds for one cart instance's answer (a miss waits at most this, then 503)
+RETRY_AFTER = 1.0  # seconds a caller is asked to wait when the cart could not be asked
 DEFAULT_TTL = 1.0  # seconds the cart's answer about a pending order is reused for the same order and caller
 MAX_KEPT = 10_000  # pending answers kept at most (oldest go first)
 
@@ -84,7 +88,8 @@ class AcceptedCheckouts:
             self._session = None
 
     async def find(self, order_id: str, authorization: str) -> AcceptedCheckout | None:
-        """The caller's checkout of ``order_id``; None when the cart has none, or cannot say (logged)."""
+        """The caller's checkout of ``order_id``; None when the cart has none. Raises :class:`ServiceUnavailable`
+        (503, ``Retry-After``) when no cart instance could say (logged): not knowing is not "no such order"."""
         if self._session is None or not authorization:
             return None
         key = (order_id, authorization)
@@ -96,7 +101,11 @@ class AcceptedCheckouts:
             body = await self.upstream.call(lambda instance: self._attempt(instance, order_id, authorization))
         except NoInstance as exc:
             log.warning("order %s: the cart cannot be asked about its checkout: %s", order_id, exc)
-            return None
+            raise ServiceUnavailable(
+                f"the order {order_id} is not recorded here yet, and the cart that accepted it cannot be asked now",
+                retry_after=RETRY_AFTER,
+                slug="order-pending",
+            ) from exc
         if body is None:
             return None
         order = body.get("order") if isinstance(body, dict) else None

@@ -12,6 +12,7 @@ import uuid
 
 from actors.order import api
 from actors.order import service as order_service
+from bench.shop import free_port
 from tests.order.conftest import stop_bounded
 
 AFTER_202 = ("submitted", "awaiting_validation", "stock_confirmed", "paid", "cancelled")
@@ -79,3 +80,29 @@ async def test_an_order_not_recorded_yet_is_answered_from_the_cart(make_shop, se
     # Another buyer, and an order id no cart knows: 404, as for any order that is not theirs.
     assert (await shop.buyer().order(order_id))[0] == 404
     assert (await buyer.order(str(uuid.uuid4())))[0] == 404
+
+
+async def test_an_order_the_cart_cannot_be_asked_about_is_503_not_404(make_shop, settings):
+    """Not recorded here and no cart instance answers: the service cannot tell, so it says so (503 with
+    Retry-After, the caller retries) instead of claiming the order does not exist."""
+    shop = await make_shop()
+    lamp = await shop.add_product("Lamp", "9.99", stock=5)
+    await stop_bounded("order", shop.clients.pop("order"))
+    buyer = shop.buyer()
+    await buyer.put(lamp, 1)
+    order_id = await buyer.checkout()
+
+    # The reader's cart is an address nobody listens on (a port taken and released: connections are refused).
+    reader = order_service.create_app(
+        settings,
+        database_url=shop.databases["order"],
+        verifier=shop.identity.verifier(),
+        cart_url=f"http://127.0.0.1:{free_port()}",
+    )
+    await shop._serve("order", reader)
+    for unknown_here in (order_id, str(uuid.uuid4())):
+        status, body = await buyer.order(unknown_here)
+        assert status == 503, body
+        assert body["type"].endswith("/order-pending") and unknown_here in body["detail"]
+    resp = await shop.clients["order"].get(f"/api/orders/{order_id}", headers=buyer.headers)
+    assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1
