@@ -50,6 +50,7 @@ from sqlalchemy import (
     Text,
     Unicode,
     UnicodeText,
+    bindparam,
     delete,
     func,
     insert,
@@ -63,7 +64,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import CompoundSelect, Select
 from sqlalchemy.sql.elements import ColumnElement
 
-from runtime.store import SqlHook
+from runtime.store import BatchedHook, SqlHook
 
 metadata = MetaData()
 
@@ -449,10 +450,36 @@ def insert_product(values: Mapping[str, Any]) -> SqlHook:
     return hook
 
 
+# A stock change (a reservation, a release, a restock): the columns it touches, and its statements, built once.
+_STOCK_COLUMNS = frozenset({"available_stock", "updated_at"})
+_UPDATE_STOCK = (
+    update(products)
+    .where(products.c.id == bindparam("pid"))
+    .values(available_stock=bindparam("stock"), updated_at=bindparam("at"))
+)
+_LOG_CHANGE = insert(catalog_changes).values(version=bindparam("v"), product_id=bindparam("p"))
+
+
+async def _write_stock(conn: AsyncConnection, items: list[tuple[str, int, Any]]) -> None:
+    """The stock changes ``(product id, available stock, updated_at)`` of a transaction's turns: its change-log
+    rows and its ``products`` rows, one executemany each however many turns changed stock (a :class:`BatchedHook`,
+    run after the transaction's other hooks). The version step comes first, as in every writer."""
+    version, logged = await _changing(conn)
+    new = [pid for pid in dict.fromkeys(pid for pid, _, _ in items) if pid not in logged]
+    if new:
+        await conn.execute(_LOG_CHANGE, [{"v": version, "p": pid} for pid in new])
+        logged.update(new)
+    await conn.execute(_UPDATE_STOCK, [{"pid": pid, "stock": stock, "at": at} for pid, stock, at in items])
+
+
 def update_product(before: Mapping[str, Any], after: Mapping[str, Any]) -> SqlHook:
     """Write what changed between two versions of a product's row (a stock change touches two columns and
-    no index); the search words and the counts follow when what they copy changed."""
+    no index); the search words and the counts follow when what they copy changed. A change of the stock
+    alone (every reservation) writes only ``products`` and the change log: it is batched with the other stock
+    changes of its transaction (:func:`_write_stock`)."""
     changes = {name: value for name, value in after.items() if before.get(name) != value}
+    if changes.keys() <= _STOCK_COLUMNS:
+        return BatchedHook(_write_stock, (after["id"], after["available_stock"], after["updated_at"]))
     if "name" in changes:
         changes["name_key"] = name_key(after["name"])
     product_id = after["id"]
@@ -505,19 +532,29 @@ async def record_change(conn: AsyncConnection, product_id: str | None) -> None:
     catalog writes, so the version row is the first catalog lock every such transaction takes and two of
     them can never wait on each other's rows the other way round (a deadlock on PostgreSQL)."""
     ref = NAMES_CHANGED if product_id is None else product_id
+    version, logged = await _changing(conn)
+    if ref not in logged:  # one row per product and version (several name changes in one transaction: one)
+        await conn.execute(_LOG_CHANGE, {"v": version, "p": ref})
+        logged.add(ref)
+
+
+_STEP_VERSION = (
+    update(catalog_version).values(version=catalog_version.c.version + 1).returning(catalog_version.c.version)
+)
+
+
+async def _changing(conn: AsyncConnection) -> tuple[int, set[str]]:
+    """The catalog version of the caller's transaction, stepped at its first change (see :func:`record_change`),
+    and the products it logged so far."""
     transaction = conn.sync_connection.get_transaction() if conn.sync_connection is not None else None
     info = conn.sync_connection.info if conn.sync_connection is not None else {}
     mine: tuple[Any, int, set[str]] | None = info.get("catalog_change")
     if mine is None or transaction is None or mine[0] is not transaction:
-        stepped = update(catalog_version).values(version=catalog_version.c.version + 1)
-        version = (await conn.execute(stepped.returning(catalog_version.c.version))).scalar_one()
+        version = (await conn.execute(_STEP_VERSION)).scalar_one()
         mine = info["catalog_change"] = (transaction, version, set())
         if random.randrange(_PRUNE_ONE_IN) == 0:
             await conn.execute(delete(catalog_changes).where(catalog_changes.c.version <= version - CHANGES_KEPT))
-    _, version, logged = mine
-    if ref not in logged:  # one row per product and version (several name changes in one transaction: one)
-        await conn.execute(insert(catalog_changes).values(version=version, product_id=ref))
-        logged.add(ref)
+    return mine[1], mine[2]
 
 
 def create_change_log(_op: Any, conn: Any) -> None:

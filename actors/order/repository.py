@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from runtime.store import SqlHook, as_utc, outbox
+from runtime.store import BatchedHook, SqlHook, as_utc, outbox
 
 metadata = MetaData()
 
@@ -128,25 +128,38 @@ _UPDATE_SUMMARY = (
 
 
 def save_summary(summary: OrderSummary, *, new: bool) -> SqlHook:
-    """A hook for ``turn.on_commit``: insert the row of a ``new`` order, update it afterwards. An update that finds
-    no row (a row lost to a manual edit) inserts it, so the table heals instead of failing the turn."""
-    values = summary.row()
+    """A hook for ``turn.on_commit``: insert the row of a ``new`` order, update it afterwards. The summaries of a
+    transaction's turns are written together (a :class:`~runtime.store.BatchedHook`: one executemany per kind for a
+    group commit, instead of a statement per turn). An update that finds no row (a row lost to a manual edit)
+    inserts it, so the table heals instead of failing the turn."""
+    return BatchedHook(_insert_summaries if new else _update_summaries, summary.row())
 
-    async def hook(conn: AsyncConnection) -> None:
-        if not new:
-            changes = {
-                "order_id": summary.id,
-                "status": summary.status,
-                "total": summary.total,
-                "currency": summary.currency,
-                "updated_at": summary.updated_at,
-            }
-            result = await conn.execute(_UPDATE_SUMMARY, changes)
-            if result.rowcount:
-                return
-        await conn.execute(_INSERT_SUMMARY, values)
 
-    return hook
+async def _insert_summaries(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    await conn.execute(_INSERT_SUMMARY, rows)
+
+
+async def _update_summaries(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    changes = [
+        {
+            "order_id": row["id"],
+            "status": row["status"],
+            "total": row["total"],
+            "currency": row["currency"],
+            "updated_at": row["updated_at"],
+        }
+        for row in rows
+    ]
+    result = await conn.execute(_UPDATE_SUMMARY, changes[0] if len(changes) == 1 else changes)
+    counted = len(changes) == 1 or conn.dialect.supports_sane_multi_rowcount
+    if counted and result.rowcount == len(changes):
+        return  # every row was there: the usual case, one statement
+    # Some row is missing (or this driver does not count the rows of an executemany): find which, insert those.
+    ids = [row["id"] for row in rows]
+    found = set((await conn.execute(select(orders.c.id).where(orders.c.id.in_(ids)))).scalars())
+    missing = [row for row in rows if row["id"] not in found]
+    if missing:
+        await conn.execute(_INSERT_SUMMARY, missing)
 
 
 @dataclass(frozen=True, slots=True)
