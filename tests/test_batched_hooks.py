@@ -14,13 +14,14 @@ from typing import Any
 
 import orjson
 from sqlalchemy import delete, event, select
+from sqlalchemy.dialects import mssql
 
 from actors.catalog import repository as catalog_repo
 from actors.catalog import service as catalog_service
 from actors.order import repository as order_repo
 from actors.order import service as order_service
 from runtime import migrate
-from runtime.store import BatchedHook, CommitOutcome, StateStore, TurnWrite
+from runtime.store import BatchedHook, CommitOutcome, StateStore, TurnWrite, create_engine
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -153,7 +154,7 @@ async def test_order_summaries_of_a_group_commit_are_one_statement_and_lost_rows
         assert await asyncio.gather(*(store.commit(w) for w in writes)) == [CommitOutcome.OK] * 6
     finally:
         statements.close()
-    assert statements.counts["UPDATE ORDERS SET"] < 6
+    assert statements.counts["INSERT INTO ORDERS"] + statements.counts["UPDATE ORDERS SET"] < 6
     async with store.engine.connect() as conn:
         rows = {r.id: (r.status, Decimal(r.total)) for r in await conn.execute(select(order_repo.orders))}
     assert rows == {f"o{i}": ("paid", Decimal("9.50")) for i in range(6)}, "updated, and the lost rows written again"
@@ -169,17 +170,54 @@ async def test_order_summaries_of_a_group_commit_are_one_statement_and_lost_rows
         ).scalar_one() == "shipped"
 
 
-async def test_a_summary_insert_is_batched_too(store_factory):
+async def test_new_and_changed_summaries_of_a_group_commit_are_one_statement(store_factory):
     store = await store_factory(group_commit=True)
     await migrate.upgrade(store.engine, [order_service.SCHEMA])
+    for i in range(3):
+        hook = order_repo.save_summary(_summary(f"o{i}", "submitted"), new=True)
+        assert await store.commit(_write(f"o{i}", 0, hook)) == CommitOutcome.OK
+    writes = [_write(f"o{i}", 1, order_repo.save_summary(_summary(f"o{i}", "paid"), new=False)) for i in range(3)]
+    writes += [_write(f"n{i}", 0, order_repo.save_summary(_summary(f"n{i}", "submitted"), new=True)) for i in range(3)]
     statements = _Statements(store)
     try:
-        writes = [
-            _write(f"n{i}", 0, order_repo.save_summary(_summary(f"n{i}", "submitted"), new=True)) for i in range(6)
-        ]
         assert await asyncio.gather(*(store.commit(w) for w in writes)) == [CommitOutcome.OK] * 6
     finally:
         statements.close()
     async with store.engine.connect() as conn:
-        assert len((await conn.execute(select(order_repo.orders.c.id))).all()) == 6
-    assert statements.counts["INSERT INTO ORDERS"] < 6
+        rows = {r.id: r.status for r in await conn.execute(select(order_repo.orders))}
+    assert rows == {**{f"o{i}": "paid" for i in range(3)}, **{f"n{i}": "submitted" for i in range(3)}}
+    written = sum(n for kind, n in statements.counts.items() if kind in ("INSERT INTO ORDERS", "UPDATE ORDERS SET"))
+    assert written == store.commits - 3, "one statement per transaction, new orders and changed ones together"
+
+
+async def test_the_update_path_without_on_conflict_heals_lost_rows(db_url):
+    """What SQL Server runs (no ON CONFLICT there): updates, then the missing rows found and inserted."""
+    store_engine = create_engine(db_url)
+    try:
+        await migrate.upgrade(store_engine, [migrate.RUNTIME, order_service.SCHEMA])
+        async with store_engine.begin() as conn:
+            await conn.execute(order_repo._INSERT_SUMMARY, [_summary(f"o{i}", "submitted").row() for i in range(4)])
+            await conn.execute(delete(order_repo.orders).where(order_repo.orders.c.id == "o2"))
+        for rows in ([_summary(f"o{i}", "paid").row() for i in range(4)], [_summary("o1", "shipped").row()]):
+            async with store_engine.begin() as conn:
+                await order_repo._update_summaries(conn, rows)
+        async with store_engine.connect() as conn:
+            found = {r.id: r.status for r in await conn.execute(select(order_repo.orders))}
+        assert found == {"o0": "paid", "o1": "shipped", "o2": "paid", "o3": "paid"}
+    finally:
+        await store_engine.dispose()
+
+
+def test_the_batched_statements_compile_for_sql_server():
+    """SQL Server has no ON CONFLICT: its dialect takes the insert/update path, whose statements must compile."""
+    dialect = mssql.dialect()
+    assert "sqlserver" not in order_repo._UPSERT_SUMMARY and "mssql" not in order_repo._UPSERT_SUMMARY
+    for statement in (
+        order_repo._INSERT_SUMMARY,
+        order_repo._UPDATE_SUMMARY,
+        select(order_repo.orders.c.id).where(order_repo.orders.c.id.in_(["a", "b"])),
+        catalog_repo._UPDATE_STOCK,
+        catalog_repo._LOG_CHANGE,
+        catalog_repo._STEP_VERSION,
+    ):
+        assert str(statement.compile(dialect=dialect))

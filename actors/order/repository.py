@@ -30,6 +30,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runtime.store import BatchedHook, SqlHook, as_utc, outbox
@@ -127,16 +128,38 @@ _UPDATE_SUMMARY = (
 )
 
 
+def _upsert(insert_of: Any) -> Any:
+    statement = insert_of(orders)
+    changing = ("status", "total", "currency", "updated_at")
+    return statement.on_conflict_do_update(
+        index_elements=[orders.c.id], set_={name: statement.excluded[name] for name in changing}
+    )
+
+
+# One statement writes the summaries of a transaction's turns, new orders and changed ones alike; a row lost to a
+# manual edit is written again. Where the dialect has no ON CONFLICT (SQL Server): inserts, then updates.
+_UPSERT_SUMMARY = {"sqlite": _upsert(sqlite.insert), "postgresql": _upsert(postgresql.insert)}
+
+
 def save_summary(summary: OrderSummary, *, new: bool) -> SqlHook:
     """A hook for ``turn.on_commit``: insert the row of a ``new`` order, update it afterwards. The summaries of a
-    transaction's turns are written together (a :class:`~runtime.store.BatchedHook`: one executemany per kind for a
-    group commit, instead of a statement per turn). An update that finds no row (a row lost to a manual edit)
-    inserts it, so the table heals instead of failing the turn."""
-    return BatchedHook(_insert_summaries if new else _update_summaries, summary.row())
+    transaction's turns are written together (a :class:`~runtime.store.BatchedHook`: one statement for a group
+    commit, instead of one per turn). An update that finds no row (a row lost to a manual edit) inserts it, so the
+    table heals instead of failing the turn."""
+    return BatchedHook(_write_summaries, (summary.row(), new))
 
 
-async def _insert_summaries(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    await conn.execute(_INSERT_SUMMARY, rows)
+async def _write_summaries(conn: AsyncConnection, items: list[tuple[dict[str, Any], bool]]) -> None:
+    upsert = _UPSERT_SUMMARY.get(conn.dialect.name)
+    if upsert is not None:
+        await conn.execute(upsert, [row for row, _ in items])
+        return
+    created = [row for row, new in items if new]
+    if created:
+        await conn.execute(_INSERT_SUMMARY, created)
+    changed = [row for row, new in items if not new]
+    if changed:
+        await _update_summaries(conn, changed)
 
 
 async def _update_summaries(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
