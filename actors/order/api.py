@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,7 +274,7 @@ async def get_order(request: web.Request, wanted: OrderInput) -> web.Response:
     order_id, p = _order_id(wanted.id), wanted.principal
     ctx = _context(request)
     order = await _committed_order(ctx, order_id)
-    if order is None and ctx.checkouts is not None:
+    if order is None and ctx.checkouts is not None and _cart_made(order_id):
         # Not recorded here (yet): the cart's checkout record, on which its 202 was based, answers for it.
         accepted = await ctx.checkouts.find(order_id, request.headers.get("Authorization", ""))
         if accepted is not None and accepted.started:
@@ -345,6 +346,15 @@ async def ship_order(request: web.Request, ship: CommandInput) -> web.Response:
 async def get_load(request: web.Request) -> web.Response:
     load = await request.app[LOAD].read()
     return json_response({"open_orders": load.open_orders, "outbox_backlog": load.outbox_backlog})
+
+
+def _cart_made(order_id: str) -> bool:
+    """Whether ``order_id`` could be one a cart gave (``str(uuid4())``): only those are worth asking the cart about,
+    and only for those can a cart that does not answer make the order service unsure (503 rather than 404)."""
+    try:
+        return str(uuid.UUID(order_id)) == order_id
+    except ValueError:
+        return False
 
 
 def _order_id(order_id: str) -> str:
