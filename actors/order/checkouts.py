@@ -29,9 +29,9 @@ answers from it (a read there checks its copy against the stored version). What 
 reading another buyer's order before it is recorded (the record is found through the caller's own cart), and a
 checkout the cart has forgotten before its order started (more than ``MAX_CHECKOUTS`` newer checkouts meanwhile).
 A cart that cannot say (no instance answers within ``timeout``, or every one fails) makes a miss of an id a cart
-could have made (a UUID) a 503 with
-``Retry-After``, never a 404: a 404 would tell a buyer whose 202 was sent that the order does not exist, when all
-that is known is that the cart could not be asked (under load, a 1 s lookup timing out answered 404 before).
+could have made (a UUID) a 503 with ``Retry-After``, never a 404: a 404 would tell a buyer whose 202 was sent that
+the order does not exist, when all that is known is that the cart could not be asked (under load, a 1 s lookup
+timing out answered 404 before).
 """
 
 from __future__ import annotations
