@@ -331,11 +331,11 @@ class Procs:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None
+        self, cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None, cwd: str | None = None
     ) -> subprocess.Popen[bytes]:
         """Start a process (taskset execs the command: the pid is the command's own)."""
         out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         self.procs.append(proc)
         return proc
 
@@ -374,6 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--raw-front",
         action="store_true",
         help="also measure the gateway's hot-path work on a bare httptools front (no aiohttp server), for reference",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure the gateway of another source tree (e.g. `git archive main | tar -x -C DIR`), run from"
+        " DIR with the same settings, side by side in the same rounds: a before/after on a noisy machine",
     )
     parser.add_argument("--quick", action="store_true", help="a short run: 4 s per wrk run, 2 rounds")
     parser.add_argument(
@@ -454,6 +460,16 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
         )
         targets["aiohttpgw"] = f"http://{HOST}:{ah_port}{args.path}"
         proxy_pids["aiohttpgw"] = [slow.pid]
+    if args.baseline:
+        bl_port = free_port()
+        base = procs.start(
+            pinned(PROXY_CPU, [py, "-m", "runtime.cli", "serve", "gateway"]),
+            env={**env, "ECOM_GATEWAY_PORT": str(bl_port)},
+            log=tmp / "gateway-baseline.log",
+            cwd=str(Path(args.baseline).resolve()),  # `python -m` imports from the working directory first
+        )
+        targets["baseline"] = f"http://{HOST}:{bl_port}{args.path}"
+        proxy_pids["baseline"] = [base.pid]
     if args.naive:
         nv_port = free_port()
         naive = procs.start(
@@ -557,6 +573,13 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
         print(f"  gateway cpu / aiohttp-front cpu per request {gw['proxy_us'] / ah['proxy_us']:.2f}")
         if "nginx" in med:
             print(f"  gateway on aiohttp's front / nginx req/s {ah['rps'] / med['nginx']['rps']:.2f}")
+    if "baseline" in med:
+        bl = med["baseline"]
+        print(f"  gateway / baseline gateway req/s      {gw['rps'] / bl['rps']:.2f}   ({args.baseline})")
+        print(f"  gateway cpu / baseline cpu per request {gw['proxy_us'] / bl['proxy_us']:.2f}")
+        print(f"  gateway p99 / baseline p99            {gw['p99'] / bl['p99']:.2f}")
+        if "nginx" in med:
+            print(f"  baseline gateway / nginx req/s        {bl['rps'] / med['nginx']['rps']:.2f}")
     if "rawfront" in med:
         rf = med["rawfront"]
         print(
