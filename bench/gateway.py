@@ -280,15 +280,16 @@ _LAT = re.compile(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of processes (Linux /proc), to tell each one's cost per request."""
+def cpu_seconds(pids: Sequence[int], system_only: bool = False) -> float:
+    """User + system CPU time of processes (Linux /proc), to tell each one's cost per request (``system_only``:
+    the kernel's part alone: socket calls, the loopback's TCP work, epoll)."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+        total += (0 if system_only else int(fields[11])) + int(fields[12])  # utime, stime in clock ticks
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -512,7 +513,11 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for rnd in range(1, args.rounds + 1):
         for name, url in targets.items():
-            cpu_before = (cpu_seconds([upstream.pid]), cpu_seconds(proxy_pids[name]))
+            cpu_before = (
+                cpu_seconds([upstream.pid]),
+                cpu_seconds(proxy_pids[name]),
+                cpu_seconds(proxy_pids[name], system_only=True),
+            )
             spy = None
             if args.profile and name == "gateway" and rnd == 1:
                 spy = start_profile(procs, gateway.pid, args.duration, Path(args.profile), args.native)
@@ -523,25 +528,27 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
             done = max(1, r.get("requests") or int(r["rps"] * args.duration))
             r["upstream_us"] = (cpu_seconds([upstream.pid]) - cpu_before[0]) / done * 1e6
             r["proxy_us"] = (cpu_seconds(proxy_pids[name]) - cpu_before[1]) / done * 1e6
+            r["proxy_sys_us"] = (cpu_seconds(proxy_pids[name], system_only=True) - cpu_before[2]) / done * 1e6
             results[name].append(r)
             if spy is not None:
                 spy.wait(timeout=args.duration + 30)
             print(
                 f"  round {rnd} {name:8s} {r['rps']:10.0f} req/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms"
                 f"  cpu/request: upstream {r['upstream_us']:5.0f} us, proxy {r['proxy_us']:5.0f} us"
-                f"  non-2xx {r['non2xx']}  socket errors {r['socket_errors']}",
+                f" ({r['proxy_sys_us']:3.0f} in the kernel)  non-2xx {r['non2xx']}  socket errors {r['socket_errors']}",
                 flush=True,
             )
 
     if args.profile:
         print_profile(Path(args.profile))
-    keys = ("rps", "p50", "p99", "upstream_us", "proxy_us")
+    keys = ("rps", "p50", "p99", "upstream_us", "proxy_us", "proxy_sys_us")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in results.items()}
     print("\nmedians over the rounds:")
     for name, m in med.items():
         print(
             f"  {name:8s} {m['rps']:10.0f} req/s  p50 {m['p50']:7.2f} ms  p99 {m['p99']:7.2f} ms"
             f"  cpu/request: upstream {m['upstream_us']:5.0f} us, proxy {m['proxy_us']:5.0f} us"
+            f" ({m['proxy_sys_us']:3.0f} in the kernel)"
         )
     gw, direct = med["gateway"], med["direct"]
     print("\nratios (same run):")
