@@ -355,22 +355,11 @@ class CatalogReadModel:
 
     async def fresh(self) -> None:
         """Return once the model holds every change committed before this call (see the module docstring)."""
-        if not self._checking:
-            # No check in flight: this read makes one itself, at once, in its own task. When the check does not
-            # suspend (SQLite, whose statements run in place) the read costs no trip through the event loop, where
-            # a shared check would cost two (its task's turn, then the reads' wake-up), each as long as everything
-            # else that is ready. Reads that arrive while it is suspended wait for the next check (the invariant).
-            self._checking = True
-            try:
-                await self._catch_up()
-            finally:
-                if self._waiters:
-                    asyncio.get_running_loop().create_task(self._check_loop())  # it clears _checking when done
-                else:
-                    self._checking = False
-            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        if not self._checking:
+            self._checking = True
+            asyncio.get_running_loop().create_task(self._check_loop())
         await fut
 
     async def _check_loop(self) -> None:
