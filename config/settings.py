@@ -112,7 +112,7 @@ class GatewaySettings(ServiceSettings):
     retries: int = 2  # extra attempts for idempotent requests (and for any request that never left)
     retry_backoff: float = 0.02  # base of the jittered exponential back-off between attempts, seconds
     pool_size: int = 256  # open connections per upstream instance at most
-    keepalive_timeout: float = 30.0  # idle pooled connections older than this are closed (below aiohttp's 75 s)
+    keepalive_timeout: float = 30.0  # idle pooled connections older than this are closed (well below the upstream server's own: aiohttp 3.14 keeps an idle connection 3630 s)
     max_body: int = 1024 * 1024  # request bodies larger than this are refused with 413
     buffer_limit: int = 256 * 1024  # bodies up to this size are buffered (one write, replayable); larger stream
     # -- instance health
