@@ -118,7 +118,24 @@ class _Malformed(Exception):
     """Raised from a parser callback: the response breaks a rule llhttp leaves to us."""
 
 
-class Connection(asyncio.Protocol):
+class FlowControlled(asyncio.Protocol):
+    """A protocol that waits for its transport's buffer to drain (``pause_writing``/``resume_writing``): a writer
+    finding ``_write_paused`` set awaits a fresh ``_drain`` future, which ``resume_writing`` resolves. Shared by
+    the upstream connection and the gateway's front (:mod:`gateway.front`)."""
+
+    _drain: asyncio.Future[None] | None
+    _write_paused: bool
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+
+class Connection(FlowControlled):
     """One keep-alive connection to an upstream instance; one request at a time (no pipelining).
 
     Responses are parsed by llhttp (``httptools``), which does the framing (status line, header syntax,
@@ -192,14 +209,6 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         state = self._state

@@ -46,7 +46,7 @@ from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.client import Response, UpstreamError
+from gateway.client import FlowControlled, Response, UpstreamError
 from gateway.edge import log_access
 from gateway.proxy import RouteProxy, gateway_headers
 from gateway.service import EDGE
@@ -216,7 +216,7 @@ class _Plan(NamedTuple):
     trace: dict[str, str] | None  # traceparent and tracestate
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(FlowControlled):
     """One client connection, until it closes or is handed to aiohttp. Requests are answered one at a time, in
     order; ``buf`` holds what has arrived from the start of the next request on."""
 
@@ -269,14 +269,6 @@ class _Connection(asyncio.Protocol):
             self._drain.set_result(None)
         if not self.busy:
             self.front._done(self)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
