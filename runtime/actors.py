@@ -346,10 +346,10 @@ class ActorSystem:
         self.conflict_retries = conflict_retries
         self.reminder_poll_interval = reminder_poll_interval
         self.inbox_retention = inbox_retention
-        self.on_outbox = on_outbox  # the outbox relay's wake-up, so committed messages leave at once
-        # ... and, where it takes them (OutboxRelay.notify), the committed messages themselves, so the relay need not
-        # read them back; only when this process is the table's one writer (exclusive): see runtime.outbox.
-        self._outbox_takes_messages = on_outbox is not None and _takes_one_argument(on_outbox)
+        # The outbox relay's wake-up (OutboxRelay.notify), so committed messages leave at once. It is given the
+        # committed messages themselves, so the relay need not read them back, only when this process is the table's
+        # one writer (exclusive); otherwise nothing (the relay polls the table): see runtime.outbox.
+        self.on_outbox = on_outbox
         # exclusive: no other process writes this store (the embedded shape), so a copy in memory is the
         # newest by construction. Otherwise a turn that only reads checks its copy's version first.
         self.exclusive = exclusive
@@ -659,10 +659,7 @@ class ActorSystem:
                 act.handled += 1
                 self.stats["handled"] += 1
                 if write.outbox and self.on_outbox is not None:
-                    if self.exclusive and self._outbox_takes_messages:
-                        self.on_outbox(write.outbox)
-                    else:
-                        self.on_outbox()
+                    self.on_outbox(write.outbox if self.exclusive else ())
                 _reply(fut, result)
                 return
             self._rollback(act)
@@ -838,14 +835,6 @@ class _PeriodicReminder(ReminderFired):
 
 def _reminder_period(message: ReminderFired) -> float | None:
     return message.period if isinstance(message, _PeriodicReminder) else None
-
-
-def _takes_one_argument(fn: Callable[..., Any]) -> bool:
-    try:
-        inspect.signature(fn).bind(())
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _reply(fut: asyncio.Future[Any] | None, result: Any) -> None:
