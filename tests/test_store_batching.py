@@ -151,8 +151,6 @@ async def test_a_version_moved_between_probe_and_step_commits_the_batch_turn_by_
 
         await migrate.upgrade(engine, [migrate.RUNTIME])
         store = _StaleProbe(engine, group_commit=True)
-        if not engine.dialect.supports_sane_multi_rowcount:
-            pytest.skip("the probe-and-step group commit runs where the driver counts an executemany's rows")
         assert await store.commit(TurnWrite("t", "a", 0, _state(1))) == CommitOutcome.OK
         assert await store.commit(TurnWrite("t", "a", 1, _state(2))) == CommitOutcome.OK  # the database is at 2
         hook_rows: list[str] = []
@@ -203,9 +201,8 @@ async def test_a_new_entity_stored_meanwhile_is_a_conflict_not_an_error(store_fa
     assert n is not None and (n.version, orjson.loads(n.state)) == (1, {"n": 1})
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # pinging after rest is for PostgreSQL's pool
 async def test_postgresql_replaces_a_pooled_connection_dropped_while_it_rested(db_url, monkeypatch):
-    if not db_url.startswith("postgresql"):
-        pytest.skip("pinging after rest is for PostgreSQL's pool")
     monkeypatch.setattr(store_module, "PING_AFTER_IDLE", 0.05)
     engine = create_engine(db_url)
     other = create_engine(db_url)
