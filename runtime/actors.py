@@ -149,6 +149,11 @@ class Actor:
 
     type_name: ClassVar[str] = ""
     persistent: ClassVar[bool] = True
+    # Seconds an idle activation of this type stays in memory at most: the system's ``idle_timeout`` applies when
+    # it is shorter (Orleans' per-grain-type collection age). For entities busy only for a moment (an order: its
+    # saga takes a second, then it is read from the query table), so memory follows the rate of new entities
+    # times this age, not times the system's longer one (issue 14: RSS grew for the whole 5-minute run).
+    idle_timeout: ClassVar[float | None] = None
     _handlers: ClassVar[dict[type, tuple[str, bool]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -694,17 +699,21 @@ class ActorSystem:
 
     # -- background -----------------------------------------------------------------------------
 
+    def _idle_limit(self, actor_type: type[Actor]) -> float:
+        own = actor_type.idle_timeout
+        return self.idle_timeout if own is None else min(own, self.idle_timeout)
+
     async def _sweep_idle(self) -> None:
-        interval = max(0.05, min(self.idle_timeout / 2, 30.0))
         while True:
-            await asyncio.sleep(interval)
-            cutoff = time.monotonic() - self.idle_timeout
-            # The OrderedDict is in LRU order: stop at the first recently used activation.
+            shortest = min((self._idle_limit(t) for t in self._types.values()), default=self.idle_timeout)
+            await asyncio.sleep(max(0.05, min(shortest / 2, 30.0)))
+            now = time.monotonic()
+            # The OrderedDict is in LRU order: past the shortest limit no activation of any type can be stale.
             stale = []
             for act in self._activations.values():
-                if act.last_activity > cutoff:
+                if act.last_activity > now - shortest:
                     break
-                if not act.running and not act.depth:
+                if act.last_activity <= now - self._idle_limit(type(act.actor)) and not act.running and not act.depth:
                     stale.append(act)
             for act in stale:
                 await self._deactivate(act)

@@ -219,6 +219,23 @@ async def test_idle_actor_deactivates_and_comes_back_with_its_state(system_facto
     assert system.stats["activations"] == 2
 
 
+class BriefLogActor(LogActor):
+    type_name = "brieflog"
+    idle_timeout = 0.1  # shorter than the system's: its own limit applies
+
+
+async def test_a_type_s_own_idle_limit_deactivates_its_actors_and_only_them(system_factory):
+    system = await system_factory(idle_timeout=2.0)
+    brief, kept = system.ref(BriefLogActor, "b"), system.ref(LogActor, "k")
+    await brief.ask(Append(1))
+    await kept.ask(Append(2))
+    async with asyncio.timeout(5):
+        while system.live_count > 1:
+            await asyncio.sleep(0.05)
+    assert {a["id"] for a in system.introspect()["log"]["actors"]} == {"k"}, "the system's limit still holds for others"
+    assert (await brief.ask(Get()))["values"] == [1]
+
+
 async def test_activation_cap_evicts_least_recently_used_and_restores(system_factory):
     system = await system_factory(max_activations=10)
     for i in range(50):

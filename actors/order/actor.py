@@ -275,6 +275,10 @@ class OrderActor(Actor):
     service description registers it as ``ActorType(OrderActor, deps=...)`` (:mod:`runtime.description`)."""
 
     type_name = "order"
+    # An order's saga is over within seconds; afterwards it is read from the query table and woken by its
+    # reminders or a late message (reloaded from the store). Kept longer, every order of the last 5 minutes stayed
+    # in memory under load (issue 14).
+    idle_timeout = 60.0
     state: OrderState
 
     def __init__(self, actor_id: str, system: ActorSystem, *, timings: SagaTimings | None = None) -> None:
