@@ -16,6 +16,7 @@ All types are portable SQLAlchemy types so the same statements run on SQLite, Po
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -61,7 +62,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_dbapi,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -233,7 +234,13 @@ def _padded(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 _INSERT_INBOX = insert(inbox).values(consumer=bindparam("c"), message_id=bindparam("m"), processed_at=bindparam("now"))
-_INSERT_OUTBOX = insert(outbox)
+_INSERT_OUTBOX = insert(outbox).values(
+    message_id=bindparam("mid"),
+    kind=bindparam("k"),
+    destination=bindparam("d"),
+    envelope=bindparam("e"),
+    created_at=bindparam("now"),
+)
 _REMINDER_KEY = and_(
     reminders.c.actor_type == bindparam("t"), reminders.c.actor_id == bindparam("i"), reminders.c.name == bindparam("n")
 )
@@ -527,6 +534,113 @@ class _InlineSqliteDBAPI(AsyncAdapt_aiosqlite_dbapi):
 _INLINE_SQLITE = _InlineSqliteDBAPI(aiosqlite, sqlite3)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The store's own statements on SQLite: compiled once, run in place
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A statement compiled once for SQLite: its text, where each positional parameter comes from, and the row type
+    of its result (None: it returns no rows)."""
+
+    sql: str
+    names: tuple[str, ...]  # bind name of each ``?``, in order
+    defaults: tuple[Any, ...]  # the bound value when the caller gives none (a literal such as version=1), or _REQUIRED
+    processors: tuple[Callable[[Any], Any] | None, ...]  # the column type's conversion (datetime -> text), if any
+    row: type | None
+
+    def bind(self, params: dict[str, Any]) -> tuple[Any, ...]:
+        values = []
+        for name, default, process in zip(self.names, self.defaults, self.processors, strict=True):
+            value = params[name] if default is _REQUIRED or name in params else default
+            values.append(value if process is None or value is None else process(value))
+        return tuple(values)
+
+
+class _DirectResult:
+    """What the store reads of a result (``rowcount``, the rows, ``first()``), from a statement run directly."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Any:
+        return iter(self.rows)
+
+    def first(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+
+_PREPARED: dict[Any, _Prepared | None] = {}
+_namedtuple: Any = collections.namedtuple  # a row type whose field names are known only at run time
+
+
+def _prepare(stmt: Any, dialect: Any) -> _Prepared | None:
+    """``stmt`` compiled for the SQLite dialect, or None when it needs what only SQLAlchemy's execution does (an
+    expanding ``IN``, a column whose value must be converted when read, such as a datetime)."""
+    compiled = stmt.compile(dialect=dialect)
+    if compiled.positiontup is None or compiled.literal_execute_params or compiled.post_compile_params:
+        return None
+    row: type | None = None
+    if isinstance(stmt, Select):
+        columns = list(stmt.selected_columns)
+        if any(c.type.dialect_impl(dialect).result_processor(dialect, None) is not None for c in columns):
+            return None
+        row = _namedtuple("_Row", [str(c.key) for c in columns])
+    binds = [compiled.binds[name] for name in compiled.positiontup]
+    if any(b.callable is not None for b in binds):
+        return None
+    return _Prepared(
+        sql=compiled.string,
+        names=tuple(compiled.positiontup),
+        defaults=tuple(_REQUIRED if b.required else b.value for b in binds),
+        processors=tuple(b.type.dialect_impl(dialect).bind_processor(dialect) for b in binds),
+        row=row,
+    )
+
+
+async def _execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | list[dict[str, Any]]) -> Any:
+    """``conn.execute(stmt, params)``, for the statements of the store's commit path.
+
+    On an in-place SQLite connection (:class:`_InlineConnection`) the statement, compiled once, goes straight to
+    the driver in the connection's transaction: per statement, SQLAlchemy's execution (parameter building, the
+    compiled cache, the execution context, the cursor and result wrappers, the greenlet switch) cost several times
+    what SQLite itself took, and it ran on the event loop's one thread (issue 14: a third of a checkout's CPU was
+    SQLAlchemy). Same errors as SQLAlchemy raises (``IntegrityError`` ...), same cursor events for listeners
+    (the tests and ``bench.checkout --count`` count statements with them). Anywhere else, SQLAlchemy executes it."""
+    sync = conn.sync_connection
+    dbapi = sync.connection.dbapi_connection if sync is not None else None
+    if sync is None or not isinstance(dbapi, _InlineConnection):
+        return await conn.execute(stmt, params)
+    try:
+        prepared = _PREPARED[stmt]
+    except KeyError:
+        prepared = _PREPARED[stmt] = _prepare(stmt, conn.dialect)
+    if prepared is None:
+        return await conn.execute(stmt, params)
+    many = isinstance(params, list)
+    args: Any = [prepared.bind(p) for p in params] if many else prepared.bind(params)
+    sql = prepared.sql
+    if sync._has_events or sync.engine._has_events:  # how SQLAlchemy itself decides to dispatch them
+        for fn in sync.dispatch.before_cursor_execute:
+            sql, args = fn(sync, None, sql, args, None, many)
+    try:
+        _, rows, _, rowcount = await _in_place(
+            _run_many if many else _run_statement, dbapi._connection._conn, (sql, args)
+        )
+    except sqlite3.Error as error:
+        raise DBAPIError.instance(sql, args, error, sqlite3.Error) from error
+    if prepared.row is not None:
+        make = prepared.row._make
+        return _DirectResult([make(r) for r in rows], rowcount)
+    return _DirectResult(rows, rowcount)
+
+
 def _tune_sqlite(engine: AsyncEngine, *, in_memory: bool) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -645,15 +759,7 @@ class _Rows:
         if w.inbox_id is not None:
             self.inbox.append({"c": w.consumer, "m": w.inbox_id, "now": now})
         for m in w.outbox:
-            self.outbox.append(
-                {
-                    "message_id": m.message_id,
-                    "kind": m.kind,
-                    "destination": m.destination,
-                    "envelope": m.envelope,
-                    "created_at": now,
-                }
-            )
+            self.outbox.append({"mid": m.message_id, "k": m.kind, "d": m.destination, "e": m.envelope, "now": now})
         for change in w.reminders:
             key = (w.actor_type, w.actor_id, change.name)
             self.reminders.pop(key, None)  # re-inserted last: dict order is the order of the last changes
@@ -663,18 +769,18 @@ class _Rows:
         for run, items in self.batched.items():
             await run(conn, items)
         if self.inbox:
-            await conn.execute(_INSERT_INBOX, self.inbox)
+            await _execute(conn, _INSERT_INBOX, self.inbox)
         if self.outbox:
-            await conn.execute(_INSERT_OUTBOX, self.outbox)
+            await _execute(conn, _INSERT_OUTBOX, self.outbox)
         if self.reminders:
-            await conn.execute(_REMINDER_DELETE, [{"t": t, "i": i, "n": n} for (t, i, n) in self.reminders])
+            await _execute(conn, _REMINDER_DELETE, [{"t": t, "i": i, "n": n} for (t, i, n) in self.reminders])
             inserts = [
                 {"t": t, "i": i, "n": n, "due": c.due_at, "period": c.period, "payload": c.payload}
                 for (t, i, n), c in self.reminders.items()
                 if c.due_at is not None
             ]
             if inserts:
-                await conn.execute(_REMINDER_INSERT, inserts)
+                await _execute(conn, _REMINDER_INSERT, inserts)
 
 
 class CommitOutcome:
@@ -905,7 +1011,7 @@ class StateStore:
                 elif (
                     not w.expected_version
                     and not w.changed
-                    and (await conn.execute(_EXISTS, {"t": w.actor_type, "i": w.actor_id})).first() is not None
+                    and (await _execute(conn, _EXISTS, {"t": w.actor_type, "i": w.actor_id})).first() is not None
                 ):
                     raise _Conflict
             except _Conflict:
@@ -927,7 +1033,7 @@ class StateStore:
                 | {"s": w.state, "now": now}
                 for w in stepping
             ]
-            if (await conn.execute(_UPDATE_STATE, steps)).rowcount != len(steps):
+            if (await _execute(conn, _UPDATE_STATE, steps)).rowcount != len(steps):
                 raise _BatchConflict(f"the versions of {len(steps)} entities moved on during the group commit")
         elif stepping:
             stepped = await _step_returning(conn, stepping, now)
@@ -942,7 +1048,7 @@ class StateStore:
         ]
         if created:
             # A row stored meanwhile fails this insert on the primary key: the batch is then retried turn by turn.
-            await conn.execute(_INSERT_STATE, created)
+            await _execute(conn, _INSERT_STATE, created)
         rows = _Rows()
         for w, fired in accepted:
             if w.inbox_id is not None:
@@ -958,7 +1064,7 @@ class StateStore:
         for start in range(0, len(keys), _SEEN_CHUNK):
             chunk = _padded(keys[start : start + _SEEN_CHUNK])
             params = {f"{col}{i}": value for i, key in enumerate(chunk) for col, value in zip("ti", key, strict=True)}
-            for r in await conn.execute(_version_pairs(len(chunk)), params):
+            for r in await _execute(conn, _version_pairs(len(chunk)), params):
                 found[(r.actor_type, r.actor_id)] = int(r.version)
         return found
 
@@ -971,7 +1077,7 @@ class StateStore:
         for start in range(0, len(pairs), _SEEN_CHUNK):
             chunk = _padded(pairs[start : start + _SEEN_CHUNK])
             params = {f"{col}{i}": value for i, pair in enumerate(chunk) for col, value in zip("cm", pair, strict=True)}
-            seen.update((r.consumer, r.message_id) for r in await conn.execute(_seen_pairs(len(chunk)), params))
+            seen.update((r.consumer, r.message_id) for r in await _execute(conn, _seen_pairs(len(chunk)), params))
         return seen
 
     async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]], rows: _Rows) -> None:
@@ -996,12 +1102,12 @@ class StateStore:
                 # on the primary key, which rolls the transaction back; alone, that is the CONFLICT it would have
                 # been (see _commit_alone), in a group the batch is retried turn by turn. One query per new
                 # entity saved, for a race that needs two processes to create the same entity at once.
-                await conn.execute(_INSERT_STATE, {**key, "s": w.state, "now": now})
-            elif (await conn.execute(_EXISTS, key)).first() is not None:
+                await _execute(conn, _INSERT_STATE, {**key, "s": w.state, "now": now})
+            elif (await _execute(conn, _EXISTS, key)).first() is not None:
                 raise _Conflict
         else:
             params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
-            if (await conn.execute(_UPDATE_STATE, params)).rowcount != 1:
+            if (await _execute(conn, _UPDATE_STATE, params)).rowcount != 1:
                 raise _Conflict
         await self._after_step(conn, w, fired, rows, now)
 
@@ -1014,7 +1120,7 @@ class StateStore:
             return None
         name, due_at, _ = w.fired_reminder
         fired = {"t": w.actor_type, "i": w.actor_id, "n": name, "due": due_at}
-        if (await conn.execute(_FIRED_EXISTS, fired)).first() is None:
+        if (await _execute(conn, _FIRED_EXISTS, fired)).first() is None:
             raise _Duplicate  # already fired (another process) or cancelled since
         return fired
 
@@ -1026,9 +1132,9 @@ class StateStore:
             assert w.fired_reminder is not None
             _, due_at, period = w.fired_reminder
             if period:
-                result = await conn.execute(_FIRED_RESCHEDULE, {**fired, "next_due": _next_due(due_at, period, now)})
+                result = await _execute(conn, _FIRED_RESCHEDULE, {**fired, "next_due": _next_due(due_at, period, now)})
             else:
-                result = await conn.execute(_FIRED_DELETE, fired)
+                result = await _execute(conn, _FIRED_DELETE, fired)
             if result.rowcount == 0:
                 # Only turns of this entity touch its reminders, and they all step the version we hold: so
                 # this means a write outside the runtime. Undo the whole transaction rather than guess.

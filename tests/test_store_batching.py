@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 from sqlalchemy import event, func, insert, select, text
+from sqlalchemy.exc import IntegrityError
 
 from runtime import store as store_module
 from runtime.store import (
@@ -249,3 +250,31 @@ async def test_two_turns_of_one_entity_in_a_batch_get_one_step(store_factory):
     winner = "first" if outcomes[0] == CommitOutcome.OK else "second"
     assert orjson.loads(record.state) == {"n": 2 if winner == "first" else 3}
     assert [r async for r in _outbox_ids(store)] == [winner]
+
+
+async def test_the_store_s_statements_run_directly_give_what_sqlalchemy_gives(store_factory):
+    """On SQLite the commit path runs its statements straight on the driver (runtime.store._execute): same rows,
+    same row counts, same errors as SQLAlchemy's execution of the same statements; elsewhere SQLAlchemy runs them."""
+    store = await store_factory()
+    now = utcnow()
+    rows = [{"t": "t", "i": f"d{k}", "s": _state(k), "now": now} for k in range(3)]
+    async with store.engine.begin() as conn:
+        await store_module._execute(conn, store_module._INSERT_STATE, rows)
+        stepped = await store_module._execute(
+            conn, store_module._UPDATE_STATE, {"t": "t", "i": "d1", "v": 1, "nv": 2, "s": _state(9), "now": now}
+        )
+        assert stepped.rowcount == 1
+        probe = store_module._version_pairs(2)
+        params = {"t0": "t", "i0": "d1", "t1": "t", "i1": "d2"}
+        direct = sorted((r.actor_id, r.version) for r in await store_module._execute(conn, probe, params))
+        assert direct == sorted((r.actor_id, r.version) for r in await conn.execute(probe, params))
+        assert direct == [("d1", 2), ("d2", 1)]
+        stale = await store_module._execute(
+            conn, store_module._UPDATE_STATE, {"t": "t", "i": "d1", "v": 1, "nv": 2, "s": _state(9), "now": now}
+        )
+        assert stale.rowcount == 0
+    stored = await store.load("t", "d1")
+    assert stored is not None and stored.state == _state(9) and abs(stored.updated_at - now) < timedelta(seconds=1)
+    with pytest.raises(IntegrityError):  # the primary key, as SQLAlchemy reports it: the store turns it into CONFLICT
+        async with store.engine.begin() as conn:
+            await store_module._execute(conn, store_module._INSERT_STATE, rows[0])
