@@ -7,6 +7,7 @@ after it rested. Runs on a SQLite file and on the real PostgreSQL (``db_url``), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -278,3 +279,38 @@ async def test_the_store_s_statements_run_directly_give_what_sqlalchemy_gives(st
     with pytest.raises(IntegrityError):  # the primary key, as SQLAlchemy reports it: the store turns it into CONFLICT
         async with store.engine.begin() as conn:
             await store_module._execute(conn, store_module._INSERT_STATE, rows[0])
+
+
+async def test_sqlite_checkpoints_its_log_off_the_event_loop(tmp_path, monkeypatch):
+    """A file database's connections never checkpoint in a commit (on the loop); a worker thread does it every
+    ``_WalCheckpointer.EVERY`` commits, and makes the log start over when it grew long, also under steady writes."""
+    monkeypatch.setattr(store_module._WalCheckpointer, "EVERY", 10)
+    monkeypatch.setattr(store_module._WalCheckpointer, "RESTART_FRAMES", 200)
+    path = tmp_path / "wal.db"
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(store_module.metadata.create_all)
+            assert (await conn.execute(text("PRAGMA wal_autocheckpoint"))).scalar_one() == 0
+            checkpointer = (await conn.get_raw_connection()).dbapi_connection.checkpointer
+        store = StateStore(engine, group_commit=False)
+        for i in range(300):
+            assert await store.commit(_turn(i, 0)) == CommitOutcome.OK
+            await asyncio.sleep(0)  # what a service does between turns: the worker's checkpoint gets its turn
+        async with asyncio.timeout(5):
+            while checkpointer.checkpoints < 300 // 10 // 2:
+                await asyncio.sleep(0.01)
+        # Frames written since the log last started over: 300 commits of a few pages each add up to about 3,400 without
+        # checkpoints; past RESTART_FRAMES a checkpoint makes the next writer start it over.
+        assert await asyncio.to_thread(_log_frames, str(path)) < 1000
+        assert await _scalar(store, select(func.count()).select_from(outbox)) == 600
+    finally:
+        await engine.dispose()
+
+
+def _log_frames(path: str) -> int:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(frames)
