@@ -28,7 +28,7 @@ from bus.envelope import Envelope
 from runtime import tracing
 from runtime.actors import Actor, ActorRef, ActorSystem, DuplicateMessage
 from runtime.cluster import Cluster, is_forwarded
-from runtime.jsonutil import field_names, to_jsonable
+from runtime.jsonutil import dataclass_encoder, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ T = TypeVar("T")
 
 def to_body(message: Any) -> dict[str, Any]:
     """A dataclass message as a JSON-compatible dict (:func:`runtime.jsonutil.to_jsonable`)."""
-    names = field_names(type(message))
-    if names is None:
+    encode = dataclass_encoder(type(message))
+    if encode is None:
         return {f.name: to_jsonable(getattr(message, f.name)) for f in dataclasses.fields(message)}  # raises TypeError
-    return {name: to_jsonable(getattr(message, name)) for name in names}
+    return encode(message)
 
 
 _encode = to_jsonable  # the old name of the encoder, kept for any caller of it

@@ -168,7 +168,38 @@ class Slotted:
     when: datetime | None = None
 
 
+@dataclasses.dataclass
+class Tree:
+    """Nests itself, and holds values other than its hints say: the generated encoder must defer to to_jsonable."""
+
+    label: str
+    children: list[Tree] = dataclasses.field(default_factory=list)
+    parent: Tree | None = None
+    price: Decimal | int = 0
+    at: datetime | None = None
+    pair: tuple[int, str] = (0, "")
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    tags: frozenset[str] = frozenset()
+    anything: Any = None
+
+
+@dataclasses.dataclass
+class Unresolved:
+    later: NotDefinedAnywhere  # type: ignore[name-defined]  # noqa: F821 - get_type_hints fails: the generic encoder
+
+
 ODD_VALUES: list[Any] = [
+    Tree("root", [Tree("a", at=datetime(2026, 1, 1, tzinfo=UTC)), Tree("b", price=Decimal("1.5"))], pair=(1, "x")),
+    Tree("typed", children=(Tree("tuple"),), at=Stamp(2026, 1, 2), pair=[2, "y"], counts={1: 2}),  # type: ignore[arg-type]
+    Tree(
+        Name("sub"),
+        price=3,
+        tags=frozenset({"b", "a"}),
+        anything={"k": [Decimal("2")]},
+        counts=collections.OrderedDict(z=1),
+    ),  # type: ignore[arg-type]
+    Tree("wrong", children="not a list", parent=[1], at="text", price=None),  # type: ignore[arg-type]
+    Unresolved(Decimal("1")),
     [Colour.RED, Size.L],
     {"k": Colour.RED},
     [float("nan"), float("inf"), -0.0, 1e300],
@@ -213,3 +244,10 @@ def test_a_dataclass_with_extra_attributes_encodes_its_fields_only() -> None:
 def test_to_body_still_refuses_what_is_not_a_dataclass() -> None:
     with pytest.raises(TypeError):
         to_body({"a": 1})
+
+
+def test_every_service_class_gets_a_generated_encoder() -> None:
+    """Not the generic one (a hint that does not resolve would make it so silently, and slower)."""
+    for cls in CLASSES:
+        assert getattr(jsonutil.dataclass_encoder(cls), "__name__", None) == "encode", cls
+    assert not isinstance(jsonutil.dataclass_encoder(Unresolved), types.FunctionType)
