@@ -115,10 +115,17 @@ class Envelope:
             raise MalformedMessage(f"envelope is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise MalformedMessage(f"envelope must be a JSON object, got {type(raw).__name__}")
-        for name in ("type", "session_id", "message_id"):
-            value = raw.get(name)
-            if not isinstance(value, str) or not value:
-                raise MalformedMessage(f"envelope field {name!r} must be a non-empty string")
+        # The checks in the order they have always run (the first problem is the one named), unrolled: every
+        # message the memory bus and the outbox relay hand on is decoded (issue 14).
+        type_ = raw.get("type")
+        if not isinstance(type_, str) or not type_:
+            raise MalformedMessage("envelope field 'type' must be a non-empty string")
+        session_id = raw.get("session_id")
+        if not isinstance(session_id, str) or not session_id:
+            raise MalformedMessage("envelope field 'session_id' must be a non-empty string")
+        message_id = raw.get("message_id")
+        if not isinstance(message_id, str) or not message_id:
+            raise MalformedMessage("envelope field 'message_id' must be a non-empty string")
         body = raw.get("body")
         if not isinstance(body, dict):
             raise MalformedMessage("envelope field 'body' must be a JSON object")
@@ -126,7 +133,7 @@ class Envelope:
         if correlation_id is not None and not isinstance(correlation_id, str):
             raise MalformedMessage("envelope field 'correlation_id' must be a string or null")
         headers = raw.get("headers") or {}
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        if not isinstance(headers, dict) or (headers and not all(isinstance(v, str) for v in headers.values())):
             raise MalformedMessage("envelope field 'headers' must be an object of strings")
         created_at = raw.get("created_at")
         if created_at is None:
@@ -134,15 +141,7 @@ class Envelope:
         elif not isinstance(created_at, str) or not _is_timestamp(created_at):
             raise MalformedMessage("envelope field 'created_at' must be an RFC 3339 timestamp")
         # Unknown top-level keys are ignored so newer producers can add fields.
-        return cls(
-            type=raw["type"],
-            session_id=raw["session_id"],
-            body=body,
-            message_id=raw["message_id"],
-            correlation_id=correlation_id,
-            headers=headers,
-            created_at=created_at,
-        )
+        return cls(type_, session_id, body, message_id, correlation_id, headers, created_at)
 
     def with_headers(self, **headers: str) -> Envelope:
         """A copy with these headers added/replaced (use ``**{"delivery-count": "2"}`` for dashes)."""

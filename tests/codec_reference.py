@@ -109,3 +109,50 @@ def utc_now() -> str:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def decode(data: Any) -> dict[str, Any]:
+    """``Envelope.decode``'s checks as they were: the fields it gave, or MalformedMessage naming the problem."""
+    import orjson
+
+    try:
+        raw = orjson.loads(data)
+    except (orjson.JSONDecodeError, TypeError) as exc:
+        raise MalformedMessage(f"envelope is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MalformedMessage(f"envelope must be a JSON object, got {type(raw).__name__}")
+    for name in ("type", "session_id", "message_id"):
+        value = raw.get(name)
+        if not isinstance(value, str) or not value:
+            raise MalformedMessage(f"envelope field {name!r} must be a non-empty string")
+    body = raw.get("body")
+    if not isinstance(body, dict):
+        raise MalformedMessage("envelope field 'body' must be a JSON object")
+    correlation_id = raw.get("correlation_id")
+    if correlation_id is not None and not isinstance(correlation_id, str):
+        raise MalformedMessage("envelope field 'correlation_id' must be a string or null")
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise MalformedMessage("envelope field 'headers' must be an object of strings")
+    created_at = raw.get("created_at")
+    if created_at is None:
+        created_at = None  # the decoder stamps it now
+    elif not isinstance(created_at, str) or not _is_timestamp(created_at):
+        raise MalformedMessage("envelope field 'created_at' must be an RFC 3339 timestamp")
+    return {
+        "type": raw["type"],
+        "session_id": raw["session_id"],
+        "body": body,
+        "message_id": raw["message_id"],
+        "correlation_id": correlation_id,
+        "headers": headers,
+        "created_at": created_at,
+    }
+
+
+def _is_timestamp(value: str) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True

@@ -1,16 +1,23 @@
 """The envelope's cheap message ids and timestamps (issue 14) against what they replaced (``uuid.uuid4``,
-``datetime.now(UTC).strftime``): same form, same clock, ids unique across threads and forked processes."""
+``datetime.now(UTC).strftime``): same form, same clock, ids unique across threads and forked processes; and ``Envelope.decode`` (its checks unrolled) accepting
+and refusing what it did, with the same reasons."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import re
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from bus import MalformedMessage
 from bus import envelope as envelope_module
 from bus.envelope import Envelope, _new_id, utc_now
 from tests import codec_reference as ref
@@ -98,3 +105,64 @@ def test_with_headers_copies_every_field_and_adds_headers() -> None:
     assert env.headers == {"x": "1"}
     with pytest.raises(TypeError, match="must be a str"):
         env.with_headers(n=1)  # type: ignore[arg-type]
+
+
+VALID = {
+    "message_id": "m-1",
+    "type": "T",
+    "session_id": "s",
+    "correlation_id": "c",
+    "created_at": "2026-12-02T00:00:00.000001Z",
+    "headers": {"delivery-count": "1"},
+    "body": {"a": [1, "2"]},
+}
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.text(max_size=8)
+    | st.sampled_from(["", "2026-01-01T00:00:00Z"]),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+    max_leaves=4,
+)
+
+
+def _compare_decode(data: bytes | str) -> None:
+    try:
+        expected = ref.decode(data)
+    except MalformedMessage as exc:
+        with pytest.raises(MalformedMessage) as caught:
+            Envelope.decode(data)
+        assert str(caught.value) == str(exc)
+        return
+    got = dataclasses.asdict(Envelope.decode(data))
+    if expected["created_at"] is None:
+        assert TIMESTAMP.fullmatch(got.pop("created_at"))
+        expected.pop("created_at")
+    assert got == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    changes=st.dictionaries(st.sampled_from([*VALID, "extra"]), JSON_VALUES, max_size=3),
+    dropped=st.sets(st.sampled_from(list(VALID)), max_size=2),
+)
+def test_decode_accepts_and_refuses_as_before(changes: dict[str, Any], dropped: set[str]) -> None:
+    raw = {k: v for k, v in {**VALID, **changes}.items() if k not in dropped}
+    _compare_decode(orjson.dumps(raw))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b"[1]",
+        "null",
+        b'{"type": 1}',
+        orjson.dumps({**VALID, "headers": {"a": 1}}),
+        orjson.dumps(VALID),
+    ],
+)
+def test_decode_refuses_what_it_refused(data: bytes | str) -> None:
+    _compare_decode(data)
