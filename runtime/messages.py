@@ -13,6 +13,7 @@ dead-letter) the message.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import types
 import typing
@@ -27,7 +28,7 @@ from bus.envelope import Envelope
 from runtime import tracing
 from runtime.actors import Actor, ActorRef, ActorSystem, DuplicateMessage
 from runtime.cluster import Cluster, is_forwarded
-from runtime.jsonutil import field_names, to_jsonable
+from runtime.jsonutil import dataclass_encoder, to_jsonable
 
 log = logging.getLogger(__name__)
 
@@ -36,77 +37,128 @@ T = TypeVar("T")
 
 def to_body(message: Any) -> dict[str, Any]:
     """A dataclass message as a JSON-compatible dict (:func:`runtime.jsonutil.to_jsonable`)."""
-    names = field_names(type(message))
-    if names is None:
+    encode = dataclass_encoder(type(message))
+    if encode is None:
         return {f.name: to_jsonable(getattr(message, f.name)) for f in dataclasses.fields(message)}  # raises TypeError
-    return {name: to_jsonable(getattr(message, name)) for name in names}
+    return encode(message)
 
 
 _encode = to_jsonable  # the old name of the encoder, kept for any caller of it
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def from_body(cls: type[T], body: Mapping[str, Any]) -> T:
     """Build ``cls`` from a body; a missing or mistyped field raises MalformedMessage naming it."""
     if not isinstance(body, Mapping):
         raise MalformedMessage(f"{cls.__name__}: body must be an object")
-    hints = _hints(cast(type, cls))
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # message classes are dataclasses (contracts test)
-        if f.name not in body:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MalformedMessage(f"{cls.__name__}: field {f.name!r} is missing")
+    for name, required, decode in _plan(cast(type, cls)):
+        if name not in body:
+            if required:
+                raise MalformedMessage(f"{cls.__name__}: field {name!r} is missing")
             continue
         try:
-            kwargs[f.name] = _decode(hints[f.name], body[f.name])
+            kwargs[name] = decode(body[name])
         except (TypeError, ValueError, InvalidOperation) as exc:
-            raise MalformedMessage(f"{cls.__name__}: field {f.name!r}: {exc}") from None
+            raise MalformedMessage(f"{cls.__name__}: field {name!r}: {exc}") from None
     return cls(**kwargs)
 
 
-def _decode(kind: Any, value: Any) -> Any:
+Decoder = Callable[[Any], Any]
+
+
+@cache
+def _plan(cls: type) -> tuple[tuple[str, bool, Decoder], ...]:
+    """Per field of dataclass ``cls``: its name, whether the body must have it, and its decoder (:func:`_decoder`
+    of its type hint). Made once per class: the generic walk over ``dataclasses.fields`` and ``typing`` per value was
+    a hot spot of a checkout (issue 14)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (
+            f.name,
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            _decoder(hints[f.name]),
+        )
+        for f in dataclasses.fields(cls)
+    )
+
+
+def _decoder(kind: Any) -> Decoder:
+    """The function that turns a body value into ``kind``: raises TypeError/ValueError/InvalidOperation (with the
+    text the old per-value walk gave) for a value of the wrong type."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(kind)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                return _decode(arg, value)
+        members = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+        if members:
+            # Only the first non-None member is ever tried (as before: unions of messages are Optional[X]).
+            first = _decoder(members[0])
+            return _optional(first) if len(members) < len(typing.get_args(kind)) else first
     if kind is Any:
-        return value
+        return _as_is
     if kind is Decimal:
-        if isinstance(value, float):
-            raise TypeError("money must be a decimal string, not a float")
-        return Decimal(str(value))
+        return _decimal
     if kind is datetime:
-        return datetime.fromisoformat(value)
+        return datetime.fromisoformat
     if origin in (tuple, list, frozenset, set):
         args = typing.get_args(kind)
-        item = args[0] if args else Any
+        return _sequence(origin, _decoder(args[0] if args else Any))
+    if origin in (dict, Mapping) or kind in (dict, Mapping):
+        return _mapping
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        return functools.partial(from_body, kind)
+    if kind in (str, int, bool):
+        return _exactly(kind)
+    if kind is float:
+        return _float
+    return _as_is
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _optional(decode: Decoder) -> Decoder:
+    def optional(value: Any) -> Any:
+        return None if value is None else decode(value)
+
+    return optional
+
+
+def _decimal(value: Any) -> Decimal:
+    if isinstance(value, float):
+        raise TypeError("money must be a decimal string, not a float")
+    return Decimal(str(value))
+
+
+def _sequence(origin: Callable[[list[Any]], Any], decode: Decoder) -> Decoder:
+    def sequence(value: Any) -> Any:
         if not isinstance(value, list):
             raise TypeError("expected an array")
-        items = [_decode(item, v) for v in value]
-        return origin(items)
-    if origin in (dict, Mapping) or kind in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise TypeError("expected an object")
-        return dict(value)
-    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-        return from_body(kind, value)
-    if kind in (str, int, bool):
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        return origin([decode(v) for v in value])
+
+    return sequence
+
+
+def _mapping(value: Any) -> dict[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError("expected an object")
+    return dict(value)
+
+
+def _exactly(kind: type) -> Decoder:
+    refuse_bool = kind is int
+
+    def exactly(value: Any) -> Any:
+        if not isinstance(value, kind) or (refuse_bool and isinstance(value, bool)):
             raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
         return value
-    if kind is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError("expected a number")
-        return float(value)
-    return value
+
+    return exactly
+
+
+def _float(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError("expected a number")
+    return float(value)
 
 
 def _cluster_of(system: ActorSystem) -> Cluster | None:
