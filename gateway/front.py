@@ -38,7 +38,7 @@ import http
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 import httptools
@@ -50,6 +50,7 @@ from gateway.client import FlowControlled, Response, UpstreamError
 from gateway.edge import log_access
 from gateway.proxy import RouteProxy, gateway_headers
 from gateway.service import EDGE
+from gateway.upstreams import Instance
 from runtime import tracing
 from runtime.errors import Problem
 from runtime.web.metrics import METRICS_KEY
@@ -216,6 +217,25 @@ class _Plan(NamedTuple):
     trace: dict[str, str] | None  # traceparent and tracestate
 
 
+class _Exchange(NamedTuple):
+    """A request whose first attempt is in flight without a task (:meth:`_Connection._start`): what its response
+    callback needs, and a retry repeats."""
+
+    plan: _Plan
+    start: float  # time.perf_counter() when the request was taken
+    rid: str
+    inst: Instance  # the instance of the attempt
+    request_line: bytes
+    block: bytes
+    body: bytes | None
+    key: str | None  # the affinity key
+
+
+async def _given(resp: Response, _note: Callable[[str], None] | None) -> Response:
+    """A response at hand, as :meth:`_Connection._serve` takes one (a streamed answer's head)."""
+    return resp
+
+
 class _Connection(FlowControlled):
     """One client connection, until it closes or is handed to aiohttp. Requests are answered one at a time, in
     order; ``buf`` holds what has arrived from the start of the next request on."""
@@ -244,7 +264,8 @@ class _Connection(FlowControlled):
         self.keep_alive = True
         self.version = ""
         self.method = b""
-        self.task: asyncio.Future[None] | None = None
+        self.task: asyncio.Future[None] | None = None  # the request's task, when it has one (_serve)
+        self.exchange: _Exchange | None = None  # the request's first attempt, in flight without a task
         self.streaming = False  # a streamed answer's head is written, its body is not finished
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
@@ -302,23 +323,26 @@ class _Connection(FlowControlled):
 
     def _next(self) -> None:
         try:
-            self._advance()
+            while self._advance():  # a request answered at once (a refusal): take the next one
+                pass
         except Exception:  # a bug of ours: never a traceback to the client, never a stuck connection
             log.exception("gateway front: cannot take the next request from %s", self.remote)
             self.abort()
 
-    def _advance(self) -> None:
+    def _advance(self) -> bool:
         """Take the next whole request from ``buf``: serve it, hand the connection off, or wait for more bytes.
+        -> True when the request was answered at once and the next one may be taken (a loop in :meth:`_next`,
+        not a recursion: a pipeline of refused requests is answered at one stack depth).
 
         The head is given to llhttp as it arrives (``fed`` bytes so far), so a malformed or foreign stream (a
         TLS hello, bare LF line ends) is handed to aiohttp, which refuses it, without waiting for a blank line
         that may never come. The body (``Content-Length``, at most ``buffer_limit``) is given once whole."""
         buf = self.buf
         if self.handed_off or self.closed:
-            return
+            return False
         if not buf:
             self.head_deadline = False
-            return
+            return False
         fed = self.fed
         if fed == 0 and buf[0] in b"\r\n":  # empty lines before a request: llhttp's and aiohttp's business
             return self._hand_off()
@@ -341,7 +365,7 @@ class _Connection(FlowControlled):
                 if not self.head_deadline:
                     self.head_deadline = True
                     self.deadline = time.monotonic() + self.front.header_timeout
-                return
+                return False
             if not self.headers_done or len(self.headers) > MAX_HEADERS:
                 return self._hand_off()
             plan = self._plan()
@@ -354,7 +378,7 @@ class _Connection(FlowControlled):
             if not self.head_deadline:  # the body has the rest of the head's time to arrive
                 self.head_deadline = True
                 self.deadline = time.monotonic() + self.front.header_timeout
-            return
+            return False
         body = buf[head_len : head_len + length] if length else None
         if body is not None:
             try:
@@ -372,7 +396,7 @@ class _Connection(FlowControlled):
         self.busy = True
         self.deadline = 0.0
         self.head_deadline = False
-        self.task = self.front.loop.create_task(self._serve(plan, body))
+        return self._start(plan, body)
 
     def _plan(self) -> _Plan | None:
         """The fast path's view of the parsed head, or None when aiohttp should serve the request."""
@@ -428,36 +452,167 @@ class _Connection(FlowControlled):
             authorization, rid, host, trace,
         )  # fmt: skip
 
-    async def _serve(self, plan: _Plan, body: bytes | None) -> None:
-        (method, target, path, keep_alive, _length, headers, http10, proxy, tail, canonical,
-         authorization, rid_in, host, trace) = plan  # fmt: skip
+    def _start(self, plan: _Plan, body: bytes | None) -> bool:
+        """Serve a request. The common case takes no task: the policy decides at once
+        (:meth:`RouteProxy.admit_now`), the first attempt goes out on an idle pooled connection and its response
+        future calls :meth:`_answered`, which writes the answer. A task (:meth:`_serve`) takes over whatever has
+        to wait: a token to verify in full, a shared rate-limit store, a guarded sign-in, a retry's back-off, a
+        streamed answer. -> True when the answer is written already (a refusal) and the next request may go."""
         front = self.front
+        proxy = plan.proxy
+        method = plan.method
         start = time.perf_counter()
-        rid = request_id_for(rid_in)
-        token = request_id_var.set(rid)
-        status = 500
-        remote = self.remote
-        noted: list[str] = []  # the instances tried, for the access log
-        note = noted.append if front.access_log else None
+        rid = request_id_for(plan.request_id)
+        token = request_id_var.set(rid)  # for this step's log lines; the response callback's context keeps it too
         try:
             try:
-                key, guard = await proxy.admit(method, target.decode("ascii", "surrogateescape"), path, tail,
-                                               authorization, remote)  # fmt: skip
-                if body is None and method in ("POST", "PUT", "PATCH"):
-                    body = b""
-                framing = b"Content-Length: %d\r\n\r\n" % len(body) if body is not None else b"\r\n"
-                block = proxy.header_block(
-                    headers,
-                    gateway_headers(rid, remote, False, host, tracing.traceparent_line(trace or {}), framing),
-                )
-                request_line = b"%s %s HTTP/1.1\r\n" % (method.encode(), target)
-                if guard is None:
-                    resp = await proxy.forward(method, path, request_line, block, body, key, None, note)
-                else:
-                    exchange = functools.partial(
-                        proxy.forward, method, path, request_line, block, body, None, None, note
+                raw_path = plan.target.decode("ascii", "surrogateescape")
+                admitted = proxy.admit_now(method, raw_path, plan.path, plan.tail, plan.authorization, self.remote)
+                if admitted is None or admitted[1] is not None:
+                    obtain = functools.partial(self._obtain, plan, body, rid, admitted)
+                    self.task = front.loop.create_task(self._serve(plan, start, rid, obtain))
+                    return False
+                key = admitted[0]
+                request_line, block, body = self._upstream_request(plan, rid, body)
+                inst = proxy.pick(key, None, None)
+                try:
+                    # a future with a pooled connection at hand; else a task opens one (or waits for one)
+                    future = asyncio.ensure_future(proxy.request(inst, request_line, block, body, method == "HEAD"))
+                    self.exchange = _Exchange(plan, start, rid, inst, request_line, block, body, key)
+                    future.add_done_callback(self._answered)
+                except BaseException:
+                    proxy.abandoned(inst)
+                    raise
+                return False
+            except Problem as problem:
+                status = problem.status
+                keep_alive = plan.keep_alive and not front.closing  # a stopping front closes after the answer
+                keep_alive = self._write_problem(problem, plan.path, rid, method, keep_alive, plan.http10)
+        except Exception:  # the front's own bugs: the proxy's failures are problems already
+            log.exception("unhandled error on %s %s (request %s)", method, plan.path, rid)
+            status = 500
+            keep_alive = False
+            self._write_problem(unexpected_problem(rid), plan.path, rid, method, False, plan.http10)
+        finally:
+            request_id_var.reset(token)
+        self._record(plan, start, rid, status, "-")
+        return self._finished(keep_alive)
+
+    def _answered(self, future: asyncio.Future[Response]) -> None:
+        """The first attempt of :meth:`_start` ended: the answer is written, or a task follows (a retry, a
+        streamed answer)."""
+        x = self.exchange
+        assert x is not None
+        self.exchange = None
+        plan = x.plan
+        method = plan.method
+        front = self.front
+        status = 500
+        keep_alive = False
+        try:
+            try:
+                outcome = self._outcome(x, future)
+            except Problem as problem:
+                status = problem.status
+                keep_alive = plan.keep_alive and not front.closing
+                keep_alive = self._write_problem(problem, plan.path, x.rid, method, keep_alive, plan.http10)
+            else:
+                if not isinstance(outcome, Response) or outcome.body is None:
+                    obtain = (
+                        functools.partial(self._retry, x, outcome)
+                        if not isinstance(outcome, Response)
+                        else functools.partial(_given, outcome)
                     )
-                    resp = await proxy.guarded(guard, remote, exchange)
+                    self.task = front.loop.create_task(self._serve(plan, x.start, x.rid, obtain, x.inst.url))
+                    return
+                status = outcome.status
+                keep_alive = plan.keep_alive and not front.closing
+                keep_alive = self._write_response(outcome, outcome.body, x.rid, method, keep_alive, plan.http10)
+        except (Exception, asyncio.CancelledError):  # as in _serve; a callback has nobody to cancel
+            log.exception("unhandled error on %s %s (request %s)", method, plan.path, x.rid)
+            status = 500
+            keep_alive = False
+            self._write_problem(unexpected_problem(x.rid), plan.path, x.rid, method, False, plan.http10)
+        self._record(plan, x.start, x.rid, status, x.inst.url)
+        if self._finished(keep_alive):
+            self._next()
+
+    @staticmethod
+    def _outcome(x: _Exchange, future: asyncio.Future[Response]) -> Response | float:
+        """The first attempt's response, or the back-off before a retry; a failure nobody retries is raised as
+        the client's :class:`Problem`."""
+        proxy = x.plan.proxy
+        try:
+            resp = future.result()
+        except UpstreamError as exc:
+            return proxy.failed(x.inst, exc, x.plan.method, x.plan.path, 0, True)
+        except BaseException:
+            proxy.abandoned(x.inst)
+            raise
+        proxy.succeeded(x.inst)
+        return resp
+
+    async def _obtain(
+        self,
+        plan: _Plan,
+        body: bytes | None,
+        rid: str,
+        admitted: tuple[str | None, str | None] | None,
+        note: Callable[[str], None] | None,
+    ) -> Response:
+        """The response to a request :meth:`_start` could not send at once: the policy (``admitted``: its
+        answer, when :meth:`RouteProxy.admit_now` had one), then the forwarding with its retries."""
+        proxy = plan.proxy
+        method = plan.method
+        if admitted is None:
+            raw_path = plan.target.decode("ascii", "surrogateescape")
+            admitted = await proxy.admit(method, raw_path, plan.path, plan.tail, plan.authorization, self.remote)
+        key, guard = admitted
+        request_line, block, body = self._upstream_request(plan, rid, body)
+        if guard is None:
+            return await proxy.forward(method, plan.path, request_line, block, body, key, None, note)
+        exchange = functools.partial(proxy.forward, method, plan.path, request_line, block, body, None, None, note)
+        return await proxy.guarded(guard, self.remote, exchange)
+
+    async def _retry(self, x: _Exchange, delay: float, note: Callable[[str], None] | None) -> Response:
+        """The attempts after :meth:`_start`'s first one failed, after the back-off ``delay``."""
+        await asyncio.sleep(delay)
+        plan = x.plan
+        return await plan.proxy.forward(
+            plan.method, plan.path, x.request_line, x.block, x.body, x.key, None, note, (1, x.inst)
+        )
+
+    def _upstream_request(self, plan: _Plan, rid: str, body: bytes | None) -> tuple[bytes, bytes, bytes | None]:
+        """(request line, the headers after Host with the body framing, body) of the forwarded request."""
+        method = plan.method
+        if body is None and method in ("POST", "PUT", "PATCH"):
+            body = b""
+        framing = b"Content-Length: %d\r\n\r\n" % len(body) if body is not None else b"\r\n"
+        trace = tracing.traceparent_line(plan.trace or {})
+        block = plan.proxy.header_block(
+            plan.headers, gateway_headers(rid, self.remote, False, plan.host, trace, framing)
+        )
+        return b"%s %s HTTP/1.1\r\n" % (method.encode(), plan.target), block, body
+
+    async def _serve(
+        self,
+        plan: _Plan,
+        start: float,
+        rid: str,
+        obtain: Callable[[Callable[[str], None] | None], Awaitable[Response]],
+        upstream: str = "",
+    ) -> None:
+        """A request in a task: ``obtain(note)`` gives the upstream's response (``note`` is told the instance
+        of each attempt; ``upstream``: the one tried before), which is written back, streamed when large."""
+        method, path, http10 = plan.method, plan.path, plan.http10
+        front = self.front
+        token = request_id_var.set(rid)
+        status = 500
+        keep_alive = plan.keep_alive
+        noted: list[str] = [upstream] if upstream else []  # the instances tried, for the access log
+        try:
+            try:
+                resp = await obtain(noted.append if front.access_log else None)
             except Problem as problem:
                 status = problem.status
                 keep_alive = keep_alive and not front.closing  # a stopping front closes after the answer
@@ -480,25 +635,32 @@ class _Connection(FlowControlled):
                 self._write_problem(unexpected_problem(rid), path, rid, method, False, http10)
         finally:
             request_id_var.reset(token)
-            front.metrics.observe(method, canonical, status, time.perf_counter() - start)
-            if front.access_log:
-                log_access(method, path, status, start, noted[-1] if noted else "-", rid, remote)
-        self._finished(keep_alive)
+            self._record(plan, start, rid, status, noted[-1] if noted else "-")
+        if self._finished(keep_alive):
+            self._next()
 
-    def _finished(self, keep_alive: bool) -> None:
+    def _record(self, plan: _Plan, start: float, rid: str, status: int, upstream: str) -> None:
+        """The request's metrics samples and access log line (``upstream``: the last instance tried, or "-")."""
+        front = self.front
+        front.metrics.observe(plan.method, plan.canonical, status, time.perf_counter() - start)
+        if front.access_log:
+            log_access(plan.method, plan.path, status, start, upstream, rid, self.remote)
+
+    def _finished(self, keep_alive: bool) -> bool:
+        """The answer is out: -> True when the connection takes the next request (the caller takes it)."""
         self.busy = False
         front = self.front
         if self.closed:
             front._done(self)
-            return
+            return False
         if not keep_alive or front.closing:
             self.close()
-            return
+            return False
         self.deadline = time.monotonic() + front.keepalive_timeout
         if self.reading_paused and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()
-        self._next()
+        return True
 
     # -- responses ----------------------------------------------------------------------------------
 
@@ -628,11 +790,12 @@ class _Connection(FlowControlled):
 
     # -- the connection -----------------------------------------------------------------------------
 
-    def _hand_off(self) -> None:
-        """aiohttp's protocol takes the connection over, starting with the bytes of the current request."""
+    def _hand_off(self) -> bool:
+        """aiohttp's protocol takes the connection over, starting with the bytes of the current request.
+        -> False: the front takes no more requests from this connection (for :meth:`_advance`)."""
         transport = self.transport
         if transport is None or self.handed_off:
-            return
+            return False
         self.handed_off = True
         self.deadline = 0.0
         self.front.connections.discard(self)
@@ -646,6 +809,7 @@ class _Connection(FlowControlled):
         if buf:
             protocol.data_received(buf)
         self.front._done(self)
+        return False
 
     def close(self) -> None:
         if self.transport is not None and not self.handed_off:

@@ -53,7 +53,7 @@ from runtime.errors import (
     TooManyRequests,
 )
 from runtime.host import problem_response
-from runtime.routes import Affinity, Kind, Route
+from runtime.routes import Affinity, Kind, Route, Rule
 
 log = logging.getLogger(__name__)
 
@@ -131,20 +131,13 @@ class RouteProxy:
         :class:`Problem`). ``path``/``tail``: the decoded path and its part after the route prefix;
         ``authorization``: the values of the ``Authorization`` headers. -> (affinity key, the AuthLimits bucket
         that guards this request or None)."""
-        if "/." in raw_path or "%2e" in raw_path or "%2E" in raw_path:  # cheap test, then the real one
-            _refuse_dot_segments(path)
-        found = self.route.resolve(method, tail)
-        if found is None:
-            raise NotFound(f"no route for {method} {path}")
-        rule, match = found
-        access = rule.access
+        rule, match = self._rule(method, raw_path, path, tail)
         principal: Principal | None = None
         counted = False  # taken from the address's bucket already (a full token check or a missing token)
-        if access.kind is not Kind.PUBLIC:
-            if len(authorization) == 1 and authorization[0].startswith("Bearer "):
-                principal = self.verifier.verify_cached(authorization[0][7:])  # the hot path: no crypto, no I/O
+        if rule.access.kind is not Kind.PUBLIC:
+            principal = self._cached_principal(authorization)
             if principal is None:
-                principal, counted = await self._principal(authorization, remote, access.kind is Kind.TOKEN)
+                principal, counted = await self._principal(authorization, remote, rule.access.kind is Kind.TOKEN)
         limiter = self.limiter
         if limiter is not None and (principal is not None or not counted):
             client = "sub:" + principal.sub if principal is not None else "addr:" + (remote or "-")
@@ -152,6 +145,50 @@ class RouteProxy:
                 _refuse(limiter.take(client))  # type: ignore[union-attr]  # a LocalLimiter
             else:
                 await self._take(client)
+        return self._grant(rule, match, principal, method, path)
+
+    def admit_now(
+        self, method: str, raw_path: str, path: str, tail: str, authorization: list[str], remote: str | None
+    ) -> tuple[str | None, str | None] | None:
+        """:meth:`admit` when it decides without waiting (the hot path: a public route or a token in the
+        verified-token cache, and the in-process rate limiter): the same answer, the same refusals. None when it
+        would have to wait (a token to verify in full, a missing token, a shared rate-limit store): then nothing
+        was charged yet and :meth:`admit` decides."""
+        rule, match = self._rule(method, raw_path, path, tail)
+        principal: Principal | None = None
+        if rule.access.kind is not Kind.PUBLIC:
+            principal = self._cached_principal(authorization)
+            if principal is None:
+                return None
+        limiter = self.limiter
+        if limiter is not None:
+            if not self.local_limiter:
+                return None
+            client = "sub:" + principal.sub if principal is not None else "addr:" + (remote or "-")
+            _refuse(limiter.take(client))  # type: ignore[union-attr]  # a LocalLimiter
+        return self._grant(rule, match, principal, method, path)
+
+    def _rule(self, method: str, raw_path: str, path: str, tail: str) -> tuple[Rule, re.Match[str]]:
+        """The route's rule for the request (400 for dot segments, 404 for no rule)."""
+        if "/." in raw_path or "%2e" in raw_path or "%2E" in raw_path:  # cheap test, then the real one
+            _refuse_dot_segments(path)
+        found = self.route.resolve(method, tail)
+        if found is None:
+            raise NotFound(f"no route for {method} {path}")
+        return found
+
+    def _cached_principal(self, authorization: list[str]) -> Principal | None:
+        """The principal of a single bearer token in the verified-token cache (no crypto, no I/O), else None."""
+        if len(authorization) == 1 and authorization[0].startswith("Bearer "):
+            return self.verifier.verify_cached(authorization[0][7:])
+        return None
+
+    def _grant(
+        self, rule: Rule, match: re.Match[str], principal: Principal | None, method: str, path: str
+    ) -> tuple[str | None, str | None]:
+        """The end of :meth:`admit`, the token checked and the rate limit taken: the rule's roles and scopes,
+        then (affinity key, AuthLimits bucket)."""
+        access = rule.access
         if principal is not None and access.checks_claims:
             check_access(principal, roles=access.roles, scopes=access.scopes)
         guard = self.guards.get(method) if self.guards else None
@@ -246,57 +283,87 @@ class RouteProxy:
         key: str | None,
         send_streamed: Callable[[Instance, bytes], Awaitable[Response]] | None = None,
         note: Callable[[str], None] | None = None,
+        retry: tuple[int, Instance] | None = None,
     ) -> Response:
         """Send the request to an instance of the service (``key``: the affinity key), retrying when it is safe;
         a failed hop is a :class:`Problem`. ``send_streamed``: sends a body that is not buffered (never repeated
-        once it started); ``note``: told the instance's URL of every attempt (for the access log)."""
+        once it started); ``note``: told the instance's URL of every attempt (for the access log); ``retry``:
+        (attempts made, the instance of the last) when the caller made the first attempts itself
+        (:meth:`pick`, :meth:`request`, :meth:`failed`) and slept the back-off :meth:`failed` gave."""
+        attempt, avoid = retry if retry is not None else (0, None)
+        while True:
+            inst = self.pick(key, avoid, note)
+            try:
+                if send_streamed is not None:
+                    resp = await send_streamed(inst, b"".join((request_line, inst.host_line, block)))
+                else:
+                    resp = await self.request(inst, request_line, block, body, method == "HEAD")
+            except UpstreamError as exc:
+                delay = self.failed(inst, exc, method, path, attempt, send_streamed is None)
+                attempt += 1
+                avoid = inst
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                self.abandoned(inst)
+                raise
+            self.succeeded(inst)
+            return resp
+
+    # One attempt of forward(), in steps a caller without a coroutine can take too (gateway.front's hot path):
+    # pick() -> request() -> succeeded(), failed() or abandoned().
+
+    def pick(self, key: str | None, avoid: Instance | None, note: Callable[[str], None] | None) -> Instance:
+        """The instance for an attempt (503 when none is available), counted in flight from here on."""
         service = self.service
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        no_body = method == "HEAD"
-        replayable = send_streamed is None
-        idempotent = method in IDEMPOTENT
-        attempt = 0
-        avoid: Instance | None = None
-        while True:
-            inst = service.pick(key, loop.time(), avoid)
-            if inst is None:
-                raise ServiceUnavailable(f"no instance of the {service.name} service is available right now", 1.0)
-            if note is not None:
-                note(inst.url)
-            breaker = inst.breaker
-            breaker.begin()
-            inst.in_flight += 1
-            inst.requests += 1
-            head = b"".join((request_line, inst.host_line, block))
-            try:
-                if send_streamed is not None:
-                    resp = await send_streamed(inst, head)
-                else:
-                    resp = await inst.pool.request(head, body, no_body=no_body, timeout=self.timeout)
-            except UpstreamError as exc:
-                inst.in_flight -= 1
-                inst.errors[exc.kind] = inst.errors.get(exc.kind, 0) + 1
-                if exc.kind == "busy":
-                    breaker.abandon()  # our pool was full: no verdict on the instance
-                else:
-                    breaker.failure(loop.time())
-                if attempt < self.retries and exc.kind != "timeout" and (not exc.sent or (idempotent and replayable)):
-                    attempt += 1
-                    service.retries += 1
-                    avoid = inst
-                    log.info("retrying %s %s (attempt %d): %s", method, path, attempt + 1, exc)
-                    await asyncio.sleep(random.uniform(0, self.backoff * 2**attempt))  # full jitter
-                    continue
-                raise _problem(exc, service.name) from None
-            except BaseException:
-                inst.in_flight -= 1
-                breaker.abandon()
-                raise
-            inst.in_flight -= 1
-            breaker.success()
-            return resp
+        inst = service.pick(key, loop.time(), avoid)
+        if inst is None:
+            raise ServiceUnavailable(f"no instance of the {service.name} service is available right now", 1.0)
+        if note is not None:
+            note(inst.url)
+        inst.breaker.begin()
+        inst.in_flight += 1
+        inst.requests += 1
+        return inst
+
+    def request(
+        self, inst: Instance, request_line: bytes, block: bytes, body: bytes | None, no_body: bool
+    ) -> Awaitable[Response]:
+        """A buffered request to ``inst`` (:meth:`pick` first): with an idle pooled connection at hand this is
+        the response future itself, else a coroutine that connects or waits for a connection first."""
+        head = b"".join((request_line, inst.host_line, block))
+        return inst.pool.request(head, body, no_body=no_body, timeout=self.timeout)
+
+    def succeeded(self, inst: Instance) -> None:
+        inst.in_flight -= 1
+        inst.breaker.success()
+
+    def abandoned(self, inst: Instance) -> None:
+        """The attempt ended without a verdict on the instance (the caller gave up on it)."""
+        inst.in_flight -= 1
+        inst.breaker.abandon()
+
+    def failed(
+        self, inst: Instance, exc: UpstreamError, method: str, path: str, attempt: int, replayable: bool
+    ) -> float:
+        """Attempt number ``attempt`` (from 0) failed: counted against the instance. -> the back-off (s) before
+        the next attempt when a retry is safe (the request never left, or it is idempotent and ``replayable``:
+        its body is buffered), else raises the client's :class:`Problem`."""
+        inst.in_flight -= 1
+        inst.errors[exc.kind] = inst.errors.get(exc.kind, 0) + 1
+        if exc.kind == "busy":
+            inst.breaker.abandon()  # our pool was full: no verdict on the instance
+        else:
+            inst.breaker.failure(self._loop.time())  # type: ignore[union-attr]  # set by pick()
+        service = self.service
+        if attempt < self.retries and exc.kind != "timeout" and (not exc.sent or (method in IDEMPOTENT and replayable)):
+            service.retries += 1
+            log.info("retrying %s %s (attempt %d): %s", method, path, attempt + 2, exc)
+            return random.uniform(0, self.backoff * 2 ** (attempt + 1))  # full jitter
+        raise _problem(exc, service.name) from None
 
     # -- the aiohttp front --------------------------------------------------------------------------
 
