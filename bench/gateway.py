@@ -12,7 +12,8 @@ Starts, side by side on 127.0.0.1:
 * nginx (the Debian package): one worker, keep-alive upstream pool, access log off, no token checks.
 
 The upstream is pinned to CPU 0 and each proxy to CPU 1 (taskset), wrk runs where the OS puts it. Each round
-runs ``wrk -c<connections>`` against the upstream, nginx and the gateway in turn, all with the same bearer token
+runs ``wrk -c<connections>`` against the upstream, nginx and the gateway in turn (each round starting one target
+later than the one before), all with the same bearer token
 (a customer token; ``/api/cart`` needs one and is routed by the token's subject), and the medians over the
 rounds are printed with the ratios:
 
@@ -511,8 +512,13 @@ def _run(args: argparse.Namespace, tmp: Path, procs: Procs, have_wrk: bool, have
         flush=True,
     )
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    names = list(targets)
     for rnd in range(1, args.rounds + 1):
-        for name, url in targets.items():
+        # Each round starts one target later: on a shared machine the load comes in bursts, and no target should
+        # always run right after (or before) the same one.
+        shift = (rnd - 1) % len(names)
+        for name in names[shift:] + names[:shift]:
+            url = targets[name]
             cpu_before = (
                 cpu_seconds([upstream.pid]),
                 cpu_seconds(proxy_pids[name]),
