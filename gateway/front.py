@@ -355,7 +355,8 @@ class _Connection(FlowControlled):
             if upto > fed:
                 refused = False
                 try:
-                    self.parser.feed_data(memoryview(buf)[fed:upto])
+                    # (the whole buffer as it is in the common case: one head in one read)
+                    self.parser.feed_data(buf if fed == 0 and upto == len(buf) else memoryview(buf)[fed:upto])
                 except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers these
                     refused = True  # (handed off outside the except: aiohttp's own log needs no context)
                 if refused:
@@ -479,7 +480,8 @@ class _Connection(FlowControlled):
                 inst = proxy.pick(key, None, None)
                 try:
                     # a future with a pooled connection at hand; else a task opens one (or waits for one)
-                    future = asyncio.ensure_future(proxy.request(inst, request_line, block, body, method == "HEAD"))
+                    pending = proxy.request(inst, request_line, block, body, method == "HEAD")
+                    future = pending if isinstance(pending, asyncio.Future) else asyncio.ensure_future(pending)
                     self.exchange = _Exchange(plan, start, rid, inst, request_line, block, body, key)
                     future.add_done_callback(self._answered)
                 except BaseException:
