@@ -135,6 +135,26 @@ async def test_pipelined_requests_are_answered_in_order(serve: Any, customer: by
     writer.close()
 
 
+async def test_a_long_pipeline_of_refusals_is_answered_whole(serve: Any, customer: bytes) -> None:
+    # Refusals are answered as the request is taken, without a task: the front takes the next request in a loop,
+    # so a pipeline longer than Python's recursion limit is answered in full, in order, and the connection lives.
+    server = await serve()
+    reader, writer = await connect(server)
+    count = 3000
+    writer.write(
+        b"".join(b"GET /api/cart/../x%d HTTP/1.1\r\nHost: shop\r\n%s\r\n" % (i, customer) for i in range(count))
+    )
+    for i in range(count):
+        status, headers, body = await read_response(reader)
+        assert status == 400 and headers["content-type"] == "application/problem+json", (i, body)
+        assert f'"/api/cart/../x{i}"'.encode() in body
+    writer.write(b"GET /api/cart HTTP/1.1\r\nHost: shop\r\n%s\r\n" % customer)
+    status, _, _ = await read_response(reader)
+    assert status == 200
+    assert aiohttp_saw(server) == 0
+    writer.close()
+
+
 async def test_health_and_admin_are_handed_to_aiohttp_on_the_same_connection(serve: Any, customer: bytes) -> None:
     server = await serve()
     reader, writer = await connect(server)
