@@ -63,7 +63,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_dbapi,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, MultipleResultsFound, NoResultFound
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -559,6 +559,17 @@ class _Prepared:
     defaults: tuple[Any, ...]  # the bound value when the caller gives none (a literal such as version=1), or _REQUIRED
     processors: tuple[Callable[[Any], Any] | None, ...]  # the column type's conversion (datetime -> text), if any
     row: type | None
+    readers: tuple[Callable[[Any], Any] | None, ...] | None  # per result column (text -> datetime), None: none needed
+
+    def rows(self, raw: list[Any]) -> list[Any]:
+        assert self.row is not None
+        make = self.row._make  # type: ignore[attr-defined]  # a namedtuple class
+        readers = self.readers
+        if readers is None:
+            return [make(r) for r in raw]
+        return [
+            make(v if read is None or v is None else read(v) for v, read in zip(r, readers, strict=True)) for r in raw
+        ]
 
     def bind(self, params: dict[str, Any]) -> tuple[Any, ...]:
         values = []
@@ -569,7 +580,8 @@ class _Prepared:
 
 
 class _DirectResult:
-    """What the store reads of a result (``rowcount``, the rows, ``first()``), from a statement run directly."""
+    """The part of SQLAlchemy's ``Result`` callers of :func:`execute` use (``rowcount``, iteration, ``first()``,
+    ``all()``, ``scalar_one()``), from a statement run directly."""
 
     __slots__ = ("rowcount", "rows")
 
@@ -583,22 +595,34 @@ class _DirectResult:
     def first(self) -> Any:
         return self.rows[0] if self.rows else None
 
+    def all(self) -> list[Any]:
+        return self.rows
 
-_PREPARED: dict[Any, _Prepared | None] = {}
+    def scalar_one(self) -> Any:
+        if len(self.rows) != 1:
+            raise NoResultFound("no row") if not self.rows else MultipleResultsFound("more than one row")
+        return self.rows[0][0]
+
+
+_PREPARED: dict[tuple[Any, tuple[str, ...]], _Prepared | None] = {}  # (statement, parameter names)
 _namedtuple: Any = collections.namedtuple  # a row type whose field names are known only at run time
 
 
-def _prepare(stmt: Any, dialect: Any) -> _Prepared | None:
+def _prepare(stmt: Any, dialect: Any, names: tuple[str, ...]) -> _Prepared | None:
     """``stmt`` compiled for the SQLite dialect, or None when it needs what only SQLAlchemy's execution does (an
     expanding ``IN``, a column whose value must be converted when read, such as a datetime)."""
-    compiled = stmt.compile(dialect=dialect)
+    compiled = stmt.compile(dialect=dialect, column_keys=list(names))
     if compiled.positiontup is None or compiled.literal_execute_params or compiled.post_compile_params:
         return None
+    if compiled.effective_returning:
+        return None
     row: type | None = None
+    readers: tuple[Callable[[Any], Any] | None, ...] | None = None
     if isinstance(stmt, Select):
         columns = list(stmt.selected_columns)
-        if any(c.type.dialect_impl(dialect).result_processor(dialect, None) is not None for c in columns):
-            return None
+        readers = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
+        if all(read is None for read in readers):
+            readers = None
         row = _namedtuple("_Row", [str(c.key) for c in columns])
     binds = [compiled.binds[name] for name in compiled.positiontup]
     if any(b.callable is not None for b in binds):
@@ -609,29 +633,38 @@ def _prepare(stmt: Any, dialect: Any) -> _Prepared | None:
         defaults=tuple(_REQUIRED if b.required else b.value for b in binds),
         processors=tuple(b.type.dialect_impl(dialect).bind_processor(dialect) for b in binds),
         row=row,
+        readers=readers,
     )
 
 
-async def _execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | list[dict[str, Any]]) -> Any:
-    """``conn.execute(stmt, params)``, for the statements of the store's commit path.
+async def execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | list[dict[str, Any]] | None = None) -> Any:
+    """``conn.execute(stmt, params)`` for statements on a hot path (the store's commits, the query-table hooks that
+    run in them, the reads behind every activation): build the statement once, at import, and run it here.
 
     On an in-place SQLite connection (:class:`_InlineConnection`) the statement, compiled once, goes straight to
     the driver in the connection's transaction: per statement, SQLAlchemy's execution (parameter building, the
     compiled cache, the execution context, the cursor and result wrappers, the greenlet switch) cost several times
     what SQLite itself took, and it ran on the event loop's one thread (issue 14: a third of a checkout's CPU was
     SQLAlchemy). Same errors as SQLAlchemy raises (``IntegrityError`` ...), same cursor events for listeners
-    (the tests and ``bench.checkout --count`` count statements with them). Anywhere else, SQLAlchemy executes it."""
+    (the tests and ``bench.checkout --count`` count statements with them), the same column conversions both ways.
+    A statement this cannot run alike (an expanding ``IN``, ``RETURNING``, a bound callable) and every other
+    database go through SQLAlchemy, so the result is the same wherever it runs; the answer offers what callers use
+    of a ``Result``: ``rowcount``, its rows, ``first()``, ``all()``, ``scalar_one()``."""
     sync = conn.sync_connection
     dbapi = sync.connection.dbapi_connection if sync is not None else None
-    if sync is None or not isinstance(dbapi, _InlineConnection):
+    if sync is None or not isinstance(dbapi, _InlineConnection) or params == []:
         return await conn.execute(stmt, params)
+    if params is None:
+        params = {}
+    many = isinstance(params, list)
+    # Compiled for the parameters' names, as SQLAlchemy does (an INSERT without values() names the columns given).
+    key = (stmt, tuple(params[0] if isinstance(params, list) else params))
     try:
-        prepared = _PREPARED[stmt]
+        prepared = _PREPARED[key]
     except KeyError:
-        prepared = _PREPARED[stmt] = _prepare(stmt, conn.dialect)
+        prepared = _PREPARED[key] = _prepare(stmt, conn.dialect, key[1])
     if prepared is None:
         return await conn.execute(stmt, params)
-    many = isinstance(params, list)
     args: Any = [prepared.bind(p) for p in params] if many else prepared.bind(params)
     sql = prepared.sql
     if sync._has_events or sync.engine._has_events:  # how SQLAlchemy itself decides to dispatch them
@@ -643,10 +676,7 @@ async def _execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | li
         )
     except sqlite3.Error as error:
         raise DBAPIError.instance(sql, args, error, sqlite3.Error) from error
-    if prepared.row is not None:
-        make = prepared.row._make
-        return _DirectResult([make(r) for r in rows], rowcount)
-    return _DirectResult(rows, rowcount)
+    return _DirectResult(prepared.rows(rows) if prepared.row is not None else rows, rowcount)
 
 
 class _WalCheckpointer:
@@ -832,18 +862,18 @@ class _Rows:
         for run, items in self.batched.items():
             await run(conn, items)
         if self.inbox:
-            await _execute(conn, _INSERT_INBOX, self.inbox)
+            await execute(conn, _INSERT_INBOX, self.inbox)
         if self.outbox:
-            await _execute(conn, _INSERT_OUTBOX, self.outbox)
+            await execute(conn, _INSERT_OUTBOX, self.outbox)
         if self.reminders:
-            await _execute(conn, _REMINDER_DELETE, [{"t": t, "i": i, "n": n} for (t, i, n) in self.reminders])
+            await execute(conn, _REMINDER_DELETE, [{"t": t, "i": i, "n": n} for (t, i, n) in self.reminders])
             inserts = [
                 {"t": t, "i": i, "n": n, "due": c.due_at, "period": c.period, "payload": c.payload}
                 for (t, i, n), c in self.reminders.items()
                 if c.due_at is not None
             ]
             if inserts:
-                await _execute(conn, _REMINDER_INSERT, inserts)
+                await execute(conn, _REMINDER_INSERT, inserts)
 
 
 class CommitOutcome:
@@ -904,7 +934,7 @@ class StateStore:
 
     async def load(self, actor_type: str, actor_id: str) -> StateRecord | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(_LOAD, {"t": actor_type, "i": actor_id})).first()
+            row = (await execute(conn, _LOAD, {"t": actor_type, "i": actor_id})).first()
         if row is None:
             return None
         return StateRecord(version=row.version, state=row.state, updated_at=as_utc(row.updated_at))
@@ -1074,7 +1104,7 @@ class StateStore:
                 elif (
                     not w.expected_version
                     and not w.changed
-                    and (await _execute(conn, _EXISTS, {"t": w.actor_type, "i": w.actor_id})).first() is not None
+                    and (await execute(conn, _EXISTS, {"t": w.actor_type, "i": w.actor_id})).first() is not None
                 ):
                     raise _Conflict
             except _Conflict:
@@ -1096,7 +1126,7 @@ class StateStore:
                 | {"s": w.state, "now": now}
                 for w in stepping
             ]
-            if (await _execute(conn, _UPDATE_STATE, steps)).rowcount != len(steps):
+            if (await execute(conn, _UPDATE_STATE, steps)).rowcount != len(steps):
                 raise _BatchConflict(f"the versions of {len(steps)} entities moved on during the group commit")
         elif stepping:
             stepped = await _step_returning(conn, stepping, now)
@@ -1111,7 +1141,7 @@ class StateStore:
         ]
         if created:
             # A row stored meanwhile fails this insert on the primary key: the batch is then retried turn by turn.
-            await _execute(conn, _INSERT_STATE, created)
+            await execute(conn, _INSERT_STATE, created)
         rows = _Rows()
         for w, fired in accepted:
             if w.inbox_id is not None:
@@ -1127,7 +1157,7 @@ class StateStore:
         for start in range(0, len(keys), _SEEN_CHUNK):
             chunk = _padded(keys[start : start + _SEEN_CHUNK])
             params = {f"{col}{i}": value for i, key in enumerate(chunk) for col, value in zip("ti", key, strict=True)}
-            for r in await _execute(conn, _version_pairs(len(chunk)), params):
+            for r in await execute(conn, _version_pairs(len(chunk)), params):
                 found[(r.actor_type, r.actor_id)] = int(r.version)
         return found
 
@@ -1140,7 +1170,7 @@ class StateStore:
         for start in range(0, len(pairs), _SEEN_CHUNK):
             chunk = _padded(pairs[start : start + _SEEN_CHUNK])
             params = {f"{col}{i}": value for i, pair in enumerate(chunk) for col, value in zip("cm", pair, strict=True)}
-            seen.update((r.consumer, r.message_id) for r in await _execute(conn, _seen_pairs(len(chunk)), params))
+            seen.update((r.consumer, r.message_id) for r in await execute(conn, _seen_pairs(len(chunk)), params))
         return seen
 
     async def _apply(self, conn: AsyncConnection, w: TurnWrite, seen: set[tuple[str, str]], rows: _Rows) -> None:
@@ -1165,12 +1195,12 @@ class StateStore:
                 # on the primary key, which rolls the transaction back; alone, that is the CONFLICT it would have
                 # been (see _commit_alone), in a group the batch is retried turn by turn. One query per new
                 # entity saved, for a race that needs two processes to create the same entity at once.
-                await _execute(conn, _INSERT_STATE, {**key, "s": w.state, "now": now})
-            elif (await _execute(conn, _EXISTS, key)).first() is not None:
+                await execute(conn, _INSERT_STATE, {**key, "s": w.state, "now": now})
+            elif (await execute(conn, _EXISTS, key)).first() is not None:
                 raise _Conflict
         else:
             params = {**key, "v": w.expected_version, "nv": w.expected_version + 1, "s": w.state, "now": now}
-            if (await _execute(conn, _UPDATE_STATE, params)).rowcount != 1:
+            if (await execute(conn, _UPDATE_STATE, params)).rowcount != 1:
                 raise _Conflict
         await self._after_step(conn, w, fired, rows, now)
 
@@ -1183,7 +1213,7 @@ class StateStore:
             return None
         name, due_at, _ = w.fired_reminder
         fired = {"t": w.actor_type, "i": w.actor_id, "n": name, "due": due_at}
-        if (await _execute(conn, _FIRED_EXISTS, fired)).first() is None:
+        if (await execute(conn, _FIRED_EXISTS, fired)).first() is None:
             raise _Duplicate  # already fired (another process) or cancelled since
         return fired
 
@@ -1195,9 +1225,9 @@ class StateStore:
             assert w.fired_reminder is not None
             _, due_at, period = w.fired_reminder
             if period:
-                result = await _execute(conn, _FIRED_RESCHEDULE, {**fired, "next_due": _next_due(due_at, period, now)})
+                result = await execute(conn, _FIRED_RESCHEDULE, {**fired, "next_due": _next_due(due_at, period, now)})
             else:
-                result = await _execute(conn, _FIRED_DELETE, fired)
+                result = await execute(conn, _FIRED_DELETE, fired)
             if result.rowcount == 0:
                 # Only turns of this entity touch its reminders, and they all step the version we hold: so
                 # this means a write outside the runtime. Undo the whole transaction rather than guess.

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Set as AbstractSet
 
-from sqlalchemy import Column, Index, MetaData, String, Table, delete, insert, select
+from sqlalchemy import Column, Index, MetaData, String, Table, bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from runtime.store import SqlHook
+from runtime.store import SqlHook, execute
 
 metadata = MetaData()
 
@@ -30,17 +30,23 @@ def reindex(cart_id: str, *, added: AbstractSet[str], removed: AbstractSet[str])
 
     Added rows are deleted before they are inserted, so a row left over by an earlier failure or a manual edit
     cannot break the turn with a duplicate key: the table heals instead."""
-    changed = sorted(added | removed)
-    rows = [{"cart_id": cart_id, "product_id": product_id} for product_id in sorted(added)]
+    changed = [{"c": cart_id, "p": product_id} for product_id in sorted(added | removed)]
+    rows = [{"c": cart_id, "p": product_id} for product_id in sorted(added)]
 
     async def hook(conn: AsyncConnection) -> None:
-        await conn.execute(
-            delete(cart_lines).where(cart_lines.c.cart_id == cart_id, cart_lines.c.product_id.in_(changed))
-        )
+        if changed:
+            await execute(conn, _DELETE_LINE, changed)
         if rows:
-            await conn.execute(insert(cart_lines), rows)
+            await execute(conn, _INSERT_LINE, rows)
 
     return hook
+
+
+# Built once and run by key (an executemany), not as an IN list: every cart turn that changes its products runs them.
+_DELETE_LINE = delete(cart_lines).where(
+    cart_lines.c.cart_id == bindparam("c"), cart_lines.c.product_id == bindparam("p")
+)
+_INSERT_LINE = insert(cart_lines).values(cart_id=bindparam("c"), product_id=bindparam("p"))
 
 
 async def carts_holding(engine: AsyncEngine, product_id: str) -> list[str]:

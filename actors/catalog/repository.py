@@ -64,7 +64,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import CompoundSelect, Select
 from sqlalchemy.sql.elements import ColumnElement
 
-from runtime.store import BatchedHook, SqlHook
+from runtime.store import BatchedHook, SqlHook, execute
 
 metadata = MetaData()
 
@@ -467,9 +467,9 @@ async def _write_stock(conn: AsyncConnection, items: list[tuple[str, int, Any]])
     version, logged = await _changing(conn)
     new = [pid for pid in dict.fromkeys(pid for pid, _, _ in items) if pid not in logged]
     if new:
-        await conn.execute(_LOG_CHANGE, [{"v": version, "p": pid} for pid in new])
+        await execute(conn, _LOG_CHANGE, [{"v": version, "p": pid} for pid in new])
         logged.update(new)
-    await conn.execute(_UPDATE_STOCK, [{"pid": pid, "stock": stock, "at": at} for pid, stock, at in items])
+    await execute(conn, _UPDATE_STOCK, [{"pid": pid, "stock": stock, "at": at} for pid, stock, at in items])
 
 
 def update_product(before: Mapping[str, Any], after: Mapping[str, Any]) -> SqlHook:

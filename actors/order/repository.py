@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from runtime.store import BatchedHook, SqlHook, as_utc, outbox
+from runtime.store import BatchedHook, SqlHook, as_utc, execute, outbox
 
 metadata = MetaData()
 
@@ -152,7 +152,7 @@ def save_summary(summary: OrderSummary, *, new: bool) -> SqlHook:
 async def _write_summaries(conn: AsyncConnection, items: list[tuple[dict[str, Any], bool]]) -> None:
     upsert = _UPSERT_SUMMARY.get(conn.dialect.name)
     if upsert is not None:
-        await conn.execute(upsert, [row for row, _ in items])
+        await execute(conn, upsert, [row for row, _ in items])
         return
     created = [row for row, new in items if new]
     if created:
