@@ -113,9 +113,12 @@ class AcceptedCheckouts:
         started = isinstance(body, dict) and body.get("started") is True
         found = AcceptedCheckout(started, order if isinstance(order, dict) else None)
         if not found.started and found.order is not None:
-            self._kept[key] = (time.monotonic(), found)
+            now = time.monotonic()
+            self._kept[key] = (now, found)
             self._kept.move_to_end(key)
-            while len(self._kept) > MAX_KEPT:
+            # Oldest first: expired answers go as new ones come, so what is kept is the last ``ttl`` seconds' worth
+            # (under the storefront mix the cap alone kept 10,000 answers with their orders, minutes old).
+            while self._kept and (len(self._kept) > MAX_KEPT or now - next(iter(self._kept.values()))[0] >= self.ttl):
                 self._kept.popitem(last=False)
         return found
 
