@@ -42,7 +42,7 @@ from bus.base import Bus, BusError, DeadLetter
 from bus.deadletters import parse_replay_destination, replay_destination
 from bus.envelope import Envelope
 from runtime import tracing
-from runtime.store import OutboxMessage, outbox, utcnow
+from runtime.store import OutboxMessage, execute, outbox, utcnow
 
 __all__ = ["REPLAY", "OutboxRelay", "ReplayPending", "enqueue_replay"]
 
@@ -98,11 +98,9 @@ _UNSENT = (
     .limit(bindparam("limit"))
 )
 _MARK_SENT = update(outbox).where(outbox.c.id.in_(bindparam("ids", expanding=True))).values(sent_at=bindparam("now"))
-_MARK_SENT_BY_MESSAGE = (
-    update(outbox)
-    .where(outbox.c.message_id.in_(bindparam("message_ids", expanding=True)))
-    .values(sent_at=bindparam("now"))
-)
+# By key, run as one executemany: the hand-over marks a batch per relay pass, and an expanding IN is a statement
+# store.execute cannot run directly on SQLite (a new text per batch size), which put SQLAlchemy back on this path.
+_MARK_SENT_BY_MESSAGE = update(outbox).where(outbox.c.message_id == bindparam("m")).values(sent_at=bindparam("now"))
 
 
 class OutboxRelay:
@@ -222,7 +220,8 @@ class OutboxRelay:
         finally:
             if batch:
                 async with self.engine.begin() as conn:
-                    await conn.execute(_MARK_SENT_BY_MESSAGE, {"message_ids": batch, "now": utcnow()})
+                    now = utcnow()
+                    await execute(conn, _MARK_SENT_BY_MESSAGE, [{"m": message_id, "now": now} for message_id in batch])
                 self.relayed += len(batch)
                 self.handed_over += len(batch)
         await self._purge()
