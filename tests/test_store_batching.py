@@ -320,3 +320,23 @@ def _log_frames(path: str) -> int:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return int(frames)
+
+
+async def test_a_busy_flusher_keeps_one_connection_for_all_its_transactions(store_factory):
+    """Ten group commits drained by the flushers take one connection from the pool per flusher, not one each (a
+    checkout and its return cost as much as a small transaction); the outcomes are the same."""
+    store = await store_factory(max_batch=5)
+    checkouts: list[Any] = []
+
+    def seen(*_: Any) -> None:
+        checkouts.append(1)
+
+    event.listen(store.engine.sync_engine.pool, "checkout", seen)
+    try:
+        outcomes = await asyncio.gather(*(store.commit(_turn(i, 0)) for i in range(50)))
+    finally:
+        event.remove(store.engine.sync_engine.pool, "checkout", seen)
+    assert outcomes == [CommitOutcome.OK] * 50
+    assert store.commits == 10
+    assert len(checkouts) <= store._flushers_max  # one per flusher: 1 on SQLite, 3 at most on PostgreSQL
+    assert await _scalar(store, select(func.count()).select_from(inbox)) == 50
