@@ -20,6 +20,7 @@ import collections
 import contextlib
 import functools
 import logging
+import operator
 import os
 import random
 import sqlite3
@@ -551,13 +552,16 @@ _REQUIRED = object()
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    """A statement compiled once for SQLite: its text, where each positional parameter comes from, and the row type
-    of its result (None: it returns no rows)."""
+    """A statement compiled once for SQLite and one set of parameter names: its text, how the positional values are
+    taken from a parameter dict, and the row type of its result (None: it returns no rows)."""
 
     sql: str
-    names: tuple[str, ...]  # bind name of each ``?``, in order
-    defaults: tuple[Any, ...]  # the bound value when the caller gives none (a literal such as version=1), or _REQUIRED
-    processors: tuple[Callable[[Any], Any] | None, ...]  # the column type's conversion (datetime -> text), if any
+    take: Callable[[dict[str, Any]], Any]  # the given parameters' values, in the order of their ``?``
+    constants: tuple[tuple[int, Any], ...]  # (position, bound value) of literals the caller does not give (version=1)
+    processors: tuple[
+        tuple[int, Callable[[Any], Any]], ...
+    ]  # (position, the column type's conversion: datetime -> text)
+    single: bool  # one value taken: ``take`` answers it bare, not in a tuple
     row: type | None
     readers: tuple[Callable[[Any], Any] | None, ...] | None  # per result column (text -> datetime), None: none needed
 
@@ -571,12 +575,18 @@ class _Prepared:
             make(v if read is None or v is None else read(v) for v, read in zip(r, readers, strict=True)) for r in raw
         ]
 
-    def bind(self, params: dict[str, Any]) -> tuple[Any, ...]:
-        values = []
-        for name, default, process in zip(self.names, self.defaults, self.processors, strict=True):
-            value = params[name] if default is _REQUIRED or name in params else default
-            values.append(value if process is None or value is None else process(value))
-        return tuple(values)
+    def bind(self, params: dict[str, Any]) -> Sequence[Any]:
+        taken = self.take(params)
+        if not self.constants and not self.processors:
+            return (taken,) if self.single else taken
+        values = [taken] if self.single else list(taken)
+        for position, value in self.constants:
+            values.insert(position, value)
+        for position, process in self.processors:
+            value = values[position]
+            if value is not None:
+                values[position] = process(value)
+        return values
 
 
 class _DirectResult:
@@ -625,13 +635,23 @@ def _prepare(stmt: Any, dialect: Any, names: tuple[str, ...]) -> _Prepared | Non
             readers = None
         row = _namedtuple("_Row", [str(c.key) for c in columns])
     binds = [compiled.binds[name] for name in compiled.positiontup]
-    if any(b.callable is not None for b in binds):
-        return None
+    if any(b.callable is not None for b in binds) or any(b.required and b.key not in names for b in binds):
+        return None  # SQLAlchemy computes it, or says which value is missing
+    given = [b.key for b in binds if b.key in names]
+    processors = [b.type.dialect_impl(dialect).bind_processor(dialect) for b in binds]
+    constants = tuple(
+        (i, b.value if processors[i] is None or b.value is None else processors[i](b.value))
+        for i, b in enumerate(binds)
+        if b.key not in names
+    )
     return _Prepared(
         sql=compiled.string,
-        names=tuple(compiled.positiontup),
-        defaults=tuple(_REQUIRED if b.required else b.value for b in binds),
-        processors=tuple(b.type.dialect_impl(dialect).bind_processor(dialect) for b in binds),
+        take=operator.itemgetter(*given) if given else (lambda _params: ()),
+        constants=constants,
+        processors=tuple(
+            (i, process) for i, process in enumerate(processors) if process is not None and binds[i].key in names
+        ),
+        single=len(given) == 1,
         row=row,
         readers=readers,
     )
