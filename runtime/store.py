@@ -619,8 +619,9 @@ _namedtuple: Any = collections.namedtuple  # a row type whose field names are kn
 
 
 def _prepare(stmt: Any, dialect: Any, names: tuple[str, ...]) -> _Prepared | None:
-    """``stmt`` compiled for the SQLite dialect, or None when it needs what only SQLAlchemy's execution does (an
-    expanding ``IN``, a column whose value must be converted when read, such as a datetime)."""
+    """``stmt`` compiled for the SQLite dialect and the parameter ``names`` given, or None when it needs what only
+    SQLAlchemy's execution does (an expanding ``IN``, ``RETURNING``, a value computed by a callable, or a required
+    value missing from ``names``, which SQLAlchemy then reports)."""
     compiled = stmt.compile(dialect=dialect, column_keys=list(names))
     if compiled.positiontup is None or compiled.literal_execute_params or compiled.post_compile_params:
         return None
@@ -708,8 +709,10 @@ class _WalCheckpointer:
     checkout bench, most of it in these checkpoints; a simple commit takes under 0.01 ms). So the connections turn
     that off (``wal_autocheckpoint=0``) and every :data:`EVERY` commits this runs a PASSIVE checkpoint on a
     connection of its own, on a worker thread (sqlite3 releases the GIL meanwhile): it copies what no reader
-    still needs and never waits for a lock, so neither readers nor the writer are held up. At most one runs at a
-    time per file. Durability is unchanged: a commit is in the log, which a checkpoint only copies."""
+    still needs and never waits for a lock, so neither readers nor the writer are held up. Past
+    :data:`RESTART_FRAMES` it also runs a RESTART, which holds writers back (they retry without blocking the loop)
+    while it copies the rest, so that the log starts over. At most one runs at a time per file. Durability is
+    unchanged: a commit is in the log, which a checkpoint only copies."""
 
     EVERY = 200  # commits between checkpoints: a few pages a commit, about the 1,000 pages SQLite would wait for
     RESTART_FRAMES = 4000  # log frames (pages, 4 KiB) past which the log is made to start over: ~16 MiB
