@@ -9,6 +9,7 @@ from actors.order.actor import SagaTimings
 from actors.order.payment import RetryPolicy, SimulatedPaymentProvider
 from actors.order.repository import count_by_status
 from runtime.store import create_engine
+from tests.e2e.conftest import ADDRESS
 from tests.order.conftest import eventually
 
 HAPPY_PATH = ["submitted", "awaiting_validation", "stock_confirmed", "paid"]
@@ -43,13 +44,26 @@ async def test_happy_path_from_cart_to_paid(make_shop):
 
 
 async def test_two_buyers_race_for_the_last_units(make_shop):
+    """Two carts hold 3 of the 4 lamps each: one order gets them, the other buyer gets none and pays nothing. Which
+    refusal the second buyer meets is the race's: the checkout's stock check (409, when the first order's
+    reservation landed before it) or the saga's (the order cancelled, out of stock), both asserted in full."""
     shop = await make_shop()
     lamp = await shop.add_product("Lamp", stock=4)
     first, second = shop.buyer(), shop.buyer()
     for buyer in (first, second):
         await buyer.put(lamp, 3)  # each cart sees 4 in stock; only one order can have 3
-    ids = [await first.checkout(), await second.checkout()]
+    first_id = await first.checkout()
+    body = {"shipping_address": ADDRESS, "payment": {"method": "card", "token": "tok_visa"}}
+    resp = await shop.clients["cart"].post("/api/cart/checkout", json=body, headers=second.headers)
 
+    if resp.status == 409:  # the first order reserved its lamps before the second checkout was checked
+        problem = await resp.json()
+        assert problem["type"].endswith("/insufficient-stock") and problem["available"] == 1, problem
+        assert (await first.wait(first_id, "paid", "cancelled"))["status"] == "paid"
+        assert await shop.available(lamp) == 1
+        return
+    assert resp.status == 202, await resp.text()
+    ids = [first_id, (await resp.json())["order_id"]]
     orders = [await b.wait(i, "paid", "cancelled") for b, i in zip((first, second), ids, strict=True)]
     assert sorted(o["status"] for o in orders) == ["cancelled", "paid"]
     cancelled = next(o for o in orders if o["status"] == "cancelled")
