@@ -23,6 +23,7 @@ import logging
 import operator
 import os
 import random
+import re
 import sqlite3
 import stat
 import time
@@ -58,6 +59,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
     AsyncAdapt_aiosqlite_cursor,
@@ -223,7 +225,7 @@ async def _step_returning(conn: AsyncConnection, writes: Sequence[TurnWrite], no
         params: dict[str, Any] = {"now": now}
         for k, (t, i, v, st) in enumerate(chunk):
             params.update({f"t{k}": t, f"i{k}": i, f"v{k}": v, f"s{k}": st})
-        stepped.update((r.actor_type, r.actor_id) for r in await conn.execute(_step_returning_sql(size), params))
+        stepped.update((r.actor_type, r.actor_id) for r in await execute(conn, _step_returning_sql(size), params))
     return stepped
 
 
@@ -304,7 +306,10 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
     if backend == "postgresql":
         if parsed.get_driver_name() != "asyncpg":
             raise ValueError(f"PostgreSQL needs the async driver: use postgresql+asyncpg:// (got {url!r})")
-        engine = create_async_engine(url, echo=echo, pool_size=pool_size, max_overflow=pool_size * 2)
+        # Twenty kept, ten more in a burst (thirty at most, as before): with ten kept, a checkout burst opened and closed
+        # an overflow connection per turn (issue 14: 456 connects in 1,000 orders, each a TLS probe, an
+        # authentication, a server process and the adapter's type set-up: more than the turns' own statements).
+        engine = create_async_engine(url, echo=echo, pool_size=pool_size * 2, max_overflow=pool_size)
         _ping_when_idle(engine)
         return engine
     if backend == "mssql":
@@ -614,14 +619,18 @@ class _DirectResult:
         return self.rows[0][0]
 
 
-_PREPARED: dict[tuple[Any, tuple[str, ...]], _Prepared | None] = {}  # (statement, parameter names)
+_PREPARED: dict[tuple[Any, str, tuple[str, ...]], _Prepared | None] = {}  # (statement, dialect, parameter names)
 _namedtuple: Any = collections.namedtuple  # a row type whose field names are known only at run time
 
 
 def _prepare(stmt: Any, dialect: Any, names: tuple[str, ...]) -> _Prepared | None:
-    """``stmt`` compiled for the SQLite dialect and the parameter ``names`` given, or None when it needs what only
-    SQLAlchemy's execution does (an expanding ``IN``, ``RETURNING``, a value computed by a callable, or a required
-    value missing from ``names``, which SQLAlchemy then reports)."""
+    """``stmt`` compiled for ``dialect`` (SQLite's or asyncpg's) and the parameter ``names`` given, or None when it
+    needs what only SQLAlchemy's execution does (an expanding ``IN``, a value computed by a callable, a required
+    value missing from ``names``, which SQLAlchemy then reports, a column conversion of a result on PostgreSQL) or
+    returns rows of a write (``RETURNING``; on PostgreSQL a ``text()`` one is run: its rows are named by the
+    server)."""
+    if isinstance(stmt, TextClause) and dialect.name == "sqlite":
+        return None  # its rows would come back unnamed
     compiled = stmt.compile(dialect=dialect, column_keys=list(names))
     if compiled.positiontup is None or compiled.literal_execute_params or compiled.post_compile_params:
         return None
@@ -634,6 +643,8 @@ def _prepare(stmt: Any, dialect: Any, names: tuple[str, ...]) -> _Prepared | Non
         readers = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
         if all(read is None for read in readers):
             readers = None
+        elif dialect.name != "sqlite":
+            return None  # asyncpg converts what it reads by the column's type; the processors expect a coltype
         row = _namedtuple("_Row", [str(c.key) for c in columns])
     binds = [compiled.binds[name] for name in compiled.positiontup]
     if any(b.callable is not None for b in binds) or any(b.required and b.key not in names for b in binds):
@@ -662,28 +673,37 @@ async def execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | lis
     """``conn.execute(stmt, params)`` for statements on a hot path (the store's commits, the query-table hooks that
     run in them, the reads behind every activation): build the statement once, at import, and run it here.
 
-    On an in-place SQLite connection (:class:`_InlineConnection`) the statement, compiled once, goes straight to
-    the driver in the connection's transaction: per statement, SQLAlchemy's execution (parameter building, the
-    compiled cache, the execution context, the cursor and result wrappers, the greenlet switch) cost several times
-    what SQLite itself took, and it ran on the event loop's one thread (issue 14: a third of a checkout's CPU was
-    SQLAlchemy). Same errors as SQLAlchemy raises (``IntegrityError`` ...), same cursor events for listeners
-    (the tests and ``bench.checkout --count`` count statements with them), the same column conversions both ways.
-    A statement this cannot run alike (an expanding ``IN``, ``RETURNING``, a bound callable) and every other
-    database go through SQLAlchemy, so the result is the same wherever it runs; the answer offers what callers use
-    of a ``Result``: ``rowcount``, its rows, ``first()``, ``all()``, ``scalar_one()``."""
+    On an in-place SQLite connection (:class:`_InlineConnection`) and on an asyncpg connection in a transaction the
+    statement, compiled once, goes straight to the driver in the connection's transaction: per statement,
+    SQLAlchemy's execution (parameter building, the compiled cache, the execution context, the cursor and result
+    wrappers, the greenlet switches) cost several times what SQLite itself took, and it ran on the event loop's one
+    thread (issue 14: a third of a checkout's CPU was SQLAlchemy; on PostgreSQL SQLAlchemy also compiled the order
+    summaries' ``ON CONFLICT`` upsert at every commit, a construct its cache does not take). Same errors as
+    SQLAlchemy raises (``IntegrityError`` ...; a connection found closed is invalidated, as SQLAlchemy does), same
+    cursor events for listeners (the tests and ``bench.checkout --count`` count statements with them), the same
+    column conversions both ways, the same prepared statements on asyncpg (the adapter's per-connection cache).
+    A statement this cannot run alike (see :func:`_prepare`) and every other case go through SQLAlchemy, so the
+    result is the same wherever it runs; the answer offers what callers use of a ``Result``: ``rowcount``, its
+    rows, ``first()``, ``all()``, ``scalar_one()``."""
     sync = conn.sync_connection
     dbapi = sync.connection.dbapi_connection if sync is not None else None
-    if sync is None or not isinstance(dbapi, _InlineConnection) or params == []:
+    if params == [] or sync is None:
+        return await conn.execute(stmt, params)
+    if isinstance(dbapi, _InlineConnection):
+        run: Callable[..., Awaitable[tuple[list[Any], int]]] = _run_sqlite
+    elif isinstance(dbapi, AsyncAdapt_asyncpg_connection) and sync.in_transaction():
+        run = _run_asyncpg
+    else:
         return await conn.execute(stmt, params)
     if params is None:
         params = {}
     many = isinstance(params, list)
     # Compiled for the parameters' names, as SQLAlchemy does (an INSERT without values() names the columns given).
-    key = (stmt, tuple(params[0] if isinstance(params, list) else params))
+    key = (stmt, conn.dialect.name, tuple(params[0] if isinstance(params, list) else params))
     try:
         prepared = _PREPARED[key]
     except KeyError:
-        prepared = _PREPARED[key] = _prepare(stmt, conn.dialect, key[1])
+        prepared = _PREPARED[key] = _prepare(stmt, conn.dialect, key[2])
     if prepared is None:
         return await conn.execute(stmt, params)
     args: Any = [prepared.bind(p) for p in params] if many else prepared.bind(params)
@@ -691,13 +711,64 @@ async def execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | lis
     if sync._has_events or sync.engine._has_events:  # how SQLAlchemy itself decides to dispatch them
         for fn in sync.dispatch.before_cursor_execute:
             sql, args = fn(sync, None, sql, args, None, many)
+    if prepared.row is None:
+        return _DirectResult(*await run(conn, dbapi, sql, args, many, True))
+    rows, rowcount = await run(conn, dbapi, sql, args, many, False)
+    return _DirectResult(prepared.rows(rows), rowcount)
+
+
+async def _run_sqlite(
+    conn: AsyncConnection, dbapi: _InlineConnection, sql: str, args: Any, many: bool, _named: bool
+) -> tuple[list[Any], int]:
     try:
         _, rows, _, rowcount = await _in_place(
             _run_many if many else _run_statement, dbapi._connection._conn, (sql, args)
         )
     except sqlite3.Error as error:
         raise DBAPIError.instance(sql, args, error, sqlite3.Error) from error
-    return _DirectResult(prepared.rows(rows) if prepared.row is not None else rows, rowcount)
+    return rows, rowcount
+
+
+_STATUS_COUNT = re.compile(r"(?:SELECT|UPDATE|DELETE|INSERT \d+) (\d+)")  # the adapter's reading of a status
+
+
+async def _run_asyncpg(
+    conn: AsyncConnection, dbapi: AsyncAdapt_asyncpg_connection, sql: str, args: Any, many: bool, named: bool
+) -> tuple[list[Any], int]:
+    """What the adapter's cursor does (its lock, its transaction begun on first use, its prepared-statement cache,
+    its reading of the row count), without SQLAlchemy's execution around it. Rows come back as asyncpg's records,
+    or ``named`` tuples with the server's column names (for a statement with no row type of its own)."""
+    try:
+        async with dbapi._execute_mutex:
+            if not dbapi._started:
+                await dbapi._start_transaction()
+            if many:
+                await dbapi._connection.executemany(sql, args)
+                return [], -1  # asyncpg does not count the rows of an executemany (nor does SQLAlchemy's adapter)
+            prepared, attributes = await dbapi._prepare(sql, conn.dialect._invalidate_schema_cache_asof)  # type: ignore[attr-defined]
+            records = await prepared.fetch(*args)
+            counted = _STATUS_COUNT.match(prepared.get_statusmsg() or "")
+            rowcount = int(counted.group(1)) if counted else -1
+            if not named or not records:
+                return records, rowcount
+            make = _record_type(tuple(a.name for a in attributes))._make
+            return [make(r.values()) for r in records], rowcount
+    except Exception as error:  # translated below as SQLAlchemy would, or raised as it is
+        try:
+            dbapi._handle_exception(error)  # raises the DBAPI error SQLAlchemy's adapter would (or ``error`` itself)
+        except dbapi.dbapi.Error as translated:
+            closed = conn.dialect.is_disconnect(translated, dbapi, None)  # type: ignore[arg-type]
+            if closed:
+                await conn.invalidate(translated)
+            raise DBAPIError.instance(
+                sql, args, translated, dbapi.dbapi.Error, connection_invalidated=closed, dialect=conn.dialect
+            ) from error
+        raise
+
+
+@functools.lru_cache(maxsize=256)
+def _record_type(names: tuple[str, ...]) -> Any:
+    return _namedtuple("_Row", names, rename=True)
 
 
 class _WalCheckpointer:

@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 import pytest
 from sqlalchemy import event, func, insert, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from runtime import migrate
 from runtime import store as store_module
 from runtime.store import (
     CommitOutcome,
@@ -279,6 +280,48 @@ async def test_the_store_s_statements_run_directly_give_what_sqlalchemy_gives(st
     with pytest.raises(IntegrityError):  # the primary key, as SQLAlchemy reports it: the store turns it into CONFLICT
         async with store.engine.begin() as conn:
             await store_module.execute(conn, store_module._INSERT_STATE, rows[0])
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_postgresql_runs_the_store_s_statements_on_asyncpg_as_sqlalchemy_would(db_url):
+    """On PostgreSQL too the store's statements go straight to the driver inside the transaction: the rows of a
+    ``RETURNING`` named by the server, the cursor events listeners count, SQLAlchemy's errors, and a connection
+    found closed invalidated (the pool replaces it) rather than handed to the next turn."""
+    engine = create_engine(db_url)
+    other = create_engine(db_url)
+    try:
+        await migrate.upgrade(engine, [migrate.RUNTIME])
+        store = StateStore(engine)
+        statements = _Statements(store)
+        now = utcnow()
+        rows = [{"t": "t", "i": f"p{k}", "s": _state(k), "now": now} for k in range(3)]
+        async with engine.begin() as conn:
+            await store_module.execute(conn, store_module._INSERT_STATE, rows)
+            writes = [TurnWrite("t", "p0", 1, _state(5)), TurnWrite("t", "p1", 7, _state(5))]  # p1 is stale
+            assert await store_module._step_returning(conn, writes, now) == {("t", "p0")}
+        assert statements.counts["INSERT INTO actor_state"] == 1 and statements.counts["UPDATE actor_state AS"] == 1
+        statements.close()
+        stored = await store.load("t", "p0")
+        assert stored is not None and (stored.version, stored.state) == (2, _state(5))
+        with pytest.raises(IntegrityError) as raised:
+            async with engine.begin() as conn:
+                await store_module.execute(conn, store_module._INSERT_STATE, rows[1])
+        assert getattr(raised.value.orig, "pgcode", None) == "23505"  # unique_violation, as SQLAlchemy reports it
+        with pytest.raises(DBAPIError) as dropped:
+            async with engine.begin() as conn:
+                pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                async with other.connect() as killer:
+                    await killer.execute(text(f"SELECT pg_terminate_backend({int(pid)})"))
+                await asyncio.sleep(0.2)
+                await store_module.execute(conn, store_module._version_pairs(1), {"t0": "t", "i0": "p0"})
+        assert dropped.value.connection_invalidated
+        async with engine.begin() as conn:  # the pool hands out a live connection next
+            found = await store_module.execute(conn, store_module._version_pairs(1), {"t0": "t", "i0": "p0"})
+            assert [(r.actor_id, r.version) for r in found] == [("p0", 2)]
+            assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() != pid
+    finally:
+        await engine.dispose()
+        await other.dispose()
 
 
 async def test_sqlite_checkpoints_its_log_off_the_event_loop(tmp_path, monkeypatch):
