@@ -10,8 +10,11 @@ Prices never come from the client; they come from here. One :class:`CatalogClien
 * a short TTL cache of answers (unknown products included), because a customer changing quantities asks for
   the same product again and again and a price a few seconds old is fine while shopping: checkout asks with
   ``fresh=True`` and the ``ProductPriceChanged`` event drops the cached entry of that product;
-* single flight: concurrent cached lookups of the same ids share one request instead of stampeding the catalog
-  (a ``fresh`` lookup makes its own request: joining one that started earlier could answer an older price);
+* single flight and batching: a cached lookup of an id already being fetched joins that request, and the ids of
+  lookups made in the same turn of the event loop go in one batch request (up to :data:`BATCH_SIZE`), so a burst
+  of shoppers adding different products costs the catalog a few requests, not one each (200 concurrent adds made
+  200 requests, and on a loaded machine some outlived the timeout: 503s); a ``fresh`` lookup makes its own request
+  (joining one that started earlier could answer an older price);
 * failures become problems: no instance reachable, all timed out or 5xx -> :class:`CatalogUnavailable`
   (503 + Retry-After);
   any other unexpected answer -> 502. A request never fails with a 500 because the catalog misbehaved.
@@ -26,7 +29,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -64,7 +67,8 @@ class CatalogClient:
         self.requests = 0  # calls made to the catalog (tests and metrics read it)
         self._session: aiohttp.ClientSession | None = None
         self._cache: OrderedDict[str, tuple[float, ProductQuote | None]] = OrderedDict()
-        self._flights: dict[tuple[str, ...], asyncio.Task[dict[str, ProductQuote | None]]] = {}
+        self._flights: dict[str, asyncio.Task[dict[str, ProductQuote | None]]] = {}  # id -> the fetch that asks it
+        self._gathering: list[str] = []  # ids of the batch not sent yet (it goes at the loop's next turn)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -94,10 +98,16 @@ class CatalogClient:
                 found[product_id] = entry[1]
             else:
                 missing.append(product_id)
-        chunks = [tuple(missing[i : i + BATCH_SIZE]) for i in range(0, len(missing), BATCH_SIZE)]
-        fetch = self._fetch if fresh else self._shared_fetch
-        for part in await asyncio.gather(*(fetch(chunk) for chunk in chunks)):
-            found.update(part)
+        fetches: list[Awaitable[dict[str, ProductQuote | None]]]
+        if fresh:
+            chunks = [tuple(missing[i : i + BATCH_SIZE]) for i in range(0, len(missing), BATCH_SIZE)]
+            fetches = [self._fetch(chunk) for chunk in chunks]
+        else:
+            # shield: a requester that goes away (client disconnected) must not cancel the others' fetch.
+            fetches = [asyncio.shield(task) for task in dict.fromkeys(self._flight(pid) for pid in missing)]
+        asked = set(missing)
+        for part in await asyncio.gather(*fetches):
+            found.update((pid, quote) for pid, quote in part.items() if pid in asked)
         return found
 
     def forget(self, product_id: str) -> None:
@@ -106,18 +116,33 @@ class CatalogClient:
 
     # -- fetching ------------------------------------------------------------------------------
 
-    async def _shared_fetch(self, ids: tuple[str, ...]) -> dict[str, ProductQuote | None]:
-        task = self._flights.get(ids)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch(ids))
-            self._flights[ids] = task
-            task.add_done_callback(lambda t: self._landed(ids, t))
-        # shield: a requester that goes away (client disconnected) must not cancel the others' fetch.
-        return await asyncio.shield(task)
+    def _flight(self, product_id: str) -> asyncio.Task[dict[str, ProductQuote | None]]:
+        """The fetch that will answer ``product_id``: one in flight that asks it, else the batch being gathered."""
+        task = self._flights.get(product_id)
+        if task is not None:
+            return task
+        if not self._gathering or len(self._gathering) >= BATCH_SIZE:
+            self._gathering = batch = [product_id]
+            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+            task.add_done_callback(lambda t: self._landed(batch, t))
+        else:
+            self._gathering.append(product_id)
+            task = self._flights[self._gathering[0]]
+        self._flights[product_id] = task
+        return task
 
-    def _landed(self, ids: tuple[str, ...], task: asyncio.Task[Any]) -> None:
-        if self._flights.get(ids) is task:
-            del self._flights[ids]
+    async def _send_batch(self, batch: list[str]) -> dict[str, ProductQuote | None]:
+        await asyncio.sleep(0)  # one turn of the loop: the lookups made meanwhile join this batch
+        if self._gathering is batch:
+            self._gathering = []
+        return await self._fetch(tuple(batch))
+
+    def _landed(self, batch: list[str], task: asyncio.Task[Any]) -> None:
+        if self._gathering is batch:
+            self._gathering = []
+        for product_id in batch:
+            if self._flights.get(product_id) is task:
+                del self._flights[product_id]
         if not task.cancelled():
             task.exception()  # retrieved here, so a fetch whose requesters all left logs no warning
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from decimal import Decimal
 
 import pytest
 
-from actors.cart.catalog import DEFAULT_TIMEOUT
+from actors.cart.catalog import BATCH_SIZE, DEFAULT_TIMEOUT, CatalogClient
 from tests.cart.fake_catalog import FakeCatalog
 
 
@@ -86,3 +88,33 @@ async def test_lookups_are_cached_briefly_and_shared(make_shop, fake):
     await me.put(unknown, 1, status=404)
     await me.put(unknown, 1, status=404)
     assert fake_catalog.calls == 2  # "no such product" is cached too
+
+
+async def test_a_burst_of_lookups_is_batched_and_a_leaving_requester_cancels_nothing(fake):
+    """Lookups of different products made together go in batch requests (at most BATCH_SIZE ids each), a lookup
+    of an id already on its way joins that request, and a requester that goes away leaves the others' answer."""
+    fake_catalog, url = fake
+    ids = [str(uuid.uuid4()) for _ in range(BATCH_SIZE + 50)]
+    for n, product_id in enumerate(ids):
+        fake_catalog.add(product_id, price=f"{n + 1}.00")
+    client = CatalogClient(url)
+    await client.start()
+    try:
+        answers = await asyncio.gather(*(client.quote(product_id) for product_id in ids))
+        assert [a.unit_price if a else None for a in answers] == [Decimal(f"{n + 1}.00") for n in range(len(ids))]
+        assert fake_catalog.calls == 2  # 150 lookups: two batches, the first full
+        fake_catalog.calls = 0
+        fake_catalog.mode, fake_catalog.delay = "slow", 0.3
+        fresh_ids = [str(uuid.uuid4()) for _ in range(3)]
+        for product_id in fresh_ids:
+            fake_catalog.add(product_id, price="7.00")
+        leaving = asyncio.ensure_future(client.quotes(fresh_ids[:2]))
+        staying = asyncio.ensure_future(client.quotes(fresh_ids))
+        await asyncio.sleep(0.05)
+        joining = asyncio.ensure_future(client.quote(fresh_ids[0]))  # on its way already: joins that request
+        leaving.cancel()
+        got = await staying
+        assert {pid: q.unit_price if q else None for pid, q in got.items()} == dict.fromkeys(fresh_ids, Decimal("7.00"))
+        assert (await joining) is not None and fake_catalog.calls == 1
+    finally:
+        await client.close()
