@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.report import RESULTS_ENV, Figure, read
+from bench.report import RESULTS_ENV, Figure, read, reference_loop_ms
 
 # (module, extra arguments, seconds allowed) in the order the issues list them.
 BENCHES: tuple[tuple[str, tuple[str, ...], float], ...] = (
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"Benchmarks {'(full)' if args.full else '(--quick)'} of {commit.stdout.strip() or 'this tree'}, "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"load average at the end {os.getloadavg()[0]:.1f}"
+        f"load average at the end {os.getloadavg()[0]:.1f}, reference loop {reference_loop_ms():.1f} ms "
+        "(bench.report: a slower machine shows there, not only in the figures)"
     )
     table = markdown(figures, outcomes, header)
     out.write_text(table)

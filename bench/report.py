@@ -8,6 +8,7 @@ as one JSON line, so a benchmark run on its own behaves exactly as before and wr
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import orjson
@@ -40,3 +41,22 @@ def read(path: str) -> list[Figure]:
             return [Figure(**orjson.loads(line)) for line in source if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def reference_loop_ms(rounds: int = 3) -> float:
+    """The best of ``rounds`` timings of a fixed pure-Python workload (dict, str and int work, ~50 ms on the
+    development machine on a quiet day), in milliseconds.
+
+    The machine these benchmarks run on is shared: the same code measured on two days differed by 2x (issue 14).
+    Printed next to absolute figures, it tells a slower machine from a slower version; figures measured side by
+    side in one run need no such correction."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        table: dict[int, str] = {}
+        for i in range(200_000):
+            table[i & 1023] = str(i)
+            if len(table[i & 1023]) > 5:
+                table.pop(i & 511, None)
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
