@@ -14,9 +14,14 @@ crash before that re-sends them from the table), the hand-over only saves the re
 messages are sent only after every poll that was due (start, a failure, a wake without messages, the poll timer,
 which runs every ``poll_interval`` also under a steady flow of hand-overs) has sent what the table held, in id
 order; a message the poll sent already is not sent again. A failure drops what was handed over and goes back to
-polling, which finds those rows in the table. Only a process that is the one writer of its table hands messages
-over (:class:`runtime.actors.ActorSystem` with ``exclusive``): in a cluster a peer's rows may be older than ours,
-and there every wake polls, in id order, as before.
+polling, which finds those rows in the table. The marks of handed-over messages are written together, at most
+``mark_delay`` seconds after the first of them was sent (and always before a poll reads the table, when the relay
+stops and when ``pending()`` counts): one transaction for every message a pass of the relay sends in that time
+instead of one per pass, which on SQLite contended with the group commits for the write lock and on PostgreSQL
+cost three round trips each (issue 14). A crash re-sends what was sent in that window, as it re-sends a message
+sent just before its mark; consumers drop the copies (the inbox). Only a process that is the one writer of its
+table hands messages over (:class:`runtime.actors.ActorSystem` with ``exclusive``): in a cluster a peer's rows
+may be older than ours, and there every wake polls, in id order, as before.
 
 It lives in ``runtime`` (it reads the runtime's ``outbox`` table) and only uses the bus through the
 :class:`bus.base.Bus` protocol: ``runtime`` depends on ``bus``, never the other way round.
@@ -112,12 +117,14 @@ class OutboxRelay:
         poll_interval: float = 1.0,
         batch_size: int = 500,
         retention: float = 3600.0,
+        mark_delay: float = 0.1,
     ) -> None:
         self.engine = engine
         self.bus = bus
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self.retention = retention
+        self.mark_delay = mark_delay
         self.relayed = 0
         self.handed_over = 0  # messages sent as handed over, without reading their rows back
         self._wake = asyncio.Event()
@@ -130,6 +137,8 @@ class OutboxRelay:
         self._polled: set[str] = set()
         self._polled_before: set[str] = set()
         self._last_poll = float("-inf")
+        self._unmarked: list[str] = []  # handed-over messages sent, their rows not marked yet
+        self._mark_by = float("inf")  # loop time by which they are marked
 
     def notify(self, messages: Sequence[OutboxMessage] = ()) -> None:
         """Called after a transaction committed outbox rows: relay them now instead of at the next poll.
@@ -151,6 +160,10 @@ class OutboxRelay:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        try:
+            await self._mark_handed()
+        except Exception as exc:  # noqa: BLE001 the rows stay unsent: the next start sends them again (copies dropped)
+            log.warning("outbox relay could not mark %r as sent at stop: %r", self._unmarked, exc)
 
     async def _run(self) -> None:
         backoff = self.poll_interval
@@ -163,6 +176,7 @@ class OutboxRelay:
                 self._poll_due = True  # the poll timer, also under constant hand-overs: rows of other writers
             try:
                 if self._poll_due:
+                    await self._mark_handed()  # the poll must not read rows the hand-over sent already
                     self._poll_due = False
                     self._last_poll = loop_time
                     self._polled_before, self._polled = self._polled, set()
@@ -170,6 +184,10 @@ class OutboxRelay:
                         pass  # a full batch: more may be waiting
                 while self._handed:
                     await self._relay_handed()
+                if self._unmarked and (
+                    len(self._unmarked) >= self.batch_size or asyncio.get_running_loop().time() >= self._mark_by
+                ):
+                    await self._mark_handed()
                 backoff = self.poll_interval
             except asyncio.CancelledError:
                 raise
@@ -180,10 +198,13 @@ class OutboxRelay:
                 self._handed.clear()
                 log.warning("outbox relay failed (%r); retrying in %.1fs", exc, backoff)
                 backoff = min(backoff * 2, 30.0)
+            wait = backoff
+            if self._unmarked and backoff == self.poll_interval:  # after a failure the back-off rules, marks too
+                wait = max(0.0, min(wait, self._mark_by - asyncio.get_running_loop().time()))
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that arrives
             # together with the wake-up, and stop() would then wait forever.
             try:
-                async with asyncio.timeout(backoff):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -208,7 +229,8 @@ class OutboxRelay:
         return len(rows)
 
     async def _relay_handed(self) -> None:
-        """Send what turns handed over (up to a batch), in hand-over order, and mark their rows sent."""
+        """Send what turns handed over (up to a batch), in hand-over order; their rows are marked sent by
+        :meth:`_mark_handed`, at most ``mark_delay`` seconds later."""
         batch: list[str] = []
         try:
             while self._handed and len(batch) < self.batch_size:
@@ -219,12 +241,27 @@ class OutboxRelay:
                 self._handed.popleft()
         finally:
             if batch:
-                async with self.engine.begin() as conn:
-                    now = utcnow()
-                    await execute(conn, _MARK_SENT_BY_MESSAGE, [{"m": message_id, "now": now} for message_id in batch])
+                if not self._unmarked:
+                    self._mark_by = asyncio.get_running_loop().time() + self.mark_delay
+                self._unmarked += batch
                 self.relayed += len(batch)
                 self.handed_over += len(batch)
         await self._purge()
+
+    async def _mark_handed(self) -> None:
+        """Mark the rows of the handed-over messages sent so far, in one transaction."""
+        if not self._unmarked:
+            return
+        marking, self._unmarked = self._unmarked, []
+        try:
+            async with self.engine.begin() as conn:
+                now = utcnow()
+                await execute(conn, _MARK_SENT_BY_MESSAGE, [{"m": message_id, "now": now} for message_id in marking])
+        except BaseException:
+            self._unmarked = marking + self._unmarked  # tried again later (or sent again by a poll: copies dropped)
+            raise
+        if not self._unmarked:  # none sent meanwhile (those would keep the deadline their first one set)
+            self._mark_by = float("inf")
 
     async def _send(self, kind: str, destination: str, text: str) -> None:
         envelope = Envelope.decode(text)
@@ -238,6 +275,8 @@ class OutboxRelay:
                 await self.bus.publish(envelope)
 
     async def pending(self) -> int:
+        """Rows not sent yet (the marks of messages already sent are written first)."""
+        await self._mark_handed()
         async with self.engine.connect() as conn:
             return (await conn.execute(select(func.count()).where(outbox.c.sent_at.is_(None)))).scalar_one()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bus.base import BusError
@@ -19,7 +19,7 @@ from runtime import migrate
 from runtime.actors import Actor, ActorSystem, Turn, handles
 from runtime.messages import BusBinding, envelope
 from runtime.outbox import OutboxRelay
-from runtime.store import StateStore, create_engine
+from runtime.store import StateStore, create_engine, outbox
 
 
 @dataclass(frozen=True)
@@ -175,3 +175,95 @@ async def test_a_process_that_is_not_the_only_writer_polls_in_id_order(pipeline:
     finally:
         await relay.stop()
     assert relay.handed_over == 0
+
+
+async def test_the_marks_of_handed_over_messages_are_written_together_and_never_lost(db_url: str):
+    """Sending does not wait for the mark: the rows of a burst of hand-overs are marked sent in one statement, by
+    ``mark_delay`` after the first was sent, before anything counts or polls the table, and at the latest on stop."""
+    bus = MemoryBus(max_attempts=3)
+    await bus.start()
+    engine = create_engine(db_url)
+    await migrate.upgrade(engine, [migrate.RUNTIME])
+    target = ActorSystem(None)
+    target.register(TargetActor)
+    binding = BusBinding(target)
+    binding.to_actor(Ping, TargetActor)
+    consumer = await bus.consume("target", binding)
+    pipeline = Pipeline(bus, engine, target)
+    marks: list[int] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("UPDATE OUTBOX"):
+            marks.append(len(parameters) if many else 1)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+
+    async def unsent() -> int:
+        async with engine.connect() as conn:
+            return (await conn.execute(select(func.count()).where(outbox.c.sent_at.is_(None)))).scalar_one()
+
+    relay = OutboxRelay(engine, bus, poll_interval=30.0, mark_delay=2.0)
+    producer = _producer(engine, relay)
+    relay.start()
+    try:
+        await asyncio.sleep(0.1)
+        for n in range(10):  # ten turns, each handed over and sent on its own
+            await producer.ref(ProducerActor, "p1").ask(Produce(n))
+        assert await pipeline.wait_seen(10) == list(range(10))
+        assert marks == [] and await unsent() == 10  # sent, marks still to come
+        assert await relay.pending() == 0  # counting marks first
+        assert marks == [10]  # one statement for the ten
+        for n in range(10, 15):
+            await producer.ref(ProducerActor, "p1").ask(Produce(n))
+        assert await pipeline.wait_seen(15) == list(range(15))
+        async with asyncio.timeout(10):  # by the deadline, with nothing else happening
+            while await unsent():
+                await asyncio.sleep(0.05)
+        assert marks == [10, 5]
+        for n in range(15, 18):
+            await producer.ref(ProducerActor, "p1").ask(Produce(n))
+        assert await pipeline.wait_seen(18) == list(range(18))
+    finally:
+        await relay.stop()
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        assert await unsent() == 0  # the stop marked the last three
+        assert marks == [10, 5, 3] and relay.relayed == relay.handed_over == 18
+    finally:
+        await consumer.stop()
+        await bus.close()
+        await engine.dispose()
+
+
+async def test_marks_that_fail_are_retried_with_back_off_and_the_messages_are_not_sent_twice(pipeline: Pipeline):
+    if isinstance(pipeline.bus, FlakyBus):
+        pipeline.bus.fail_at = set()  # the database fails here, not the bus
+    engine = pipeline.engine
+    attempts: list[float] = []
+    failing = True
+
+    def refuse(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE OUTBOX"):
+            attempts.append(asyncio.get_running_loop().time())
+            if failing:
+                raise RuntimeError("the database refuses writes")
+
+    event.listen(engine.sync_engine, "before_cursor_execute", refuse)
+    relay = OutboxRelay(engine, pipeline.bus, poll_interval=0.1, mark_delay=0.05)
+    producer = _producer(engine, relay)
+    relay.start()
+    try:
+        for n in range(5):
+            await producer.ref(ProducerActor, "p1").ask(Produce(n))
+        assert await pipeline.wait_seen(5) == list(range(5))
+        await asyncio.sleep(1.6)
+        # Back-off doubling from 0.1 s: about 5 attempts in 1.6 s, not a tight loop.
+        assert 2 <= len(attempts) <= 8, attempts
+        failing = False
+        async with asyncio.timeout(10):
+            while await relay.pending():
+                await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+        event.remove(engine.sync_engine, "before_cursor_execute", refuse)
+    assert await pipeline.seen() == list(range(5))  # the five were sent once each: marked late, never re-sent
