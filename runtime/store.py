@@ -59,6 +59,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_connection
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
@@ -267,6 +268,26 @@ _REMINDER_INSERT = insert(reminders).values(
     period=bindparam("period"),
     payload=bindparam("payload"),
 )
+
+
+def _reminder_upsert(insert_of: Any) -> Any:
+    statement = insert_of(reminders).values(
+        actor_type=bindparam("t"),
+        actor_id=bindparam("i"),
+        name=bindparam("n"),
+        due_at=bindparam("due"),
+        period=bindparam("period"),
+        payload=bindparam("payload"),
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[reminders.c.actor_type, reminders.c.actor_id, reminders.c.name],
+        set_={name: statement.excluded[name] for name in ("due_at", "period", "payload")},
+    )
+
+
+# Where the dialect has ON CONFLICT: a reminder set (again) is one upsert, not a delete and an insert (the order
+# saga moves its deadline at almost every turn: a statement, on PostgreSQL a round trip, per group commit).
+_REMINDER_UPSERT = {"sqlite": _reminder_upsert(sqlite.insert), "postgresql": _reminder_upsert(postgresql.insert)}
 
 
 def utcnow() -> datetime:
@@ -928,7 +949,8 @@ class _Rows:
 
     Written in turn order, so outbox ids still follow commit order (the relay sends in id order). Reminder changes
     are folded per (actor, name) into the last one: a delete of every changed key, then an insert of those whose
-    last change sets a time, which is what deleting and inserting them one by one in order would leave. A fired
+    last change sets a time, which is what deleting and inserting them one by one in order would leave (where the
+    database has ``ON CONFLICT``: a delete of the cancelled ones and an upsert of the others, the same rows). A fired
     reminder is deleted or moved by its turn before this runs, so a change of the same name set by that turn wins,
     as before. Hooks (query tables) still run per turn and never read these tables; the items of
     :class:`BatchedHook` s are written here first, one call per kind of hook.
@@ -960,14 +982,21 @@ class _Rows:
         if self.outbox:
             await execute(conn, _INSERT_OUTBOX, self.outbox)
         if self.reminders:
-            await execute(conn, _REMINDER_DELETE, [{"t": t, "i": i, "n": n} for (t, i, n) in self.reminders])
+            upsert = _REMINDER_UPSERT.get(conn.dialect.name)
+            deleted = [
+                {"t": t, "i": i, "n": n}
+                for (t, i, n), c in self.reminders.items()
+                if upsert is None or c.due_at is None
+            ]
+            if deleted:
+                await execute(conn, _REMINDER_DELETE, deleted)
             inserts = [
                 {"t": t, "i": i, "n": n, "due": c.due_at, "period": c.period, "payload": c.payload}
                 for (t, i, n), c in self.reminders.items()
                 if c.due_at is not None
             ]
             if inserts:
-                await execute(conn, _REMINDER_INSERT, inserts)
+                await execute(conn, _REMINDER_INSERT if upsert is None else upsert, inserts)
 
 
 class CommitOutcome:

@@ -85,10 +85,11 @@ async def test_a_group_commit_writes_each_table_once_whatever_the_number_of_turn
         statements.close()
     assert outcomes == [CommitOutcome.OK] * 10
     assert store.commits == commits + 1, "the ten turns were meant to share one transaction"
-    # inbox probe, inbox, outbox, reminders (delete + insert) and the version steps: on SQLite a probe of the
-    # versions and one UPDATE (an executemany) for all, on PostgreSQL one UPDATE ... FROM (VALUES ...) RETURNING
+    # inbox probe, inbox, outbox, reminders (one upsert: none is cancelled) and the version steps: on SQLite a probe
+    # of the versions and one UPDATE (an executemany) for all, on PostgreSQL one UPDATE ... FROM (VALUES ...) RETURNING
     steps = 2 if store.engine.dialect.supports_sane_multi_rowcount else 1
-    assert statements.total() <= 5 + steps, statements.counts
+    assert statements.total() <= 4 + steps, statements.counts
+    assert statements.counts["DELETE FROM reminders"] == 0 and statements.counts["INSERT INTO reminders"] == 1
     assert await _scalar(store, select(func.count()).select_from(outbox)) == 40
     assert await _scalar(store, select(func.count()).select_from(inbox)) == 20
     assert await _scalar(store, select(func.count()).select_from(reminders)) == 10
@@ -121,6 +122,23 @@ async def test_reminder_changes_of_a_turn_apply_in_order(store_factory, group_co
         rows = {(r.actor_id, r.name): store_module.as_utc(r.due_at) for r in await conn.execute(select(reminders))}
     assert set(rows) == {("cancel-then-set", "r"), ("set-twice", "r"), ("two-names", "r"), ("two-names", "s")}
     assert abs((rows[("set-twice", "r")] - later).total_seconds()) < 1
+    # Stored ones changed by a later turn: moved (the upsert over the stored row), cancelled, set anew.
+    writes = [
+        TurnWrite("t", "cancel-then-set", 1, _state(2), reminders=[ReminderChange("r", later, period=5.0)]),
+        TurnWrite("t", "two-names", 1, _state(2), reminders=[ReminderChange("r", None), ReminderChange("s", soon)]),
+        TurnWrite("t", "set-then-cancel", 1, _state(2), reminders=[ReminderChange("r", later)]),
+    ]
+    assert await asyncio.gather(*(store.commit(w) for w in writes)) == [CommitOutcome.OK] * 3
+    async with store.engine.connect() as conn:
+        rows = {
+            (r.actor_id, r.name): (store_module.as_utc(r.due_at), r.period)
+            for r in await conn.execute(select(reminders))
+        }
+    assert set(rows) == {("cancel-then-set", "r"), ("set-twice", "r"), ("two-names", "s"), ("set-then-cancel", "r")}
+    assert (
+        abs((rows[("cancel-then-set", "r")][0] - later).total_seconds()) < 1 and rows[("cancel-then-set", "r")][1] == 5
+    )
+    assert abs((rows[("two-names", "s")][0] - soon).total_seconds()) < 1
 
 
 async def test_a_fired_reminder_set_again_by_its_turn_stays_set(store_factory):
