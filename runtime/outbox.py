@@ -139,6 +139,7 @@ class OutboxRelay:
         self._last_poll = float("-inf")
         self._unmarked: list[str] = []  # handed-over messages sent, their rows not marked yet
         self._mark_by = float("inf")  # loop time by which they are marked
+        self._marking = asyncio.Lock()
 
     def notify(self, messages: Sequence[OutboxMessage] = ()) -> None:
         """Called after a transaction committed outbox rows: relay them now instead of at the next poll.
@@ -176,7 +177,6 @@ class OutboxRelay:
                 self._poll_due = True  # the poll timer, also under constant hand-overs: rows of other writers
             try:
                 if self._poll_due:
-                    await self._mark_handed()  # the poll must not read rows the hand-over sent already
                     self._poll_due = False
                     self._last_poll = loop_time
                     self._polled_before, self._polled = self._polled, set()
@@ -211,6 +211,7 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Send one batch of unsent rows in commit order; returns how many were sent."""
+        await self._mark_handed()  # a poll must not read the rows of messages the hand-over sent already
         async with self.engine.connect() as conn:
             rows = list(await conn.execute(_UNSENT, {"limit": self.batch_size}))
         sent: list[int] = []
@@ -249,19 +250,24 @@ class OutboxRelay:
         await self._purge()
 
     async def _mark_handed(self) -> None:
-        """Mark the rows of the handed-over messages sent so far, in one transaction."""
-        if not self._unmarked:
+        """Mark the rows of the handed-over messages sent so far, in one transaction. One marking at a time: a
+        caller that comes while another one's transaction is open (a poll while ``pending()`` marks) returns only
+        once those rows are marked, so it never reads them as unsent."""
+        if not self._unmarked and not self._marking.locked():
             return
-        marking, self._unmarked = self._unmarked, []
-        try:
-            async with self.engine.begin() as conn:
-                now = utcnow()
-                await execute(conn, _MARK_SENT_BY_MESSAGE, [{"m": message_id, "now": now} for message_id in marking])
-        except BaseException:
-            self._unmarked = marking + self._unmarked  # tried again later (or sent again by a poll: copies dropped)
-            raise
-        if not self._unmarked:  # none sent meanwhile (those would keep the deadline their first one set)
-            self._mark_by = float("inf")
+        async with self._marking:
+            if not self._unmarked:
+                return
+            marking, self._unmarked = self._unmarked, []
+            try:
+                async with self.engine.begin() as conn:
+                    now = utcnow()
+                    await execute(conn, _MARK_SENT_BY_MESSAGE, [{"m": m, "now": now} for m in marking])
+            except BaseException:
+                self._unmarked = marking + self._unmarked  # tried again later (a poll waits for it: never re-sent)
+                raise
+            if not self._unmarked:  # none sent meanwhile (those keep the deadline their first one set)
+                self._mark_by = float("inf")
 
     async def _send(self, kind: str, destination: str, text: str) -> None:
         envelope = Envelope.decode(text)
