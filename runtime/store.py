@@ -694,8 +694,8 @@ async def execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | lis
     """``conn.execute(stmt, params)`` for statements on a hot path (the store's commits, the query-table hooks that
     run in them, the reads behind every activation): build the statement once, at import, and run it here.
 
-    On an in-place SQLite connection (:class:`_InlineConnection`) and on an asyncpg connection in a transaction the
-    statement, compiled once, goes straight to the driver in the connection's transaction: per statement,
+    On an in-place SQLite connection (:class:`_InlineConnection`) and on an asyncpg connection (in its transaction,
+    begun as SQLAlchemy's autobegin would) the statement, compiled once, goes straight to the driver in the connection's transaction: per statement,
     SQLAlchemy's execution (parameter building, the compiled cache, the execution context, the cursor and result
     wrappers, the greenlet switches) cost several times what SQLite itself took, and it ran on the event loop's one
     thread (issue 14: a third of a checkout's CPU was SQLAlchemy; on PostgreSQL SQLAlchemy also compiled the order
@@ -712,7 +712,12 @@ async def execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | lis
         return await conn.execute(stmt, params)
     if isinstance(dbapi, _InlineConnection):
         run: Callable[..., Awaitable[tuple[list[Any], int]]] = _run_sqlite
-    elif isinstance(dbapi, AsyncAdapt_asyncpg_connection) and sync.in_transaction():
+    elif isinstance(dbapi, AsyncAdapt_asyncpg_connection):
+        if not sync.in_transaction():
+            if sync._transaction is None:
+                sync._autobegin()  # what SQLAlchemy's execute does first (a read on ``engine.connect()``: a load)
+            if not sync.in_transaction():
+                return await conn.execute(stmt, params)  # a failed transaction: SQLAlchemy says what to do
         run = _run_asyncpg
     else:
         return await conn.execute(stmt, params)

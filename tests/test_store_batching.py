@@ -318,9 +318,10 @@ async def test_postgresql_runs_the_store_s_statements_on_asyncpg_as_sqlalchemy_w
             writes = [TurnWrite("t", "p0", 1, _state(5)), TurnWrite("t", "p1", 7, _state(5))]  # p1 is stale
             assert await store_module._step_returning(conn, writes, now) == {("t", "p0")}
         assert statements.counts["INSERT INTO actor_state"] == 1 and statements.counts["UPDATE actor_state AS"] == 1
-        statements.close()
-        stored = await store.load("t", "p0")
+        stored = await store.load("t", "p0")  # on engine.connect(): begun as SQLAlchemy's autobegin would
         assert stored is not None and (stored.version, stored.state) == (2, _state(5))
+        assert statements.counts["SELECT actor_state.version, actor_state.state,"] == 1  # listeners see it too
+        statements.close()
         with pytest.raises(IntegrityError) as raised:
             async with engine.begin() as conn:
                 await store_module.execute(conn, store_module._INSERT_STATE, rows[1])
