@@ -260,25 +260,19 @@ _DUE = (  # every second per service: built once
     .order_by(reminders.c.due_at)
     .limit(bindparam("limit"))
 )
-_REMINDER_INSERT = insert(reminders).values(
-    actor_type=bindparam("t"),
-    actor_id=bindparam("i"),
-    name=bindparam("n"),
-    due_at=bindparam("due"),
-    period=bindparam("period"),
-    payload=bindparam("payload"),
-)
+_REMINDER_VALUES: dict[str, Any] = {
+    "actor_type": bindparam("t"),
+    "actor_id": bindparam("i"),
+    "name": bindparam("n"),
+    "due_at": bindparam("due"),
+    "period": bindparam("period"),
+    "payload": bindparam("payload"),
+}
+_REMINDER_INSERT = insert(reminders).values(_REMINDER_VALUES)
 
 
 def _reminder_upsert(insert_of: Any) -> Any:
-    statement = insert_of(reminders).values(
-        actor_type=bindparam("t"),
-        actor_id=bindparam("i"),
-        name=bindparam("n"),
-        due_at=bindparam("due"),
-        period=bindparam("period"),
-        payload=bindparam("payload"),
-    )
+    statement = insert_of(reminders).values(_REMINDER_VALUES)
     return statement.on_conflict_do_update(
         index_elements=[reminders.c.actor_type, reminders.c.actor_id, reminders.c.name],
         set_={name: statement.excluded[name] for name in ("due_at", "period", "payload")},

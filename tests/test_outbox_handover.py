@@ -4,6 +4,7 @@ promises: every committed message is sent, in commit order per producer, also af
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -82,9 +83,9 @@ class Pipeline:
         return await self.seen()
 
 
-@pytest.fixture(params=[set(), {3}], ids=["bus-up", "bus-fails-once"])
-async def pipeline(request: pytest.FixtureRequest, db_url: str) -> AsyncIterator[Pipeline]:
-    bus: MemoryBus = FlakyBus(request.param) if request.param else MemoryBus(max_attempts=3)
+@contextlib.asynccontextmanager
+async def _pipeline(db_url: str, bus: MemoryBus) -> AsyncIterator[Pipeline]:
+    """A migrated database and ``bus``, whose ``target`` queue feeds :class:`TargetActor` (kept in memory)."""
     await bus.start()
     engine = create_engine(db_url)
     await migrate.upgrade(engine, [migrate.RUNTIME])
@@ -93,10 +94,18 @@ async def pipeline(request: pytest.FixtureRequest, db_url: str) -> AsyncIterator
     binding = BusBinding(target)
     binding.to_actor(Ping, TargetActor)
     consumer = await bus.consume("target", binding)
-    yield Pipeline(bus, engine, target)
-    await consumer.stop()
-    await bus.close()
-    await engine.dispose()
+    try:
+        yield Pipeline(bus, engine, target)
+    finally:
+        await consumer.stop()
+        await bus.close()
+        await engine.dispose()
+
+
+@pytest.fixture(params=[set(), {3}], ids=["bus-up", "bus-fails-once"])
+async def pipeline(request: pytest.FixtureRequest, db_url: str) -> AsyncIterator[Pipeline]:
+    async with _pipeline(db_url, FlakyBus(request.param) if request.param else MemoryBus(max_attempts=3)) as made:
+        yield made
 
 
 def _producer(engine: AsyncEngine, relay: OutboxRelay | None, *, exclusive: bool = True) -> ActorSystem:
@@ -180,60 +189,47 @@ async def test_a_process_that_is_not_the_only_writer_polls_in_id_order(pipeline:
 async def test_the_marks_of_handed_over_messages_are_written_together_and_never_lost(db_url: str):
     """Sending does not wait for the mark: the rows of a burst of hand-overs are marked sent in one statement, by
     ``mark_delay`` after the first was sent, before anything counts or polls the table, and at the latest on stop."""
-    bus = MemoryBus(max_attempts=3)
-    await bus.start()
-    engine = create_engine(db_url)
-    await migrate.upgrade(engine, [migrate.RUNTIME])
-    target = ActorSystem(None)
-    target.register(TargetActor)
-    binding = BusBinding(target)
-    binding.to_actor(Ping, TargetActor)
-    consumer = await bus.consume("target", binding)
-    pipeline = Pipeline(bus, engine, target)
-    marks: list[int] = []
+    async with _pipeline(db_url, MemoryBus(max_attempts=3)) as pipeline:
+        engine, bus = pipeline.engine, pipeline.bus
+        marks: list[int] = []
 
-    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
-        if statement.lstrip().upper().startswith("UPDATE OUTBOX"):
-            marks.append(len(parameters) if many else 1)
+        def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+            if statement.lstrip().upper().startswith("UPDATE OUTBOX"):
+                marks.append(len(parameters) if many else 1)
 
-    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+        event.listen(engine.sync_engine, "before_cursor_execute", seen)
 
-    async def unsent() -> int:
-        async with engine.connect() as conn:
-            return (await conn.execute(select(func.count()).where(outbox.c.sent_at.is_(None)))).scalar_one()
+        async def unsent() -> int:
+            async with engine.connect() as conn:
+                return (await conn.execute(select(func.count()).where(outbox.c.sent_at.is_(None)))).scalar_one()
 
-    relay = OutboxRelay(engine, bus, poll_interval=30.0, mark_delay=2.0)
-    producer = _producer(engine, relay)
-    relay.start()
-    try:
-        await asyncio.sleep(0.1)
-        for n in range(10):  # ten turns, each handed over and sent on its own
-            await producer.ref(ProducerActor, "p1").ask(Produce(n))
-        assert await pipeline.wait_seen(10) == list(range(10))
-        assert marks == [] and await unsent() == 10  # sent, marks still to come
-        # Counting marks first, and a poll that comes while that marking is open waits for it: nothing re-sent.
-        assert await asyncio.gather(relay.pending(), relay.relay_once()) == [0, 0]
-        assert marks == [10]  # one statement for the ten
-        for n in range(10, 15):
-            await producer.ref(ProducerActor, "p1").ask(Produce(n))
-        assert await pipeline.wait_seen(15) == list(range(15))
-        async with asyncio.timeout(10):  # by the deadline, with nothing else happening
-            while await unsent():
-                await asyncio.sleep(0.05)
-        assert marks == [10, 5]
-        for n in range(15, 18):
-            await producer.ref(ProducerActor, "p1").ask(Produce(n))
-        assert await pipeline.wait_seen(18) == list(range(18))
-    finally:
-        await relay.stop()
-        event.remove(engine.sync_engine, "before_cursor_execute", seen)
-    try:
+        relay = OutboxRelay(engine, bus, poll_interval=30.0, mark_delay=2.0)
+        producer = _producer(engine, relay)
+        relay.start()
+        try:
+            await asyncio.sleep(0.1)
+            for n in range(10):  # ten turns, each handed over and sent on its own
+                await producer.ref(ProducerActor, "p1").ask(Produce(n))
+            assert await pipeline.wait_seen(10) == list(range(10))
+            assert marks == [] and await unsent() == 10  # sent, marks still to come
+            # Counting marks first, and a poll that comes while that marking is open waits for it: nothing re-sent.
+            assert await asyncio.gather(relay.pending(), relay.relay_once()) == [0, 0]
+            assert marks == [10]  # one statement for the ten
+            for n in range(10, 15):
+                await producer.ref(ProducerActor, "p1").ask(Produce(n))
+            assert await pipeline.wait_seen(15) == list(range(15))
+            async with asyncio.timeout(10):  # by the deadline, with nothing else happening
+                while await unsent():
+                    await asyncio.sleep(0.05)
+            assert marks == [10, 5]
+            for n in range(15, 18):
+                await producer.ref(ProducerActor, "p1").ask(Produce(n))
+            assert await pipeline.wait_seen(18) == list(range(18))
+        finally:
+            await relay.stop()
+            event.remove(engine.sync_engine, "before_cursor_execute", seen)
         assert await unsent() == 0  # the stop marked the last three
         assert marks == [10, 5, 3] and relay.relayed == relay.handed_over == 18
-    finally:
-        await consumer.stop()
-        await bus.close()
-        await engine.dispose()
 
 
 async def test_marks_that_fail_are_retried_with_back_off_and_the_messages_are_not_sent_twice(pipeline: Pipeline):
