@@ -321,8 +321,8 @@ def create_engine(url: str, *, echo: bool = False, pool_size: int = 10) -> Async
     if backend == "postgresql":
         if parsed.get_driver_name() != "asyncpg":
             raise ValueError(f"PostgreSQL needs the async driver: use postgresql+asyncpg:// (got {url!r})")
-        # Twenty kept, ten more in a burst (thirty at most, as before): with ten kept, a checkout burst opened and closed
-        # an overflow connection per turn (issue 14: 456 connects in 1,000 orders, each a TLS probe, an
+        # Twenty kept, ten more in a burst (thirty at most, as before): with ten kept, a checkout burst opened and
+        # closed an overflow connection per turn (issue 14: 456 connects in 1,000 orders, each a TLS probe, an
         # authentication, a server process and the adapter's type set-up: more than the turns' own statements).
         engine = create_async_engine(url, echo=echo, pool_size=pool_size * 2, max_overflow=pool_size)
         _ping_when_idle(engine)
@@ -689,17 +689,17 @@ async def execute(conn: AsyncConnection, stmt: Any, params: dict[str, Any] | lis
     run in them, the reads behind every activation): build the statement once, at import, and run it here.
 
     On an in-place SQLite connection (:class:`_InlineConnection`) and on an asyncpg connection (in its transaction,
-    begun as SQLAlchemy's autobegin would) the statement, compiled once, goes straight to the driver in the connection's transaction: per statement,
-    SQLAlchemy's execution (parameter building, the compiled cache, the execution context, the cursor and result
-    wrappers, the greenlet switches) cost several times what SQLite itself took, and it ran on the event loop's one
-    thread (issue 14: a third of a checkout's CPU was SQLAlchemy; on PostgreSQL SQLAlchemy also compiled the order
-    summaries' ``ON CONFLICT`` upsert at every commit, a construct its cache does not take). Same errors as
-    SQLAlchemy raises (``IntegrityError`` ...; a connection found closed is invalidated, as SQLAlchemy does), same
-    cursor events for listeners (the tests and ``bench.checkout --count`` count statements with them), the same
-    column conversions both ways, the same prepared statements on asyncpg (the adapter's per-connection cache).
-    A statement this cannot run alike (see :func:`_prepare`) and every other case go through SQLAlchemy, so the
-    result is the same wherever it runs; the answer offers what callers use of a ``Result``: ``rowcount``, its
-    rows, ``first()``, ``all()``, ``scalar_one()``."""
+    begun as SQLAlchemy's autobegin would) the statement, compiled once, goes straight to the driver in the
+    connection's transaction: per statement, SQLAlchemy's execution (parameter building, the compiled cache, the
+    execution context, the cursor and result wrappers, the greenlet switches) cost several times what SQLite itself
+    took, and it ran on the event loop's one thread (issue 14: a third of a checkout's CPU was SQLAlchemy; on
+    PostgreSQL SQLAlchemy also compiled the order summaries' ``ON CONFLICT`` upsert at every commit, a construct its
+    cache does not take). Same errors as SQLAlchemy raises (``IntegrityError`` ...; a connection found closed is
+    invalidated, as SQLAlchemy does), same cursor events for listeners (the tests and ``bench.checkout --count``
+    count statements with them), the same column conversions both ways, the same prepared statements on asyncpg
+    (the adapter's per-connection cache). A statement this cannot run alike (see :func:`_prepare`) and every other
+    case go through SQLAlchemy, so the result is the same wherever it runs; the answer offers what callers use of a
+    ``Result``: ``rowcount``, its rows, ``first()``, ``all()``, ``scalar_one()``."""
     sync = conn.sync_connection
     dbapi = sync.connection.dbapi_connection if sync is not None else None
     if params == [] or sync is None:
@@ -765,7 +765,8 @@ async def _run_asyncpg(
             if many:
                 await dbapi._connection.executemany(sql, args)
                 return [], -1  # asyncpg does not count the rows of an executemany (nor does SQLAlchemy's adapter)
-            prepared, attributes = await dbapi._prepare(sql, conn.dialect._invalidate_schema_cache_asof)  # type: ignore[attr-defined]
+            schema_asof = conn.dialect._invalidate_schema_cache_asof  # type: ignore[attr-defined]
+            prepared, attributes = await dbapi._prepare(sql, schema_asof)
             records = await prepared.fetch(*args)
             counted = _STATUS_COUNT.match(prepared.get_statusmsg() or "")
             rowcount = int(counted.group(1)) if counted else -1
