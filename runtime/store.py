@@ -564,10 +564,7 @@ _INLINE_SQLITE = _InlineSqliteDBAPI(aiosqlite, sqlite3)
 
 
 # ---------------------------------------------------------------------------------------------------
-# The store's own statements on SQLite: compiled once, run in place
-
-
-_REQUIRED = object()
+# The store's own statements on SQLite and PostgreSQL: compiled once, run on the driver
 
 
 @dataclass(frozen=True, slots=True)
