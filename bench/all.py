@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.report import RESULTS_ENV, Figure, read, reference_loop_ms
+from bench.report import RESULTS_ENV, Figure, interpreter, read, reference_loop_ms
 
 # (module, extra arguments, seconds allowed) in the order the issues list them.
 BENCHES: tuple[tuple[str, tuple[str, ...], float], ...] = (
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     header = (
         f"Benchmarks {'(full)' if args.full else '(--quick)'} of {commit.stdout.strip() or 'this tree'}, "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, {interpreter()}, "
         f"load average at the end {os.getloadavg()[0]:.1f}, reference loop {reference_loop_ms():.1f} ms "
         "(bench.report: a slower machine shows there, not only in the figures)"
     )

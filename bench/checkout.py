@@ -53,7 +53,7 @@ from actors.order.messages import OrderStatusChanged
 from actors.order.payment import SimulatedPaymentProvider
 from actors.order.repository import count_by_status
 from bench.actors import _pg_url
-from bench.report import reference_loop_ms
+from bench.report import machine_line
 from bus import Envelope, MemoryBus
 from config import Settings, load_settings
 from identity.keys import KeyRing, generate_key
@@ -424,7 +424,7 @@ async def run(args: argparse.Namespace) -> None:
     # Numbers only by default; --log-level WARNING shows the runtime's retries and redeliveries.
     logging.basicConfig(level=args.log_level, format="%(relativeCreated)8.0f ms %(levelname)s %(name)s %(message)s")
     print("checkout -> paid end to end: catalog, cart and order over HTTP on 127.0.0.1, one memory bus, one process")
-    print(f"  machine: reference loop {reference_loop_ms():.1f} ms (bench.report: compare days by it, not versions)")
+    print(f"  {machine_line()}")
     with tempfile.TemporaryDirectory() as tmp:
         # ECOM_* variables apply (e.g. ECOM_BUS_OUTBOX_POLL_INTERVAL); the databases are the benchmark's own.
         settings = load_settings({**os.environ, "ECOM_DATA_DIR": tmp})

@@ -105,15 +105,20 @@ class EmbeddedShop:
             env[f"ECOM_{name.upper()}_PORT"] = str(self.base + offset)
         return env
 
+    @property
+    def python(self) -> str:
+        """The interpreter the shop runs on: its checkout's virtual environment, else this process's."""
+        venv = self.repo / ".venv" / "bin" / "python"
+        return str(venv) if venv.exists() else sys.executable
+
     def start(self) -> float:
         """Start the shop and wait until every service answers ``/health/ready``; returns the seconds it took."""
         started = time.monotonic()
         self.workdir = Path(tempfile.mkdtemp(prefix="ecom-bench-shop-"))
         self.base = free_base_port(len(SERVICES))
-        python = self.repo / ".venv" / "bin" / "python"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [str(python) if python.exists() else sys.executable, "-m", "runtime.cli", "run"],
+                [self.python, "-m", "runtime.cli", "run"],
                 env=self.env(),
                 cwd=self.repo,
                 stdout=log,

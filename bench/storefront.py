@@ -61,7 +61,7 @@ from urllib.parse import urlencode, urlsplit
 
 import orjson
 
-from bench.report import figure, reference_loop_ms
+from bench.report import figure, machine_line
 from bench.shop import EmbeddedShop, RssSampler, port_listening
 from gateway.client import Pool, UpstreamError
 from identity.accounts import ADMIN_EMAIL  # the admin identity creates on its first run
@@ -748,7 +748,7 @@ def _run(
     bound = f", at most {args.requests} requests" if args.requests else ""
     where = "the embedded shop (started for this run)" if shop else target
     print(f"storefront mix against {where}: {users} users, {duration:g} s{bound}", flush=True)
-    print(f"machine: reference loop {reference_loop_ms():.1f} ms (bench.report: compare days by it, not versions)")
+    print(machine_line(shop.python if shop else None))
     load_before, cpu_before, wall_before = os.getloadavg()[0], _cpu_seconds(), time.perf_counter()
     recorder = asyncio.run(
         storefront(
