@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(BIN)/ecom run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 # The static gate (.ci/run runs it before the tests): lint rules, formatting, types; config in pyproject.toml.
 lint: $(STAMP)
