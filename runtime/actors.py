@@ -227,12 +227,12 @@ class Turn:
     def send(self, queue: str, envelope: Any) -> None:
         """Send a bus message to one service's queue once this turn commits (``envelope``: bus.Envelope)."""
         self._require_persistent("the outbox")
-        self.outbox.append(OutboxMessage("send", queue, envelope.message_id, envelope.encode().decode()))
+        self.outbox.append(OutboxMessage("send", queue, envelope.message_id, envelope.encode().decode(), envelope))
 
     def publish(self, envelope: Any) -> None:
         """Publish a bus event to every subscribed service once this turn commits."""
         self._require_persistent("the outbox")
-        self.outbox.append(OutboxMessage("publish", "", envelope.message_id, envelope.encode().decode()))
+        self.outbox.append(OutboxMessage("publish", "", envelope.message_id, envelope.encode().decode(), envelope))
 
     def set_reminder(
         self,

@@ -237,7 +237,7 @@ class OutboxRelay:
             while self._handed and len(batch) < self.batch_size:
                 message = self._handed[0]
                 if message.message_id not in self._polled and message.message_id not in self._polled_before:
-                    await self._send(message.kind, message.destination, message.envelope)
+                    await self._send(message.kind, message.destination, message.decoded or message.envelope)
                     batch.append(message.message_id)
                 self._handed.popleft()
         finally:
@@ -269,8 +269,8 @@ class OutboxRelay:
             if not self._unmarked:  # none sent meanwhile (those keep the deadline their first one set)
                 self._mark_by = float("inf")
 
-    async def _send(self, kind: str, destination: str, text: str) -> None:
-        envelope = Envelope.decode(text)
+    async def _send(self, kind: str, destination: str, stored: str | Envelope) -> None:
+        envelope = Envelope.decode(stored) if isinstance(stored, str) else stored
         # The row's envelope carries the traceparent of the turn that wrote it; the hand-over is its child.
         with tracing.producing(self.bus.name, kind, destination, envelope) as envelope:
             if kind == "send":
