@@ -635,32 +635,6 @@ _PREPARED: dict[tuple[Any, str, tuple[str, ...]], _Prepared | None] = {}  # (sta
 _namedtuple: Any = collections.namedtuple  # a row type whose field names are known only at run time
 
 
-_SQLITE_DATETIME_FORMAT: str = sqlite.DATETIME()._storage_format  # the default, which _sqlite_datetime writes
-
-
-def _sqlite_datetime(value: Any) -> str:
-    """SQLite's ``DATETIME`` bind conversion with its default storage format, in C: SQLAlchemy's builds a dict of
-    seven fields and %-formats it (2% of a checkout's CPU on SQLite, issue 14). The same text, the time zone
-    dropped as SQLAlchemy drops it (the stored text is compared as text, so it must be the same to the character;
-    ``tests/test_store_batching.py`` holds them side by side); a date or anything else goes to SQLAlchemy's."""
-    if type(value) is datetime:
-        return value.replace(tzinfo=None).isoformat(" ", "microseconds")
-    return _SQLITE_DATETIME_FALLBACK(value)
-
-
-_SQLITE_DATETIME_FALLBACK: Callable[[Any], Any] = sqlite.DATETIME().bind_processor(sqlite.dialect())  # type: ignore[assignment]  # never None for DATETIME
-
-
-def _bind_processor(type_: Any, dialect: Any) -> Callable[[Any], Any] | None:
-    """The conversion of a bound value of ``type_`` (SQLAlchemy's, but :func:`_sqlite_datetime` for SQLite's
-    ``DATETIME`` in its default storage format)."""
-    impl = type_.dialect_impl(dialect)
-    if dialect.name == "sqlite" and type(impl) is sqlite.DATETIME and impl._storage_format == _SQLITE_DATETIME_FORMAT:
-        return _sqlite_datetime
-    process: Callable[[Any], Any] | None = impl.bind_processor(dialect)
-    return process
-
-
 def _prepare(stmt: Any, dialect: Any, names: tuple[str, ...]) -> _Prepared | None:
     """``stmt`` compiled for ``dialect`` (SQLite's or asyncpg's) and the parameter ``names`` given, or None when it
     needs what only SQLAlchemy's execution does (an expanding ``IN``, a value computed by a callable, a required
@@ -688,7 +662,7 @@ def _prepare(stmt: Any, dialect: Any, names: tuple[str, ...]) -> _Prepared | Non
     if any(b.callable is not None for b in binds) or any(b.required and b.key not in names for b in binds):
         return None  # SQLAlchemy computes it, or says which value is missing
     given = [b.key for b in binds if b.key in names]
-    processors: list[Any] = [_bind_processor(b.type, dialect) for b in binds]
+    processors = [b.type.dialect_impl(dialect).bind_processor(dialect) for b in binds]
     constants = tuple(
         (i, b.value if processors[i] is None or b.value is None else processors[i](b.value))
         for i, b in enumerate(binds)

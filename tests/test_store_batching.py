@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import DateTime, event, func, insert, select, text
-from sqlalchemy.dialects import sqlite
+from sqlalchemy import event, func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from runtime import migrate
@@ -299,40 +298,6 @@ async def test_the_store_s_statements_run_directly_give_what_sqlalchemy_gives(st
     with pytest.raises(IntegrityError):  # the primary key, as SQLAlchemy reports it: the store turns it into CONFLICT
         async with store.engine.begin() as conn:
             await store_module.execute(conn, store_module._INSERT_STATE, rows[0])
-
-
-def test_the_direct_path_writes_sqlite_datetimes_as_sqlalchemy_does():
-    """SQLite compares the stored text of a DATETIME as text (a fired reminder is found by its ``due_at``), so the
-    direct path's conversion must write SQLAlchemy's text to the character, whatever the value's time zone."""
-    sqlalchemy_s = sqlite.DATETIME().bind_processor(sqlite.dialect())
-    values = [
-        datetime(2026, 12, 2, 6, 50, 1, 123456),
-        datetime(2026, 12, 2, 6, 50, 1),  # no microseconds: SQLAlchemy still writes ".000000"
-        datetime(1, 1, 1),
-        datetime(9999, 12, 31, 23, 59, 59, 999999),
-        datetime(2026, 3, 29, 1, 30, tzinfo=UTC),
-        datetime(2026, 3, 29, 1, 30, 0, 5, tzinfo=timezone(timedelta(hours=5, minutes=30))),  # the wall clock kept
-        date(2026, 12, 2),
-    ]
-    for value in values:
-        assert store_module._sqlite_datetime(value) == sqlalchemy_s(value), value
-    with pytest.raises(TypeError):
-        store_module._sqlite_datetime("2026-12-02")
-    dialect = sqlite.dialect()
-    assert store_module._bind_processor(DateTime(timezone=True), dialect) is store_module._sqlite_datetime
-    other_format = sqlite.DATETIME(storage_format="%(year)04d%(month)02d%(day)02d")
-    assert store_module._bind_processor(other_format, dialect) is not store_module._sqlite_datetime
-
-
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-async def test_sqlite_stores_the_same_datetime_text_by_either_path(store_factory):
-    store = await store_factory()
-    when = datetime(2026, 12, 2, 6, 50, 1, tzinfo=UTC)
-    async with store.engine.begin() as conn:
-        await store_module.execute(conn, store_module._INSERT_STATE, {"t": "t", "i": "direct", "s": "{}", "now": when})
-        await conn.execute(store_module._INSERT_STATE, {"t": "t", "i": "sqlalchemy", "s": "{}", "now": when})
-        raw = dict((await conn.execute(text("SELECT actor_id, updated_at FROM actor_state"))).all())
-    assert raw == {"direct": "2026-12-02 06:50:01.000000", "sqlalchemy": "2026-12-02 06:50:01.000000"}
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
