@@ -1,24 +1,28 @@
 """Two versions of the embedded shop measured in one run, the storefront mix alternating between them.
 
-    python -m bench.ab --base DIR [--new DIR] [--windows 12] [--window 10] [--users 50] [--mix ...]
+    python -m bench.ab --base DIR [--new DIR] [--rounds 3] [--windows 4] [--window 10] [--users 50] [--mix ...]
 
 Why: on the shared development machine the same code's throughput drifted by a quarter within a minute (issue 14:
 10-second windows of one 60-second run from 550 to 926 req/s), so two versions measured one after the other differ
 by more than most changes do. Here both shops run at once (each a checkout with its own ``.venv``, as
 ``storefront --shop-repo`` starts it; ``DIR`` is typically ``git archive REV | tar -x -C DIR`` plus ``make
 install`` there), their users are signed up once, and the mix runs against one shop at a time in short windows,
-each pair of windows in the order A B, then B A, and so on: a drift of the machine falls on both alike.
+each pair of windows in the order A B, then B A, and so on: a drift of the machine falls on both alike. Both shops
+run on one core, the load generator on the other. Two processes of the same code differ by a few per cent (an A/A
+run of one pair of processes gave 0.92-0.95), so ``rounds`` fresh pairs are started one after the other.
 
 Per window it counts the requests answered and the CPU seconds the shop's process tree used (``/proc``), and prints
 per shop the requests/s while loaded and the server CPU per request, and per pair the ratio of CPU per request (new /
-base): its median is the figure to quote, the range says how much to trust it. The shops are not pinned; the load
-generator is this process. Bounded: ``windows`` x ``window`` seconds of load plus the start-up.
+base): its median is the figure to quote, the range says how much to trust it. The load generator is this process.
+Bounded: ``rounds`` x ``windows`` x 2 x ``window`` seconds of load, plus the start-ups and sign-ups.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import random
 import statistics
 import sys
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import interpreter, machine_line
-from bench.shop import EmbeddedShop, cpu_seconds
+from bench.shop import EmbeddedShop, _tree, cpu_seconds
 from bench.storefront import DEFAULT_MIX, STOCK_UNITS, Http, Recorder, Shopper, parse_mix, stock_up, storefront
 
 
@@ -91,10 +95,13 @@ async def window(side: Side, users: int, seconds: float, mix: dict[str, int], se
     side.server_errors += recorder.refusals()[2]
 
 
-async def compare(base: Side, new: Side, *, windows: int, seconds: float, users: int, mix: dict[str, int]) -> None:
+async def compare(
+    base: Side, new: Side, *, first: int, windows: int, seconds: float, users: int, mix: dict[str, int]
+) -> None:
+    """``windows`` pairs against the two shops just started (pair numbers from ``first``)."""
     for side in (base, new):
         await prepare(side, users)
-    for k in range(windows):
+    for k in range(first, first + windows):
         pair = (base, new) if k % 2 == 0 else (new, base)
         for side in pair:
             await window(side, users, seconds, mix, seed=k)
@@ -127,36 +134,74 @@ def summary(base: Side, new: Side) -> list[str]:
     return lines
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` and its children onto ``cpus`` (threads started later inherit it)."""
+    for process in _tree(pid):
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{process}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task), cpus)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the checkout to compare against (its own .venv)")
     parser.add_argument("--new", default=str(Path(__file__).resolve().parent.parent), help="default: this one")
-    parser.add_argument("--windows", type=int, default=12, help="pairs of windows (default 12)")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh pairs of shops, one after the other (default 3)")
+    parser.add_argument("--windows", type=int, default=4, help="pairs of windows per round (default 4)")
     parser.add_argument("--window", type=float, default=10.0, help="seconds of load per window (default 10)")
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--mix", type=parse_mix, default=DEFAULT_MIX, help="as storefront's --mix")
     args = parser.parse_args(argv)
-    if args.windows < 1 or not 1 <= args.window <= 120 or not 1 <= args.users <= 1000:
-        parser.error("--windows >= 1, --window 1-120 s and --users 1-1000")
+    if not 1 <= args.rounds <= 20 or args.windows < 1 or not 1 <= args.window <= 120 or not 1 <= args.users <= 1000:
+        parser.error("--rounds 1-20, --windows >= 1, --window 1-120 s and --users 1-1000")
     sides = [
         Side("base", EmbeddedShop(repo=Path(args.base).resolve())),
         Side("new", EmbeddedShop(repo=Path(args.new).resolve())),
     ]
-    try:
-        for side in sides:
-            took = side.shop.start()
-            print(
-                f"{side.name}: {side.shop.repo} ready at {side.shop.url} in {took:.1f} s", file=sys.stderr, flush=True
+    print(
+        f"{args.rounds} rounds of {args.windows} pairs of {args.window:g}-second windows, {args.users} users, mix {args.mix}"
+    )
+    for r in range(args.rounds):
+        # A fresh pair of processes per round, started in turn first: two processes of the same code differ by a few
+        # per cent (memory layout, hash seeds; an A/A run of one pair: 0.92-0.95), which rounds average out.
+        if r:
+            for side in sides:
+                side.shop = EmbeddedShop(repo=side.shop.repo)
+        try:
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                took = side.shop.start()
+                print(
+                    f"{side.name}: {side.shop.repo} ready at {side.shop.url} in {took:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            # Both shops on one core, the load generator on the other: unpinned, each shop stays on the core it
+            # started on, and the two cores of a shared machine need not be equally fast.
+            cores = sorted(os.sched_getaffinity(0))
+            if len(cores) >= 2:
+                for side in sides:
+                    assert side.shop.proc is not None
+                    pin(side.shop.proc.pid, {cores[-1]})
+                os.sched_setaffinity(0, set(cores[:-1]))
+            if r == 0:
+                print(machine_line(sides[0].shop.python))  # the base's interpreter; the new one's if it is another
+                if interpreter(sides[1].shop.python) != interpreter(sides[0].shop.python):
+                    print(f"the new shop runs on {interpreter(sides[1].shop.python)}")
+            asyncio.run(
+                compare(
+                    *sides,
+                    first=r * args.windows,
+                    windows=args.windows,
+                    seconds=args.window,
+                    users=args.users,
+                    mix=args.mix,
+                )
             )
-        print(machine_line(sides[0].shop.python))  # the base's interpreter; the new one's if it is another
-        if interpreter(sides[1].shop.python) != interpreter(sides[0].shop.python):
-            print(f"the new shop runs on {interpreter(sides[1].shop.python)}")
-        print(f"{args.windows} pairs of {args.window:g}-second windows, {args.users} users, mix {args.mix}")
-        asyncio.run(compare(*sides, windows=args.windows, seconds=args.window, users=args.users, mix=args.mix))
-        print("\n".join(summary(*sides)))
-    finally:
-        for side in sides:
-            side.shop.stop()
+        finally:
+            for side in sides:
+                side.shop.stop()
+    print("\n".join(summary(*sides)))
     return 0
 
 
