@@ -3,7 +3,7 @@
 # distribution's python3 when it is 3.11 or newer and can make a virtual environment (Debian: python3-venv), else
 # the first python3 on the PATH. Distributions build CPython with profile-guided and link-time optimisation and a
 # statically linked interpreter, as the python images deploy/Dockerfile builds on are; a source build without
-# them (pyenv's default) took 1.17x the CPU per storefront request and 1.7x the time of pure-Python loops
+# them (pyenv's default) took 1.12x the CPU per storefront request and 1.7x the time of pure-Python loops
 # (issue 14, measured side by side). `make clean install` after a change.
 SYSTEM_PYTHON := $(shell /usr/bin/python3 -c 'import ensurepip, sys; print(sys.version_info >= (3, 11))' 2>/dev/null)
 PYTHON ?= $(if $(filter True,$(SYSTEM_PYTHON)),/usr/bin/python3,python3)

@@ -77,7 +77,7 @@ def interpreter(python: str | None = None) -> str:
 
     The build matters as much as the machine: a CPython built without profile-guided and link-time optimisation
     (pyenv's default source build) took 1.7x the time of Debian's build of the same version for the reference
-    loop and 1.17x the CPU per storefront request (issue 14). Printed with the figures, it tells them apart."""
+    loop and 1.12x the CPU per storefront request (issue 14). Printed with the figures, it tells them apart."""
     if python is None:
         return (
             f"{platform.python_implementation()} {platform.python_version()} {os.path.realpath(sys._base_executable)}"
