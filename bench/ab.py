@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import interpreter, machine_line
-from bench.shop import EmbeddedShop, _tree, cpu_seconds
+from bench.shop import EmbeddedShop, cpu_seconds, process_tree
 from bench.storefront import DEFAULT_MIX, STOCK_UNITS, Http, Recorder, Shopper, parse_mix, stock_up, storefront
 
 
@@ -136,7 +136,7 @@ def summary(base: Side, new: Side) -> list[str]:
 
 def pin(pid: int, cpus: set[int]) -> None:
     """Every thread of ``pid`` and its children onto ``cpus`` (threads started later inherit it)."""
-    for process in _tree(pid):
+    for process in process_tree(pid):
         with contextlib.suppress(OSError):
             for task in os.listdir(f"/proc/{process}/task"):
                 with contextlib.suppress(OSError):

@@ -195,7 +195,7 @@ def _ready(port: int) -> bool:
 # Memory
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (those still running)."""
     found = []
     todo = [pid]
@@ -211,7 +211,7 @@ def _tree(pid: int) -> list[int]:
 def rss_kib(pid: int) -> int:
     """VmRSS of ``pid`` and all its descendants, in KiB (0 once they are gone)."""
     total = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
         except OSError:
@@ -229,7 +229,7 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` and its running descendants, in seconds (0 once they are gone)."""
     total = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
