@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.sched_setaffinity(0, set(cores[:-1]))
             if r == 0:
                 print(machine_line(sides[0].shop.python))  # the base's interpreter; the new one's if it is another
-                if interpreter(sides[1].shop.python) != interpreter(sides[0].shop.python):
-                    print(f"the new shop runs on {interpreter(sides[1].shop.python)}")
+                base_python, new_python = (interpreter(side.shop.python) for side in sides)
+                if new_python != base_python:
+                    print(f"the new shop runs on {new_python}")
             asyncio.run(
                 compare(
                     *sides,
