@@ -83,7 +83,9 @@ async def test_the_mix_runs_every_operation_through_the_gateway(gateway_url):
 async def test_request_count_bounds_the_run(gateway_url, test_identity):
     tokens = [test_identity.token() for _ in range(3)]
     recorder = await storefront(gateway_url, users=3, duration=30, requests=50, tokens=tokens, quiet=True)
-    assert 50 <= recorder.total <= 50 + 3  # each user finishes the request it is in
+    # Each user finishes the step it is in, and a step is at most two requests (a checkout and its order@202):
+    # a CI run met 54 against the old bound of one request per user.
+    assert 50 <= recorder.total <= 50 + 3 * 2
     assert recorder.sign_in is None and "register" not in recorder.ops  # pre-made tokens: no sign-up
 
 
